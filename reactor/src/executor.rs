@@ -1,0 +1,285 @@
+//! A small single-threaded executor per reactor, for management work
+//! (RPC handlers, create/delete, examine). The data path does not use it.
+
+use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
+use std::future::Future;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll, Wake, Waker};
+use std::time::Duration;
+
+use crate::runtime::{self, try_local, with_local};
+
+type Task = Pin<Box<dyn Future<Output = ()>>>;
+
+#[derive(Default)]
+pub(crate) struct Executor {
+    tasks: RefCell<Vec<Option<(Task, u64)>>>,
+    free: RefCell<Vec<usize>>,
+    ready: RefCell<VecDeque<(usize, u64)>>,
+    gen: Cell<u64>,
+}
+
+struct TaskWaker {
+    reactor: u32,
+    slot: usize,
+    gen: u64,
+    queued: AtomicBool,
+}
+
+impl Wake for TaskWaker {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref()
+    }
+    fn wake_by_ref(self: &Arc<Self>) {
+        if self.queued.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let me = self.clone();
+        if runtime::current() == Some(self.reactor) {
+            with_local(|l| l.executor.ready.borrow_mut().push_back((me.slot, me.gen)));
+        } else {
+            runtime::send(self.reactor, move || {
+                with_local(|l| l.executor.ready.borrow_mut().push_back((me.slot, me.gen)));
+            });
+        }
+    }
+}
+
+impl Executor {
+    fn spawn(&self, fut: Task) -> (usize, u64) {
+        let gen = self.gen.get() + 1;
+        self.gen.set(gen);
+        let mut tasks = self.tasks.borrow_mut();
+        let slot = match self.free.borrow_mut().pop() {
+            Some(s) => {
+                tasks[s] = Some((fut, gen));
+                s
+            }
+            None => {
+                tasks.push(Some((fut, gen)));
+                tasks.len() - 1
+            }
+        };
+        self.ready.borrow_mut().push_back((slot, gen));
+        (slot, gen)
+    }
+
+    pub(crate) fn has_ready(&self) -> bool {
+        !self.ready.borrow().is_empty()
+    }
+
+    /// Poll every task that was woken; true if any ran.
+    pub(crate) fn run_ready(&self) -> bool {
+        let n = self.ready.borrow().len();
+        if n == 0 {
+            return false;
+        }
+        let reactor = runtime::current().unwrap_or(0);
+        for _ in 0..n {
+            let Some((slot, gen)) = self.ready.borrow_mut().pop_front() else {
+                break;
+            };
+            // Take the task out so it may spawn or wake others while polled.
+            let task = {
+                let mut tasks = self.tasks.borrow_mut();
+                match tasks.get_mut(slot) {
+                    Some(t @ Some(_)) if t.as_ref().map(|x| x.1) == Some(gen) => t.take(),
+                    _ => None,
+                }
+            };
+            let Some((mut fut, gen)) = task else { continue };
+            let waker = Waker::from(Arc::new(TaskWaker {
+                reactor,
+                slot,
+                gen,
+                queued: AtomicBool::new(false),
+            }));
+            let mut cx = Context::from_waker(&waker);
+            match fut.as_mut().poll(&mut cx) {
+                Poll::Ready(()) => {
+                    self.free.borrow_mut().push(slot);
+                }
+                Poll::Pending => {
+                    self.tasks.borrow_mut()[slot] = Some((fut, gen));
+                }
+            }
+        }
+        true
+    }
+
+    pub(crate) fn clear(&self) {
+        let tasks: Vec<_> = self.tasks.borrow_mut().drain(..).collect();
+        drop(tasks);
+        self.ready.borrow_mut().clear();
+        self.free.borrow_mut().clear();
+    }
+}
+
+struct JoinState<T> {
+    value: Option<T>,
+    waker: Option<Waker>,
+}
+
+/// Awaits the output of a task spawned with [`spawn_local`].
+pub struct JoinHandle<T> {
+    state: Rc<RefCell<JoinState<T>>>,
+}
+
+impl<T> Future for JoinHandle<T> {
+    type Output = T;
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<T> {
+        let mut st = self.state.borrow_mut();
+        match st.value.take() {
+            Some(v) => Poll::Ready(v),
+            None => {
+                st.waker = Some(cx.waker().clone());
+                Poll::Pending
+            }
+        }
+    }
+}
+
+/// Spawn a future on the calling reactor. The returned handle may be
+/// dropped; the task still runs to completion.
+pub fn spawn_local<T: 'static>(fut: impl Future<Output = T> + 'static) -> JoinHandle<T> {
+    let state = Rc::new(RefCell::new(JoinState {
+        value: None,
+        waker: None,
+    }));
+    let st = state.clone();
+    let task = async move {
+        let v = fut.await;
+        let w = {
+            let mut s = st.borrow_mut();
+            s.value = Some(v);
+            s.waker.take()
+        };
+        if let Some(w) = w {
+            w.wake();
+        }
+    };
+    with_local(|l| l.executor.spawn(Box::pin(task)));
+    JoinHandle { state }
+}
+
+/// Spawn a future, built by `f`, on reactor `reactor` (from any thread).
+pub fn spawn_on<F, Fut>(reactor: u32, f: F)
+where
+    F: FnOnce() -> Fut + Send + 'static,
+    Fut: Future<Output = ()> + 'static,
+{
+    runtime::send(reactor, move || {
+        spawn_local(f());
+    });
+}
+
+/// A future that completes after `d` (one-shot reactor timer).
+pub fn sleep(d: Duration) -> Sleep {
+    Sleep {
+        dur: d,
+        state: None,
+    }
+}
+
+pub struct Sleep {
+    dur: Duration,
+    state: Option<Rc<RefCell<(bool, Option<Waker>)>>>,
+}
+
+impl Future for Sleep {
+    type Output = ();
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        match &self.state {
+            None => {
+                let st = Rc::new(RefCell::new((false, Some(cx.waker().clone()))));
+                let st2 = st.clone();
+                runtime::set_timer(self.dur, move || {
+                    let w = {
+                        let mut s = st2.borrow_mut();
+                        s.0 = true;
+                        s.1.take()
+                    };
+                    if let Some(w) = w {
+                        w.wake();
+                    }
+                });
+                self.state = Some(st);
+                Poll::Pending
+            }
+            Some(st) => {
+                let mut s = st.borrow_mut();
+                if s.0 {
+                    Poll::Ready(())
+                } else {
+                    s.1 = Some(cx.waker().clone());
+                    Poll::Pending
+                }
+            }
+        }
+    }
+}
+
+/// Give other tasks and the data path one loop iteration.
+pub fn yield_now() -> YieldNow {
+    YieldNow(false)
+}
+
+pub struct YieldNow(bool);
+
+impl Future for YieldNow {
+    type Output = ();
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        if self.0 {
+            return Poll::Ready(());
+        }
+        self.0 = true;
+        let w = cx.waker().clone();
+        if try_local().is_some() {
+            runtime::defer(move || w.wake());
+        } else {
+            w.wake();
+        }
+        Poll::Pending
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::runtime::{start, stop, Config};
+    use std::sync::mpsc;
+
+    #[test]
+    fn tasks_sleep_and_join() {
+        let _g = crate::runtime::tests::SERIAL
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let (tx, rx) = mpsc::channel();
+        let cfg = Config {
+            core_mask: 0x1,
+            interrupt_mode: true,
+            mem_size_mb: 8,
+            no_huge: true,
+            uring_entries: 64,
+        };
+        let rt = start(cfg, move || {
+            spawn_local(async move {
+                let h = spawn_local(async {
+                    sleep(Duration::from_millis(10)).await;
+                    yield_now().await;
+                    42u32
+                });
+                let v = h.await;
+                tx.send(v).unwrap();
+            });
+        })
+        .unwrap();
+        assert_eq!(rx.recv_timeout(Duration::from_secs(5)).unwrap(), 42);
+        stop();
+        rt.join();
+    }
+}
