@@ -1,0 +1,668 @@
+//! The block-device layer, after SPDK's `lib/bdev`.
+//!
+//! * A module implements [`BdevOps`] (per bdev) and [`ChannelOps`] (per bdev
+//!   per reactor) and registers the bdev with [`register`].
+//! * Users [`open`] a [`Desc`] (optionally writable, with a hot-remove
+//!   callback), take a per-reactor [`IoChannel`] from it and submit
+//!   [`BdevIo`]s; completions come back on the same reactor.
+//! * Claims, iostat, QoS and reset live in the generic layer.
+//!
+//! Thread rules: registration, unregistration, open, claims and RPCs run on
+//! reactor 0 (the app thread); channels and I/O belong to the reactor that
+//! made them.
+
+mod channel;
+mod io;
+pub mod modules;
+mod qos;
+pub mod rpc;
+mod stat;
+pub mod util;
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+pub use channel::IoChannel;
+pub use io::{BdevIo, IoCallback, IoStatus, IoType};
+pub use qos::QosLimits;
+pub use stat::IoStatSnapshot;
+use uuid::Uuid;
+
+/// Errors of the bdev layer, each with the errno SPDK returns for it.
+#[derive(Debug, Clone, thiserror::Error, PartialEq)]
+pub enum BdevError {
+    #[error("bdev '{0}' does not exist")]
+    NotFound(String),
+    #[error("bdev name '{0}' already exists")]
+    Exists(String),
+    #[error("{0}")]
+    Invalid(String),
+    #[error("bdev '{bdev}' is already claimed ({claim}) by module {module}")]
+    Claimed {
+        bdev: String,
+        claim: &'static str,
+        module: String,
+    },
+    #[error("bdev '{0}' is claimed and refuses new writers")]
+    WriteRefused(String),
+    #[error("{0}")]
+    Io(String),
+    #[error("out of memory: {0}")]
+    NoMem(String),
+}
+
+impl BdevError {
+    /// Positive errno for the JSON-RPC `-errno` reply.
+    pub fn errno(&self) -> i32 {
+        match self {
+            BdevError::NotFound(_) => libc::ENODEV,
+            BdevError::Exists(_) => libc::EEXIST,
+            BdevError::Invalid(_) => libc::EINVAL,
+            BdevError::Claimed { .. } => libc::EBUSY,
+            BdevError::WriteRefused(_) => libc::EPERM,
+            BdevError::Io(_) => libc::EIO,
+            BdevError::NoMem(_) => libc::ENOMEM,
+        }
+    }
+}
+
+impl From<BdevError> for ::rpc::RpcError {
+    fn from(e: BdevError) -> Self {
+        // SPDK replies with strerror() for these; the log keeps the detail.
+        tracing::debug!(error = %e, "bdev error");
+        match &e {
+            BdevError::Invalid(msg) | BdevError::Io(msg) => ::rpc::RpcError::errno_msg(e.errno(), msg.clone()),
+            _ => ::rpc::RpcError::errno(e.errno()),
+        }
+    }
+}
+
+pub type BoxFuture = Pin<Box<dyn Future<Output = ()>>>;
+
+/// What a module implements for each of its bdevs. Shared by every reactor.
+pub trait BdevOps: AsAny + Send + Sync + 'static {
+    /// Module name, e.g. "malloc".
+    fn module_name(&self) -> &'static str;
+    fn io_type_supported(&self, io_type: IoType) -> bool;
+    /// Build this bdev's channel for the calling reactor.
+    fn create_channel(&self, bdev: &Arc<Bdev>) -> Box<dyn ChannelOps>;
+    /// `driver_specific` of `bdev_get_bdevs` (an object, `{}` when none).
+    fn dump_info_json(&self, _bdev: &Bdev) -> serde_json::Value {
+        serde_json::json!({})
+    }
+    /// The `{"method":..,"params":..}` that re-creates this bdev, for
+    /// `save_config`; `None` for bdevs created by something else.
+    fn write_config_json(&self, _bdev: &Bdev) -> Option<serde_json::Value> {
+        None
+    }
+    /// Release what the bdev holds (base descriptors, memory). Runs on
+    /// reactor 0 once every descriptor is closed.
+    fn destruct(&self) -> BoxFuture {
+        Box::pin(async {})
+    }
+}
+
+/// Per-reactor half of a bdev. `submit` must complete each I/O exactly
+/// once (inline or later, on this reactor).
+pub trait ChannelOps {
+    fn submit(&self, io: Box<BdevIo>);
+}
+
+/// Events delivered to open descriptors.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BdevEvent {
+    /// The bdev is going away: close the descriptor.
+    Remove,
+}
+
+/// Claim types as SPDK names them in `bdev_get_bdevs`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ClaimType {
+    ExclusiveWrite,
+    ReadManyWriteOne,
+    ReadManyWriteNone,
+    ReadManyWriteShared,
+}
+
+impl ClaimType {
+    pub fn name(self) -> &'static str {
+        match self {
+            ClaimType::ExclusiveWrite => "exclusive_write",
+            ClaimType::ReadManyWriteOne => "read_many_write_one",
+            ClaimType::ReadManyWriteNone => "read_many_write_none",
+            ClaimType::ReadManyWriteShared => "read_many_write_shared",
+        }
+    }
+}
+
+struct Claim {
+    ty: ClaimType,
+    module: String,
+    /// Descriptors holding the claim (several only for shared claims).
+    holders: Vec<u64>,
+    shared_key: u64,
+}
+
+struct DescEntry {
+    id: u64,
+    write: bool,
+    event_cb: Arc<dyn Fn(BdevEvent) + Send + Sync>,
+}
+
+/// A registered block device.
+pub struct Bdev {
+    id: u64,
+    name: String,
+    aliases: Vec<String>,
+    product_name: String,
+    block_size: u32,
+    num_blocks: u64,
+    uuid: Uuid,
+    write_cache: bool,
+    required_alignment: u32,
+    optimal_io_boundary: u32,
+    physical_block_size: u32,
+    ops: Box<dyn BdevOps>,
+    claim: Mutex<Option<Claim>>,
+    descs: Mutex<Vec<DescEntry>>,
+    removing: AtomicBool,
+    removed: AtomicBool,
+    pub(crate) qos: qos::Qos,
+    pub(crate) stats: stat::StatRegistry,
+    pub(crate) reset_in_progress: AtomicBool,
+}
+
+impl std::fmt::Debug for Bdev {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Bdev")
+            .field("name", &self.name)
+            .field("module", &self.module_name())
+            .field("block_size", &self.block_size)
+            .field("num_blocks", &self.num_blocks)
+            .finish()
+    }
+}
+
+impl Bdev {
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+    pub fn aliases(&self) -> &[String] {
+        &self.aliases
+    }
+    pub fn product_name(&self) -> &str {
+        &self.product_name
+    }
+    pub fn block_size(&self) -> u32 {
+        self.block_size
+    }
+    pub fn num_blocks(&self) -> u64 {
+        self.num_blocks
+    }
+    pub fn size_bytes(&self) -> u64 {
+        self.num_blocks * self.block_size as u64
+    }
+    pub fn uuid(&self) -> Uuid {
+        self.uuid
+    }
+    pub fn write_cache(&self) -> bool {
+        self.write_cache
+    }
+    pub fn required_alignment(&self) -> u32 {
+        self.required_alignment
+    }
+    pub fn optimal_io_boundary(&self) -> u32 {
+        self.optimal_io_boundary
+    }
+    pub fn physical_block_size(&self) -> u32 {
+        self.physical_block_size
+    }
+    pub fn module_name(&self) -> &'static str {
+        self.ops.module_name()
+    }
+    pub fn ops(&self) -> &dyn BdevOps {
+        self.ops.as_ref()
+    }
+    /// Downcast helper for modules: `bdev.ops_as::<MyBdev>()`.
+    pub fn ops_as<T: 'static>(&self) -> Option<&T> {
+        self.ops.as_ref().as_any_ref().downcast_ref::<T>()
+    }
+    pub fn io_type_supported(&self, t: IoType) -> bool {
+        self.ops.io_type_supported(t)
+    }
+    pub fn is_removing(&self) -> bool {
+        self.removing.load(Ordering::Acquire)
+    }
+    pub fn claim_type(&self) -> Option<ClaimType> {
+        lock(&self.claim).as_ref().map(|c| c.ty)
+    }
+    pub fn claim_module(&self) -> Option<String> {
+        lock(&self.claim).as_ref().map(|c| c.module.clone())
+    }
+    pub fn qos_limits(&self) -> QosLimits {
+        self.qos.limits()
+    }
+    pub fn set_qos_limits(&self, l: QosLimits) {
+        self.qos.set_limits(l)
+    }
+    /// Aggregate I/O statistics over every channel, since the last reset.
+    pub fn iostat(&self) -> IoStatSnapshot {
+        self.stats.snapshot()
+    }
+    pub fn reset_iostat(&self) {
+        self.stats.reset()
+    }
+    fn open_desc_count(&self) -> usize {
+        lock(&self.descs).len()
+    }
+}
+
+/// Lets [`Bdev::ops_as`] downcast without every module writing it.
+pub trait AsAny {
+    fn as_any_ref(&self) -> &dyn std::any::Any;
+}
+impl<T: std::any::Any> AsAny for T {
+    fn as_any_ref(&self) -> &dyn std::any::Any {
+        self
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Everything a module states about a new bdev.
+pub struct BdevBuilder {
+    name: String,
+    aliases: Vec<String>,
+    product_name: String,
+    block_size: u32,
+    num_blocks: u64,
+    uuid: Option<Uuid>,
+    write_cache: bool,
+    required_alignment: u32,
+    optimal_io_boundary: u32,
+    physical_block_size: u32,
+}
+
+impl BdevBuilder {
+    pub fn new(name: impl Into<String>, product_name: impl Into<String>) -> Self {
+        BdevBuilder {
+            name: name.into(),
+            aliases: Vec::new(),
+            product_name: product_name.into(),
+            block_size: 512,
+            num_blocks: 0,
+            uuid: None,
+            write_cache: false,
+            required_alignment: 0,
+            optimal_io_boundary: 0,
+            physical_block_size: 0,
+        }
+    }
+    pub fn block_size(mut self, bs: u32) -> Self {
+        self.block_size = bs;
+        self
+    }
+    pub fn num_blocks(mut self, n: u64) -> Self {
+        self.num_blocks = n;
+        self
+    }
+    pub fn uuid(mut self, u: Option<Uuid>) -> Self {
+        self.uuid = u;
+        self
+    }
+    pub fn alias(mut self, a: impl Into<String>) -> Self {
+        self.aliases.push(a.into());
+        self
+    }
+    pub fn write_cache(mut self, wc: bool) -> Self {
+        self.write_cache = wc;
+        self
+    }
+    pub fn required_alignment(mut self, a: u32) -> Self {
+        self.required_alignment = a;
+        self
+    }
+    pub fn optimal_io_boundary(mut self, b: u32) -> Self {
+        self.optimal_io_boundary = b;
+        self
+    }
+    pub fn physical_block_size(mut self, b: u32) -> Self {
+        self.physical_block_size = b;
+        self
+    }
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Register the bdev; fails with -EEXIST on a taken name or alias.
+    pub fn register(self, ops: impl BdevOps) -> Result<Arc<Bdev>, BdevError> {
+        if self.name.is_empty() {
+            return Err(BdevError::Invalid("bdev name must not be empty".into()));
+        }
+        if self.block_size == 0 || self.block_size % 512 != 0 {
+            return Err(BdevError::Invalid(format!(
+                "block size {} is not a multiple of 512",
+                self.block_size
+            )));
+        }
+        if self.num_blocks == 0 {
+            return Err(BdevError::Invalid("bdev must have at least one block".into()));
+        }
+        let mut reg = lock(&REGISTRY);
+        for n in std::iter::once(&self.name).chain(self.aliases.iter()) {
+            if reg.find(n).is_some() {
+                return Err(BdevError::Exists(n.clone()));
+            }
+        }
+        reg.next_id += 1;
+        let bdev = Arc::new(Bdev {
+            id: reg.next_id,
+            name: self.name,
+            aliases: self.aliases,
+            product_name: self.product_name,
+            block_size: self.block_size,
+            num_blocks: self.num_blocks,
+            uuid: self.uuid.unwrap_or_else(Uuid::new_v4),
+            write_cache: self.write_cache,
+            required_alignment: self.required_alignment,
+            optimal_io_boundary: self.optimal_io_boundary,
+            physical_block_size: self.physical_block_size,
+            ops: Box::new(ops),
+            claim: Mutex::new(None),
+            descs: Mutex::new(Vec::new()),
+            removing: AtomicBool::new(false),
+            removed: AtomicBool::new(false),
+            qos: qos::Qos::default(),
+            stats: stat::StatRegistry::default(),
+            reset_in_progress: AtomicBool::new(false),
+        });
+        reg.bdevs.push(bdev.clone());
+        drop(reg);
+        tracing::info!(bdev = %bdev.name, module = bdev.module_name(), blocks = bdev.num_blocks, block_size = bdev.block_size, "bdev registered");
+        run_examine(&bdev);
+        Ok(bdev)
+    }
+}
+
+#[derive(Default)]
+struct Registry {
+    bdevs: Vec<Arc<Bdev>>,
+    next_id: u64,
+    next_desc: u64,
+}
+
+impl Registry {
+    fn find(&self, name: &str) -> Option<&Arc<Bdev>> {
+        self.bdevs
+            .iter()
+            .find(|b| b.name == name || b.aliases.iter().any(|a| a == name))
+    }
+}
+
+static REGISTRY: Mutex<Registry> = Mutex::new(Registry {
+    bdevs: Vec::new(),
+    next_id: 0,
+    next_desc: 0,
+});
+
+/// Look a bdev up by name or alias (removing ones included).
+pub fn get(name: &str) -> Option<Arc<Bdev>> {
+    lock(&REGISTRY).find(name).cloned()
+}
+
+/// Every registered bdev, in registration order.
+pub fn list() -> Vec<Arc<Bdev>> {
+    lock(&REGISTRY).bdevs.clone()
+}
+
+type ExamineFn = Arc<dyn Fn(&Arc<Bdev>) + Send + Sync>;
+static EXAMINERS: Mutex<Vec<ExamineFn>> = Mutex::new(Vec::new());
+static EXAMINES_IN_PROGRESS: AtomicU64 = AtomicU64::new(0);
+
+/// Let a module look at every bdev registered from now on (SPDK's
+/// `examine_config`). The callback must not block; a module that needs
+/// I/O calls [`examine_begin`] / [`examine_end`] around it.
+pub fn register_examine(f: impl Fn(&Arc<Bdev>) + Send + Sync + 'static) {
+    lock(&EXAMINERS).push(Arc::new(f));
+}
+
+pub fn examine_begin() {
+    EXAMINES_IN_PROGRESS.fetch_add(1, Ordering::SeqCst);
+}
+
+pub fn examine_end() {
+    EXAMINES_IN_PROGRESS.fetch_sub(1, Ordering::SeqCst);
+}
+
+pub(crate) fn run_examine(bdev: &Arc<Bdev>) {
+    let ex: Vec<ExamineFn> = lock(&EXAMINERS).clone();
+    for f in ex {
+        f(bdev);
+    }
+}
+
+/// Resolves once no examine is in progress (`bdev_wait_for_examine`).
+pub async fn wait_for_examine() {
+    while EXAMINES_IN_PROGRESS.load(Ordering::SeqCst) > 0 {
+        reactor::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+/// An open handle on a bdev. Dropping it closes it and releases its claim.
+pub struct Desc {
+    id: u64,
+    bdev: Arc<Bdev>,
+    write: bool,
+}
+
+/// Open `name`. A writable open of a bdev whose claim refuses writers
+/// fails with -EPERM, as in SPDK.
+pub fn open(
+    name: &str,
+    write: bool,
+    event_cb: impl Fn(BdevEvent) + Send + Sync + 'static,
+) -> Result<Desc, BdevError> {
+    let mut reg = lock(&REGISTRY);
+    let bdev = match reg.find(name) {
+        Some(b) if !b.is_removing() => b.clone(),
+        _ => return Err(BdevError::NotFound(name.to_string())),
+    };
+    if write {
+        // Only claimants write to a claimed bdev; they get write access
+        // through Desc::claim.
+        if lock(&bdev.claim).is_some() {
+            return Err(BdevError::WriteRefused(bdev.name.clone()));
+        }
+    }
+    reg.next_desc += 1;
+    let id = reg.next_desc;
+    drop(reg);
+    lock(&bdev.descs).push(DescEntry {
+        id,
+        write,
+        event_cb: Arc::new(event_cb),
+    });
+    Ok(Desc { id, bdev, write })
+}
+
+impl Desc {
+    pub fn bdev(&self) -> &Arc<Bdev> {
+        &self.bdev
+    }
+
+    pub fn is_writable(&self) -> bool {
+        self.write
+    }
+
+    /// The calling reactor's channel for this bdev (created on first use,
+    /// shared by every descriptor on this reactor).
+    pub fn channel(&self) -> IoChannel {
+        channel::get_channel(&self.bdev, self.write)
+    }
+
+    /// Claim the bdev for `module` (SPDK `spdk_bdev_module_claim_bdev_desc`).
+    /// -EBUSY on conflict. WRITE_ONE and WRITE_SHARED promote this
+    /// descriptor to writable; WRITE_NONE needs no other writer open.
+    pub fn claim(&mut self, ty: ClaimType, module: &str) -> Result<(), BdevError> {
+        self.claim_shared(ty, module, 0)
+    }
+
+    pub fn claim_shared(
+        &mut self,
+        ty: ClaimType,
+        module: &str,
+        shared_key: u64,
+    ) -> Result<(), BdevError> {
+        let mut claim = lock(&self.bdev.claim);
+        if let Some(c) = claim.as_mut() {
+            let joinable = c.ty == ClaimType::ReadManyWriteShared
+                && ty == ClaimType::ReadManyWriteShared
+                && c.shared_key == shared_key
+                && shared_key != 0;
+            if joinable || (c.ty == ty && ty == ClaimType::ReadManyWriteNone) {
+                c.holders.push(self.id);
+                if ty != ClaimType::ReadManyWriteNone {
+                    self.write = true;
+                }
+                return Ok(());
+            }
+            return Err(BdevError::Claimed {
+                bdev: self.bdev.name.clone(),
+                claim: c.ty.name(),
+                module: c.module.clone(),
+            });
+        }
+        let descs = lock(&self.bdev.descs);
+        let other_writers = descs.iter().any(|d| d.write && d.id != self.id);
+        drop(descs);
+        match ty {
+            ClaimType::ReadManyWriteNone if self.write || other_writers => {
+                return Err(BdevError::Claimed {
+                    bdev: self.bdev.name.clone(),
+                    claim: "open for writing",
+                    module: "another user".into(),
+                });
+            }
+            ClaimType::ReadManyWriteOne | ClaimType::ExclusiveWrite if other_writers => {
+                return Err(BdevError::Claimed {
+                    bdev: self.bdev.name.clone(),
+                    claim: "open for writing",
+                    module: "another user".into(),
+                });
+            }
+            _ => {}
+        }
+        *claim = Some(Claim {
+            ty,
+            module: module.to_string(),
+            holders: vec![self.id],
+            shared_key,
+        });
+        if ty != ClaimType::ReadManyWriteNone {
+            self.write = true;
+            if let Some(d) = lock(&self.bdev.descs).iter_mut().find(|d| d.id == self.id) {
+                d.write = true;
+            }
+        }
+        Ok(())
+    }
+
+    /// Release this descriptor's claim, if it holds one.
+    pub fn release_claim(&self) {
+        let mut claim = lock(&self.bdev.claim);
+        if let Some(c) = claim.as_mut() {
+            c.holders.retain(|&h| h != self.id);
+            if c.holders.is_empty() {
+                *claim = None;
+            }
+        }
+    }
+}
+
+impl Drop for Desc {
+    fn drop(&mut self) {
+        self.release_claim();
+        lock(&self.bdev.descs).retain(|d| d.id != self.id);
+    }
+}
+
+impl std::fmt::Debug for Desc {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Desc")
+            .field("bdev", &self.bdev.name)
+            .field("write", &self.write)
+            .finish()
+    }
+}
+
+/// Unregister a bdev, as `spdk_bdev_unregister`: tell every open
+/// descriptor to go away (hot-remove), wait for them to close, destruct,
+/// then drop it from the registry. Runs on reactor 0. A second call for a
+/// bdev already going away waits for the first.
+pub async fn unregister(name: &str) -> Result<(), BdevError> {
+    let bdev = get(name).ok_or_else(|| BdevError::NotFound(name.to_string()))?;
+    unregister_bdev(&bdev).await;
+    Ok(())
+}
+
+/// Unregister `name` only if it belongs to `module` (-ENODEV otherwise, as
+/// `spdk_bdev_unregister_by_name`).
+pub async fn unregister_by_name(name: &str, module: &str) -> Result<(), BdevError> {
+    match get(name) {
+        Some(b) if b.module_name() == module && b.name == name => {
+            unregister_bdev(&b).await;
+            Ok(())
+        }
+        _ => Err(BdevError::NotFound(name.to_string())),
+    }
+}
+
+pub async fn unregister_bdev(bdev: &Arc<Bdev>) {
+    if bdev.removing.swap(true, Ordering::AcqRel) {
+        while !bdev.removed.load(Ordering::Acquire) {
+            reactor::sleep(Duration::from_millis(1)).await;
+        }
+        return;
+    }
+    tracing::info!(bdev = %bdev.name, "unregistering bdev");
+    let cbs: Vec<_> = lock(&bdev.descs).iter().map(|d| d.event_cb.clone()).collect();
+    for cb in cbs {
+        cb(BdevEvent::Remove);
+    }
+    let mut waited = 0u32;
+    while bdev.open_desc_count() > 0 {
+        reactor::sleep(Duration::from_millis(1)).await;
+        waited += 1;
+        if waited % 5000 == 0 {
+            tracing::warn!(bdev = %bdev.name, open = bdev.open_desc_count(), "still waiting for descriptors to close");
+        }
+    }
+    bdev.ops.destruct().await;
+    lock(&REGISTRY).bdevs.retain(|b| !Arc::ptr_eq(b, bdev));
+    bdev.removed.store(true, Ordering::Release);
+    tracing::info!(bdev = %bdev.name, "bdev unregistered");
+}
+
+/// Unregister every bdev, newest first (clean shutdown).
+pub async fn unregister_all() {
+    loop {
+        let last = lock(&REGISTRY).bdevs.last().cloned();
+        match last {
+            Some(b) => unregister_bdev(&b).await,
+            None => break,
+        }
+    }
+}
+
+/// A `Weak` handle that does not keep a bdev alive.
+pub fn downgrade(b: &Arc<Bdev>) -> Weak<Bdev> {
+    Arc::downgrade(b)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,429 @@
+//! The bdev layer's own RPCs (`bdev_get_bdevs`, `bdev_get_iostat`, ...)
+//! and the `bdev` subsystem's `save_config` section.
+
+use std::sync::Mutex;
+use std::time::Duration;
+
+use ::rpc::{register_typed, DecodeError, RpcError, RUNTIME, STARTUP};
+use serde::Deserialize;
+use serde_json::{json, Map, Value};
+
+use crate::{Bdev, IoType, QosLimits};
+
+/// `bdev_set_options`, kept so `save_config` emits what was set.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BdevOptions {
+    pub bdev_io_pool_size: u32,
+    pub bdev_io_cache_size: u32,
+    pub bdev_auto_examine: bool,
+    pub iobuf_small_cache_size: u32,
+    pub iobuf_large_cache_size: u32,
+}
+
+static OPTIONS: Mutex<BdevOptions> = Mutex::new(BdevOptions {
+    bdev_io_pool_size: 65535,
+    bdev_io_cache_size: 256,
+    bdev_auto_examine: true,
+    iobuf_small_cache_size: 128,
+    iobuf_large_cache_size: 16,
+});
+
+pub fn options() -> BdevOptions {
+    OPTIONS.lock().unwrap_or_else(|e| e.into_inner()).clone()
+}
+
+const ALL_IO_TYPE_KEYS: [&str; 22] = [
+    "read",
+    "write",
+    "unmap",
+    "flush",
+    "reset",
+    "nvme_admin",
+    "nvme_io",
+    "nvme_io_md",
+    "write_zeroes",
+    "zcopy",
+    "get_zone_info",
+    "zone_management",
+    "zone_append",
+    "compare",
+    "compare_and_write",
+    "abort",
+    "seek_hole",
+    "seek_data",
+    "copy",
+    "nvme_iov_md",
+    "nvme_nssr",
+    "write_uncorrectable",
+];
+
+/// One `bdev_get_bdevs` element, in SPDK's field order.
+pub fn bdev_info_json(b: &Bdev) -> Value {
+    let mut m = Map::new();
+    m.insert("name".into(), json!(b.name()));
+    m.insert("aliases".into(), json!(b.aliases()));
+    m.insert("product_name".into(), json!(b.product_name()));
+    m.insert("block_size".into(), json!(b.block_size()));
+    m.insert("num_blocks".into(), json!(b.num_blocks()));
+    m.insert("preferred_write_alignment".into(), json!(0));
+    m.insert("preferred_write_granularity".into(), json!(0));
+    m.insert("optimal_write_size".into(), json!(0));
+    m.insert("preferred_unmap_alignment".into(), json!(0));
+    m.insert("preferred_unmap_granularity".into(), json!(0));
+    m.insert("uuid".into(), json!(b.uuid().to_string()));
+    let q = b.qos_limits();
+    m.insert(
+        "assigned_rate_limits".into(),
+        json!({
+            "rw_ios_per_sec": q.rw_ios_per_sec,
+            "rw_mbytes_per_sec": q.rw_mbytes_per_sec,
+            "r_mbytes_per_sec": q.r_mbytes_per_sec,
+            "w_mbytes_per_sec": q.w_mbytes_per_sec,
+        }),
+    );
+    let claim = b.claim_type();
+    m.insert("claimed".into(), json!(claim.is_some()));
+    if let Some(c) = claim {
+        m.insert("claim_type".into(), json!(c.name()));
+    }
+    m.insert("zoned".into(), json!(false));
+    let mut io = Map::new();
+    for k in ALL_IO_TYPE_KEYS {
+        let t = IoType::ALL.iter().find(|t| t.name() == k);
+        io.insert(k.into(), json!(t.is_some_and(|t| b.io_type_supported(*t))));
+    }
+    m.insert("supported_io_types".into(), Value::Object(io));
+    m.insert("driver_specific".into(), b.ops().dump_info_json(b));
+    Value::Object(m)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct GetBdevs {
+    name: Option<String>,
+    #[serde(default)]
+    timeout: u64,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct GetIostat {
+    names: Option<Vec<String>>,
+    #[serde(default)]
+    per_channel: bool,
+    reset_mode: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ResetIostat {
+    name: Option<String>,
+    mode: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct QosParams {
+    name: String,
+    rw_ios_per_sec: Option<u64>,
+    rw_mbytes_per_sec: Option<u64>,
+    r_mbytes_per_sec: Option<u64>,
+    w_mbytes_per_sec: Option<u64>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SetOptions {
+    bdev_io_pool_size: Option<u32>,
+    bdev_io_cache_size: Option<u32>,
+    bdev_auto_examine: Option<bool>,
+    iobuf_small_cache_size: Option<u32>,
+    iobuf_large_cache_size: Option<u32>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NoParams {}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NameParam {
+    name: String,
+}
+
+fn op_json(prefix: &str, o: &crate::stat::OpSnapshot, m: &mut Map<String, Value>) {
+    m.insert(format!("{prefix}_latency_ticks"), json!(o.latency_ticks));
+    m.insert(format!("max_{prefix}_latency_ticks"), json!(o.max_latency_ticks));
+    m.insert(format!("min_{prefix}_latency_ticks"), json!(o.min_latency_ticks));
+}
+
+fn iostat_fields(s: &crate::IoStatSnapshot, m: &mut Map<String, Value>) {
+    m.insert("bytes_read".into(), json!(s.read.bytes));
+    m.insert("num_read_ops".into(), json!(s.read.ops));
+    m.insert("bytes_written".into(), json!(s.write.bytes));
+    m.insert("num_write_ops".into(), json!(s.write.ops));
+    m.insert("bytes_unmapped".into(), json!(s.unmap.bytes));
+    m.insert("num_unmap_ops".into(), json!(s.unmap.ops));
+    m.insert("bytes_copied".into(), json!(0));
+    m.insert("num_copy_ops".into(), json!(0));
+    op_json("read", &s.read, m);
+    op_json("write", &s.write, m);
+    op_json("unmap", &s.unmap, m);
+    m.insert("copy_latency_ticks".into(), json!(0));
+    m.insert("max_copy_latency_ticks".into(), json!(0));
+    m.insert("min_copy_latency_ticks".into(), json!(0));
+    let errs = s.io_errors();
+    if !errs.is_empty() {
+        let mut e = Map::new();
+        for (k, v) in errs {
+            e.insert(k.into(), json!(v));
+        }
+        m.insert("io_error".into(), Value::Object(e));
+    }
+}
+
+fn find(name: &str) -> Result<std::sync::Arc<Bdev>, RpcError> {
+    crate::get(name)
+        .filter(|b| !b.is_removing())
+        .ok_or_else(|| RpcError::errno(libc::ENODEV))
+}
+
+fn apply_reset(b: &Bdev, mode: Option<&str>) {
+    match mode {
+        Some("all") => b.stats.reset(),
+        Some("maxmin") => b.stats.reset_maxmin(),
+        Some("error") => b.stats.reset_errors(),
+        _ => {}
+    }
+}
+
+fn check_reset_mode(mode: &Option<String>) -> Result<(), RpcError> {
+    match mode.as_deref() {
+        None | Some("all") | Some("maxmin") | Some("error") | Some("none") => Ok(()),
+        Some(_) => Err(RpcError::decode_failed()),
+    }
+}
+
+/// Register the bdev layer's methods and the `bdev` subsystem.
+pub fn register_methods() {
+    register_typed(
+        "bdev_get_bdevs",
+        RUNTIME,
+        DecodeError::Internal,
+        |p: GetBdevs| async move {
+            match p.name {
+                None => Ok(crate::list()
+                    .iter()
+                    .filter(|b| !b.is_removing())
+                    .map(|b| bdev_info_json(b))
+                    .collect::<Vec<_>>()),
+                Some(name) => {
+                    let deadline = reactor::now_ns() + p.timeout.saturating_mul(1_000_000);
+                    loop {
+                        if let Ok(b) = find(&name) {
+                            return Ok(vec![bdev_info_json(&b)]);
+                        }
+                        if p.timeout == 0 {
+                            return Err(RpcError::errno(libc::ENODEV));
+                        }
+                        if reactor::now_ns() >= deadline {
+                            return Err(RpcError::errno(libc::ETIMEDOUT));
+                        }
+                        reactor::sleep(Duration::from_millis(10)).await;
+                    }
+                }
+            }
+        },
+    );
+
+    register_typed(
+        "bdev_get_iostat",
+        RUNTIME,
+        DecodeError::Internal,
+        |p: GetIostat| async move {
+            check_reset_mode(&p.reset_mode)?;
+            let bdevs: Vec<_> = match &p.names {
+                None => crate::list().into_iter().filter(|b| !b.is_removing()).collect(),
+                Some(names) => names.iter().map(|n| find(n)).collect::<Result<_, _>>()?,
+            };
+            if p.per_channel {
+                if bdevs.len() != 1 || p.names.is_none() {
+                    return Err(RpcError::errno(libc::EINVAL));
+                }
+                let b = &bdevs[0];
+                let channels: Vec<Value> = b
+                    .stats
+                    .per_channel()
+                    .into_iter()
+                    .map(|(r, s)| {
+                        let mut m = Map::new();
+                        m.insert("thread_id".into(), json!(r + 1));
+                        iostat_fields(&s, &mut m);
+                        Value::Object(m)
+                    })
+                    .collect();
+                apply_reset(b, p.reset_mode.as_deref());
+                return Ok(json!({
+                    "tick_rate": 1_000_000_000u64,
+                    "ticks": reactor::now_ns(),
+                    "name": b.name(),
+                    "channels": channels,
+                }));
+            }
+            let list: Vec<Value> = bdevs
+                .iter()
+                .map(|b| {
+                    let mut m = Map::new();
+                    m.insert("name".into(), json!(b.name()));
+                    iostat_fields(&b.iostat(), &mut m);
+                    apply_reset(b, p.reset_mode.as_deref());
+                    Value::Object(m)
+                })
+                .collect();
+            Ok(json!({
+                "tick_rate": 1_000_000_000u64,
+                "ticks": reactor::now_ns(),
+                "bdevs": list,
+            }))
+        },
+    );
+
+    register_typed(
+        "bdev_reset_iostat",
+        RUNTIME,
+        DecodeError::Internal,
+        |p: ResetIostat| async move {
+            if !matches!(p.mode.as_deref(), None | Some("all") | Some("maxmin") | Some("error") | Some("none")) {
+                return Err(RpcError::decode_failed());
+            }
+            let mode = p.mode.as_deref().unwrap_or("all");
+            match p.name {
+                Some(n) => apply_reset(&*find(&n)?, Some(mode)),
+                None => {
+                    for b in crate::list() {
+                        apply_reset(&b, Some(mode));
+                    }
+                }
+            }
+            Ok(true)
+        },
+    );
+
+    register_typed(
+        "bdev_wait_for_examine",
+        RUNTIME,
+        DecodeError::Internal,
+        |_: NoParams| async move {
+            crate::wait_for_examine().await;
+            Ok(true)
+        },
+    );
+
+    register_typed(
+        "bdev_examine",
+        RUNTIME,
+        DecodeError::Internal,
+        |p: NameParam| async move {
+            let b = find(&p.name)?;
+            crate::run_examine(&b);
+            Ok(true)
+        },
+    );
+
+    register_typed(
+        "bdev_set_qos_limit",
+        RUNTIME,
+        DecodeError::Internal,
+        |p: QosParams| async move {
+            let b = find(&p.name)?;
+            if p.rw_ios_per_sec.is_none()
+                && p.rw_mbytes_per_sec.is_none()
+                && p.r_mbytes_per_sec.is_none()
+                && p.w_mbytes_per_sec.is_none()
+            {
+                return Err(RpcError::errno_msg(libc::EINVAL, "No rate limits specified"));
+            }
+            // SPDK enforces IOPS limits in units of its 1000/s minimum.
+            if let Some(v) = p.rw_ios_per_sec {
+                if v % 1000 != 0 {
+                    return Err(RpcError::invalid_params(
+                        "Failed to configure rate limit: Invalid argument",
+                    ));
+                }
+            }
+            let old = b.qos_limits();
+            b.set_qos_limits(QosLimits {
+                rw_ios_per_sec: p.rw_ios_per_sec.unwrap_or(old.rw_ios_per_sec),
+                rw_mbytes_per_sec: p.rw_mbytes_per_sec.unwrap_or(old.rw_mbytes_per_sec),
+                r_mbytes_per_sec: p.r_mbytes_per_sec.unwrap_or(old.r_mbytes_per_sec),
+                w_mbytes_per_sec: p.w_mbytes_per_sec.unwrap_or(old.w_mbytes_per_sec),
+            });
+            Ok(true)
+        },
+    );
+
+    register_typed(
+        "bdev_set_options",
+        STARTUP,
+        DecodeError::Internal,
+        |p: SetOptions| async move {
+            let mut o = OPTIONS.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(v) = p.bdev_io_pool_size {
+                o.bdev_io_pool_size = v;
+            }
+            if let Some(v) = p.bdev_io_cache_size {
+                o.bdev_io_cache_size = v;
+            }
+            if let Some(v) = p.bdev_auto_examine {
+                o.bdev_auto_examine = v;
+            }
+            if let Some(v) = p.iobuf_small_cache_size {
+                o.iobuf_small_cache_size = v;
+            }
+            if let Some(v) = p.iobuf_large_cache_size {
+                o.iobuf_large_cache_size = v;
+            }
+            Ok(true)
+        },
+    );
+
+    ::rpc::register_subsystem("bdev", &[], subsystem_config);
+}
+
+/// The `bdev` section of `save_config`, in SPDK's order.
+pub fn subsystem_config() -> Vec<Value> {
+    let o = options();
+    let mut out = vec![json!({
+        "method": "bdev_set_options",
+        "params": {
+            "bdev_io_pool_size": o.bdev_io_pool_size,
+            "bdev_io_cache_size": o.bdev_io_cache_size,
+            "bdev_auto_examine": o.bdev_auto_examine,
+            "iobuf_small_cache_size": o.iobuf_small_cache_size,
+            "iobuf_large_cache_size": o.iobuf_large_cache_size,
+        }
+    })];
+    for b in crate::list() {
+        if b.is_removing() {
+            continue;
+        }
+        if let Some(c) = b.ops().write_config_json(&b) {
+            out.push(c);
+        }
+        let q = b.qos_limits();
+        if q.any() {
+            out.push(json!({
+                "method": "bdev_set_qos_limit",
+                "params": {
+                    "name": b.name(),
+                    "rw_ios_per_sec": q.rw_ios_per_sec,
+                    "rw_mbytes_per_sec": q.rw_mbytes_per_sec,
+                    "r_mbytes_per_sec": q.r_mbytes_per_sec,
+                    "w_mbytes_per_sec": q.w_mbytes_per_sec,
+                }
+            }));
+        }
+    }
+    out.push(json!({"method": "bdev_wait_for_examine"}));
+    out
+}

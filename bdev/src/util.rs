@@ -1,0 +1,127 @@
+//! Awaitable I/O for management code (metadata, tests, tools). The data
+//! path uses callbacks; this wraps one submission in a future.
+
+use std::cell::RefCell;
+use std::future::Future;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::sync::mpsc;
+use std::task::{Context, Poll, Waker};
+use std::time::Duration;
+
+use reactor::DmaBuf;
+
+use crate::{BdevIo, IoChannel, IoStatus, IoType};
+
+struct Slot {
+    io: Option<Box<BdevIo>>,
+    waker: Option<Waker>,
+}
+
+/// Resolves with the completed I/O.
+pub struct IoFuture {
+    slot: Rc<RefCell<Slot>>,
+}
+
+impl Future for IoFuture {
+    type Output = Box<BdevIo>;
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Box<BdevIo>> {
+        let mut s = self.slot.borrow_mut();
+        match s.io.take() {
+            Some(io) => Poll::Ready(io),
+            None => {
+                s.waker = Some(cx.waker().clone());
+                Poll::Pending
+            }
+        }
+    }
+}
+
+/// Submit one I/O on `ch` and await its completion.
+pub fn submit(
+    ch: &IoChannel,
+    io_type: IoType,
+    offset_blocks: u64,
+    num_blocks: u64,
+    buf: Option<DmaBuf>,
+    fua: bool,
+) -> IoFuture {
+    let slot = Rc::new(RefCell::new(Slot { io: None, waker: None }));
+    let s2 = slot.clone();
+    let mut io = BdevIo::new(io_type, offset_blocks, num_blocks, buf, move |io| {
+        let w = {
+            let mut s = s2.borrow_mut();
+            s.io = Some(io);
+            s.waker.take()
+        };
+        if let Some(w) = w {
+            w.wake();
+        }
+    });
+    io.fua = fua;
+    ch.submit(io);
+    IoFuture { slot }
+}
+
+/// Read `num_blocks` at `offset_blocks`; the data or the failing status.
+pub async fn read(ch: &IoChannel, offset_blocks: u64, num_blocks: u64) -> Result<DmaBuf, IoStatus> {
+    let len = (num_blocks * ch.bdev().block_size() as u64) as usize;
+    let mut io = submit(ch, IoType::Read, offset_blocks, num_blocks, Some(DmaBuf::new(len)), false).await;
+    match io.status {
+        IoStatus::Success => Ok(io.buf.take().expect("read returns its buffer")),
+        s => Err(s),
+    }
+}
+
+/// Write `buf` at `offset_blocks`.
+pub async fn write(ch: &IoChannel, offset_blocks: u64, buf: DmaBuf, fua: bool) -> Result<(), IoStatus> {
+    let num = buf.len() as u64 / ch.bdev().block_size() as u64;
+    let io = submit(ch, IoType::Write, offset_blocks, num, Some(buf), fua).await;
+    match io.status {
+        IoStatus::Success => Ok(()),
+        s => Err(s),
+    }
+}
+
+/// Any non-data I/O (flush, unmap, write_zeroes, reset).
+pub async fn simple(ch: &IoChannel, io_type: IoType, offset_blocks: u64, num_blocks: u64) -> Result<(), IoStatus> {
+    let io = submit(ch, io_type, offset_blocks, num_blocks, None, false).await;
+    match io.status {
+        IoStatus::Success => Ok(()),
+        s => Err(s),
+    }
+}
+
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Test harness: start a runtime on `core_mask` in interrupt mode, run
+/// `f` as a task on reactor 0, unregister every bdev, stop, and return
+/// `f`'s output. Runtimes are serialised within a process.
+pub fn run_on_reactor<F, Fut, T>(core_mask: u64, f: F) -> T
+where
+    F: FnOnce() -> Fut + Send + 'static,
+    Fut: Future<Output = T> + 'static,
+    T: Send + 'static,
+{
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let (tx, rx) = mpsc::channel();
+    let cfg = reactor::Config {
+        core_mask,
+        interrupt_mode: true,
+        mem_size_mb: 64,
+        no_huge: true,
+        uring_entries: 256,
+    };
+    let rt = reactor::start(cfg, move || {
+        reactor::spawn_local(async move {
+            let v = f().await;
+            crate::unregister_all().await;
+            let _ = tx.send(v);
+        });
+    })
+    .expect("start reactor runtime");
+    let v = rx.recv_timeout(Duration::from_secs(120));
+    reactor::stop();
+    rt.join();
+    v.expect("test body finished on the reactor")
+}
