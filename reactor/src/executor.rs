@@ -185,9 +185,12 @@ pub fn sleep(d: Duration) -> Sleep {
     }
 }
 
+/// Fired flag and the waker to call when the timer fires.
+type SleepState = Rc<RefCell<(bool, Option<Waker>)>>;
+
 pub struct Sleep {
     dur: Duration,
-    state: Option<Rc<RefCell<(bool, Option<Waker>)>>>,
+    state: Option<SleepState>,
 }
 
 impl Future for Sleep {
