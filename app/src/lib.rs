@@ -88,6 +88,7 @@ pub fn init_logging(level: &str) {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_target(false)
         .try_init();
 }
@@ -281,10 +282,7 @@ async fn app_main(spec: AppSpec, main: Option<MainFn>) -> i32 {
     rpc::set_state(STARTUP);
     let server = match &spec.rpc_socket {
         Some(path) => match rpc::Server::listen(path) {
-            Ok(s) => {
-                tracing::info!(socket = %path.display(), "JSON-RPC server listening");
-                Some(s)
-            }
+            Ok(s) => Some(s),
             Err(e) => {
                 tracing::error!(error = %e, "cannot start the RPC server");
                 return 1;

@@ -344,7 +344,7 @@ impl BdevBuilder {
         if self.name.is_empty() {
             return Err(BdevError::Invalid("bdev name must not be empty".into()));
         }
-        if self.block_size == 0 || self.block_size % 512 != 0 {
+        if self.block_size == 0 || !self.block_size.is_multiple_of(512) {
             return Err(BdevError::Invalid(format!(
                 "block size {} is not a multiple of 512",
                 self.block_size
@@ -638,7 +638,7 @@ pub async fn unregister_bdev(bdev: &Arc<Bdev>) {
     while bdev.open_desc_count() > 0 {
         reactor::sleep(Duration::from_millis(1)).await;
         waited += 1;
-        if waited % 5000 == 0 {
+        if waited.is_multiple_of(5000) {
             tracing::warn!(bdev = %bdev.name, open = bdev.open_desc_count(), "still waiting for descriptors to close");
         }
     }

@@ -35,10 +35,13 @@ unsafe impl Send for Pool {}
 static POOL: OnceLock<Pool> = OnceLock::new();
 
 fn mmap_anon(len: usize, huge: bool) -> Option<NonNull<u8>> {
-    let mut flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE;
-    if huge {
-        flags |= libc::MAP_HUGETLB;
-    }
+    // Hugepage mappings must reserve: with MAP_NORESERVE the map succeeds
+    // even with no hugepages free and the first touch dies with SIGBUS.
+    let flags = if huge {
+        libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_HUGETLB
+    } else {
+        libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE
+    };
     // SAFETY: anonymous private mapping; no existing memory is touched.
     let p = unsafe {
         libc::mmap(

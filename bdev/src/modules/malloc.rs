@@ -131,13 +131,13 @@ pub fn create(p: CreateParams) -> Result<Arc<Bdev>, BdevError> {
     if p.num_blocks == 0 {
         return Err(BdevError::Invalid("Disk num_blocks must be greater than 0".into()));
     }
-    if p.block_size == 0 || p.block_size % 512 != 0 || !p.block_size.is_power_of_two() {
+    if p.block_size == 0 || !p.block_size.is_multiple_of(512) || !p.block_size.is_power_of_two() {
         return Err(BdevError::Invalid(format!(
             "block_size {} must be a power of two and a multiple of 512",
             p.block_size
         )));
     }
-    if p.physical_block_size != 0 && (p.physical_block_size % p.block_size != 0) {
+    if p.physical_block_size != 0 && !p.physical_block_size.is_multiple_of(p.block_size) {
         return Err(BdevError::Invalid(
             "physical_block_size must be a multiple of block_size".into(),
         ));
