@@ -516,7 +516,11 @@ fn run_loop(l: &Rc<Local>) {
 fn run_pollers(l: &Rc<Local>) -> bool {
     let mut busy = false;
     let n = l.pollers.borrow().len();
-    let now = now_ns();
+    if n == 0 {
+        return false;
+    }
+    // Only timed pollers need the clock; read it at most once.
+    let mut now: Option<u64> = None;
     for i in 0..n {
         let (f, gen) = {
             let mut pollers = l.pollers.borrow_mut();
@@ -525,6 +529,7 @@ fn run_pollers(l: &Rc<Local>) -> bool {
                 continue;
             }
             if slot.period_ns > 0 {
+                let now = *now.get_or_insert_with(now_ns);
                 if now < slot.next_ns {
                     continue;
                 }
@@ -549,6 +554,9 @@ fn run_pollers(l: &Rc<Local>) -> bool {
 
 fn run_timers(l: &Rc<Local>) -> bool {
     let mut busy = false;
+    if l.timers.borrow().is_empty() {
+        return false;
+    }
     let now = now_ns();
     loop {
         let seq = {
