@@ -108,7 +108,7 @@ impl IoChannel {
         }
         if io.io_type != IoType::Reset {
             let end = io.offset_blocks.checked_add(io.num_blocks);
-            if end.is_none_or(|e| e > bdev.num_blocks) {
+            if end.is_none_or(|e| e > bdev.num_blocks()) {
                 return fail_early(io, IoStatus::Failed);
             }
         }
@@ -143,24 +143,69 @@ impl IoChannel {
         dispatch(&self.inner, io);
     }
 
-    pub fn read(&self, offset_blocks: u64, num_blocks: u64, buf: DmaBuf, cb: impl FnOnce(Box<BdevIo>) + 'static) {
+    pub fn read(
+        &self,
+        offset_blocks: u64,
+        num_blocks: u64,
+        buf: DmaBuf,
+        cb: impl FnOnce(Box<BdevIo>) + 'static,
+    ) {
         self.submit(BdevIo::read(offset_blocks, num_blocks, buf, cb))
     }
 
-    pub fn write(&self, offset_blocks: u64, num_blocks: u64, buf: DmaBuf, cb: impl FnOnce(Box<BdevIo>) + 'static) {
+    pub fn write(
+        &self,
+        offset_blocks: u64,
+        num_blocks: u64,
+        buf: DmaBuf,
+        cb: impl FnOnce(Box<BdevIo>) + 'static,
+    ) {
         self.submit(BdevIo::write(offset_blocks, num_blocks, buf, cb))
     }
 
-    pub fn flush(&self, offset_blocks: u64, num_blocks: u64, cb: impl FnOnce(Box<BdevIo>) + 'static) {
-        self.submit(BdevIo::new(IoType::Flush, offset_blocks, num_blocks, None, cb))
+    pub fn flush(
+        &self,
+        offset_blocks: u64,
+        num_blocks: u64,
+        cb: impl FnOnce(Box<BdevIo>) + 'static,
+    ) {
+        self.submit(BdevIo::new(
+            IoType::Flush,
+            offset_blocks,
+            num_blocks,
+            None,
+            cb,
+        ))
     }
 
-    pub fn unmap(&self, offset_blocks: u64, num_blocks: u64, cb: impl FnOnce(Box<BdevIo>) + 'static) {
-        self.submit(BdevIo::new(IoType::Unmap, offset_blocks, num_blocks, None, cb))
+    pub fn unmap(
+        &self,
+        offset_blocks: u64,
+        num_blocks: u64,
+        cb: impl FnOnce(Box<BdevIo>) + 'static,
+    ) {
+        self.submit(BdevIo::new(
+            IoType::Unmap,
+            offset_blocks,
+            num_blocks,
+            None,
+            cb,
+        ))
     }
 
-    pub fn write_zeroes(&self, offset_blocks: u64, num_blocks: u64, cb: impl FnOnce(Box<BdevIo>) + 'static) {
-        self.submit(BdevIo::new(IoType::WriteZeroes, offset_blocks, num_blocks, None, cb))
+    pub fn write_zeroes(
+        &self,
+        offset_blocks: u64,
+        num_blocks: u64,
+        cb: impl FnOnce(Box<BdevIo>) + 'static,
+    ) {
+        self.submit(BdevIo::new(
+            IoType::WriteZeroes,
+            offset_blocks,
+            num_blocks,
+            None,
+            cb,
+        ))
     }
 
     pub fn reset(&self, cb: impl FnOnce(Box<BdevIo>) + 'static) {
@@ -258,7 +303,10 @@ fn finish(mut io: Box<BdevIo>) {
     let lat = reactor::now_ns().saturating_sub(io.submit_ns);
     ch.stat.record(io.io_type, bytes, io.status, lat);
     let st = &ch.stat.outstanding;
-    st.store(st.load(Ordering::Relaxed).saturating_sub(1), Ordering::Relaxed);
+    st.store(
+        st.load(Ordering::Relaxed).saturating_sub(1),
+        Ordering::Relaxed,
+    );
     if io.io_type == IoType::Reset {
         ch.bdev.reset_in_progress.store(false, Ordering::Release);
     }
@@ -305,21 +353,30 @@ fn start_reset(inner: &Rc<ChannelInner>, io: Box<BdevIo>) {
         let slot: Rc<RefCell<Option<reactor::Poller>>> = Rc::new(RefCell::new(None));
         let slot2 = slot.clone();
         let mut io = Some(io);
-        *slot.borrow_mut() = Some(reactor::poller_register(Duration::from_micros(100), move || {
-            if !inner.bdev.reset_in_progress.load(Ordering::Acquire) {
-                slot2.borrow_mut().take();
-                if let Some(mut io) = io.take() {
-                    // Undo the outstanding count; submit counts it again.
-                    let st = &inner.stat.outstanding;
-                    st.store(st.load(Ordering::Relaxed).saturating_sub(1), Ordering::Relaxed);
-                    io.ch = None;
-                    let ch = IoChannel { inner: inner.clone(), write: true };
-                    ch.submit(io);
+        *slot.borrow_mut() = Some(reactor::poller_register(
+            Duration::from_micros(100),
+            move || {
+                if !inner.bdev.reset_in_progress.load(Ordering::Acquire) {
+                    slot2.borrow_mut().take();
+                    if let Some(mut io) = io.take() {
+                        // Undo the outstanding count; submit counts it again.
+                        let st = &inner.stat.outstanding;
+                        st.store(
+                            st.load(Ordering::Relaxed).saturating_sub(1),
+                            Ordering::Relaxed,
+                        );
+                        io.ch = None;
+                        let ch = IoChannel {
+                            inner: inner.clone(),
+                            write: true,
+                        };
+                        ch.submit(io);
+                    }
+                    return reactor::PollStatus::Busy;
                 }
-                return reactor::PollStatus::Busy;
-            }
-            reactor::PollStatus::Idle
-        }));
+                reactor::PollStatus::Idle
+            },
+        ));
         return;
     }
     let id = bdev.id;

@@ -58,7 +58,10 @@ pub enum IoStatus {
     Aborted,
     Miscompare,
     /// An NVMe completion status (status code type, status code).
-    NvmeError { sct: u8, sc: u8 },
+    NvmeError {
+        sct: u8,
+        sc: u8,
+    },
 }
 
 impl IoStatus {

@@ -74,7 +74,9 @@ impl From<BdevError> for ::rpc::RpcError {
         // SPDK replies with strerror() for these; the log keeps the detail.
         tracing::debug!(error = %e, "bdev error");
         match &e {
-            BdevError::Invalid(msg) | BdevError::Io(msg) => ::rpc::RpcError::errno_msg(e.errno(), msg.clone()),
+            BdevError::Invalid(msg) | BdevError::Io(msg) => {
+                ::rpc::RpcError::errno_msg(e.errno(), msg.clone())
+            }
             _ => ::rpc::RpcError::errno(e.errno()),
         }
     }
@@ -116,6 +118,8 @@ pub trait ChannelOps {
 pub enum BdevEvent {
     /// The bdev is going away: close the descriptor.
     Remove,
+    /// The block count changed (`Bdev::num_blocks` has the new value).
+    Resize,
 }
 
 /// Claim types as SPDK names them in `bdev_get_bdevs`.
@@ -159,12 +163,13 @@ pub struct Bdev {
     aliases: Vec<String>,
     product_name: String,
     block_size: u32,
-    num_blocks: u64,
+    num_blocks: AtomicU64,
     uuid: Uuid,
     write_cache: bool,
     required_alignment: u32,
     optimal_io_boundary: u32,
     physical_block_size: u32,
+    hints: IoHints,
     ops: Box<dyn BdevOps>,
     claim: Mutex<Option<Claim>>,
     descs: Mutex<Vec<DescEntry>>,
@@ -181,7 +186,7 @@ impl std::fmt::Debug for Bdev {
             .field("name", &self.name)
             .field("module", &self.module_name())
             .field("block_size", &self.block_size)
-            .field("num_blocks", &self.num_blocks)
+            .field("num_blocks", &self.num_blocks())
             .finish()
     }
 }
@@ -200,10 +205,39 @@ impl Bdev {
         self.block_size
     }
     pub fn num_blocks(&self) -> u64 {
-        self.num_blocks
+        self.num_blocks.load(Ordering::Acquire)
     }
     pub fn size_bytes(&self) -> u64 {
-        self.num_blocks * self.block_size as u64
+        self.num_blocks() * self.block_size as u64
+    }
+    /// The module's device changed size (SPDK
+    /// `spdk_bdev_notify_blockcnt_change`): shrinking is refused with
+    /// -EBUSY while descriptors are open; otherwise the new count takes
+    /// effect and every open descriptor gets [`BdevEvent::Resize`].
+    pub fn notify_blockcnt_change(&self, new_blocks: u64) -> Result<(), BdevError> {
+        if new_blocks == 0 {
+            return Err(BdevError::Invalid(
+                "a bdev cannot shrink to zero blocks".into(),
+            ));
+        }
+        let old = self.num_blocks();
+        if new_blocks < old && self.open_desc_count() > 0 {
+            return Err(BdevError::Claimed {
+                bdev: self.name.clone(),
+                claim: "open",
+                module: "its users (cannot shrink while open)".into(),
+            });
+        }
+        self.num_blocks.store(new_blocks, Ordering::Release);
+        tracing::info!(bdev = %self.name, old, new = new_blocks, "bdev resized");
+        let cbs: Vec<_> = lock(&self.descs)
+            .iter()
+            .map(|d| d.event_cb.clone())
+            .collect();
+        for cb in cbs {
+            cb(BdevEvent::Resize);
+        }
+        Ok(())
     }
     pub fn uuid(&self) -> Uuid {
         self.uuid
@@ -219,6 +253,9 @@ impl Bdev {
     }
     pub fn physical_block_size(&self) -> u32 {
         self.physical_block_size
+    }
+    pub fn io_hints(&self) -> IoHints {
+        self.hints
     }
     pub fn module_name(&self) -> &'static str {
         self.ops.module_name()
@@ -274,6 +311,16 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// Write/unmap hints reported in `bdev_get_bdevs` (in blocks; 0 = none).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct IoHints {
+    pub preferred_write_alignment: u32,
+    pub preferred_write_granularity: u32,
+    pub optimal_write_size: u32,
+    pub preferred_unmap_alignment: u32,
+    pub preferred_unmap_granularity: u32,
+}
+
 /// Everything a module states about a new bdev.
 pub struct BdevBuilder {
     name: String,
@@ -286,6 +333,7 @@ pub struct BdevBuilder {
     required_alignment: u32,
     optimal_io_boundary: u32,
     physical_block_size: u32,
+    hints: IoHints,
 }
 
 impl BdevBuilder {
@@ -301,7 +349,12 @@ impl BdevBuilder {
             required_alignment: 0,
             optimal_io_boundary: 0,
             physical_block_size: 0,
+            hints: IoHints::default(),
         }
+    }
+    pub fn io_hints(mut self, h: IoHints) -> Self {
+        self.hints = h;
+        self
     }
     pub fn block_size(mut self, bs: u32) -> Self {
         self.block_size = bs;
@@ -351,7 +404,9 @@ impl BdevBuilder {
             )));
         }
         if self.num_blocks == 0 {
-            return Err(BdevError::Invalid("bdev must have at least one block".into()));
+            return Err(BdevError::Invalid(
+                "bdev must have at least one block".into(),
+            ));
         }
         let mut reg = lock(&REGISTRY);
         for n in std::iter::once(&self.name).chain(self.aliases.iter()) {
@@ -366,12 +421,13 @@ impl BdevBuilder {
             aliases: self.aliases,
             product_name: self.product_name,
             block_size: self.block_size,
-            num_blocks: self.num_blocks,
+            num_blocks: AtomicU64::new(self.num_blocks),
             uuid: self.uuid.unwrap_or_else(Uuid::new_v4),
             write_cache: self.write_cache,
             required_alignment: self.required_alignment,
             optimal_io_boundary: self.optimal_io_boundary,
             physical_block_size: self.physical_block_size,
+            hints: self.hints,
             ops: Box::new(ops),
             claim: Mutex::new(None),
             descs: Mutex::new(Vec::new()),
@@ -383,7 +439,7 @@ impl BdevBuilder {
         });
         reg.bdevs.push(bdev.clone());
         drop(reg);
-        tracing::info!(bdev = %bdev.name, module = bdev.module_name(), blocks = bdev.num_blocks, block_size = bdev.block_size, "bdev registered");
+        tracing::info!(bdev = %bdev.name, module = bdev.module_name(), blocks = bdev.num_blocks(), block_size = bdev.block_size, "bdev registered");
         run_examine(&bdev);
         Ok(bdev)
     }
@@ -630,7 +686,10 @@ pub async fn unregister_bdev(bdev: &Arc<Bdev>) {
         return;
     }
     tracing::info!(bdev = %bdev.name, "unregistering bdev");
-    let cbs: Vec<_> = lock(&bdev.descs).iter().map(|d| d.event_cb.clone()).collect();
+    let cbs: Vec<_> = lock(&bdev.descs)
+        .iter()
+        .map(|d| d.event_cb.clone())
+        .collect();
     for cb in cbs {
         cb(BdevEvent::Remove);
     }

@@ -65,11 +65,24 @@ pub fn bdev_info_json(b: &Bdev) -> Value {
     m.insert("product_name".into(), json!(b.product_name()));
     m.insert("block_size".into(), json!(b.block_size()));
     m.insert("num_blocks".into(), json!(b.num_blocks()));
-    m.insert("preferred_write_alignment".into(), json!(0));
-    m.insert("preferred_write_granularity".into(), json!(0));
-    m.insert("optimal_write_size".into(), json!(0));
-    m.insert("preferred_unmap_alignment".into(), json!(0));
-    m.insert("preferred_unmap_granularity".into(), json!(0));
+    let h = b.io_hints();
+    m.insert(
+        "preferred_write_alignment".into(),
+        json!(h.preferred_write_alignment),
+    );
+    m.insert(
+        "preferred_write_granularity".into(),
+        json!(h.preferred_write_granularity),
+    );
+    m.insert("optimal_write_size".into(), json!(h.optimal_write_size));
+    m.insert(
+        "preferred_unmap_alignment".into(),
+        json!(h.preferred_unmap_alignment),
+    );
+    m.insert(
+        "preferred_unmap_granularity".into(),
+        json!(h.preferred_unmap_granularity),
+    );
     m.insert("uuid".into(), json!(b.uuid().to_string()));
     let q = b.qos_limits();
     m.insert(
@@ -153,8 +166,14 @@ struct NameParam {
 
 fn op_json(prefix: &str, o: &crate::stat::OpSnapshot, m: &mut Map<String, Value>) {
     m.insert(format!("{prefix}_latency_ticks"), json!(o.latency_ticks));
-    m.insert(format!("max_{prefix}_latency_ticks"), json!(o.max_latency_ticks));
-    m.insert(format!("min_{prefix}_latency_ticks"), json!(o.min_latency_ticks));
+    m.insert(
+        format!("max_{prefix}_latency_ticks"),
+        json!(o.max_latency_ticks),
+    );
+    m.insert(
+        format!("min_{prefix}_latency_ticks"),
+        json!(o.min_latency_ticks),
+    );
 }
 
 fn iostat_fields(s: &crate::IoStatSnapshot, m: &mut Map<String, Value>) {
@@ -243,7 +262,10 @@ pub fn register_methods() {
         |p: GetIostat| async move {
             check_reset_mode(&p.reset_mode)?;
             let bdevs: Vec<_> = match &p.names {
-                None => crate::list().into_iter().filter(|b| !b.is_removing()).collect(),
+                None => crate::list()
+                    .into_iter()
+                    .filter(|b| !b.is_removing())
+                    .collect(),
                 Some(names) => names.iter().map(|n| find(n)).collect::<Result<_, _>>()?,
             };
             if p.per_channel {
@@ -293,7 +315,10 @@ pub fn register_methods() {
         RUNTIME,
         DecodeError::Internal,
         |p: ResetIostat| async move {
-            if !matches!(p.mode.as_deref(), None | Some("all") | Some("maxmin") | Some("error") | Some("none")) {
+            if !matches!(
+                p.mode.as_deref(),
+                None | Some("all") | Some("maxmin") | Some("error") | Some("none")
+            ) {
                 return Err(RpcError::decode_failed());
             }
             let mode = p.mode.as_deref().unwrap_or("all");
@@ -341,7 +366,10 @@ pub fn register_methods() {
                 && p.r_mbytes_per_sec.is_none()
                 && p.w_mbytes_per_sec.is_none()
             {
-                return Err(RpcError::errno_msg(libc::EINVAL, "No rate limits specified"));
+                return Err(RpcError::errno_msg(
+                    libc::EINVAL,
+                    "No rate limits specified",
+                ));
             }
             // SPDK enforces IOPS limits in units of its 1000/s minimum.
             if let Some(v) = p.rw_ios_per_sec {

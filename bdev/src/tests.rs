@@ -47,9 +47,17 @@ fn read_write_roundtrip_and_bounds() {
         let r = util::read(&ch, 8, 8).await.unwrap();
         assert_eq!(r.as_slice(), &expect[..]);
         // Fresh malloc memory reads as zeroes.
-        assert!(util::read(&ch, 100, 1).await.unwrap().as_slice().iter().all(|&b| b == 0));
+        assert!(util::read(&ch, 100, 1)
+            .await
+            .unwrap()
+            .as_slice()
+            .iter()
+            .all(|&b| b == 0));
         // Past the end, and a short buffer, fail without touching data.
-        assert_eq!(util::read(&ch, 1020, 8).await.unwrap_err(), IoStatus::Failed);
+        assert_eq!(
+            util::read(&ch, 1020, 8).await.unwrap_err(),
+            IoStatus::Failed
+        );
         let io = util::submit(&ch, IoType::Write, 0, 8, Some(DmaBuf::new(512)), false).await;
         assert_eq!(io.status, IoStatus::Failed);
         util::simple(&ch, IoType::Unmap, 8, 4).await.unwrap();
@@ -86,22 +94,34 @@ fn names_claims_and_readonly_descs() {
         })
         .unwrap_err();
         assert_eq!(err.errno(), libc::EEXIST);
-        assert!(matches!(open("nope", false, |_| {}), Err(BdevError::NotFound(_))));
+        assert!(matches!(
+            open("nope", false, |_| {}),
+            Err(BdevError::NotFound(_))
+        ));
 
         let ro = open("A", false, |_| {}).unwrap();
         let ch = ro.channel();
-        let e = util::write(&ch, 0, DmaBuf::new(512), false).await.unwrap_err();
+        let e = util::write(&ch, 0, DmaBuf::new(512), false)
+            .await
+            .unwrap_err();
         assert_eq!(e, IoStatus::Failed, "read-only descriptor cannot write");
 
         let mut src = open("A", false, |_| {}).unwrap();
         src.claim(ClaimType::ReadManyWriteNone, "clone").unwrap();
         assert_eq!(src.bdev().claim_type(), Some(ClaimType::ReadManyWriteNone));
-        assert!(matches!(open("A", true, |_| {}), Err(BdevError::WriteRefused(_))));
+        assert!(matches!(
+            open("A", true, |_| {}),
+            Err(BdevError::WriteRefused(_))
+        ));
         let mut other = open("A", false, |_| {}).unwrap();
         let e = other.claim(ClaimType::ExclusiveWrite, "x").unwrap_err();
         assert_eq!(e.errno(), libc::EBUSY);
         drop(src);
-        assert_eq!(get("A").unwrap().claim_type(), None, "claim released on close");
+        assert_eq!(
+            get("A").unwrap().claim_type(),
+            None,
+            "claim released on close"
+        );
         other.claim(ClaimType::ExclusiveWrite, "x").unwrap();
         assert!(other.is_writable());
         drop(other);
@@ -174,7 +194,11 @@ fn reset_completes_and_io_resumes() {
 
 #[test]
 fn channels_on_two_reactors() {
-    if std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1) < 2 {
+    if std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+        < 2
+    {
         return;
     }
     run_on_reactor(0x3, || async {

@@ -46,7 +46,10 @@ pub fn submit(
     buf: Option<DmaBuf>,
     fua: bool,
 ) -> IoFuture {
-    let slot = Rc::new(RefCell::new(Slot { io: None, waker: None }));
+    let slot = Rc::new(RefCell::new(Slot {
+        io: None,
+        waker: None,
+    }));
     let s2 = slot.clone();
     let mut io = BdevIo::new(io_type, offset_blocks, num_blocks, buf, move |io| {
         let w = {
@@ -66,7 +69,15 @@ pub fn submit(
 /// Read `num_blocks` at `offset_blocks`; the data or the failing status.
 pub async fn read(ch: &IoChannel, offset_blocks: u64, num_blocks: u64) -> Result<DmaBuf, IoStatus> {
     let len = (num_blocks * ch.bdev().block_size() as u64) as usize;
-    let mut io = submit(ch, IoType::Read, offset_blocks, num_blocks, Some(DmaBuf::new(len)), false).await;
+    let mut io = submit(
+        ch,
+        IoType::Read,
+        offset_blocks,
+        num_blocks,
+        Some(DmaBuf::new(len)),
+        false,
+    )
+    .await;
     match io.status {
         IoStatus::Success => Ok(io.buf.take().expect("read returns its buffer")),
         s => Err(s),
@@ -74,7 +85,12 @@ pub async fn read(ch: &IoChannel, offset_blocks: u64, num_blocks: u64) -> Result
 }
 
 /// Write `buf` at `offset_blocks`.
-pub async fn write(ch: &IoChannel, offset_blocks: u64, buf: DmaBuf, fua: bool) -> Result<(), IoStatus> {
+pub async fn write(
+    ch: &IoChannel,
+    offset_blocks: u64,
+    buf: DmaBuf,
+    fua: bool,
+) -> Result<(), IoStatus> {
     let num = buf.len() as u64 / ch.bdev().block_size() as u64;
     let io = submit(ch, IoType::Write, offset_blocks, num, Some(buf), fua).await;
     match io.status {
@@ -84,7 +100,12 @@ pub async fn write(ch: &IoChannel, offset_blocks: u64, buf: DmaBuf, fua: bool) -
 }
 
 /// Any non-data I/O (flush, unmap, write_zeroes, reset).
-pub async fn simple(ch: &IoChannel, io_type: IoType, offset_blocks: u64, num_blocks: u64) -> Result<(), IoStatus> {
+pub async fn simple(
+    ch: &IoChannel,
+    io_type: IoType,
+    offset_blocks: u64,
+    num_blocks: u64,
+) -> Result<(), IoStatus> {
     let io = submit(ch, io_type, offset_blocks, num_blocks, None, false).await;
     match io.status {
         IoStatus::Success => Ok(()),

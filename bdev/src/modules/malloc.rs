@@ -129,7 +129,9 @@ static AUTO_NAME: AtomicU64 = AtomicU64::new(0);
 /// Create and register a malloc bdev.
 pub fn create(p: CreateParams) -> Result<Arc<Bdev>, BdevError> {
     if p.num_blocks == 0 {
-        return Err(BdevError::Invalid("Disk num_blocks must be greater than 0".into()));
+        return Err(BdevError::Invalid(
+            "Disk num_blocks must be greater than 0".into(),
+        ));
     }
     if p.block_size == 0 || !p.block_size.is_multiple_of(512) || !p.block_size.is_power_of_two() {
         return Err(BdevError::Invalid(format!(

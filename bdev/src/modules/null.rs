@@ -202,6 +202,13 @@ pub fn create(p: CreateParams) -> Result<Arc<Bdev>, BdevError> {
         .num_blocks(p.num_blocks)
         .uuid(p.uuid)
         .physical_block_size(p.physical_block_size)
+        .io_hints(crate::IoHints {
+            preferred_write_alignment: p.preferred_write_alignment,
+            preferred_write_granularity: p.preferred_write_granularity,
+            optimal_write_size: p.optimal_write_size,
+            preferred_unmap_alignment: p.preferred_unmap_alignment,
+            preferred_unmap_granularity: p.preferred_unmap_granularity,
+        })
         .register(ops)
 }
 
@@ -219,10 +226,7 @@ struct ResizeParams {
     new_size: u64,
 }
 
-/// `bdev_null_resize`. The generic layer fixes a bdev's block count at
-/// registration (there is no `spdk_bdev_notify_blockcnt_change`), so only
-/// the checks SPDK makes and a same-size no-op can be honoured; growing is
-/// refused with -EINVAL and a message saying why.
+/// `bdev_null_resize`: grow only, as SPDK (the null bdev holds no data).
 fn resize(name: &str, new_size_mib: u64) -> Result<(), RpcError> {
     let b = crate::get(name)
         .filter(|b| !b.is_removing())
@@ -247,14 +251,7 @@ fn resize(name: &str, new_size_mib: u64) -> Result<(), RpcError> {
     if new_blocks == b.num_blocks() {
         return Ok(());
     }
-    Err(RpcError::errno_msg(
-        libc::EINVAL,
-        format!(
-            "resizing null bdev '{name}' from {} to {new_blocks} blocks is not supported: \
-             this target cannot change a registered bdev's block count",
-            b.num_blocks()
-        ),
-    ))
+    b.notify_blockcnt_change(new_blocks).map_err(RpcError::from)
 }
 
 pub fn register_methods() {
@@ -387,10 +384,23 @@ mod tests {
             dif.dif_type = 1;
             assert_eq!(create(dif).unwrap_err().errno(), libc::EINVAL);
 
-            // Resize: same size is a no-op, shrink and grow are refused.
+            // Resize: same size is a no-op, shrinking is refused, growing
+            // takes effect and tells open descriptors.
             assert!(resize("N1", 1).is_ok());
             assert_eq!(resize("N1", 0).unwrap_err().code, -22);
-            assert_eq!(resize("N1", 2).unwrap_err().code, -22);
+            let seen = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let s2 = seen.clone();
+            let d = crate::open("N1", false, move |ev| {
+                if ev == crate::BdevEvent::Resize {
+                    s2.store(true, std::sync::atomic::Ordering::SeqCst);
+                }
+            })
+            .unwrap();
+            let before = d.bdev().num_blocks();
+            resize("N1", 2).unwrap();
+            assert_eq!(d.bdev().num_blocks(), before * 2);
+            assert!(seen.load(std::sync::atomic::Ordering::SeqCst));
+            drop(d);
             assert_eq!(
                 resize("nope", 2).unwrap_err(),
                 RpcError::errno(libc::ENODEV)

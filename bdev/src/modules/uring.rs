@@ -855,14 +855,7 @@ pub async fn rescan(name: &str, flavor: Flavor) -> Result<(), RpcError> {
     if blocks == b.num_blocks() {
         return Ok(());
     }
-    Err(RpcError::errno_msg(
-        libc::EINVAL,
-        format!(
-            "{} changed size from {} to {blocks} blocks; resizing a registered bdev is not supported by this target",
-            disk.filename,
-            b.num_blocks()
-        ),
-    ))
+    b.notify_blockcnt_change(blocks).map_err(RpcError::from)
 }
 
 pub fn register_methods() {
@@ -1398,10 +1391,11 @@ mod tests {
                 IoStatus::Failed
             );
             assert!(util::read(&ch, 0, 8).await.is_ok());
-            // Rescan sees the new size and refuses to resize.
+            // Rescan sees the smaller size and refuses to shrink an open
+            // bdev (-EBUSY, as SPDK); the old size stays.
             let e = rescan("S0", Flavor::Uring).await.unwrap_err();
-            assert_eq!(e.code, -22);
-            assert!(e.message.contains("not supported"), "{}", e.message);
+            assert_eq!(e.code, -libc::EBUSY);
+            assert_eq!(desc.bdev().num_blocks(), (1 << 20) / 512);
         });
     }
 
@@ -1428,7 +1422,8 @@ mod tests {
                 .unwrap()
                 .set_len(2 << 20)
                 .unwrap();
-            assert_eq!(rescan("R0", Flavor::Aio).await.unwrap_err().code, -22);
+            rescan("R0", Flavor::Aio).await.unwrap();
+            assert_eq!(crate::get("R0").unwrap().num_blocks(), (2 << 20) / 512);
             // Size zero: the device is gone; the bdev is hot-removed.
             std::fs::OpenOptions::new()
                 .write(true)
