@@ -75,7 +75,10 @@ pub fn parse_core_mask(s: &str) -> Result<u64, AppError> {
         }
         return if mask == 0 { Err(bad()) } else { Ok(mask) };
     }
-    let hex = t.strip_prefix("0x").or_else(|| t.strip_prefix("0X")).unwrap_or(t);
+    let hex = t
+        .strip_prefix("0x")
+        .or_else(|| t.strip_prefix("0X"))
+        .unwrap_or(t);
     match u64::from_str_radix(hex, 16) {
         Ok(0) | Err(_) => Err(bad()),
         Ok(m) => Ok(m),
@@ -100,7 +103,11 @@ static EXIT_CODE: AtomicI32 = AtomicI32::new(0);
 /// Begin a clean shutdown (any thread).
 pub fn request_shutdown() {
     SHUTDOWN.store(true, Ordering::SeqCst);
-    if let Some(w) = SHUTDOWN_WAKER.lock().unwrap_or_else(|e| e.into_inner()).take() {
+    if let Some(w) = SHUTDOWN_WAKER
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .take()
+    {
         w.wake();
     }
 }
@@ -195,7 +202,10 @@ fn register_framework_methods() {
             // Reply first, as SPDK does, then deliver the signal.
             reactor::set_timer(Duration::from_millis(20), move || {
                 tracing::info!(signal = %sig, "spdk_kill_instance");
-                if matches!(sig, nix::sys::signal::Signal::SIGINT | nix::sys::signal::Signal::SIGTERM) {
+                if matches!(
+                    sig,
+                    nix::sys::signal::Signal::SIGINT | nix::sys::signal::Signal::SIGTERM
+                ) {
                     request_shutdown();
                 } else {
                     let _ = nix::sys::signal::kill(nix::unistd::Pid::this(), sig);
@@ -299,8 +309,12 @@ async fn app_main(spec: AppSpec, main: Option<MainFn>) -> i32 {
                 code = 1;
             }
             Ok(text) => {
-                if let Err(e) =
-                    rpc::load_json_config(&text, spec.common.json_ignore_init_errors, subsystem_init()).await
+                if let Err(e) = rpc::load_json_config(
+                    &text,
+                    spec.common.json_ignore_init_errors,
+                    subsystem_init(),
+                )
+                .await
                 {
                     tracing::error!(path = %path.display(), error = %e, "loading --json config failed");
                     code = 1;

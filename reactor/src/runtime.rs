@@ -1,8 +1,8 @@
 //! Reactor threads, mailboxes, pollers, timers and the main loop.
 
 use std::cell::{Cell, RefCell};
-use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -406,7 +406,8 @@ pub fn start(cfg: Config, main: impl FnOnce() + Send + 'static) -> Result<Runtim
             .spawn(move || {
                 let mut set = nix::sched::CpuSet::new();
                 if set.set(core).is_ok() {
-                    if let Err(e) = nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set)
+                    if let Err(e) =
+                        nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set)
                     {
                         tracing::warn!(core, error = %e, "cannot pin reactor to its core");
                     }
@@ -592,7 +593,11 @@ fn next_deadline(l: &Rc<Local>) -> Option<u64> {
     }
     for p in l.pollers.borrow().iter() {
         if p.f.is_some() {
-            let next = if p.period_ns == 0 { now_ns() } else { p.next_ns };
+            let next = if p.period_ns == 0 {
+                now_ns()
+            } else {
+                p.next_ns
+            };
             // Every-iteration pollers in interrupt mode are re-run on any
             // wakeup; they must not keep the reactor spinning.
             if p.period_ns > 0 {
@@ -645,7 +650,8 @@ pub(crate) mod tests {
                 set_timer(Duration::from_millis(20), move || {
                     tx3.send(("timer", (now_ns() - t0) / 1_000_000)).unwrap();
                 });
-                let cancelled = set_timer(Duration::from_millis(5), || panic!("cancelled timer ran"));
+                let cancelled =
+                    set_timer(Duration::from_millis(5), || panic!("cancelled timer ran"));
                 cancel_timer(cancelled);
                 let _ = count;
             })

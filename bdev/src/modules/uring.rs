@@ -228,6 +228,27 @@ impl BdevOps for FileBdev {
         }
     }
 
+    /// Clean shutdown and delete: make what was written durable before the
+    /// file is closed (the device's volatile cache included).
+    fn destruct(&self) -> crate::BoxFuture {
+        let disk = self.disk.clone();
+        Box::pin(async move {
+            if disk.readonly {
+                return;
+            }
+            let fd = std::os::fd::AsRawFd::as_raw_fd(&disk.file);
+            let e = reactor::uring::op::Fsync::new(reactor::uring::ty::Fd(fd))
+                .flags(reactor::uring::ty::FsyncFlags::DATASYNC)
+                .build();
+            // SAFETY: `disk` (and so the fd) lives in this future until the
+            // result arrives; the SQE references no memory.
+            let res = unsafe { reactor::uring::run(e) }.await;
+            if res < 0 {
+                tracing::error!(path = %disk.filename, error = %std::io::Error::from_raw_os_error(-res), "final fdatasync failed");
+            }
+        })
+    }
+
     fn create_channel(&self, _bdev: &Arc<Bdev>) -> Box<dyn ChannelOps> {
         Box::new(FileChannel {
             st: Rc::new(ChanState {
