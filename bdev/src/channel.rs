@@ -272,13 +272,21 @@ pub(crate) fn complete_io(io: Box<BdevIo>) {
     finish(io);
 }
 
+/// Complete what was deferred before this call; what those completions
+/// defer in turn waits for the next loop iteration, so a caller that
+/// resubmits from its callback to an inline-completing module cannot
+/// starve messages, timers and RPCs.
 fn drain_deferred() {
-    loop {
+    let n = DEFERRED.with(|d| d.borrow().len());
+    for _ in 0..n {
         let io = DEFERRED.with(|d| d.borrow_mut().pop_front());
         match io {
             Some(io) => finish(io),
             None => break,
         }
+    }
+    if DEFERRED.with(|d| !d.borrow().is_empty()) {
+        reactor::defer(drain_deferred);
     }
 }
 

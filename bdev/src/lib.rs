@@ -71,12 +71,14 @@ impl BdevError {
 
 impl From<BdevError> for ::rpc::RpcError {
     fn from(e: BdevError) -> Self {
-        // SPDK replies with strerror() for these; the log keeps the detail.
         tracing::debug!(error = %e, "bdev error");
         match &e {
-            BdevError::Invalid(msg) | BdevError::Io(msg) => {
-                ::rpc::RpcError::errno_msg(e.errno(), msg.clone())
+            // SPDK sends strerror() alone; we keep its text first and say
+            // what was wrong after it, so scripts and people both get theirs.
+            BdevError::Invalid(msg) => {
+                ::rpc::RpcError::errno_msg(libc::EINVAL, format!("Invalid argument: {msg}"))
             }
+            BdevError::Io(msg) => ::rpc::RpcError::errno_msg(e.errno(), msg.clone()),
             _ => ::rpc::RpcError::errno(e.errno()),
         }
     }
@@ -440,7 +442,9 @@ impl BdevBuilder {
         reg.bdevs.push(bdev.clone());
         drop(reg);
         tracing::info!(bdev = %bdev.name, module = bdev.module_name(), blocks = bdev.num_blocks(), block_size = bdev.block_size, "bdev registered");
-        run_examine(&bdev);
+        if rpc::examine_allowed(&bdev.name) {
+            run_examine(&bdev);
+        }
         Ok(bdev)
     }
 }

@@ -28,6 +28,20 @@ static OPTIONS: Mutex<BdevOptions> = Mutex::new(BdevOptions {
     iobuf_large_cache_size: 16,
 });
 
+/// Names given to `bdev_examine` while auto-examine is off.
+static EXAMINE_ALLOWLIST: Mutex<Vec<String>> = Mutex::new(Vec::new());
+
+/// Whether a newly registered bdev is examined (auto-examine, or on the
+/// `bdev_examine` allow-list).
+pub fn examine_allowed(name: &str) -> bool {
+    options().bdev_auto_examine
+        || EXAMINE_ALLOWLIST
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .any(|n| n == name)
+}
+
 pub fn options() -> BdevOptions {
     OPTIONS.lock().unwrap_or_else(|e| e.into_inner()).clone()
 }
@@ -349,8 +363,24 @@ pub fn register_methods() {
         RUNTIME,
         DecodeError::Internal,
         |p: NameParam| async move {
-            let b = find(&p.name)?;
-            crate::run_examine(&b);
+            if options().bdev_auto_examine {
+                return Err(RpcError::errno_msg(
+                    libc::EINVAL,
+                    "Invalid argument: manual examine is not allowed if auto examine is enabled",
+                ));
+            }
+            // As SPDK: the name goes on the allow-list (a bdev registered
+            // later is examined then) and is examined now if it exists.
+            {
+                let mut list = EXAMINE_ALLOWLIST.lock().unwrap_or_else(|e| e.into_inner());
+                if list.contains(&p.name) {
+                    return Err(RpcError::errno(libc::EEXIST));
+                }
+                list.push(p.name.clone());
+            }
+            if let Ok(b) = find(&p.name) {
+                crate::run_examine(&b);
+            }
             Ok(true)
         },
     );
@@ -431,6 +461,13 @@ pub fn subsystem_config() -> Vec<Value> {
             "iobuf_large_cache_size": o.iobuf_large_cache_size,
         }
     })];
+    for name in EXAMINE_ALLOWLIST
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .iter()
+    {
+        out.push(json!({"method": "bdev_examine", "params": {"name": name}}));
+    }
     for b in crate::list() {
         if b.is_removing() {
             continue;

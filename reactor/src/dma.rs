@@ -35,13 +35,17 @@ unsafe impl Send for Pool {}
 static POOL: OnceLock<Pool> = OnceLock::new();
 
 fn mmap_anon(len: usize, huge: bool) -> Option<NonNull<u8>> {
+    mmap_anon_flags(len, huge, 0)
+}
+
+fn mmap_anon_flags(len: usize, huge: bool, extra: libc::c_int) -> Option<NonNull<u8>> {
     // Hugepage mappings must reserve: with MAP_NORESERVE the map succeeds
     // even with no hugepages free and the first touch dies with SIGBUS.
     let flags = if huge {
         libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_HUGETLB
     } else {
         libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE
-    };
+    } | extra;
     // SAFETY: anonymous private mapping; no existing memory is touched.
     let p = unsafe {
         libc::mmap(
@@ -184,10 +188,12 @@ impl DmaBuf {
         // Large buffers (e.g. a malloc bdev's backing store): own mapping.
         let map_len = len_nz.next_multiple_of(HUGE_2M);
         let try_huge = POOL.get().is_some_and(|p| p.huge);
+        // Prefault (as SPDK's zmalloc does by zeroing): a RAM disk must not
+        // take page faults, nor read the kernel's zero page, on its I/O path.
         let ptr = try_huge
-            .then(|| mmap_anon(map_len, true))
+            .then(|| mmap_anon_flags(map_len, true, libc::MAP_POPULATE))
             .flatten()
-            .or_else(|| mmap_anon(map_len, false))
+            .or_else(|| mmap_anon_flags(map_len, false, libc::MAP_POPULATE))
             .expect("cannot map buffer memory");
         DmaBuf {
             ptr,

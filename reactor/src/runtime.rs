@@ -6,9 +6,9 @@ use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Barrier, Mutex, OnceLock};
+use std::sync::{Arc, Barrier, Mutex};
 use std::thread::JoinHandle as ThreadHandle;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crossbeam_queue::SegQueue;
 
@@ -162,11 +162,17 @@ pub(crate) fn try_local() -> Option<Rc<Local>> {
     LOCAL.with(|l| l.borrow().clone())
 }
 
-static EPOCH: OnceLock<Instant> = OnceLock::new();
-
-/// Monotonic nanoseconds since the first call in this process.
+/// Monotonic nanoseconds (CLOCK_MONOTONIC). Read on every I/O, so it is
+/// one vDSO call and integer math, no `Instant` arithmetic.
+#[inline]
 pub fn now_ns() -> u64 {
-    EPOCH.get_or_init(Instant::now).elapsed().as_nanos() as u64
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes only into the timespec we pass.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 /// Index of the calling reactor (0-based), or `None` off-reactor.
@@ -391,7 +397,6 @@ pub fn start(cfg: Config, main: impl FnOnce() + Send + 'static) -> Result<Runtim
         stop: AtomicBool::new(false),
     });
     *GLOBAL.lock().unwrap_or_else(|e| e.into_inner()) = Some(shared.clone());
-    let _ = now_ns();
 
     let barrier = Arc::new(Barrier::new(cores.len() + 1));
     let ring_err: Arc<Mutex<Option<Error>>> = Arc::new(Mutex::new(None));

@@ -111,9 +111,30 @@ pub(crate) fn decode_params<P: serde::de::DeserializeOwned>(
         );
         return Err(());
     }
+    if let Some(key) = null_member(&params) {
+        // SPDK's typed decoders accept no null (a string must be a string);
+        // serde would take it as "absent" for an Option field.
+        tracing::error!(method, key, "spdk_json_decode_object failed: null value");
+        return Err(());
+    }
     serde_json::from_value(params).map_err(|e| {
         tracing::error!(method, error = %e, "spdk_json_decode_object failed");
     })
+}
+
+/// The key of the first member (at any depth) whose value is null.
+fn null_member(v: &Value) -> Option<String> {
+    match v {
+        Value::Object(m) => m.iter().find_map(|(k, v)| {
+            if v.is_null() {
+                Some(k.clone())
+            } else {
+                null_member(v)
+            }
+        }),
+        Value::Array(a) => a.iter().find_map(null_member),
+        _ => None,
+    }
 }
 
 pub(crate) fn register_typed_inner<P, R, F, Fut>(name: &str, mask: u32, on_error: RpcError, f: F)

@@ -53,6 +53,8 @@ pub enum DelayError {
     UnknownLatencyType(String),
     #[error("delay bdev '{0}' does not exist")]
     NotFound(String),
+    #[error("bdev '{0}' is not a delay bdev")]
+    NotDelay(String),
 }
 
 impl From<DelayError> for RpcError {
@@ -65,6 +67,9 @@ impl From<DelayError> for RpcError {
             }
             DelayError::NotFound(_) => {
                 RpcError::invalid_params("The requested bdev does not exist.")
+            }
+            DelayError::NotDelay(_) => {
+                RpcError::new(-32600, "The requested bdev is not a delay bdev.")
             }
         }
     }
@@ -523,7 +528,7 @@ pub fn update_latency(name: &str, latency_type: &str, latency_us: u64) -> Result
         .ok_or_else(|| DelayError::NotFound(name.to_string()))?;
     let d = b
         .ops_as::<DelayBdev>()
-        .ok_or_else(|| DelayError::NotFound(name.to_string()))?;
+        .ok_or_else(|| DelayError::NotDelay(name.to_string()))?;
     d.lat.set(t, latency_us);
     tracing::info!(
         bdev = name,
@@ -688,7 +693,12 @@ mod tests {
             // A bdev of another module is not a delay bdev.
             assert_eq!(
                 update_latency("DM1", "avg_read", 1),
-                Err(DelayError::NotFound("DM1".into()))
+                Err(DelayError::NotDelay("DM1".into()))
+            );
+            let e = RpcError::from(DelayError::NotDelay("DM1".into()));
+            assert_eq!(
+                (e.code, e.message.as_str()),
+                (-32600, "The requested bdev is not a delay bdev.")
             );
             let e = RpcError::from(DelayError::UnknownLatencyType("x".into()));
             assert_eq!(

@@ -1,0 +1,288 @@
+"""bdevperf over each module: data integrity (verify), workloads, latency,
+QoS, error injection and bad arguments. Each case writes its own --json config."""
+
+import os
+
+import pytest
+
+from conftest import PERF_SECS, SMALL, run_bdevperf, write_bdev_config
+
+MALLOC_MB = 16 if SMALL else 64
+FILE_MB = 16 if SMALL else 64
+
+
+def malloc(name, mb=MALLOC_MB, bs=512):
+    return ("bdev_malloc_create", {"name": name, "num_blocks": mb * 1024 * 1024 // bs,
+                                   "block_size": bs})
+
+
+def make_file(datadir, name, mb=FILE_MB):
+    path = os.path.join(str(datadir), name)
+    with open(path, "wb") as f:
+        f.truncate(mb << 20)
+    return path
+
+
+def assert_clean_run(r, min_iops=1.0):
+    assert r.returncode == 0, r.describe()
+    assert r.total is not None, "no Total row:\n" + r.describe()
+    assert r.total["iops"] >= min_iops, r.describe()
+    assert r.total["mibps"] > 0, r.describe()
+    assert r.total["fail_per_s"] == 0, r.describe()
+    assert r.total["timeout_per_s"] == 0, r.describe()
+    assert 0 < r.total["min_lat_us"] <= r.total["avg_lat_us"] <= r.total["max_lat_us"], r.describe()
+
+
+def check_jobs(r, expected):
+    assert sorted(r.jobs) == sorted(expected), "job rows %s, expected %s\n%s" \
+        % (sorted(r.jobs), sorted(expected), r.describe())
+    total_iops = sum(j["iops"] for j in r.jobs.values())
+    assert abs(total_iops - r.total["iops"]) <= max(1.0, 0.01 * r.total["iops"]), r.describe()
+    for j in r.jobs.values():
+        assert 0 < j["runtime_s"] <= PERF_SECS + 1, r.describe()
+
+
+# --- verify on every backing ---------------------------------------------------------
+
+def test_verify_malloc(workdir):
+    cfg = write_bdev_config(workdir / "bp.json", [malloc("Malloc0")])
+    r = run_bdevperf(cfg, "-q", 16, "-o", 4096, "-w", "verify")
+    assert_clean_run(r)
+    check_jobs(r, ["Malloc0"])
+    # IOPS x size = MiB/s
+    assert abs(r.total["iops"] * 4096 / 2**20 - r.total["mibps"]) <= 0.02 * r.total["mibps"] + 0.01
+
+
+def test_verify_malloc_4k_blocks_large_io(workdir):
+    cfg = write_bdev_config(workdir / "bp.json", [malloc("Malloc0", bs=4096)])
+    r = run_bdevperf(cfg, "-q", 8, "-o", "128k", "-w", "verify")
+    assert_clean_run(r)
+
+
+def test_verify_uring_file(workdir, datadir):
+    path = make_file(datadir, "uring.img")
+    cfg = write_bdev_config(workdir / "bp.json", [
+        ("bdev_uring_create", {"name": "URING0", "filename": path, "block_size": 512})])
+    r = run_bdevperf(cfg, "-q", 16, "-o", 4096, "-w", "verify")
+    assert_clean_run(r)
+    check_jobs(r, ["URING0"])
+
+
+def test_verify_aio_file(workdir, datadir):
+    path = make_file(datadir, "aio.img")
+    cfg = write_bdev_config(workdir / "bp.json", [
+        ("bdev_aio_create", {"name": "AIO0", "filename": path, "block_size": 4096})])
+    r = run_bdevperf(cfg, "-q", 16, "-o", 4096, "-w", "verify")
+    assert_clean_run(r)
+    check_jobs(r, ["AIO0"])
+
+
+def test_verify_data_lands_in_file(workdir, datadir):
+    """What a write workload puts in a uring bdev is in the file afterwards."""
+    path = make_file(datadir, "data.img", mb=4)
+    cfg = write_bdev_config(workdir / "bp.json", [
+        ("bdev_uring_create", {"name": "URING0", "filename": path, "block_size": 512})])
+    r = run_bdevperf(cfg, "-q", 8, "-o", 4096, "-w", "write", secs=1)
+    assert_clean_run(r)
+    with open(path, "rb") as f:
+        data = f.read()
+    assert data.count(0) < len(data), "the file is still all zeroes after a write workload"
+
+
+def test_verify_delay_latency_visible(workdir):
+    cfg = write_bdev_config(workdir / "bp.json", [
+        malloc("Malloc0"),
+        ("bdev_delay_create", {"name": "Delay0", "base_bdev_name": "Malloc0",
+                               "avg_read_latency": 2000, "p99_read_latency": 2000,
+                               "avg_write_latency": 2000, "p99_write_latency": 2000}),
+    ])
+    r = run_bdevperf(cfg, "-q", 16, "-o", 4096, "-w", "verify", "-T", "Delay0")
+    assert_clean_run(r)
+    check_jobs(r, ["Delay0"])
+    assert r.total["avg_lat_us"] >= 2000, r.describe()
+    assert r.total["min_lat_us"] >= 2000 * 0.95, r.describe()
+    # 16 in flight, >= 2 ms each: at most ~8000 IOPS
+    assert r.total["iops"] <= 16 / 0.002 * 1.05, r.describe()
+
+
+def test_delay_randread_latency(workdir):
+    cfg = write_bdev_config(workdir / "bp.json", [
+        malloc("Malloc0"),
+        ("bdev_delay_create", {"name": "Delay0", "base_bdev_name": "Malloc0",
+                               "avg_read_latency": 1000, "p99_read_latency": 1000,
+                               "avg_write_latency": 10, "p99_write_latency": 10}),
+    ])
+    r = run_bdevperf(cfg, "-q", 4, "-o", 4096, "-w", "randread", "-T", "Delay0")
+    assert_clean_run(r)
+    assert 1000 <= r.total["avg_lat_us"] < 1000 * 5, r.describe()
+
+
+def test_null_stores_no_data(workdir):
+    """Null completes I/O without storing data: writes and reads succeed, verify miscompares."""
+    cfg = write_bdev_config(workdir / "bp.json", [
+        ("bdev_null_create", {"name": "Null0", "num_blocks": 262144, "block_size": 512})])
+    for workload in (["-w", "randwrite"], ["-w", "randread"], ["-w", "rw", "-M", "50"]):
+        r = run_bdevperf(cfg, "-q", 16, "-o", 4096, *workload, secs=1)
+        assert_clean_run(r)
+        check_jobs(r, ["Null0"])
+    r = run_bdevperf(cfg, "-q", 16, "-o", 4096, "-w", "verify", secs=1)
+    assert r.returncode != 0, "verify on a null bdev cannot pass:\n" + r.describe()
+    assert r.total is not None and r.total["fail_per_s"] > 0, r.describe()
+    assert "miscompare" in r.output.lower() or "mismatch" in r.output.lower(), r.describe()
+
+
+def test_verify_two_cores(workdir):
+    cfg = write_bdev_config(workdir / "bp.json", [malloc("Malloc0"), malloc("Malloc1")])
+    r = run_bdevperf(cfg, "-q", 8, "-o", 4096, "-w", "verify", "-m", "0x3")
+    assert_clean_run(r)
+    assert set(r.jobs) == {"Malloc0", "Malloc1"}, r.describe()
+
+
+# --- workloads ---------------------------------------------------------------------------
+
+WORKLOADS = {
+    "randread": ["-w", "randread"],
+    "read": ["-w", "read"],
+    "randwrite": ["-w", "randwrite"],
+    "write": ["-w", "write"],
+    "rw50": ["-w", "rw", "-M", "50"],
+    "randrw70": ["-w", "randrw", "-M", "70"],
+    "unmap": ["-w", "unmap"],
+    "flush": ["-w", "flush"],
+    "write_zeroes": ["-w", "write_zeroes"],
+}
+
+
+@pytest.mark.parametrize("name", list(WORKLOADS))
+def test_workload_on_malloc(workdir, name):
+    cfg = write_bdev_config(workdir / "bp.json", [malloc("Malloc0")])
+    r = run_bdevperf(cfg, "-q", 16, "-o", 4096, *WORKLOADS[name], secs=1)
+    assert_clean_run(r)
+    check_jobs(r, ["Malloc0"])
+
+
+@pytest.mark.parametrize("name", ["unmap", "write_zeroes", "flush", "rw50"])
+def test_workload_on_aio_file(workdir, datadir, name):
+    path = make_file(datadir, "wl.img", mb=16)
+    # SPDK's aio bdev supports unmap and write_zeroes only with fallocate
+    cfg = write_bdev_config(workdir / "bp.json", [
+        ("bdev_aio_create", {"name": "AIO0", "filename": path, "block_size": 512,
+                             "fallocate": True})])
+    r = run_bdevperf(cfg, "-q", 8, "-o", 4096, *WORKLOADS[name], secs=1)
+    assert_clean_run(r)
+
+
+def test_unsupported_workload_refused(workdir, datadir):
+    path = make_file(datadir, "nofalloc.img", mb=4)
+    cfg = write_bdev_config(workdir / "bp.json", [
+        ("bdev_aio_create", {"name": "AIO0", "filename": path, "block_size": 512})])
+    r = run_bdevperf(cfg, "-q", 8, "-o", 4096, "-w", "unmap", secs=1)
+    assert r.returncode != 0, r.describe()
+
+
+def test_all_unclaimed_bdevs_get_a_job(workdir):
+    cfg = write_bdev_config(workdir / "bp.json", [
+        malloc("Malloc0"), malloc("Malloc1"),
+        ("bdev_delay_create", {"name": "Delay0", "base_bdev_name": "Malloc1",
+                               "avg_read_latency": 10, "p99_read_latency": 10,
+                               "avg_write_latency": 10, "p99_write_latency": 10}),
+    ])
+    r = run_bdevperf(cfg, "-q", 8, "-o", 4096, "-w", "randread", secs=1)
+    assert_clean_run(r)
+    # Malloc1 is claimed by Delay0: it gets no job of its own
+    check_jobs(r, ["Malloc0", "Delay0"])
+
+
+def test_qos_limit_caps_iops(workdir):
+    limit = 2000
+    cfg = write_bdev_config(workdir / "bp.json", [
+        malloc("Malloc0"),
+        ("bdev_set_qos_limit", {"name": "Malloc0", "rw_ios_per_sec": limit}),
+    ])
+    r = run_bdevperf(cfg, "-q", 16, "-o", 4096, "-w", "randread", secs=2)
+    assert_clean_run(r)
+    assert r.total["iops"] <= limit * 1.15, r.describe()
+    assert r.total["iops"] >= limit * 0.5, r.describe()
+
+
+def test_qos_bandwidth_limit(workdir):
+    cfg = write_bdev_config(workdir / "bp.json", [
+        malloc("Malloc0"),
+        ("bdev_set_qos_limit", {"name": "Malloc0", "rw_mbytes_per_sec": 10}),
+    ])
+    r = run_bdevperf(cfg, "-q", 16, "-o", 65536, "-w", "randwrite", secs=2)
+    assert_clean_run(r)
+    assert r.total["mibps"] <= 10 * 1.15, r.describe()
+    assert r.total["mibps"] >= 10 * 0.5, r.describe()
+
+
+# --- error injection ----------------------------------------------------------------------
+
+def test_error_injection_fails_reads(workdir):
+    cfg = write_bdev_config(workdir / "bp.json", [
+        malloc("Malloc0"),
+        ("bdev_error_create", {"base_name": "Malloc0"}),
+        ("bdev_error_inject_error", {"name": "EE_Malloc0", "io_type": "read",
+                                     "error_type": "failure", "num": 10}),
+    ])
+    r = run_bdevperf(cfg, "-q", 16, "-o", 4096, "-w", "randread", "-T", "EE_Malloc0", secs=1)
+    assert r.returncode != 0, "injected read failures did not fail the run:\n" + r.describe()
+    assert r.total is not None, r.describe()
+    assert r.total["fail_per_s"] > 0, r.describe()
+
+
+def test_error_injection_writes_only(workdir):
+    """Read errors injected; a write workload is untouched."""
+    cfg = write_bdev_config(workdir / "bp.json", [
+        malloc("Malloc0"),
+        ("bdev_error_create", {"base_name": "Malloc0"}),
+        ("bdev_error_inject_error", {"name": "EE_Malloc0", "io_type": "read",
+                                     "error_type": "failure", "num": 10}),
+    ])
+    r = run_bdevperf(cfg, "-q", 16, "-o", 4096, "-w", "randwrite", "-T", "EE_Malloc0", secs=1)
+    assert_clean_run(r)
+
+
+def test_error_bdev_without_injection_verifies(workdir):
+    cfg = write_bdev_config(workdir / "bp.json", [
+        malloc("Malloc0"),
+        ("bdev_error_create", {"base_name": "Malloc0"}),
+    ])
+    r = run_bdevperf(cfg, "-q", 16, "-o", 4096, "-w", "verify", secs=1)
+    assert_clean_run(r)
+    check_jobs(r, ["EE_Malloc0"])
+
+
+# --- bad arguments ----------------------------------------------------------------------
+
+def test_missing_bdev(workdir):
+    cfg = write_bdev_config(workdir / "bp.json", [malloc("Malloc0")])
+    r = run_bdevperf(cfg, "-q", 16, "-o", 4096, "-w", "randread", "-T", "missing", secs=1)
+    assert r.returncode != 0, r.describe()
+    assert "missing" in r.output, r.describe()
+
+
+@pytest.mark.parametrize("bs,io_size", [(512, 1000), (4096, 512), (512, 0)])
+def test_io_size_not_a_block_multiple(workdir, bs, io_size):
+    cfg = write_bdev_config(workdir / "bp.json", [malloc("Malloc0", bs=bs)])
+    r = run_bdevperf(cfg, "-q", 16, "-o", io_size, "-w", "randread", secs=1)
+    assert r.returncode != 0, r.describe()
+    assert r.total is None or r.total["iops"] == 0, r.describe()
+
+
+def test_rw_without_mix(workdir):
+    cfg = write_bdev_config(workdir / "bp.json", [malloc("Malloc0")])
+    r = run_bdevperf(cfg, "-q", 16, "-o", 4096, "-w", "rw", secs=1)
+    assert r.returncode != 0, r.describe()
+
+
+def test_bad_json_config(workdir):
+    cfg = write_bdev_config(workdir / "bp.json", [malloc("Malloc0", bs=500)])
+    r = run_bdevperf(cfg, "-q", 16, "-o", 4096, "-w", "randread", secs=1)
+    assert r.returncode != 0, r.describe()
+
+
+def test_no_bdevs(workdir):
+    cfg = write_bdev_config(workdir / "bp.json", [])
+    r = run_bdevperf(cfg, "-q", 16, "-o", 4096, "-w", "randread", secs=1)
+    assert r.returncode != 0, r.describe()
