@@ -8,28 +8,19 @@
 //! travel with the I/O: a slot's buffer is in its `Cell` exactly when no I/O
 //! of that slot is in flight.
 
-use std::cell::{Cell, RefCell};
-use std::collections::VecDeque;
+use std::cell::Cell;
 use std::rc::{Rc, Weak};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use bdev::{BdevIo, Desc, IoChannel, IoType};
-use reactor::{DmaBuf, PollStatus, Poller, TimerId};
+use reactor::{DmaBuf, TimerId};
 
 use crate::pattern;
 
 /// Miscompares and I/O errors printed per job; the rest are only counted.
 const MAX_LOGGED_ERRORS: u32 = 8;
-
-/// Inline resubmits allowed per reactor loop iteration (at least; 4 x QD
-/// for deep queues). A module that completes inline (malloc) makes the
-/// bdev layer call back from a loop that runs until its queue is empty, so
-/// unbounded inline resubmits would keep the reactor from its messages,
-/// timers and RPCs for the whole run. Past the budget, slots wait for the
-/// job's poller, i.e. the next loop iteration.
-const MIN_INLINE_BUDGET: u32 = 256;
 
 /// What the slots of a job submit.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -136,17 +127,8 @@ struct Job {
     logged: Cell<u32>,
     ended_with_error: Cell<bool>,
     timer: Cell<Option<TimerId>>,
-    /// Inline resubmits left in this loop iteration (see MIN_INLINE_BUDGET).
-    budget: Cell<u32>,
-    /// Slots waiting for the poller; capacity QD, so never reallocates.
-    parked: RefCell<VecDeque<usize>>,
-    poller: Cell<Option<Poller>>,
     desc: Cell<Option<Desc>>,
     done: Cell<Option<DoneFn>>,
-}
-
-fn inline_budget(queue_depth: u32) -> u32 {
-    queue_depth.saturating_mul(4).max(MIN_INLINE_BUDGET)
 }
 
 /// Build the job on the calling reactor and start its I/O. `done` is called
@@ -200,9 +182,6 @@ pub fn start(name: String, desc: Desc, p: JobParams, removed: Arc<AtomicBool>, d
         logged: Cell::new(0),
         ended_with_error: Cell::new(false),
         timer: Cell::new(None),
-        budget: Cell::new(inline_budget(p.queue_depth)),
-        parked: RefCell::new(VecDeque::with_capacity(qd)),
-        poller: Cell::new(None),
         desc: Cell::new(Some(desc)),
         done: Cell::new(Some(done)),
     });
@@ -223,11 +202,6 @@ pub fn start(name: String, desc: Desc, p: JobParams, removed: Arc<AtomicBool>, d
         }
     });
     job.timer.set(Some(id));
-    // Strong: parked slots hold no I/O, so the poller keeps the job alive
-    // until finish() drops it (or the reactor clears its pollers at stop).
-    let strong = job.clone();
-    let poller = reactor::poller_register(Duration::ZERO, move || strong.poll());
-    job.poller.set(Some(poller));
 
     for k in 0..qd {
         if !submit(&job, k, reactor::now_ns()) {
@@ -241,35 +215,6 @@ pub fn start(name: String, desc: Desc, p: JobParams, removed: Arc<AtomicBool>, d
 }
 
 impl Job {
-    /// Runs once per reactor loop iteration: refill the inline budget and
-    /// submit the slots parked while it was spent.
-    fn poll(self: &Rc<Self>) -> PollStatus {
-        self.budget.set(inline_budget(self.p.queue_depth));
-        if self.parked.borrow().is_empty() {
-            return PollStatus::Idle;
-        }
-        loop {
-            let k = self.parked.borrow_mut().pop_front();
-            let Some(k) = k else { break };
-            if self.draining.get() {
-                // Time is up: parked slots have nothing in flight.
-                self.parked.borrow_mut().clear();
-                if self.inflight.get() == 0 {
-                    self.finish(reactor::now_ns());
-                }
-                break;
-            }
-            if !submit(self, k, reactor::now_ns()) {
-                self.internal_error(k);
-                if self.inflight.get() == 0 {
-                    self.finish(reactor::now_ns());
-                }
-                break;
-            }
-        }
-        PollStatus::Busy
-    }
-
     /// Next I/O unit (relative to `ios_base`) for slot `k`.
     #[inline]
     fn next_ios(&self, k: usize) -> u64 {
@@ -346,10 +291,6 @@ impl Job {
         if self.finished.replace(true) {
             return;
         }
-        // Unregister the poller (safe from inside it: the reactor drops
-        // the closure once it returns).
-        drop(self.poller.take());
-        self.parked.borrow_mut().clear();
         if let Some(id) = self.timer.take() {
             reactor::cancel_timer(id);
         }
@@ -539,12 +480,6 @@ fn on_complete(job: Rc<Job>, k: usize, mut io: Box<BdevIo>) {
         }
         return;
     }
-    let budget = job.budget.get();
-    if budget == 0 {
-        job.parked.borrow_mut().push_back(k);
-        return;
-    }
-    job.budget.set(budget - 1);
     // The clock was read on completion; the resubmit follows within a few
     // dozen ns of bookkeeping, so that reading stamps it too (clock reads
     // are the largest cost per I/O after the data copy). A verify compare
@@ -570,13 +505,6 @@ mod tests {
         assert!(!Mode::Flush.read_only());
         assert_eq!(Mode::Unmap.io_type(), Some(IoType::Unmap));
         assert_eq!(Mode::Verify.io_type(), None);
-    }
-
-    #[test]
-    fn inline_budget_scales_with_depth() {
-        assert_eq!(inline_budget(1), MIN_INLINE_BUDGET);
-        assert_eq!(inline_budget(1024), 4096);
-        assert_eq!(inline_budget(u32::MAX), u32::MAX);
     }
 
     /// The verify stripes of the slots are disjoint and cover the range.
