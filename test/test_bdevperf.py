@@ -118,7 +118,8 @@ def test_delay_randread_latency(workdir):
 
 
 def test_null_stores_no_data(workdir):
-    """Null completes I/O without storing data: writes and reads succeed, verify miscompares."""
+    """Null completes I/O without storing data: writes and reads succeed; verify runs every
+    write and read-back, says that it cannot compare data, and passes when no I/O fails."""
     cfg = write_bdev_config(workdir / "bp.json", [
         ("bdev_null_create", {"name": "Null0", "num_blocks": 262144, "block_size": 512})])
     for workload in (["-w", "randwrite"], ["-w", "randread"], ["-w", "rw", "-M", "50"]):
@@ -126,9 +127,9 @@ def test_null_stores_no_data(workdir):
         assert_clean_run(r)
         check_jobs(r, ["Null0"])
     r = run_bdevperf(cfg, "-q", 16, "-o", 4096, "-w", "verify", secs=1)
-    assert r.returncode != 0, "verify on a null bdev cannot pass:\n" + r.describe()
-    assert r.total is not None and r.total["fail_per_s"] > 0, r.describe()
-    assert "miscompare" in r.output.lower() or "mismatch" in r.output.lower(), r.describe()
+    assert_clean_run(r)
+    check_jobs(r, ["Null0"])
+    assert "stores no data" in r.output, r.describe()
 
 
 def test_verify_two_cores(workdir):

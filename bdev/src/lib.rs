@@ -102,6 +102,11 @@ pub trait BdevOps: AsAny + Send + Sync + 'static {
     fn write_config_json(&self, _bdev: &Bdev) -> Option<serde_json::Value> {
         None
     }
+    /// Whether data written can be read back (false for `null`, which
+    /// discards writes).
+    fn stores_data(&self) -> bool {
+        true
+    }
     /// Release what the bdev holds (base descriptors, memory). Runs on
     /// reactor 0 once every descriptor is closed.
     fn destruct(&self) -> BoxFuture {
@@ -271,6 +276,9 @@ impl Bdev {
     }
     pub fn io_type_supported(&self, t: IoType) -> bool {
         self.ops.io_type_supported(t)
+    }
+    pub fn stores_data(&self) -> bool {
+        self.ops.stores_data()
     }
     pub fn is_removing(&self) -> bool {
         self.removing.load(Ordering::Acquire)

@@ -336,6 +336,14 @@ fn plan_jobs(cfg: &Config, seed: u64) -> Result<Vec<Plan>, String> {
                 );
                 qd = size_in_ios as u32;
             }
+            if cfg.mode == Mode::Verify && !b.stores_data() {
+                eprintln!(
+                    "bdevperf: {} ({}) stores no data: verify checks that every write and \
+                     read-back completes, and does not compare data",
+                    b.name(),
+                    b.product_name()
+                );
+            }
             let bufs = if cfg.mode == Mode::Verify { 2 } else { 1 };
             if cfg.mode.io_type().is_none()
                 && u64::from(qd) * cfg.io_size * bufs > MAX_JOB_BUFFER_BYTES
@@ -365,6 +373,7 @@ fn plan_jobs(cfg: &Config, seed: u64) -> Result<Vec<Plan>, String> {
                     duration_ns: cfg.time_s.saturating_mul(1_000_000_000),
                     continue_on_failure: cfg.continue_on_failure,
                     seed: pattern::mix64(seed ^ n.wrapping_mul(0x9E37_79B9_7F4A_7C15)) | 1,
+                    compare_data: b.stores_data(),
                 },
             });
         }

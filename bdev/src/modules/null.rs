@@ -56,6 +56,9 @@ impl BdevOps for NullBdev {
     fn module_name(&self) -> &'static str {
         MODULE_NAME
     }
+    fn stores_data(&self) -> bool {
+        false
+    }
 
     fn io_type_supported(&self, t: IoType) -> bool {
         matches!(

@@ -71,6 +71,9 @@ pub struct JobParams {
     pub duration_ns: u64,
     pub continue_on_failure: bool,
     pub seed: u64,
+    /// The bdev keeps what is written (false: null): verify then checks
+    /// that every write and read-back completes, and cannot compare data.
+    pub compare_data: bool,
 }
 
 /// What a job reports when it has drained.
@@ -418,7 +421,7 @@ fn on_complete(job: Rc<Job>, k: usize, mut io: Box<BdevIo>) {
         let (w, r) = (s.buf.take(), s.vbuf.take());
         let bs = p.block_size as usize;
         let mis = match (&w, &r) {
-            (Some(w), Some(r)) => {
+            (Some(w), Some(r)) if p.compare_data => {
                 pattern::compare(w.as_slice(), r.as_slice(), s.offset_blocks.get(), bs)
             }
             _ => None,

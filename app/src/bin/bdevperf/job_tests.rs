@@ -130,6 +130,7 @@ fn run(
             duration_ns: ms * 1_000_000,
             continue_on_failure: cof,
             seed: 12345,
+            compare_data: true,
         };
         let bdev_name = name.clone();
         let done: job::DoneFn = Box::new(move |mut res: JobResult| {
