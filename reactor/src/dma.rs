@@ -193,7 +193,22 @@ impl DmaBuf {
         let ptr = try_huge
             .then(|| mmap_anon_flags(map_len, true, libc::MAP_POPULATE))
             .flatten()
-            .or_else(|| mmap_anon_flags(map_len, false, libc::MAP_POPULATE))
+            .or_else(|| {
+                // No hugetlb pages left: ask for transparent huge pages
+                // before faulting in, so random I/O over a large RAM disk
+                // does not miss the TLB on every 4 KiB page.
+                let p = mmap_anon(map_len, false)?;
+                // SAFETY: advice and prefault on the mapping just created.
+                unsafe {
+                    let a = p.as_ptr() as *mut libc::c_void;
+                    libc::madvise(a, map_len, libc::MADV_HUGEPAGE);
+                    if libc::madvise(a, map_len, libc::MADV_POPULATE_WRITE) != 0 {
+                        // Kernels before 5.14: touch every page instead.
+                        std::ptr::write_bytes(p.as_ptr(), 0, map_len);
+                    }
+                }
+                Some(p)
+            })
             .expect("cannot map buffer memory");
         DmaBuf {
             ptr,
