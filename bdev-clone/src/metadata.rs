@@ -1,0 +1,808 @@
+//! The clone's on-disk metadata format (documented in `docs/metadata.md`):
+//! pure encode/decode against byte slices, no I/O.
+//!
+//! ```text
+//! byte 0      superblock slot 0 (4096 bytes)
+//! byte 4096   superblock slot 1 (4096 bytes)
+//! byte 8192   bitmap unit 0, unit 1, ... (512 bytes each)
+//! ```
+//!
+//! Every offset is a multiple of 4096 except unit offsets, which are
+//! multiples of 512: a metadata bdev with 512-byte blocks writes single
+//! units, one with 4096-byte blocks writes groups of 8 (see
+//! [`units_per_block`]).
+
+use std::ops::Range;
+
+use uuid::Uuid;
+
+use crate::geometry::{Geometry, MAX_REGIONS, MAX_REGION_SIZE, MIN_REGION_SIZE};
+use crate::region_map::{units_for, RegionMap, REGIONS_PER_UNIT, WORDS_PER_UNIT};
+
+/// Format block size: superblocks are this large and aligned to it.
+pub const FORMAT_BLOCK_SIZE: u64 = 4096;
+/// Magic at byte 0 of a superblock.
+pub const MAGIC: [u8; 8] = *b"CLNTGTMD";
+/// The only version this code reads and writes.
+pub const VERSION: u32 = 1;
+/// Flags this version understands (none yet); other bits are refused.
+pub const KNOWN_FLAGS: u32 = 0;
+/// Byte offset of the bitmap (after the two superblock slots).
+pub const BITMAP_OFFSET: u64 = 2 * FORMAT_BLOCK_SIZE;
+/// Size of one bitmap unit: one sector, the atomic write granularity.
+pub const UNIT_SIZE: usize = 512;
+/// Bytes of region bits in a unit.
+pub const UNIT_BITS_BYTES: usize = WORDS_PER_UNIT * 8;
+
+const _: () = assert!(8 + UNIT_BITS_BYTES == UNIT_SIZE);
+
+// Superblock field offsets (little-endian).
+const SB_MAGIC: usize = 0;
+const SB_VERSION: usize = 8;
+const SB_FLAGS: usize = 12;
+const SB_SEQUENCE: usize = 16;
+const SB_UUID: usize = 24;
+const SB_SOURCE_BLOCKS: usize = 40;
+const SB_BLOCK_SIZE: usize = 48;
+const SB_SLOT: usize = 52;
+const SB_REGION_SIZE: usize = 56;
+const SB_NUM_REGIONS: usize = 64;
+const SB_BITMAP_OFFSET: usize = 72;
+const SB_BITMAP_UNITS: usize = 80;
+/// End of the defined fields; bytes from here to the checksum are zero.
+const SB_FIELDS_END: usize = 88;
+const SB_CRC: usize = FORMAT_BLOCK_SIZE as usize - 4;
+
+/// Errors reading, validating or sizing metadata.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum MetadataError {
+    #[error("metadata is corrupt: no valid superblock (slot 0: {slot0}; slot 1: {slot1})")]
+    CorruptSuperblock { slot0: String, slot1: String },
+    #[error("metadata superblock in slot {slot} has version {found}; this build supports version {VERSION}")]
+    UnsupportedVersion { slot: u32, found: u32 },
+    #[error("metadata superblock in slot {slot} has unknown flags {flags:#x}")]
+    UnsupportedFlags { slot: u32, flags: u32 },
+    #[error("metadata superblock in slot {slot} is inconsistent: {reason}")]
+    InconsistentSuperblock { slot: u32, reason: String },
+    #[error("metadata was formatted for {found}; this clone has {expected} (differs: {differs})")]
+    GeometryMismatch {
+        found: String,
+        expected: String,
+        differs: String,
+    },
+    #[error("metadata belongs to clone {found}, not to clone {expected}")]
+    UuidMismatch { found: Uuid, expected: Uuid },
+    #[error(
+        "metadata bdev too small: needs {need} bytes for {num_regions} regions, has {have} bytes"
+    )]
+    TooSmall {
+        have: u64,
+        need: u64,
+        num_regions: u64,
+    },
+    #[error("metadata is corrupt: bitmap unit {unit}: {reason}")]
+    CorruptUnit { unit: u64, reason: String },
+    #[error("metadata buffer too short: {what} needs {need} bytes, got {got}")]
+    ShortBuffer {
+        what: &'static str,
+        need: usize,
+        got: usize,
+    },
+}
+
+/// Bytes a metadata bdev needs for `num_regions` regions: two superblock
+/// blocks plus the units, rounded up to 4096.
+pub fn required_bytes(num_regions: u64) -> u64 {
+    let units_bytes = units_for(num_regions) * UNIT_SIZE as u64;
+    BITMAP_OFFSET + units_bytes.div_ceil(FORMAT_BLOCK_SIZE) * FORMAT_BLOCK_SIZE
+}
+
+/// Refuse a metadata bdev of `have` bytes that cannot hold `num_regions`.
+pub fn check_size(have: u64, num_regions: u64) -> Result<(), MetadataError> {
+    let need = required_bytes(num_regions);
+    if have < need {
+        return Err(MetadataError::TooSmall {
+            have,
+            need,
+            num_regions,
+        });
+    }
+    Ok(())
+}
+
+/// Byte offset of bitmap unit `unit`.
+pub fn unit_offset(unit: u64) -> u64 {
+    BITMAP_OFFSET + unit * UNIT_SIZE as u64
+}
+
+/// Byte offset of superblock slot `slot` (0 or 1).
+pub fn superblock_offset(slot: u32) -> u64 {
+    slot as u64 * FORMAT_BLOCK_SIZE
+}
+
+/// Units per metadata-bdev block: writes must cover whole blocks, so a
+/// bdev with 4096-byte blocks writes units in aligned groups of 8.
+pub fn units_per_block(md_block_size: u32) -> u32 {
+    (md_block_size as usize / UNIT_SIZE).max(1) as u32
+}
+
+/// The superblock's contents.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Superblock {
+    pub version: u32,
+    pub flags: u32,
+    /// Bumped on every superblock write; the reader takes the valid slot
+    /// with the highest sequence.
+    pub sequence: u64,
+    /// The clone's uuid: a metadata bdev of another clone is refused.
+    pub uuid: Uuid,
+    pub source_blocks: u64,
+    pub block_size: u32,
+    /// Region size in bytes.
+    pub region_size: u64,
+    pub num_regions: u64,
+    pub bitmap_offset: u64,
+    pub bitmap_units: u64,
+}
+
+impl Superblock {
+    /// The first superblock of a freshly formatted clone (sequence 1).
+    pub fn new(uuid: Uuid, g: &Geometry) -> Superblock {
+        Superblock {
+            version: VERSION,
+            flags: 0,
+            sequence: 1,
+            uuid,
+            source_blocks: g.source_blocks(),
+            block_size: g.block_size(),
+            region_size: g.region_size(),
+            num_regions: g.num_regions(),
+            bitmap_offset: BITMAP_OFFSET,
+            bitmap_units: units_for(g.num_regions()),
+        }
+    }
+
+    /// The same superblock with the next sequence number.
+    pub fn next(&self) -> Superblock {
+        Superblock {
+            sequence: self.sequence + 1,
+            ..self.clone()
+        }
+    }
+
+    /// Bytes this superblock's layout occupies on the metadata bdev.
+    pub fn required_bytes(&self) -> u64 {
+        required_bytes(self.num_regions)
+    }
+
+    fn check_consistent(&self, slot: u32) -> Result<(), MetadataError> {
+        let bad = |reason: String| MetadataError::InconsistentSuperblock { slot, reason };
+        if self.block_size == 0 || !self.block_size.is_power_of_two() {
+            return Err(bad(format!("block_size {}", self.block_size)));
+        }
+        if !self.region_size.is_power_of_two()
+            || !(MIN_REGION_SIZE..=MAX_REGION_SIZE).contains(&self.region_size)
+            || !self.region_size.is_multiple_of(self.block_size as u64)
+        {
+            return Err(bad(format!("region_size {}", self.region_size)));
+        }
+        let region_blocks = self.region_size / self.block_size as u64;
+        if self.source_blocks == 0
+            || self.source_blocks.div_ceil(region_blocks) != self.num_regions
+            || self.num_regions > MAX_REGIONS
+        {
+            return Err(bad(format!(
+                "num_regions {} does not match {} source blocks of region_size {}",
+                self.num_regions, self.source_blocks, self.region_size
+            )));
+        }
+        if self.bitmap_offset != BITMAP_OFFSET {
+            return Err(bad(format!("bitmap_offset {}", self.bitmap_offset)));
+        }
+        if self.bitmap_units != units_for(self.num_regions) {
+            return Err(bad(format!(
+                "bitmap_units {} for {} regions",
+                self.bitmap_units, self.num_regions
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// What the two superblock slots hold.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SuperState {
+    /// Both slots all-zero: a blank device, to be formatted.
+    Blank,
+    /// The newest valid superblock and the slot it was read from.
+    Valid { sb: Superblock, slot: u32 },
+}
+
+impl SuperState {
+    /// The slot the next superblock write goes to: never the one holding
+    /// the newest valid copy (so a torn write leaves that copy intact).
+    pub fn slot_to_write(&self) -> u32 {
+        match self {
+            SuperState::Blank => 0,
+            SuperState::Valid { slot, .. } => 1 - slot,
+        }
+    }
+}
+
+fn put_u32(b: &mut [u8], at: usize, v: u32) {
+    b[at..at + 4].copy_from_slice(&v.to_le_bytes());
+}
+fn put_u64(b: &mut [u8], at: usize, v: u64) {
+    b[at..at + 8].copy_from_slice(&v.to_le_bytes());
+}
+fn get_u32(b: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes(b[at..at + 4].try_into().unwrap())
+}
+fn get_u64(b: &[u8], at: usize) -> u64 {
+    u64::from_le_bytes(b[at..at + 8].try_into().unwrap())
+}
+
+/// Encode `sb` for slot `slot` (the slot number is stored, so a copy found
+/// in the wrong block is not trusted). 4096 bytes.
+pub fn encode_superblock(sb: &Superblock, slot: u32) -> Vec<u8> {
+    let mut b = vec![0u8; FORMAT_BLOCK_SIZE as usize];
+    b[SB_MAGIC..SB_MAGIC + 8].copy_from_slice(&MAGIC);
+    put_u32(&mut b, SB_VERSION, sb.version);
+    put_u32(&mut b, SB_FLAGS, sb.flags);
+    put_u64(&mut b, SB_SEQUENCE, sb.sequence);
+    b[SB_UUID..SB_UUID + 16].copy_from_slice(sb.uuid.as_bytes());
+    put_u64(&mut b, SB_SOURCE_BLOCKS, sb.source_blocks);
+    put_u32(&mut b, SB_BLOCK_SIZE, sb.block_size);
+    put_u32(&mut b, SB_SLOT, slot);
+    put_u64(&mut b, SB_REGION_SIZE, sb.region_size);
+    put_u64(&mut b, SB_NUM_REGIONS, sb.num_regions);
+    put_u64(&mut b, SB_BITMAP_OFFSET, sb.bitmap_offset);
+    put_u64(&mut b, SB_BITMAP_UNITS, sb.bitmap_units);
+    let crc = crc32c::crc32c(&b[..SB_CRC]);
+    put_u32(&mut b, SB_CRC, crc);
+    b
+}
+
+enum Slot {
+    Zero,
+    Invalid(String),
+    Valid(Superblock),
+}
+
+fn decode_slot(b: &[u8], slot: u32) -> Result<Slot, MetadataError> {
+    let len = FORMAT_BLOCK_SIZE as usize;
+    if b.len() < len {
+        return Err(MetadataError::ShortBuffer {
+            what: "a superblock slot",
+            need: len,
+            got: b.len(),
+        });
+    }
+    let b = &b[..len];
+    if b.iter().all(|&x| x == 0) {
+        return Ok(Slot::Zero);
+    }
+    if b[SB_MAGIC..SB_MAGIC + 8] != MAGIC {
+        return Ok(Slot::Invalid("bad magic".into()));
+    }
+    let crc = get_u32(b, SB_CRC);
+    if crc32c::crc32c(&b[..SB_CRC]) != crc {
+        return Ok(Slot::Invalid("bad checksum".into()));
+    }
+    // Magic and checksum hold: from here on the copy is what a writer meant.
+    let version = get_u32(b, SB_VERSION);
+    if version != VERSION {
+        return Err(MetadataError::UnsupportedVersion {
+            slot,
+            found: version,
+        });
+    }
+    if get_u32(b, SB_SLOT) != slot {
+        return Ok(Slot::Invalid(format!(
+            "written for slot {}",
+            get_u32(b, SB_SLOT)
+        )));
+    }
+    let flags = get_u32(b, SB_FLAGS);
+    if flags & !KNOWN_FLAGS != 0 {
+        return Err(MetadataError::UnsupportedFlags { slot, flags });
+    }
+    if b[SB_FIELDS_END..SB_CRC].iter().any(|&x| x != 0) {
+        return Err(MetadataError::InconsistentSuperblock {
+            slot,
+            reason: "reserved bytes are not zero".into(),
+        });
+    }
+    let sb = Superblock {
+        version,
+        flags,
+        sequence: get_u64(b, SB_SEQUENCE),
+        uuid: Uuid::from_bytes(b[SB_UUID..SB_UUID + 16].try_into().unwrap()),
+        source_blocks: get_u64(b, SB_SOURCE_BLOCKS),
+        block_size: get_u32(b, SB_BLOCK_SIZE),
+        region_size: get_u64(b, SB_REGION_SIZE),
+        num_regions: get_u64(b, SB_NUM_REGIONS),
+        bitmap_offset: get_u64(b, SB_BITMAP_OFFSET),
+        bitmap_units: get_u64(b, SB_BITMAP_UNITS),
+    };
+    sb.check_consistent(slot)?;
+    Ok(Slot::Valid(sb))
+}
+
+/// Read the two superblock slots (bytes 0..4096 and 4096..8192).
+///
+/// * Both all-zero: `Blank` (format the device).
+/// * Otherwise the valid slot with the highest sequence wins; a torn or
+///   missing copy in the other slot is fine.
+/// * Neither valid: `CorruptSuperblock`, naming what is wrong with each.
+/// * A copy with good magic and checksum but an unknown version or flags is
+///   refused outright (a newer writer made it).
+pub fn decode_superblock(block0: &[u8], block1: &[u8]) -> Result<SuperState, MetadataError> {
+    let s0 = decode_slot(block0, 0)?;
+    let s1 = decode_slot(block1, 1)?;
+    let describe = |s: &Slot| match s {
+        Slot::Zero => "all zero".to_string(),
+        Slot::Invalid(r) => r.clone(),
+        Slot::Valid(_) => "valid".to_string(),
+    };
+    match (s0, s1) {
+        (Slot::Zero, Slot::Zero) => Ok(SuperState::Blank),
+        (Slot::Valid(a), Slot::Valid(b)) => {
+            if b.sequence > a.sequence {
+                Ok(SuperState::Valid { sb: b, slot: 1 })
+            } else {
+                Ok(SuperState::Valid { sb: a, slot: 0 })
+            }
+        }
+        (Slot::Valid(a), _) => Ok(SuperState::Valid { sb: a, slot: 0 }),
+        (_, Slot::Valid(b)) => Ok(SuperState::Valid { sb: b, slot: 1 }),
+        (a, b) => Err(MetadataError::CorruptSuperblock {
+            slot0: describe(&a),
+            slot1: describe(&b),
+        }),
+    }
+}
+
+fn geometry_summary(region_size: u64, block_size: u32, source_blocks: u64) -> String {
+    format!("region_size {region_size}, block_size {block_size} and {source_blocks} source blocks")
+}
+
+/// Refuse a superblock formatted for another geometry, naming the fields
+/// that differ (there is no resize).
+pub fn check_geometry(sb: &Superblock, expected: &Geometry) -> Result<(), MetadataError> {
+    let mut differs = Vec::new();
+    if sb.region_size != expected.region_size() {
+        differs.push("region_size");
+    }
+    if sb.block_size != expected.block_size() {
+        differs.push("block_size");
+    }
+    if sb.source_blocks != expected.source_blocks() {
+        differs.push("source blocks");
+    }
+    if differs.is_empty() {
+        return Ok(());
+    }
+    Err(MetadataError::GeometryMismatch {
+        found: geometry_summary(sb.region_size, sb.block_size, sb.source_blocks),
+        expected: geometry_summary(
+            expected.region_size(),
+            expected.block_size(),
+            expected.source_blocks(),
+        ),
+        differs: differs.join(", "),
+    })
+}
+
+/// Refuse a superblock written by another clone.
+pub fn check_uuid(sb: &Superblock, expected: Uuid) -> Result<(), MetadataError> {
+    if sb.uuid != expected {
+        return Err(MetadataError::UuidMismatch {
+            found: sb.uuid,
+            expected,
+        });
+    }
+    Ok(())
+}
+
+/// Encode bitmap unit `unit_index` from its words:
+/// `[crc32c u32][unit_index u32][63 words LE]`, the crc over bytes 4..512.
+pub fn encode_unit_words(unit_index: u32, words: &[u64; WORDS_PER_UNIT]) -> [u8; UNIT_SIZE] {
+    let mut b = [0u8; UNIT_SIZE];
+    put_u32(&mut b, 4, unit_index);
+    for (i, w) in words.iter().enumerate() {
+        put_u64(&mut b, 8 + 8 * i, *w);
+    }
+    let crc = crc32c::crc32c(&b[4..]);
+    put_u32(&mut b, 0, crc);
+    b
+}
+
+/// Encode unit `unit_index` from the live map. Only for a map nobody is
+/// setting bits in; a commit encodes the snapshot the router took
+/// (`router::UnitImage`), see docs/metadata.md "Commit".
+pub fn encode_unit(unit_index: u32, map: &RegionMap) -> [u8; UNIT_SIZE] {
+    encode_unit_words(unit_index, &map.unit_words(unit_index as u64))
+}
+
+/// Decode a unit read from [`unit_offset`]`(expected_index)`. An all-zero
+/// unit (never written) is all-cold; a bad checksum or a wrong index is
+/// corruption, never silently cold.
+pub fn decode_unit(
+    bytes: &[u8],
+    expected_index: u32,
+) -> Result<[u64; WORDS_PER_UNIT], MetadataError> {
+    if bytes.len() < UNIT_SIZE {
+        return Err(MetadataError::ShortBuffer {
+            what: "a bitmap unit",
+            need: UNIT_SIZE,
+            got: bytes.len(),
+        });
+    }
+    let b = &bytes[..UNIT_SIZE];
+    let mut words = [0u64; WORDS_PER_UNIT];
+    if b.iter().all(|&x| x == 0) {
+        return Ok(words);
+    }
+    let crc = get_u32(b, 0);
+    if crc32c::crc32c(&b[4..]) != crc {
+        return Err(MetadataError::CorruptUnit {
+            unit: expected_index as u64,
+            reason: "bad checksum".into(),
+        });
+    }
+    let index = get_u32(b, 4);
+    if index != expected_index {
+        return Err(MetadataError::CorruptUnit {
+            unit: expected_index as u64,
+            reason: format!("holds unit {index}"),
+        });
+    }
+    for (i, w) in words.iter_mut().enumerate() {
+        *w = get_u64(b, 8 + 8 * i);
+    }
+    Ok(words)
+}
+
+/// Decode a run of consecutive units starting at `first_unit` from `bytes`
+/// (as read from `unit_offset(first_unit)`) into `map`. Bits past the last
+/// region are corruption.
+pub fn load_units(map: &RegionMap, first_unit: u64, bytes: &[u8]) -> Result<(), MetadataError> {
+    for (i, chunk) in bytes.chunks(UNIT_SIZE).enumerate() {
+        let unit = first_unit + i as u64;
+        if unit >= map.num_units() {
+            break;
+        }
+        let words = decode_unit(chunk, unit as u32)?;
+        map.load_unit(unit, &words)
+            .map_err(|e| MetadataError::CorruptUnit {
+                unit,
+                reason: e.to_string(),
+            })?;
+    }
+    Ok(())
+}
+
+/// Group sorted unit indices into runs of whole metadata blocks:
+/// each returned range starts and ends on a multiple of `per_block`
+/// (clamped to `num_units`, the last block may be short of units but the
+/// write covers a whole block: the executor pads with zero units, which are
+/// valid). Adjacent blocks merge; a run is at most `max_units` long
+/// (rounded down to whole blocks, at least one block).
+pub fn unit_extents(
+    units: &[u32],
+    per_block: u32,
+    num_units: u64,
+    max_units: u64,
+) -> Vec<Range<u64>> {
+    let per = per_block.max(1) as u64;
+    let max = (max_units / per).max(1) * per;
+    let mut out: Vec<Range<u64>> = Vec::new();
+    for &u in units {
+        let s = u as u64 / per * per;
+        let e = (s + per).min(num_units.div_ceil(per) * per);
+        match out.last_mut() {
+            // Already inside the last extent (same block).
+            Some(last) if e <= last.end => {}
+            Some(last) if s == last.end && e - last.start <= max => last.end = e,
+            _ => out.push(s..e),
+        }
+    }
+    out
+}
+
+/// Regions covered by unit `unit`.
+pub fn unit_regions(unit: u64, num_regions: u64) -> Range<u64> {
+    let s = (unit * REGIONS_PER_UNIT).min(num_regions);
+    s..(s + REGIONS_PER_UNIT).min(num_regions)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn geo(blocks: u64, region: u64) -> Geometry {
+        Geometry::new(blocks, 512, blocks, 512, region).unwrap()
+    }
+
+    fn uuid() -> Uuid {
+        Uuid::from_u128(0x1234_5678_9abc_def0_1122_3344_5566_7788)
+    }
+
+    #[test]
+    fn sizing() {
+        assert_eq!(required_bytes(1), 8192 + 4096);
+        assert_eq!(required_bytes(4032 * 8), 8192 + 4096);
+        assert_eq!(required_bytes(4032 * 8 + 1), 8192 + 8192);
+        // 1 TiB at 4 KiB: 2^28 regions, 66,577 units, about 32.5 MiB.
+        let n = 1u64 << 28;
+        assert_eq!(units_for(n), 66_577);
+        assert_eq!(
+            required_bytes(n),
+            8192 + (66_577u64 * 512).div_ceil(4096) * 4096
+        );
+        // 2^32 regions still have u32 unit indices.
+        assert!(units_for(1 << 32) < u32::MAX as u64);
+        let e = check_size(16 << 10, 1 << 18).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "metadata bdev too small: needs {} bytes for 262144 regions, has 16384 bytes",
+                required_bytes(1 << 18)
+            )
+        );
+        assert!(check_size(required_bytes(1 << 18), 1 << 18).is_ok());
+    }
+
+    #[test]
+    fn superblock_round_trip_and_slots() {
+        let g = geo(1 << 20, 65536);
+        let sb = Superblock::new(uuid(), &g);
+        let zero = vec![0u8; 4096];
+        assert_eq!(decode_superblock(&zero, &zero).unwrap(), SuperState::Blank);
+        assert_eq!(SuperState::Blank.slot_to_write(), 0);
+
+        let b0 = encode_superblock(&sb, 0);
+        let st = decode_superblock(&b0, &zero).unwrap();
+        assert_eq!(
+            st,
+            SuperState::Valid {
+                sb: sb.clone(),
+                slot: 0
+            }
+        );
+        assert_eq!(st.slot_to_write(), 1);
+
+        // The next write goes to slot 1 with a higher sequence and wins.
+        let sb2 = sb.next();
+        let b1 = encode_superblock(&sb2, 1);
+        let st = decode_superblock(&b0, &b1).unwrap();
+        assert_eq!(
+            st,
+            SuperState::Valid {
+                sb: sb2.clone(),
+                slot: 1
+            }
+        );
+        assert_eq!(st.slot_to_write(), 0);
+
+        // A torn write of slot 0 (sequence 3) leaves slot 1 in charge.
+        let sb3 = sb2.next();
+        let mut torn = encode_superblock(&sb3, 0);
+        torn[2048..].copy_from_slice(&b0[2048..]);
+        assert_eq!(
+            decode_superblock(&torn, &b1).unwrap(),
+            SuperState::Valid {
+                sb: sb2.clone(),
+                slot: 1
+            }
+        );
+        // A copy written for slot 1 found in block 0 is not trusted.
+        let misplaced = encode_superblock(&sb3, 1);
+        assert_eq!(
+            decode_superblock(&misplaced, &b1).unwrap(),
+            SuperState::Valid { sb: sb2, slot: 1 }
+        );
+    }
+
+    #[test]
+    fn corrupt_superblocks_are_errors_not_blank() {
+        let g = geo(1 << 20, 65536);
+        let zero = vec![0u8; 4096];
+        let mut junk = vec![0u8; 4096];
+        junk[100] = 1;
+        let e = decode_superblock(&junk, &zero).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "metadata is corrupt: no valid superblock (slot 0: bad magic; slot 1: all zero)"
+        );
+        let mut bad = encode_superblock(&Superblock::new(uuid(), &g), 0);
+        bad[SB_SEQUENCE] ^= 1;
+        let e = decode_superblock(&bad, &junk).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("slot 0: bad checksum; slot 1: bad magic"),
+            "{e}"
+        );
+
+        // A newer version is refused even if the other slot is valid.
+        let mut v2 = Superblock::new(uuid(), &g);
+        v2.version = 2;
+        let b = encode_superblock(&v2, 1);
+        let ok = encode_superblock(&Superblock::new(uuid(), &g), 0);
+        assert_eq!(
+            decode_superblock(&ok, &b).unwrap_err(),
+            MetadataError::UnsupportedVersion { slot: 1, found: 2 }
+        );
+        let mut fl = Superblock::new(uuid(), &g);
+        fl.flags = 4;
+        assert!(matches!(
+            decode_superblock(&encode_superblock(&fl, 0), &zero),
+            Err(MetadataError::UnsupportedFlags { slot: 0, flags: 4 })
+        ));
+        // Internally inconsistent (num_regions wrong) with a good checksum.
+        let mut inc = Superblock::new(uuid(), &g);
+        inc.num_regions += 1;
+        assert!(matches!(
+            decode_superblock(&encode_superblock(&inc, 0), &zero),
+            Err(MetadataError::InconsistentSuperblock { slot: 0, .. })
+        ));
+        assert!(matches!(
+            decode_superblock(&zero[..100], &zero),
+            Err(MetadataError::ShortBuffer { .. })
+        ));
+    }
+
+    #[test]
+    fn geometry_and_uuid_mismatch_messages() {
+        let formatted = geo(1 << 20, 65536);
+        let sb = Superblock::new(uuid(), &formatted);
+        assert!(check_geometry(&sb, &formatted).is_ok());
+        let e = check_geometry(&sb, &geo(1 << 20, 4096)).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "metadata was formatted for region_size 65536, block_size 512 and 1048576 source blocks; \
+             this clone has region_size 4096, block_size 512 and 1048576 source blocks (differs: region_size)"
+        );
+        let e = check_geometry(&sb, &geo((1 << 20) + 1, 65536)).unwrap_err();
+        assert!(e.to_string().ends_with("(differs: source blocks)"), "{e}");
+        let g4k = Geometry::new(1 << 17, 4096, 1 << 17, 4096, 65536).unwrap();
+        let e = check_geometry(&sb, &g4k).unwrap_err();
+        assert!(
+            e.to_string()
+                .ends_with("(differs: block_size, source blocks)"),
+            "{e}"
+        );
+        // Same geometry, another clone.
+        let other = Uuid::from_u128(7);
+        let e = check_uuid(&sb, other).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "metadata belongs to clone {}, not to clone {}",
+                uuid(),
+                other
+            )
+        );
+        assert!(check_uuid(&sb, uuid()).is_ok());
+    }
+
+    #[test]
+    fn units_round_trip_and_detect_corruption() {
+        let map = RegionMap::new(3 * REGIONS_PER_UNIT);
+        map.set(0);
+        map.set(REGIONS_PER_UNIT + 77);
+        map.set(3 * REGIONS_PER_UNIT - 1);
+        for u in 0..3u32 {
+            let b = encode_unit(u, &map);
+            assert_eq!(decode_unit(&b, u).unwrap(), map.unit_words(u as u64));
+        }
+        // An encoded empty unit is not all-zero (crc of zeros is not zero),
+        // and an all-zero (never written) unit decodes as all-cold.
+        let empty = encode_unit_words(0, &[0; WORDS_PER_UNIT]);
+        assert!(empty.iter().any(|&x| x != 0));
+        assert_eq!(decode_unit(&[0u8; 512], 5).unwrap(), [0; WORDS_PER_UNIT]);
+
+        let good = encode_unit(1, &map);
+        let mut flipped = good;
+        flipped[300] ^= 0x10;
+        assert_eq!(
+            decode_unit(&flipped, 1).unwrap_err().to_string(),
+            "metadata is corrupt: bitmap unit 1: bad checksum"
+        );
+        // A unit written to the wrong place (misdirected write).
+        assert_eq!(
+            decode_unit(&good, 2).unwrap_err().to_string(),
+            "metadata is corrupt: bitmap unit 2: holds unit 1"
+        );
+        // Bits past the last region.
+        let small = RegionMap::new(100);
+        let mut w = [0u64; WORDS_PER_UNIT];
+        w[1] = 1 << 40;
+        let b = encode_unit_words(0, &w);
+        assert!(matches!(
+            load_units(&small, 0, &b),
+            Err(MetadataError::CorruptUnit { unit: 0, .. })
+        ));
+    }
+
+    #[test]
+    fn load_units_rebuilds_the_map() {
+        let n = 5 * REGIONS_PER_UNIT + 7;
+        let map = RegionMap::new(n);
+        map.set_range(100..9000);
+        map.set(n - 1);
+        let mut area = vec![0u8; (map.num_units() as usize) * UNIT_SIZE];
+        for u in 0..map.num_units() {
+            if u == 3 {
+                continue; // never written: all-zero
+            }
+            area[u as usize * UNIT_SIZE..][..UNIT_SIZE]
+                .copy_from_slice(&encode_unit(u as u32, &map));
+        }
+        let back = RegionMap::new(n);
+        load_units(&back, 0, &area).unwrap();
+        for r in 0..n {
+            assert_eq!(
+                back.is_hydrated(r),
+                map.is_hydrated(r) && !(3 * REGIONS_PER_UNIT..4 * REGIONS_PER_UNIT).contains(&r)
+            );
+        }
+    }
+
+    #[test]
+    fn extents_cover_whole_metadata_blocks() {
+        assert_eq!(unit_extents(&[0, 1, 5], 1, 10, 100), vec![0..2, 5..6]);
+        assert_eq!(unit_extents(&[0, 1, 5, 9, 17], 8, 18, 100), vec![0..24]);
+        assert_eq!(
+            unit_extents(&[0, 9, 17], 8, 18, 8),
+            vec![0..8, 8..16, 16..24]
+        );
+        assert_eq!(unit_extents(&[3], 8, 4, 100), vec![0..8]);
+        assert_eq!(units_per_block(512), 1);
+        assert_eq!(units_per_block(4096), 8);
+        assert_eq!(unit_offset(0), 8192);
+        assert_eq!(unit_offset(8) % 4096, 0);
+        assert_eq!(superblock_offset(1), 4096);
+        assert_eq!(unit_regions(1, 5000), 4032..5000);
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+        /// A multi-unit write torn at sector granularity: every unit reads
+        /// back as either its old or its new image, both decode, and each
+        /// bit is old-or-new, never garbage.
+        #[test]
+        fn torn_multi_unit_write(
+            n_units in 1u64..8,
+            old_sets in proptest::collection::vec(0u64..4032 * 8, 0..100),
+            new_sets in proptest::collection::vec(0u64..4032 * 8, 0..100),
+            tear in proptest::collection::vec(any::<bool>(), 8),
+        ) {
+            let n = n_units * REGIONS_PER_UNIT - 3;
+            let map = RegionMap::new(n);
+            for r in old_sets { map.set(r % n); }
+            let old: Vec<[u8; UNIT_SIZE]> = (0..n_units).map(|u| encode_unit(u as u32, &map)).collect();
+            let old_words: Vec<_> = (0..n_units).map(|u| map.unit_words(u)).collect();
+            for r in new_sets { map.set(r % n); } // bits only go 0 -> 1
+            let new: Vec<[u8; UNIT_SIZE]> = (0..n_units).map(|u| encode_unit(u as u32, &map)).collect();
+            let mut disk = Vec::new();
+            for u in 0..n_units as usize {
+                disk.extend_from_slice(if tear[u] { &new[u] } else { &old[u] });
+            }
+            let back = RegionMap::new(n);
+            load_units(&back, 0, &disk).unwrap();
+            for r in 0..n {
+                let u = (r / REGIONS_PER_UNIT) as usize;
+                let bit = r % REGIONS_PER_UNIT;
+                let was = old_words[u][(bit / 64) as usize] & (1 << (bit % 64)) != 0;
+                let now = map.is_hydrated(r);
+                let got = back.is_hydrated(r);
+                prop_assert!(got == was || got == now);
+                // The torn result never claims a region the new image lacks.
+                prop_assert!(!got || now);
+            }
+        }
+    }
+}

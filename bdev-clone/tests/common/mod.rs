@@ -1,0 +1,938 @@
+//! A simulated executor for the router, with a reference model.
+//!
+//! Devices are arrays of `u64` tags, one per block: the source holds fixed
+//! tags, user writes put fresh tags, write-zeroes puts `ZERO`, a discard
+//! puts `DISCARDED`, and the destination starts as garbage. The executor
+//! keeps every command the router emits in a pending set and completes them
+//! in whatever order the test picks, with optional failures.
+//!
+//! Durability: each device has a durable image and, per block, the
+//! completed writes not yet flushed. A flush makes durable what completed
+//! before it was *issued*; a crash keeps, per block, the durable value or
+//! any newer completed or in-flight write (and per metadata unit the same),
+//! which is everything a real volatile write cache may do.
+//!
+//! The model: per block, the set of values a read may return now (`cur`,
+//! normally one value; a failed write adds its value; `None` = anything,
+//! after a discard), and for crashes the value made durable by the last
+//! flush/FUA (`stable`) plus every write since (`since`).
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use bdev_clone::metadata::{self, SuperState, Superblock, UNIT_SIZE};
+use bdev_clone::router::{
+    Command, IoKind, MetadataMode, ReqId, Request, Router, RouterConfig, Status, UnitImage,
+};
+use bdev_clone::{Geometry, RegionMap};
+use uuid::Uuid;
+
+pub const ZERO: u64 = 0;
+pub const DISCARDED: u64 = 0xD15C_0000_0000_0000;
+
+pub fn source_tag(b: u64) -> u64 {
+    0x5000_0000_0000_0000 | b
+}
+pub fn garbage_tag(b: u64) -> u64 {
+    0xBAD0_0000_0000_0000 | b
+}
+
+/// `None` = any value is allowed (discarded).
+pub type Val = Option<u64>;
+
+#[derive(Clone, Debug)]
+struct SinceEntry {
+    req: ReqId,
+    val: Val,
+    done: Option<u64>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OpClass {
+    Read,
+    Write,
+    Flush,
+}
+
+struct UserReq {
+    req: Request,
+    tag: u64,
+    /// Read results, per block of the request.
+    buf: Vec<Option<u64>>,
+    /// Flush: the model at submission and the completion sequence then.
+    flush_snap: Option<(Vec<Vec<Val>>, u64)>,
+    /// Blocks whose value this request changes (discard: whole regions).
+    affected: std::ops::Range<u64>,
+}
+
+#[derive(Debug)]
+enum Pending {
+    User {
+        cmd: Command,
+        epoch: u64,
+    },
+    Copy {
+        copy: u64,
+        blocks: std::ops::Range<u64>,
+    },
+    CommitDestFlush {
+        commit: u64,
+        units: Vec<UnitImage>,
+        epoch: u64,
+    },
+    CommitWrite {
+        commit: u64,
+        units: Vec<UnitImage>,
+    },
+    CommitMdFlush {
+        commit: u64,
+        epoch: u64,
+    },
+}
+
+/// Small deterministic RNG (xorshift64*).
+#[derive(Clone)]
+pub struct Rng(u64);
+impl Rng {
+    pub fn new(seed: u64) -> Rng {
+        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
+    }
+    pub fn next(&mut self) -> u64 {
+        let mut x = self.0;
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        self.0 = x;
+        x.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+    pub fn below(&mut self, n: u64) -> u64 {
+        if n == 0 {
+            0
+        } else {
+            self.next() % n
+        }
+    }
+    pub fn chance(&mut self, per_256: u8) -> bool {
+        (self.next() & 0xff) < per_256 as u64
+    }
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct SimStats {
+    pub reads_checked: u64,
+    pub requests_done: u64,
+    pub requests_failed: u64,
+    pub copies: u64,
+    pub commits_issued: u64,
+    pub flush_dest: u64,
+}
+
+pub struct Sim {
+    pub geo: Geometry,
+    pub router: Router,
+    pub uuid: Uuid,
+    pub source: Vec<u64>,
+    pub dest: Vec<u64>,
+    dest_durable: Vec<u64>,
+    dest_volatile: Vec<Vec<(u64, u64)>>,
+    dest_seq: u64,
+    pub md_block_units: u32,
+    md_durable: Vec<u8>,
+    md_volatile: Vec<(u64, u32, [u8; UNIT_SIZE])>,
+    md_seq: u64,
+    pending: Vec<Pending>,
+    reqs: HashMap<ReqId, UserReq>,
+    next_req: ReqId,
+    cur: Vec<Vec<Val>>,
+    stable: Vec<Vec<Val>>,
+    /// Model sequence at which `stable` was last set.
+    stable_seq: Vec<u64>,
+    since: Vec<Vec<SinceEntry>>,
+    model_seq: u64,
+    prev_bits: Vec<bool>,
+    pub rng: Rng,
+    out: Vec<Command>,
+    /// Failure injection, per 256 operations.
+    pub fail_source: u8,
+    pub fail_dest: u8,
+    pub fail_commit: u8,
+    pub stats: SimStats,
+    /// Every command the router emitted, in order (for targeted tests).
+    pub trace: Vec<Command>,
+    pub keep_trace: bool,
+    pub completions: Vec<(ReqId, Status)>,
+}
+
+fn blank_md(num_regions: u64) -> Vec<u8> {
+    vec![0u8; metadata::required_bytes(num_regions) as usize]
+}
+
+fn region_blocks_of(geo: &Geometry, blocks: &std::ops::Range<u64>) -> std::ops::Range<u64> {
+    geo.regions_covering(blocks.start, blocks.end - blocks.start)
+        .unwrap()
+}
+
+impl Sim {
+    /// A fresh clone: blank metadata formatted, destination garbage.
+    pub fn new(geo: Geometry, cfg: RouterConfig, seed: u64) -> Sim {
+        let uuid = Uuid::from_u128(0xC10E_0000_0000_0000_0000_0000_0000_0001);
+        let mut md = blank_md(geo.num_regions());
+        // Format: blank -> superblock in slot 0 (the bitmap is already zero).
+        let st = metadata::decode_superblock(&md[..4096], &md[4096..8192]).unwrap();
+        assert_eq!(st, SuperState::Blank);
+        let sb = Superblock::new(uuid, &geo);
+        let slot = st.slot_to_write();
+        md[metadata::superblock_offset(slot) as usize..][..4096]
+            .copy_from_slice(&metadata::encode_superblock(&sb, slot));
+        let n = geo.source_blocks() as usize;
+        let source: Vec<u64> = (0..n as u64).map(source_tag).collect();
+        let dest: Vec<u64> = (0..n as u64).map(garbage_tag).collect();
+        let cur = source.iter().map(|&v| vec![Some(v)]).collect::<Vec<_>>();
+        Sim::assemble(geo, cfg, seed, uuid, source, dest, md, cur)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn assemble(
+        geo: Geometry,
+        cfg: RouterConfig,
+        seed: u64,
+        uuid: Uuid,
+        source: Vec<u64>,
+        dest: Vec<u64>,
+        md: Vec<u8>,
+        cur: Vec<Vec<Val>>,
+    ) -> Sim {
+        let md_block_units = cfg.metadata_units_per_block;
+        let map = Arc::new(Self::load_map(&geo, uuid, &md));
+        let n = geo.source_blocks() as usize;
+        let prev_bits = (0..geo.num_regions()).map(|r| map.is_hydrated(r)).collect();
+        let router = Router::new(geo, map, cfg, MetadataMode::ReadWrite).unwrap();
+        Sim {
+            geo,
+            router,
+            uuid,
+            source,
+            dest_durable: dest.clone(),
+            dest,
+            dest_volatile: vec![Vec::new(); n],
+            dest_seq: 0,
+            md_block_units,
+            md_durable: md,
+            md_volatile: Vec::new(),
+            md_seq: 0,
+            pending: Vec::new(),
+            reqs: HashMap::new(),
+            next_req: 1,
+            stable: cur.clone(),
+            stable_seq: vec![0; n],
+            cur,
+            since: vec![Vec::new(); n],
+            model_seq: 0,
+            prev_bits,
+            rng: Rng::new(seed),
+            out: Vec::new(),
+            fail_source: 0,
+            fail_dest: 0,
+            fail_commit: 0,
+            stats: SimStats::default(),
+            trace: Vec::new(),
+            keep_trace: false,
+            completions: Vec::new(),
+        }
+    }
+
+    /// What a restart does: read both superblocks, check them, load units.
+    pub fn load_map(geo: &Geometry, uuid: Uuid, md: &[u8]) -> RegionMap {
+        let st = metadata::decode_superblock(&md[..4096], &md[4096..8192]).expect("superblock");
+        let SuperState::Valid { sb, .. } = st else {
+            panic!("metadata blank after format")
+        };
+        metadata::check_geometry(&sb, geo).unwrap();
+        metadata::check_uuid(&sb, uuid).unwrap();
+        metadata::check_size(md.len() as u64, geo.num_regions()).unwrap();
+        let map = RegionMap::new(geo.num_regions());
+        let units = map.num_units() as usize;
+        let start = metadata::unit_offset(0) as usize;
+        metadata::load_units(&map, 0, &md[start..start + units * UNIT_SIZE]).expect("bitmap units");
+        map
+    }
+
+    pub fn in_flight(&self) -> usize {
+        self.pending.len()
+    }
+
+    pub fn requests_in_flight(&self) -> usize {
+        self.reqs.len()
+    }
+
+    /// Submit unless it overlaps a request in flight (reads may overlap
+    /// reads). Returns the id.
+    pub fn try_submit(&mut self, kind: IoKind, offset: u64, len: u64, fua: bool) -> Option<ReqId> {
+        if kind != IoKind::Flush {
+            let end = offset + len;
+            let clash = self.reqs.values().any(|u| {
+                u.req.kind != IoKind::Flush
+                    && !(u.req.kind == IoKind::Read && kind == IoKind::Read)
+                    && u.req.offset_blocks < end
+                    && offset < u.req.offset_blocks + u.req.num_blocks
+            });
+            if clash {
+                return None;
+            }
+        }
+        let id = self.next_req;
+        self.next_req += 1;
+        let mut req = Request::new(id, kind, offset, len);
+        req.fua = fua;
+        Some(self.submit(req))
+    }
+
+    /// Submit a request as is (caller keeps concurrent requests disjoint).
+    pub fn submit(&mut self, req: Request) -> ReqId {
+        let id = req.id;
+        self.next_req = self.next_req.max(id + 1);
+        let tag = 0x1000_0000_0000 + id;
+        let blocks = req.offset_blocks..req.offset_blocks + req.num_blocks;
+        let in_range = self.geo.contains(req.offset_blocks, req.num_blocks) && req.num_blocks > 0;
+        let affected = match req.kind {
+            IoKind::Write | IoKind::WriteZeroes if in_range => blocks.clone(),
+            IoKind::Discard if in_range => {
+                let w = self
+                    .geo
+                    .whole_regions_in(req.offset_blocks, req.num_blocks)
+                    .unwrap();
+                self.geo.region_range_blocks(w)
+            }
+            _ => 0..0,
+        };
+        let val = match req.kind {
+            IoKind::Write => Some(tag),
+            IoKind::WriteZeroes => Some(ZERO),
+            _ => None,
+        };
+        for b in affected.clone() {
+            self.since[b as usize].push(SinceEntry {
+                req: id,
+                val,
+                done: None,
+            });
+        }
+        let flush_snap = (req.kind == IoKind::Flush).then(|| (self.cur.clone(), self.model_seq));
+        self.reqs.insert(
+            id,
+            UserReq {
+                buf: vec![
+                    None;
+                    if req.kind == IoKind::Read {
+                        req.num_blocks as usize
+                    } else {
+                        0
+                    }
+                ],
+                req: req.clone(),
+                tag,
+                flush_snap,
+                affected,
+            },
+        );
+        let mut out = std::mem::take(&mut self.out);
+        self.router.submit(req, &mut out).unwrap();
+        self.out = out;
+        self.absorb();
+        id
+    }
+
+    pub fn background(&mut self) -> u64 {
+        let mut out = std::mem::take(&mut self.out);
+        let n = self.router.next_background(&mut out);
+        self.out = out;
+        self.absorb();
+        n
+    }
+
+    pub fn timer(&mut self) -> bool {
+        let mut out = std::mem::take(&mut self.out);
+        let c = self.router.on_timer(&mut out);
+        self.out = out;
+        self.absorb();
+        c
+    }
+
+    fn dest_writers_conflict(
+        &self,
+        blocks: &std::ops::Range<u64>,
+        exclusive: bool,
+    ) -> Option<String> {
+        let regions = region_blocks_of(&self.geo, blocks);
+        for p in &self.pending {
+            let (other, other_exclusive) = match p {
+                Pending::Copy { blocks, .. } => (blocks.clone(), true),
+                Pending::User {
+                    cmd:
+                        Command::WriteDest { blocks, .. }
+                        | Command::WriteZeroesDest { blocks, .. }
+                        | Command::DiscardDest { blocks, .. },
+                    ..
+                } => (blocks.clone(), false),
+                _ => continue,
+            };
+            let oregions = region_blocks_of(&self.geo, &other);
+            let overlap = regions.start < oregions.end && oregions.start < regions.end;
+            if overlap && (exclusive || other_exclusive) {
+                return Some(format!(
+                    "dest writers {blocks:?} and {other:?} share a region ({p:?})"
+                ));
+            }
+        }
+        None
+    }
+
+    /// Take the router's commands into the pending set, checking the
+    /// per-region writer rule as each is issued.
+    fn absorb(&mut self) {
+        while !self.out.is_empty() {
+            let cmds: Vec<Command> = std::mem::take(&mut self.out);
+            for cmd in cmds {
+                if self.keep_trace {
+                    self.trace.push(cmd.clone());
+                }
+                match cmd {
+                    Command::Complete { req, status } => self.complete_request(req, status),
+                    Command::Commit { commit, units } => {
+                        self.stats.commits_issued += 1;
+                        for w in units.windows(2) {
+                            assert!(w[0].index < w[1].index, "commit units ascending");
+                        }
+                        let per = self.md_block_units.max(1);
+                        if let Some(u) = units.first() {
+                            assert_eq!(u.index % per, 0, "commit covers whole metadata blocks");
+                        }
+                        // Step 1 (destination flush) is issued now.
+                        self.pending.push(Pending::CommitDestFlush {
+                            commit,
+                            units,
+                            epoch: self.dest_seq,
+                        });
+                    }
+                    Command::StartCopy {
+                        copy,
+                        regions,
+                        blocks,
+                    } => {
+                        assert_eq!(blocks, self.geo.region_range_blocks(regions.clone()));
+                        for r in regions.clone() {
+                            assert!(
+                                !self.router.map().is_hydrated(r),
+                                "copy of hydrated region {r}"
+                            );
+                        }
+                        if let Some(e) = self.dest_writers_conflict(&blocks, true) {
+                            panic!("copy issued over another writer: {e}");
+                        }
+                        self.stats.copies += 1;
+                        self.pending.push(Pending::Copy { copy, blocks });
+                    }
+                    cmd => {
+                        let blocks = match &cmd {
+                            Command::WriteDest { blocks, .. }
+                            | Command::WriteZeroesDest { blocks, .. }
+                            | Command::DiscardDest { blocks, .. } => Some(blocks.clone()),
+                            _ => None,
+                        };
+                        if let Some(b) = blocks {
+                            // A write to a cold region is an overwrite: the
+                            // clone's own writer, exclusive in its regions.
+                            let regs = region_blocks_of(&self.geo, &b);
+                            let overwrite = regs.clone().any(|r| !self.router.map().is_hydrated(r));
+                            if let Some(e) = self.dest_writers_conflict(&b, overwrite) {
+                                panic!("dest write issued over another writer: {e}");
+                            }
+                            if matches!(cmd, Command::DiscardDest { .. }) {
+                                let w =
+                                    self.geo.whole_regions_in(b.start, b.end - b.start).unwrap();
+                                assert_eq!(
+                                    self.geo.region_range_blocks(w),
+                                    b,
+                                    "discard passdown is whole regions only"
+                                );
+                            }
+                        }
+                        if matches!(cmd, Command::FlushDest { .. }) {
+                            self.stats.flush_dest += 1;
+                        }
+                        self.pending.push(Pending::User {
+                            cmd,
+                            epoch: self.dest_seq,
+                        });
+                    }
+                }
+            }
+        }
+    }
+
+    fn dest_write(&mut self, blocks: std::ops::Range<u64>, val: impl Fn(u64) -> u64, fua: bool) {
+        self.dest_seq += 1;
+        for b in blocks {
+            let v = val(b);
+            self.dest[b as usize] = v;
+            if fua {
+                self.dest_durable[b as usize] = v;
+                self.dest_volatile[b as usize].clear();
+            } else {
+                self.dest_volatile[b as usize].push((self.dest_seq, v));
+            }
+        }
+    }
+
+    fn dest_flush(&mut self, epoch: u64) {
+        for b in 0..self.dest.len() {
+            let vol = &mut self.dest_volatile[b];
+            if let Some(pos) = vol.iter().rposition(|(s, _)| *s <= epoch) {
+                self.dest_durable[b] = vol[pos].1;
+                vol.drain(..=pos);
+            }
+        }
+    }
+
+    fn md_flush(&mut self, epoch: u64) {
+        let (done, keep): (Vec<_>, Vec<_>) = std::mem::take(&mut self.md_volatile)
+            .into_iter()
+            .partition(|(s, _, _)| *s <= epoch);
+        for (_, u, bytes) in done {
+            self.md_durable[metadata::unit_offset(u as u64) as usize..][..UNIT_SIZE]
+                .copy_from_slice(&bytes);
+        }
+        self.md_volatile = keep;
+    }
+
+    fn md_write(&mut self, units: &[UnitImage], only_some: bool) {
+        self.md_seq += 1;
+        for u in units {
+            if only_some && self.rng.chance(128) {
+                continue;
+            }
+            let bytes = metadata::encode_unit_words(u.index, &u.words);
+            self.md_volatile.push((self.md_seq, u.index, bytes));
+        }
+    }
+
+    /// Complete pending item `i` (`ok` = success).
+    pub fn complete(&mut self, i: usize, ok: bool) {
+        let p = self.pending.swap_remove(i);
+        let mut out = std::mem::take(&mut self.out);
+        match p {
+            Pending::User { cmd, epoch } => match (matches!(cmd, Command::ReadDest { .. }), cmd) {
+                (
+                    from_dest,
+                    Command::ReadSource { req, op, blocks } | Command::ReadDest { req, op, blocks },
+                ) => {
+                    if ok {
+                        let u = self.reqs.get_mut(&req).expect("read of a live request");
+                        for b in blocks.clone() {
+                            let v = if from_dest {
+                                self.dest[b as usize]
+                            } else {
+                                self.source[b as usize]
+                            };
+                            u.buf[(b - u.req.offset_blocks) as usize] = Some(v);
+                        }
+                    }
+                    self.router.op_done(op, ok, &mut out).unwrap();
+                }
+                (
+                    _,
+                    Command::WriteDest {
+                        req,
+                        op,
+                        blocks,
+                        fua,
+                    },
+                ) => {
+                    let tag = self.reqs[&req].tag;
+                    if ok || self.rng.chance(128) {
+                        self.dest_write(blocks, |_| tag, fua && ok);
+                    }
+                    self.router.op_done(op, ok, &mut out).unwrap();
+                }
+                (_, Command::WriteZeroesDest { op, blocks, .. }) => {
+                    if ok || self.rng.chance(128) {
+                        self.dest_write(blocks, |_| ZERO, false);
+                    }
+                    self.router.op_done(op, ok, &mut out).unwrap();
+                }
+                (_, Command::DiscardDest { op, blocks, .. }) => {
+                    if ok || self.rng.chance(128) {
+                        self.dest_write(blocks, |b| DISCARDED | b, false);
+                    }
+                    self.router.op_done(op, ok, &mut out).unwrap();
+                }
+                (_, Command::FlushDest { op, .. }) => {
+                    if ok {
+                        self.dest_flush(epoch);
+                    }
+                    self.router.op_done(op, ok, &mut out).unwrap();
+                }
+                (_, other) => unreachable!("{other:?}"),
+            },
+            Pending::Copy { copy, blocks } => {
+                if ok || self.rng.chance(128) {
+                    let src = self.source.clone();
+                    self.dest_write(blocks, |b| src[b as usize], false);
+                }
+                self.router.copy_done(copy, ok, &mut out).unwrap();
+            }
+            Pending::CommitDestFlush {
+                commit,
+                units,
+                epoch,
+            } => {
+                if ok {
+                    self.dest_flush(epoch);
+                    self.pending.push(Pending::CommitWrite { commit, units });
+                } else {
+                    self.router.commit_done(commit, false, &mut out).unwrap();
+                }
+            }
+            Pending::CommitWrite { commit, units } => {
+                self.md_write(&units, !ok);
+                if ok {
+                    self.pending.push(Pending::CommitMdFlush {
+                        commit,
+                        epoch: self.md_seq,
+                    });
+                } else {
+                    self.router.commit_done(commit, false, &mut out).unwrap();
+                }
+            }
+            Pending::CommitMdFlush { commit, epoch } => {
+                if ok {
+                    self.md_flush(epoch);
+                }
+                self.router.commit_done(commit, ok, &mut out).unwrap();
+            }
+        }
+        self.out = out;
+        self.absorb();
+    }
+
+    /// Whether pending item `i` may fail under the injection rates (drawn now).
+    pub fn draw_ok(&mut self, i: usize) -> bool {
+        let rate = match &self.pending[i] {
+            Pending::User { cmd, .. } => match cmd {
+                Command::ReadSource { .. } => self.fail_source,
+                _ => self.fail_dest,
+            },
+            Pending::Copy { .. } => self.fail_source,
+            _ => self.fail_commit,
+        };
+        !self.rng.chance(rate)
+    }
+
+    fn complete_request(&mut self, id: ReqId, status: Status) {
+        self.completions.push((id, status));
+        let u = self.reqs.remove(&id).expect("completion of a live request");
+        self.model_seq += 1;
+        let seq = self.model_seq;
+        self.stats.requests_done += 1;
+        let ok = status == Status::Success;
+        if !ok {
+            self.stats.requests_failed += 1;
+        }
+        match u.req.kind {
+            IoKind::Read => {
+                if ok {
+                    self.stats.reads_checked += 1;
+                    for (i, v) in u.buf.iter().enumerate() {
+                        let b = u.req.offset_blocks + i as u64;
+                        let v = v.unwrap_or_else(|| panic!("read {id} block {b} never filled"));
+                        let allowed = &self.cur[b as usize];
+                        assert!(
+                            allowed.iter().any(|a| a.is_none() || *a == Some(v)),
+                            "read {id} block {b} returned {v:#x}, allowed {allowed:x?}"
+                        );
+                    }
+                }
+            }
+            IoKind::Write | IoKind::WriteZeroes | IoKind::Discard => {
+                let val = match u.req.kind {
+                    IoKind::Write => Some(u.tag),
+                    IoKind::WriteZeroes => Some(ZERO),
+                    _ => None,
+                };
+                for b in u.affected.clone() {
+                    let b = b as usize;
+                    if ok {
+                        self.cur[b] = vec![val];
+                    } else if !self.cur[b].contains(&val) {
+                        self.cur[b].push(val);
+                    }
+                    for e in self.since[b].iter_mut().filter(|e| e.req == id) {
+                        e.done = Some(seq);
+                    }
+                    if ok && u.req.fua {
+                        self.stable[b] = vec![val];
+                        self.stable_seq[b] = seq;
+                        self.since[b].clear();
+                    }
+                }
+            }
+            IoKind::Flush => {
+                if ok {
+                    let (snap, epoch) = u.flush_snap.unwrap();
+                    for (b, s) in snap.into_iter().enumerate() {
+                        // A FUA write that completed after this flush was
+                        // submitted already made something newer durable.
+                        if self.stable_seq[b] <= epoch {
+                            self.stable[b] = s;
+                            self.stable_seq[b] = epoch;
+                            self.since[b].retain(|e| e.done.is_none_or(|d| d > epoch));
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Check the invariants that hold between any two steps.
+    pub fn check(&mut self) {
+        let map = self.router.map().clone();
+        let bits: Vec<bool> = (0..self.geo.num_regions())
+            .map(|r| map.is_hydrated(r))
+            .collect();
+        for (r, (&was, &now)) in self.prev_bits.iter().zip(&bits).enumerate() {
+            assert!(!was || now, "region {r} went from hydrated to cold");
+        }
+        self.prev_bits = bits;
+        let mut busy = vec![false; self.dest.len()];
+        for u in self.reqs.values() {
+            if matches!(
+                u.req.kind,
+                IoKind::Write | IoKind::WriteZeroes | IoKind::Discard
+            ) {
+                let end = (u.req.offset_blocks + u.req.num_blocks).min(self.dest.len() as u64);
+                for b in u.req.offset_blocks.min(end)..end {
+                    busy[b as usize] = true;
+                }
+            }
+        }
+        for r in 0..self.geo.num_regions() {
+            let hydrated = map.is_hydrated(r);
+            for b in self.geo.region_range_blocks(r..r + 1) {
+                if busy[b as usize] {
+                    continue;
+                }
+                let v = if hydrated {
+                    self.dest[b as usize]
+                } else {
+                    self.source[b as usize]
+                };
+                let allowed = &self.cur[b as usize];
+                assert!(
+                    allowed.iter().any(|a| a.is_none() || *a == Some(v)),
+                    "block {b} (region {r}, hydrated {hydrated}) would read {v:#x}, allowed {allowed:x?}"
+                );
+            }
+        }
+    }
+
+    /// Complete everything in flight (random order, no failures).
+    pub fn drain(&mut self) {
+        let mut guard = 0;
+        while !self.pending.is_empty() {
+            let i = self.rng.below(self.pending.len() as u64) as usize;
+            self.complete(i, true);
+            self.check();
+            guard += 1;
+            assert!(guard < 1_000_000, "drain does not terminate");
+        }
+    }
+
+    /// Drain, hydrate everything, commit; then the destination must hold the
+    /// model everywhere and every region be hydrated.
+    pub fn finish(&mut self) {
+        self.fail_source = 0;
+        self.fail_dest = 0;
+        self.fail_commit = 0;
+        self.drain();
+        assert_eq!(self.requests_in_flight(), 0, "requests left after drain");
+        if self.router.mode() == MetadataMode::ReadWrite {
+            let cfg = self.router.config_mut();
+            cfg.hydration_enabled = true;
+            cfg.hydration_threshold = cfg.hydration_threshold.max(1);
+            let mut rounds = 0;
+            while !self.router.map().is_complete() {
+                self.background();
+                assert!(self.in_flight() > 0, "hydration stalled");
+                self.drain();
+                rounds += 1;
+                assert!(rounds < 100_000);
+            }
+            let id = self.try_submit(IoKind::Flush, 0, 0, false).unwrap();
+            self.drain();
+            assert_eq!(self.completions.last(), Some(&(id, Status::Success)));
+            assert!(self.router.is_complete_and_durable());
+            for b in 0..self.dest.len() {
+                let allowed = &self.cur[b];
+                let v = self.dest[b];
+                assert!(
+                    allowed.iter().any(|a| a.is_none() || *a == Some(v)),
+                    "after hydration block {b} holds {v:#x}, model {allowed:x?}"
+                );
+            }
+        }
+        assert!(self.router.is_idle());
+        // Read everything back through the router.
+        let n = self.geo.source_blocks();
+        let step = self.geo.region_blocks().max(3);
+        let mut off = 0;
+        while off < n {
+            let len = step.min(n - off);
+            self.try_submit(IoKind::Read, off, len, false).unwrap();
+            off += len;
+        }
+        self.drain();
+    }
+
+    /// Power loss now: keep what the devices may have kept, restart from the
+    /// committed metadata, and return the new clone whose model is what each
+    /// block may read after the crash.
+    pub fn crash_and_restart(&mut self, cfg: RouterConfig, seed: u64) -> Sim {
+        // Destination: durable, or any newer completed or in-flight write.
+        let mut dest = self.dest_durable.clone();
+        let mut cands: Vec<Vec<u64>> = self
+            .dest_volatile
+            .iter()
+            .map(|v| v.iter().map(|(_, x)| *x).collect())
+            .collect();
+        for p in &self.pending {
+            match p {
+                Pending::Copy { blocks, .. } => {
+                    for b in blocks.clone() {
+                        cands[b as usize].push(self.source[b as usize]);
+                    }
+                }
+                Pending::User { cmd, .. } => {
+                    let (blocks, v): (_, Box<dyn Fn(u64) -> u64>) = match cmd {
+                        Command::WriteDest { req, blocks, .. } => {
+                            let t = self.reqs[req].tag;
+                            (blocks.clone(), Box::new(move |_| t))
+                        }
+                        Command::WriteZeroesDest { blocks, .. } => {
+                            (blocks.clone(), Box::new(|_| ZERO))
+                        }
+                        Command::DiscardDest { blocks, .. } => {
+                            (blocks.clone(), Box::new(|b| DISCARDED | b))
+                        }
+                        _ => continue,
+                    };
+                    for b in blocks {
+                        cands[b as usize].push(v(b));
+                    }
+                }
+                _ => {}
+            }
+        }
+        for (b, c) in cands.iter().enumerate() {
+            let k = self.rng.below(c.len() as u64 + 1) as usize;
+            if k > 0 {
+                dest[b] = c[k - 1];
+            }
+        }
+        // Metadata: per unit, durable or any newer write (torn at 512 bytes).
+        let mut md = self.md_durable.clone();
+        let mut ucands: HashMap<u32, Vec<[u8; UNIT_SIZE]>> = HashMap::new();
+        for (_, u, bytes) in &self.md_volatile {
+            ucands.entry(*u).or_default().push(*bytes);
+        }
+        for p in &self.pending {
+            if let Pending::CommitWrite { units, .. } = p {
+                for u in units {
+                    ucands
+                        .entry(u.index)
+                        .or_default()
+                        .push(metadata::encode_unit_words(u.index, &u.words));
+                }
+            }
+        }
+        let mut keys: Vec<_> = ucands.keys().copied().collect();
+        keys.sort();
+        for u in keys {
+            let c = &ucands[&u];
+            let k = self.rng.below(c.len() as u64 + 1) as usize;
+            if k > 0 {
+                md[metadata::unit_offset(u as u64) as usize..][..UNIT_SIZE]
+                    .copy_from_slice(&c[k - 1]);
+            }
+        }
+        // After the crash a block may read as its durable value or any write since.
+        let allowed: Vec<Vec<Val>> = (0..self.dest.len())
+            .map(|b| {
+                let mut a = self.stable[b].clone();
+                for e in &self.since[b] {
+                    if !a.contains(&e.val) {
+                        a.push(e.val);
+                    }
+                }
+                a
+            })
+            .collect();
+        Sim::assemble(
+            self.geo,
+            cfg,
+            seed,
+            self.uuid,
+            self.source.clone(),
+            dest,
+            md,
+            allowed,
+        )
+    }
+
+    /// Pending items, for targeted tests.
+    pub fn pending_kinds(&self) -> Vec<&'static str> {
+        self.pending
+            .iter()
+            .map(|p| match p {
+                Pending::User { cmd, .. } => match cmd {
+                    Command::ReadSource { .. } => "read_source",
+                    Command::ReadDest { .. } => "read_dest",
+                    Command::WriteDest { .. } => "write_dest",
+                    Command::WriteZeroesDest { .. } => "write_zeroes_dest",
+                    Command::DiscardDest { .. } => "discard_dest",
+                    Command::FlushDest { .. } => "flush_dest",
+                    _ => "other",
+                },
+                Pending::Copy { .. } => "copy",
+                Pending::CommitDestFlush { .. } => "commit_dest_flush",
+                Pending::CommitWrite { .. } => "commit_write",
+                Pending::CommitMdFlush { .. } => "commit_md_flush",
+            })
+            .collect()
+    }
+
+    /// Index of the first pending item of `kind`.
+    pub fn find(&self, kind: &str) -> Option<usize> {
+        self.pending_kinds().iter().position(|k| *k == kind)
+    }
+
+    /// Complete the first pending item of `kind`.
+    pub fn complete_kind(&mut self, kind: &str, ok: bool) {
+        let i = self
+            .find(kind)
+            .unwrap_or_else(|| panic!("no pending {kind}: {:?}", self.pending_kinds()));
+        self.complete(i, ok);
+        self.check();
+    }
+
+    pub fn status_of(&self, id: ReqId) -> Option<Status> {
+        self.completions
+            .iter()
+            .find(|(r, _)| *r == id)
+            .map(|(_, s)| *s)
+    }
+
+    pub fn md_durable(&self) -> &[u8] {
+        &self.md_durable
+    }
+}
