@@ -33,11 +33,14 @@ step "a 64 MiB RAM disk behind a delay bdev emulating a remote, 500 us away"
 "${RPC[@]}" bdev_malloc_create -b Malloc0 64 4096
 "${RPC[@]}" bdev_delay_create -b Malloc0 -d Remote0 -r 500 -t 1000 -w 500 -n 1000
 step "the stack as SPDK users see it (bdev_get_bdevs, abridged)"
-"${RPC[@]}" bdev_get_bdevs | "$VENV/bin/python" -c '
+"${RPC[@]}" bdev_get_bdevs >"$WORK/bdevs.json"
+"$VENV/bin/python" - "$WORK/bdevs.json" <<'PY'
 import json, sys
-for b in json.load(sys.stdin):
+for b in json.load(open(sys.argv[1])):
+    size_mib = b["num_blocks"] * b["block_size"] >> 20
     claim = b.get("claim_type", "-")
-    print(f"  {b[\"name\"]:<8} {b[\"product_name\"]:<12} {b[\"num_blocks\"]*b[\"block_size\"]>>20:>4} MiB  claim: {claim}")'
+    print(f"  {b['name']:<8} {b['product_name']:<12} {size_mib:>4} MiB  claim: {claim}")
+PY
 
 step "saving the config (spdk-rpc save_config) and stopping the target"
 "${RPC[@]}" save_config >"$WORK/config.json"
@@ -47,7 +50,7 @@ trap - EXIT
 [ ! -e "$SOCK" ] || { echo "socket left behind"; exit 1; }
 
 step "bdevperf -w verify on every unclaimed bdev of the saved config ($SECS s)"
-"$ROOT/target/release/bdevperf" --json "$WORK/config.json" --interrupt-mode -m 0x1 \
+"$ROOT/target/release/bdevperf" --json "$WORK/config.json" --interrupt-mode -m 0x1 --log-level warn \
     -q 16 -o 4096 -w verify -t "$SECS" | tee "$WORK/bdevperf.log"
 
 step "done"
