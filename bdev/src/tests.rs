@@ -10,21 +10,7 @@ use crate::util::{self, run_on_reactor};
 use crate::*;
 
 fn mk(name: &str, blocks: u64) -> Arc<Bdev> {
-    malloc::create(malloc::CreateParams {
-        name: Some(name.into()),
-        block_size: 512,
-        num_blocks: blocks,
-        uuid: None,
-        optimal_io_boundary: 0,
-        md_size: 0,
-        md_interleave: false,
-        dif_type: 0,
-        dif_is_head_of_md: false,
-        physical_block_size: 0,
-        dif_pi_format: 0,
-        numa_id: -1,
-    })
-    .unwrap()
+    malloc::create(malloc::CreateParams::new(name, 512, blocks)).unwrap()
 }
 
 fn pattern(len: usize, seed: u8) -> DmaBuf {
@@ -78,21 +64,7 @@ fn read_write_roundtrip_and_bounds() {
 fn names_claims_and_readonly_descs() {
     run_on_reactor(0x1, || async {
         mk("A", 64);
-        let err = malloc::create(malloc::CreateParams {
-            name: Some("A".into()),
-            block_size: 512,
-            num_blocks: 8,
-            uuid: None,
-            optimal_io_boundary: 0,
-            md_size: 0,
-            md_interleave: false,
-            dif_type: 0,
-            dif_is_head_of_md: false,
-            physical_block_size: 0,
-            dif_pi_format: 0,
-            numa_id: -1,
-        })
-        .unwrap_err();
+        let err = malloc::create(malloc::CreateParams::new("A", 512, 8)).unwrap_err();
         assert_eq!(err.errno(), libc::EEXIST);
         assert!(matches!(
             open("nope", false, |_| {}),

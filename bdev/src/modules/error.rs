@@ -520,21 +520,7 @@ mod tests {
     use std::time::Duration;
 
     fn mk_malloc(name: &str, blocks: u64) -> Arc<Bdev> {
-        malloc::create(malloc::CreateParams {
-            name: Some(name.into()),
-            block_size: 512,
-            num_blocks: blocks,
-            uuid: None,
-            optimal_io_boundary: 0,
-            md_size: 0,
-            md_interleave: false,
-            dif_type: 0,
-            dif_is_head_of_md: false,
-            physical_block_size: 0,
-            dif_pi_format: 0,
-            numa_id: -1,
-        })
-        .unwrap()
+        malloc::create(malloc::CreateParams::new(name, 512, blocks)).unwrap()
     }
 
     fn inject(name: &str, io_type: InjectIoType, error_type: ErrorType, num: u32) -> InjectParams {

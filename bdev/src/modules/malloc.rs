@@ -124,6 +124,26 @@ fn default_numa() -> i32 {
     -1
 }
 
+impl CreateParams {
+    /// Plain RAM disk parameters, every optional field at its default.
+    pub fn new(name: &str, block_size: u32, num_blocks: u64) -> Self {
+        CreateParams {
+            name: Some(name.to_string()),
+            block_size,
+            num_blocks,
+            uuid: None,
+            optimal_io_boundary: 0,
+            md_size: 0,
+            md_interleave: false,
+            dif_type: 0,
+            dif_is_head_of_md: false,
+            physical_block_size: 0,
+            dif_pi_format: 0,
+            numa_id: -1,
+        }
+    }
+}
+
 static AUTO_NAME: AtomicU64 = AtomicU64::new(0);
 
 /// Create and register a malloc bdev.
