@@ -79,6 +79,11 @@ pub(crate) fn get_channel(bdev: &Arc<Bdev>, write: bool) -> IoChannel {
 fn fail_early(mut io: Box<BdevIo>, status: IoStatus) {
     io.status = status;
     // Never call back inline from submit: callers may hold borrows.
+    defer_io(io);
+}
+
+/// Finish `io` at the next loop iteration.
+fn defer_io(io: Box<BdevIo>) {
     DEFERRED.with(|d| {
         let mut d = d.borrow_mut();
         let was_empty = d.is_empty();
@@ -259,15 +264,7 @@ fn release_qos(inner: &Rc<ChannelInner>) {
 /// Module side of completion (see [`BdevIo::complete`]).
 pub(crate) fn complete_io(io: Box<BdevIo>) {
     if SUBMIT_DEPTH.with(|d| d.get()) > 0 {
-        DEFERRED.with(|d| {
-            let mut d = d.borrow_mut();
-            let was_empty = d.is_empty();
-            d.push_back(io);
-            if was_empty {
-                reactor::defer(drain_deferred);
-            }
-        });
-        return;
+        return defer_io(io);
     }
     finish(io);
 }
