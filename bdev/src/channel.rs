@@ -402,3 +402,25 @@ fn abort_queued(bdev_id: u64) {
         io.complete(IoStatus::Aborted);
     }
 }
+
+/// Run `f` with `bdev`'s channel on every reactor that has one, one
+/// reactor after another, and resolve once all have (SPDK's
+/// `spdk_for_each_channel`). `T` is the module's `ChannelOps` type.
+/// Management path only (resets, teardown).
+pub async fn for_each_channel<T: 'static>(
+    bdev: &Arc<Bdev>,
+    f: impl Fn(&T) + Send + Sync + 'static,
+) {
+    let id = bdev.id;
+    crate::util::on_each_reactor(move || {
+        // Upgrade, then let the table go before calling `f`: it may
+        // complete I/O whose callbacks open or drop channels.
+        let ch = CHANNELS.with(|c| c.borrow().get(&id).and_then(|w| w.upgrade()));
+        if let Some(ch) = ch {
+            if let Some(t) = ch.module.as_ref().as_any_ref().downcast_ref::<T>() {
+                f(t);
+            }
+        }
+    })
+    .await
+}

@@ -151,6 +151,12 @@ impl BdevIo {
         crate::channel::complete_io(self);
     }
 
+    /// The bdev this I/O was submitted to (set by the generic layer at
+    /// submit; `None` before).
+    pub fn bdev(&self) -> Option<&std::sync::Arc<crate::Bdev>> {
+        self.ch.as_ref().map(|c| &c.bdev)
+    }
+
     /// Take the callback and run it (used for I/O that never reached a
     /// channel, e.g. rejected at submit).
     pub(crate) fn call_back(mut self: Box<Self>) {

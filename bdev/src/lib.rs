@@ -25,7 +25,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
-pub use channel::IoChannel;
+pub use channel::{for_each_channel, IoChannel};
 pub use io::{BdevIo, IoCallback, IoStatus, IoType};
 pub use qos::QosLimits;
 pub use stat::IoStatSnapshot;
@@ -109,14 +109,15 @@ pub trait BdevOps: AsAny + Send + Sync + 'static {
     }
     /// Release what the bdev holds (base descriptors, memory). Runs on
     /// reactor 0 once every descriptor is closed.
-    fn destruct(&self) -> BoxFuture {
+    fn destruct(&self, _bdev: &Arc<Bdev>) -> BoxFuture {
         Box::pin(async {})
     }
 }
 
 /// Per-reactor half of a bdev. `submit` must complete each I/O exactly
-/// once (inline or later, on this reactor).
-pub trait ChannelOps {
+/// once (inline or later, on this reactor). `AsAny` lets a module reach its
+/// own channels through [`for_each_channel`].
+pub trait ChannelOps: AsAny {
     fn submit(&self, io: Box<BdevIo>);
 }
 
@@ -713,7 +714,7 @@ pub async fn unregister_bdev(bdev: &Arc<Bdev>) {
             tracing::warn!(bdev = %bdev.name, open = bdev.open_desc_count(), "still waiting for descriptors to close");
         }
     }
-    bdev.ops.destruct().await;
+    bdev.ops.destruct(bdev).await;
     lock(&REGISTRY).bdevs.retain(|b| !Arc::ptr_eq(b, bdev));
     bdev.removed.store(true, Ordering::Release);
     tracing::info!(bdev = %bdev.name, "bdev unregistered");

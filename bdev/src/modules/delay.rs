@@ -15,12 +15,10 @@
 //!   resets the base.
 
 use std::cell::{Cell, RefCell};
-use std::collections::{HashMap, VecDeque};
-use std::future::Future;
-use std::rc::{Rc, Weak as RcWeak};
+use std::collections::VecDeque;
+use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
-use std::task::{Poll, Waker};
 use std::time::Duration;
 
 use ::rpc::{register_typed, DecodeError, RpcError, RUNTIME};
@@ -116,8 +114,6 @@ impl Latencies {
 
 /// Per-bdev state of a delay bdev.
 pub struct DelayBdev {
-    /// Key of this bdev's channels in the per-reactor [`CHANNELS`] table.
-    id: u64,
     base_name: String,
     /// Kept apart from the descriptor: `io_type_supported` runs per I/O.
     base: Arc<Bdev>,
@@ -162,14 +158,12 @@ impl BdevOps for DelayBdev {
     fn create_channel(&self, _bdev: &Arc<Bdev>) -> Box<dyn ChannelOps> {
         let base = lock(&self.desc).as_ref().map(|d| d.channel());
         let st = Rc::new(DelayChan {
-            id: self.id,
             base,
             lat: self.lat.clone(),
             queues: Default::default(),
             seq: Cell::new(0),
             timer: Cell::new(None),
         });
-        CHANNELS.with(|c| c.borrow_mut().insert(self.id, Rc::downgrade(&st)));
         Box::new(DelayChannel(st))
     }
 
@@ -181,7 +175,7 @@ impl BdevOps for DelayBdev {
         Some(json!({ "method": "bdev_delay_create", "params": self.conf_values(b) }))
     }
 
-    fn destruct(&self) -> BoxFuture {
+    fn destruct(&self, _bdev: &Arc<Bdev>) -> BoxFuture {
         // Closing the descriptor releases the claim on the base.
         let desc = lock(&self.desc).take();
         Box::pin(async move { drop(desc) })
@@ -197,7 +191,6 @@ struct Held {
 
 /// Per-reactor state of one delay bdev.
 struct DelayChan {
-    id: u64,
     /// `None` only if the channel was made after destruct (no base left).
     base: Option<IoChannel>,
     lat: Arc<Latencies>,
@@ -207,12 +200,6 @@ struct DelayChan {
     seq: Cell<u64>,
     /// The armed drain timer and the time it fires.
     timer: Cell<Option<(TimerId, u64)>>,
-}
-
-thread_local! {
-    /// This reactor's delay channels by bdev id, for resets that must reach
-    /// every reactor's queues.
-    static CHANNELS: RefCell<HashMap<u64, RcWeak<DelayChan>>> = RefCell::new(HashMap::new());
 }
 
 impl DelayChan {
@@ -283,22 +270,8 @@ impl DelayChan {
     }
 }
 
-/// The `ChannelOps` half; unlists the channel state when the generic layer
-/// drops the channel.
+/// The `ChannelOps` half (what `for_each_channel` hands back).
 struct DelayChannel(Rc<DelayChan>);
-
-impl Drop for DelayChannel {
-    fn drop(&mut self) {
-        let me = Rc::downgrade(&self.0);
-        let _ = CHANNELS.try_with(|c| {
-            if let Ok(mut c) = c.try_borrow_mut() {
-                if c.get(&self.0.id).is_some_and(|w| w.ptr_eq(&me)) {
-                    c.remove(&self.0.id);
-                }
-            }
-        });
-    }
-}
 
 impl ChannelOps for DelayChannel {
     fn submit(&self, io: Box<BdevIo>) {
@@ -346,9 +319,11 @@ impl ChannelOps for DelayChannel {
 /// A second pass afterwards catches I/O that was still in flight at the
 /// base when the reset began: a reset must not finish before all I/O has.
 fn reset(st: Rc<DelayChan>, io: Box<BdevIo>) {
-    let id = st.id;
+    let Some(bdev) = io.bdev().cloned() else {
+        return io.complete(IoStatus::Failed);
+    };
     reactor::spawn_local(async move {
-        abort_everywhere(id).await;
+        abort_everywhere(&bdev).await;
         let status = match &st.base {
             Some(base) => {
                 crate::util::submit(base, IoType::Reset, 0, 0, None, false)
@@ -357,73 +332,14 @@ fn reset(st: Rc<DelayChan>, io: Box<BdevIo>) {
             }
             None => IoStatus::Failed,
         };
-        abort_everywhere(id).await;
+        abort_everywhere(&bdev).await;
         io.complete(status);
     });
 }
 
-/// Complete everything held by delay bdev `id` on every reactor as aborted.
-async fn abort_everywhere(id: u64) {
-    on_each_reactor(move || {
-        let ch = CHANNELS.with(|c| c.borrow().get(&id).and_then(|w| w.upgrade()));
-        if let Some(ch) = ch {
-            ch.abort_all(IoStatus::Aborted);
-        }
-    })
-    .await
-}
-
-// ---------------------------------------------------------------------------
-// Cross-reactor helper
-
-/// A one-shot, cross-thread completion flag (management path only).
-#[derive(Default)]
-struct Signal(Mutex<(bool, Option<Waker>)>);
-
-impl Signal {
-    fn set(&self) {
-        let w = {
-            let mut g = lock(&self.0);
-            g.0 = true;
-            g.1.take()
-        };
-        if let Some(w) = w {
-            w.wake();
-        }
-    }
-
-    fn wait(&self) -> impl Future<Output = ()> + '_ {
-        std::future::poll_fn(move |cx| {
-            let mut g = lock(&self.0);
-            if g.0 {
-                Poll::Ready(())
-            } else {
-                g.1 = Some(cx.waker().clone());
-                Poll::Pending
-            }
-        })
-    }
-}
-
-/// Run `f` on every reactor, one after the other, and resolve once all
-/// have (SPDK's `spdk_for_each_channel`; each `f` finds its own channel).
-/// For resets and teardown, not for the per-I/O path.
-pub(crate) async fn on_each_reactor(f: impl Fn() + Send + Sync + 'static) {
-    let f = Arc::new(f);
-    let here = reactor::current();
-    for r in 0..reactor::num_reactors() {
-        if Some(r) == here {
-            f();
-            continue;
-        }
-        let sig = Arc::new(Signal::default());
-        let (f2, s2) = (f.clone(), sig.clone());
-        reactor::send(r, move || {
-            f2();
-            s2.set();
-        });
-        sig.wait().await;
-    }
+/// Complete everything held by `bdev` on every reactor as aborted.
+async fn abort_everywhere(bdev: &Arc<Bdev>) {
+    crate::for_each_channel(bdev, |ch: &DelayChannel| ch.0.abort_all(IoStatus::Aborted)).await
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -457,8 +373,6 @@ pub(crate) fn remove_propagator(
 
 // ---------------------------------------------------------------------------
 // Create / delete / update
-
-static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -496,7 +410,6 @@ pub fn create(p: CreateParams) -> Result<Arc<Bdev>, BdevError> {
         .uuid
         .unwrap_or_else(|| Uuid::new_v5(&NAMESPACE_UUID, base.uuid().as_bytes()));
     let ops = DelayBdev {
-        id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
         base_name: base.name().to_string(),
         base: base.clone(),
         desc: Mutex::new(Some(desc)),

@@ -16,8 +16,8 @@
 //! takes no lock.
 
 use std::cell::{Cell, RefCell};
-use std::collections::{HashMap, VecDeque};
-use std::rc::{Rc, Weak as RcWeak};
+use std::collections::VecDeque;
+use std::rc::Rc;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -27,7 +27,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use uuid::Uuid;
 
-use super::delay::{on_each_reactor, remove_propagator};
+use super::delay::remove_propagator;
 use crate::{
     Bdev, BdevBuilder, BdevError, BdevIo, BdevOps, BoxFuture, ChannelOps, ClaimType, Desc,
     IoChannel, IoStatus, IoType,
@@ -190,8 +190,6 @@ impl Injections {
 
 /// Per-bdev state of an error bdev.
 pub struct ErrorBdev {
-    /// Key of this bdev's channels in the per-reactor [`CHANNELS`] table.
-    id: u64,
     base_name: String,
     /// Kept apart from the descriptor: `io_type_supported` runs per I/O.
     base: Arc<Bdev>,
@@ -220,14 +218,12 @@ impl BdevOps for ErrorBdev {
     fn create_channel(&self, bdev: &Arc<Bdev>) -> Box<dyn ChannelOps> {
         let base = lock(&self.desc).as_ref().map(|d| d.channel());
         let st = Rc::new(ErrorChan {
-            id: self.id,
             block_size: bdev.block_size() as u64,
             base,
             inj: self.inj.clone(),
             inflight: Cell::new(0),
             pending: RefCell::new(VecDeque::new()),
         });
-        CHANNELS.with(|c| c.borrow_mut().insert(self.id, Rc::downgrade(&st)));
         Box::new(ErrorChannel(st))
     }
 
@@ -243,12 +239,12 @@ impl BdevOps for ErrorBdev {
         Some(json!({ "method": "bdev_error_create", "params": params }))
     }
 
-    fn destruct(&self) -> BoxFuture {
+    fn destruct(&self, bdev: &Arc<Bdev>) -> BoxFuture {
         let desc = lock(&self.desc).take();
-        let id = self.id;
+        let bdev = bdev.clone();
         Box::pin(async move {
             // Pending I/O would otherwise never complete once the bdev is gone.
-            on_each_reactor(move || fail_pending(id, IoStatus::Failed)).await;
+            fail_pending_everywhere(&bdev).await;
             // Closing the descriptor releases the claim on the base.
             drop(desc);
         })
@@ -257,7 +253,6 @@ impl BdevOps for ErrorBdev {
 
 /// Per-reactor state of one error bdev.
 struct ErrorChan {
-    id: u64,
     block_size: u64,
     /// `None` only if the channel was made after destruct (no base left).
     base: Option<IoChannel>,
@@ -269,22 +264,24 @@ struct ErrorChan {
     pending: RefCell<VecDeque<Box<BdevIo>>>,
 }
 
-thread_local! {
-    /// This reactor's error channels by bdev id, for resets that must reach
-    /// every reactor's pending I/O.
-    static CHANNELS: RefCell<HashMap<u64, RcWeak<ErrorChan>>> = RefCell::new(HashMap::new());
+/// Fail every pending I/O of `bdev` on every reactor.
+async fn fail_pending_everywhere(bdev: &Arc<Bdev>) {
+    crate::for_each_channel(bdev, |ch: &ErrorChannel| {
+        ch.0.fail_pending(IoStatus::Failed)
+    })
+    .await
 }
 
-/// Complete every pending I/O of bdev `id` on the calling reactor.
-fn fail_pending(id: u64, status: IoStatus) {
-    let ch = CHANNELS.with(|c| c.borrow().get(&id).and_then(|w| w.upgrade()));
-    let Some(ch) = ch else { return };
-    loop {
-        // No borrow across complete(): the callback may submit again.
-        let io = ch.pending.borrow_mut().pop_front();
-        match io {
-            Some(io) => io.complete(status),
-            None => break,
+impl ErrorChan {
+    /// Complete every pending I/O of this channel.
+    fn fail_pending(&self, status: IoStatus) {
+        loop {
+            // No borrow across complete(): the callback may submit again.
+            let io = self.pending.borrow_mut().pop_front();
+            match io {
+                Some(io) => io.complete(status),
+                None => break,
+            }
         }
     }
 }
@@ -304,22 +301,8 @@ fn corrupt(buf: &mut Option<DmaBuf>, len: u64, offset: u64, value: u8) {
     }
 }
 
-/// The `ChannelOps` half; unlists the channel state when the generic layer
-/// drops the channel.
+/// The `ChannelOps` half (what `for_each_channel` hands back).
 struct ErrorChannel(Rc<ErrorChan>);
-
-impl Drop for ErrorChannel {
-    fn drop(&mut self) {
-        let me = Rc::downgrade(&self.0);
-        let _ = CHANNELS.try_with(|c| {
-            if let Ok(mut c) = c.try_borrow_mut() {
-                if c.get(&self.0.id).is_some_and(|w| w.ptr_eq(&me)) {
-                    c.remove(&self.0.id);
-                }
-            }
-        });
-    }
-}
 
 impl ChannelOps for ErrorChannel {
     fn submit(&self, mut io: Box<BdevIo>) {
@@ -375,9 +358,11 @@ impl ChannelOps for ErrorChannel {
 /// Fail the pending I/O on every reactor (SPDK fails them), then reset the
 /// base and complete with its status.
 fn reset(st: Rc<ErrorChan>, io: Box<BdevIo>) {
-    let id = st.id;
+    let Some(bdev) = io.bdev().cloned() else {
+        return io.complete(IoStatus::Failed);
+    };
     reactor::spawn_local(async move {
-        on_each_reactor(move || fail_pending(id, IoStatus::Failed)).await;
+        fail_pending_everywhere(&bdev).await;
         match &st.base {
             Some(base) => base.submit(BdevIo::new(IoType::Reset, 0, 0, None, move |child| {
                 io.complete(child.status)
@@ -394,8 +379,6 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 // ---------------------------------------------------------------------------
 // Create / delete / inject
 
-static NEXT_ID: AtomicU64 = AtomicU64::new(1);
-
 /// Create and register `EE_<base_name>`. On failure nothing is left
 /// behind: no bdev, no descriptor, no claim.
 pub fn create(base_name: &str, uuid: Option<Uuid>) -> Result<Arc<Bdev>, BdevError> {
@@ -408,7 +391,6 @@ pub fn create(base_name: &str, uuid: Option<Uuid>) -> Result<Arc<Bdev>, BdevErro
     desc.claim(ClaimType::ExclusiveWrite, MODULE_NAME)?;
     let base = desc.bdev().clone();
     let ops = ErrorBdev {
-        id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
         base_name: base.name().to_string(),
         base: base.clone(),
         desc: Mutex::new(Some(desc)),

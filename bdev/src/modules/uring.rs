@@ -230,7 +230,7 @@ impl BdevOps for FileBdev {
 
     /// Clean shutdown and delete: make what was written durable before the
     /// file is closed (the device's volatile cache included).
-    fn destruct(&self) -> crate::BoxFuture {
+    fn destruct(&self, _bdev: &Arc<Bdev>) -> crate::BoxFuture {
         let disk = self.disk.clone();
         Box::pin(async move {
             if disk.readonly {
