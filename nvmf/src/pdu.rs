@@ -484,7 +484,7 @@ impl Decoder {
                 return Err(PduError::field(off::PDO, "PDO outside the PDU"));
             }
             let align = (self.cfg.rx_pda as usize + 1) * 4;
-            if self.cfg.rx_pda != 0 && pdo % align != 0 {
+            if self.cfg.rx_pda != 0 && !pdo.is_multiple_of(align) {
                 return Err(PduError::field(
                     off::PDO,
                     "PDO not aligned to the negotiated PDA",
@@ -518,14 +518,12 @@ impl Decoder {
             (0, 0)
         };
         match ty {
-            PduType::CapsuleCmd => {
-                if data_len > self.cfg.max_icd as usize {
-                    return Err(PduError::new(
-                        Fes::DataLimitExceeded,
-                        off::PLEN,
-                        "in-capsule data larger than allowed",
-                    ));
-                }
+            PduType::CapsuleCmd if data_len > self.cfg.max_icd as usize => {
+                return Err(PduError::new(
+                    Fes::DataLimitExceeded,
+                    off::PLEN,
+                    "in-capsule data larger than allowed",
+                ));
             }
             PduType::H2CData | PduType::C2HData => {
                 let datal = u32::from_le_bytes([buf[16], buf[17], buf[18], buf[19]]) as usize;
