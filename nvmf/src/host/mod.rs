@@ -79,3 +79,6 @@ impl From<std::io::Error> for HostError {
 pub fn register_methods() {
     rpc::register_methods();
 }
+
+#[cfg(test)]
+mod tests;
