@@ -222,6 +222,7 @@ pub fn register_all_methods() {
     register_framework_methods();
     bdev::rpc::register_methods();
     bdev::modules::register_methods();
+    nvmf::register_methods();
 }
 
 /// Block SIGINT/SIGTERM in every thread and handle them on one thread
@@ -346,6 +347,7 @@ async fn app_main(spec: AppSpec, main: Option<MainFn>) -> i32 {
     if let Some(s) = server {
         s.shutdown();
     }
+    nvmf::shutdown();
     bdev::unregister_all().await;
     tracing::info!("shutdown complete");
     code
