@@ -222,6 +222,7 @@ pub fn register_all_methods() {
     register_framework_methods();
     bdev::rpc::register_methods();
     bdev::modules::register_methods();
+    nvmf::register_methods();
     nvmf::host::register_methods();
 }
 
@@ -347,6 +348,7 @@ async fn app_main(spec: AppSpec, main: Option<MainFn>) -> i32 {
     if let Some(s) = server {
         s.shutdown();
     }
+    nvmf::shutdown();
     bdev::unregister_all().await;
     tracing::info!("shutdown complete");
     code
