@@ -172,9 +172,14 @@ pub fn attach_opts(p: AttachParams) -> Result<AttachOpts, RpcError> {
             return Err(invalid(format!("Invalid multipath parameter: {m}")));
         }
     }
-    let loss = p.ctrlr_loss_timeout_sec.unwrap_or(0);
-    let delay = p.reconnect_delay_sec.unwrap_or(0);
-    let fast = p.fast_io_fail_timeout_sec.unwrap_or(0);
+    let dflt = defaults();
+    let loss = p
+        .ctrlr_loss_timeout_sec
+        .unwrap_or(dflt.ctrlr_loss_timeout_sec);
+    let delay = p.reconnect_delay_sec.unwrap_or(dflt.reconnect_delay_sec);
+    let fast = p
+        .fast_io_fail_timeout_sec
+        .unwrap_or(dflt.fast_io_fail_timeout_sec);
     check_resiliency(loss, delay, fast).map_err(invalid)?;
     let num_io_queues = p.num_io_queues.unwrap_or(1024);
     if num_io_queues == 0 || num_io_queues > 0xFFFF {
@@ -191,7 +196,7 @@ pub fn attach_opts(p: AttachParams) -> Result<AttachOpts, RpcError> {
         return Err(invalid("hostnqn must be 1..223 characters"));
     }
     let connect_timeout = match p.fabrics_connect_timeout_us {
-        Some(0) | None => Duration::from_secs(10),
+        Some(0) | None => Duration::from_millis(dflt.tcp_connect_timeout_ms.max(1) as u64),
         Some(us) => Duration::from_micros(us),
     };
     Ok(AttachOpts {
@@ -208,8 +213,76 @@ pub fn attach_opts(p: AttachParams) -> Result<AttachOpts, RpcError> {
         reconnect_delay_sec: delay,
         fast_io_fail_timeout_sec: fast,
         connect_timeout,
-        kato_ms: DEFAULT_KATO_MS,
+        kato_ms: dflt.keep_alive_timeout_ms,
     })
+}
+
+/// `bdev_nvme_set_options`: the subset this host implements. Other SPDK
+/// keys are refused by the strict decoder rather than silently ignored.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SetOptions {
+    keep_alive_timeout_ms: Option<u32>,
+    ctrlr_loss_timeout_sec: Option<i32>,
+    reconnect_delay_sec: Option<u32>,
+    fast_io_fail_timeout_sec: Option<u32>,
+    tcp_connect_timeout_ms: Option<u32>,
+}
+
+/// Module defaults (`bdev_nvme_set_options`), used by attaches that do not
+/// say otherwise.
+#[derive(Clone, Copy, Debug)]
+pub struct Defaults {
+    pub keep_alive_timeout_ms: u32,
+    pub ctrlr_loss_timeout_sec: i32,
+    pub reconnect_delay_sec: u32,
+    pub fast_io_fail_timeout_sec: u32,
+    pub tcp_connect_timeout_ms: u32,
+}
+
+static DEFAULTS: std::sync::Mutex<Defaults> = std::sync::Mutex::new(Defaults {
+    keep_alive_timeout_ms: DEFAULT_KATO_MS,
+    ctrlr_loss_timeout_sec: 0,
+    reconnect_delay_sec: 0,
+    fast_io_fail_timeout_sec: 0,
+    tcp_connect_timeout_ms: 10_000,
+});
+
+pub fn defaults() -> Defaults {
+    *DEFAULTS.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn set_options(p: SetOptions) -> Result<(), RpcError> {
+    if !ctrlr::all().is_empty() {
+        return Err(RpcError::errno_msg(
+            libc::EPERM,
+            "Operation not permitted: bdev_nvme_set_options is refused while controllers are attached",
+        ));
+    }
+    let mut d = defaults();
+    if let Some(v) = p.keep_alive_timeout_ms {
+        d.keep_alive_timeout_ms = v;
+    }
+    if let Some(v) = p.ctrlr_loss_timeout_sec {
+        d.ctrlr_loss_timeout_sec = v;
+    }
+    if let Some(v) = p.reconnect_delay_sec {
+        d.reconnect_delay_sec = v;
+    }
+    if let Some(v) = p.fast_io_fail_timeout_sec {
+        d.fast_io_fail_timeout_sec = v;
+    }
+    if let Some(v) = p.tcp_connect_timeout_ms {
+        d.tcp_connect_timeout_ms = v;
+    }
+    check_resiliency(
+        d.ctrlr_loss_timeout_sec,
+        d.reconnect_delay_sec,
+        d.fast_io_fail_timeout_sec,
+    )
+    .map_err(invalid)?;
+    *DEFAULTS.lock().unwrap_or_else(|e| e.into_inner()) = d;
+    Ok(())
 }
 
 #[derive(Deserialize)]
@@ -245,6 +318,15 @@ fn controller_json(c: &ctrlr::Ctrlr) -> Value {
 }
 
 pub fn register_methods() {
+    register_typed(
+        "bdev_nvme_set_options",
+        ::rpc::STARTUP | RUNTIME,
+        DecodeError::Internal,
+        |p: SetOptions| async move {
+            set_options(p)?;
+            Ok(true)
+        },
+    );
     register_typed(
         "bdev_nvme_attach_controller",
         RUNTIME,
