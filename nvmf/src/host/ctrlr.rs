@@ -192,7 +192,7 @@ impl Local {
     }
 
     /// The queue pair failed: its I/O wait or fail, and reactor 0 hears of it.
-    fn qp_failed(&self, ios: Vec<Box<BdevIo>>, qp: &Weak<Qpair>) {
+    fn qp_failed(&self, ios: Vec<super::qpair::Returned>, qp: &Weak<Qpair>) {
         let ours = match (self.qp.borrow().as_ref(), qp.upgrade()) {
             (Some(a), Some(b)) => Rc::ptr_eq(a, &b),
             _ => false,
@@ -205,10 +205,7 @@ impl Local {
             self.lost.set(true);
             reactor::send(0, move || ctrlr_failed(id));
         }
-        for io in ios {
-            // Their numbers live in the I/O itself; the namespace does not
-            // change, so the channel resubmits with what it had.
-            let (nsid, bs) = io_ns(&io);
+        for (io, nsid, bs) in ios {
             self.unavailable(io, nsid, bs);
         }
     }
@@ -220,7 +217,7 @@ impl Local {
             if let Some(l) = weak_self.upgrade() {
                 l.qp_failed(ios, &weak_qp);
             } else {
-                for io in ios {
+                for (io, _, _) in ios {
                     io.complete(IoStatus::Failed);
                 }
             }
@@ -254,18 +251,6 @@ impl Local {
         if let Some(qp) = qp {
             qp.close();
         }
-    }
-}
-
-/// The namespace of an I/O that came back from a failed queue pair: the
-/// bdev layer set the bdev, whose module data carries it.
-fn io_ns(io: &BdevIo) -> (u32, u32) {
-    match io.bdev().and_then(|b| {
-        b.ops_as::<super::nvme_bdev::NvmeBdev>()
-            .map(|n| (n.nsid, b.block_size()))
-    }) {
-        Some(x) => x,
-        None => (1, 512),
     }
 }
 
@@ -614,7 +599,7 @@ impl Ctrlr {
         let (admin, cntlid) = Qpair::connect(self.addr, &params).await?;
         let id = self.shared.id;
         admin.set_on_fail(Box::new(move |ios| {
-            for io in ios {
+            for (io, _, _) in ios {
                 io.complete(IoStatus::Failed);
             }
             reactor::defer(move || ctrlr_failed(id));

@@ -14,6 +14,10 @@
 //! * [`rpc`]: `bdev_nvme_attach_controller`, `bdev_nvme_detach_controller`,
 //!   `bdev_nvme_get_controllers`.
 
+// Bdev I/O travel as `Box<BdevIo>` (the bdev layer's ownership unit), so
+// lists of them are vectors of boxes.
+#![allow(clippy::vec_box)]
+
 pub mod ctrlr;
 pub mod nvme_bdev;
 pub mod qpair;

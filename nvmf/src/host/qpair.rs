@@ -155,9 +155,13 @@ struct Inner {
     done: Vec<Box<BdevIo>>,
 }
 
+/// A bdev I/O handed back by a failed queue pair, with its namespace ID and
+/// block size.
+pub type Returned = (Box<BdevIo>, u32, u32);
+
 /// Hook the owner installs: gets the bdev I/O that were outstanding when the
-/// connection failed (in submission order), exactly once.
-pub type FailFn = Box<dyn FnOnce(Vec<Box<BdevIo>>)>;
+/// connection failed, exactly once.
+pub type FailFn = Box<dyn FnOnce(Vec<Returned>)>;
 
 pub struct Qpair {
     inner: RefCell<Inner>,
@@ -429,15 +433,16 @@ impl Qpair {
                 } else if r.parent != NONE {
                     let p = &mut parents[r.parent as usize];
                     if let Some(io) = p.io.take() {
-                        ios.push(io);
+                        ios.push((io, p.nsid, p.bs));
                         free_parents.push(r.parent);
                     }
                 }
                 free.push(cid as u16);
             }
             for idx in pending.drain(..) {
-                if let Some(io) = parents[idx as usize].io.take() {
-                    ios.push(io);
+                let p = &mut parents[idx as usize];
+                if let Some(io) = p.io.take() {
+                    ios.push((io, p.nsid, p.bs));
                     free_parents.push(idx);
                 }
             }
@@ -459,7 +464,7 @@ impl Qpair {
             match cb {
                 Some(cb) => cb(ios),
                 None => {
-                    for io in ios {
+                    for (io, _, _) in ios {
                         io.complete(IoStatus::Failed);
                     }
                 }
