@@ -192,7 +192,7 @@ impl Local {
     }
 
     /// The queue pair failed: its I/O wait or fail, and reactor 0 hears of it.
-    fn qp_failed(&self, ios: Vec<super::qpair::Returned>, qp: &Weak<Qpair>) {
+    fn qp_failed(&self, ios: Vec<super::qpair::Returned>, by_host: bool, qp: &Weak<Qpair>) {
         let ours = match (self.qp.borrow().as_ref(), qp.upgrade()) {
             (Some(a), Some(b)) => Rc::ptr_eq(a, &b),
             _ => false,
@@ -201,7 +201,7 @@ impl Local {
             self.qp.borrow_mut().take();
         }
         let id = self.shared.id;
-        if self.shared.state() == ST_CONNECTED {
+        if self.shared.state() == ST_CONNECTED && !by_host {
             self.lost.set(true);
             reactor::send(0, move || ctrlr_failed(id));
         }
@@ -213,9 +213,9 @@ impl Local {
     fn set_qp(self: &Rc<Self>, qp: Rc<Qpair>) {
         let weak_self = Rc::downgrade(self);
         let weak_qp = Rc::downgrade(&qp);
-        qp.set_on_fail(Box::new(move |ios| {
+        qp.set_on_fail(Box::new(move |ios, by_host| {
             if let Some(l) = weak_self.upgrade() {
-                l.qp_failed(ios, &weak_qp);
+                l.qp_failed(ios, by_host, &weak_qp);
             } else {
                 for (io, _, _) in ios {
                     io.complete(IoStatus::Failed);
@@ -348,6 +348,8 @@ pub struct Ctrlr {
     ka_busy: Rc<Cell<bool>>,
     io_queues: Cell<u32>,
     digests: Cell<(bool, bool)>,
+    /// A queue pair failed while (re)connecting: the attempt is not good.
+    lost_during_init: Cell<bool>,
 }
 
 thread_local! {
@@ -598,11 +600,13 @@ impl Ctrlr {
         };
         let (admin, cntlid) = Qpair::connect(self.addr, &params).await?;
         let id = self.shared.id;
-        admin.set_on_fail(Box::new(move |ios| {
+        admin.set_on_fail(Box::new(move |ios, by_host| {
             for (io, _, _) in ios {
                 io.complete(IoStatus::Failed);
             }
-            reactor::defer(move || ctrlr_failed(id));
+            if !by_host {
+                reactor::defer(move || ctrlr_failed(id));
+            }
         }));
         self.digests.set(admin.digests());
         if let Some(old) = self.admin.borrow_mut().replace(admin) {
@@ -842,7 +846,9 @@ pub async fn attach(opts: AttachOpts) -> Result<Vec<String>, HostError> {
         opts,
         addr,
         hostid,
-        state: Cell::new(CState::Connected),
+        // Not Connected until init is done: a failure during init is
+        // attach's to report, not a reason to start reconnecting.
+        state: Cell::new(CState::Resetting),
         admin: RefCell::new(None),
         namespaces: RefCell::new(Vec::new()),
         bdevs: RefCell::new(Vec::new()),
@@ -850,6 +856,7 @@ pub async fn attach(opts: AttachOpts) -> Result<Vec<String>, HostError> {
         ka_busy: Rc::new(Cell::new(false)),
         io_queues: Cell::new(0),
         digests: Cell::new((false, false)),
+        lost_during_init: Cell::new(false),
     });
     // Registered first so a failure message during init finds it.
     CTRLRS.with(|l| l.borrow_mut().push(c.clone()));
@@ -878,6 +885,11 @@ pub async fn attach(opts: AttachOpts) -> Result<Vec<String>, HostError> {
         }
     }
     *c.bdevs.borrow_mut() = names.clone();
+    c.state.set(CState::Connected);
+    if c.lost_during_init.replace(false) {
+        // A queue pair went down during init: the usual recovery.
+        ctrlr_failed(id);
+    }
     tracing::info!(ctrlr = %c.opts.name, addr = %c.addr, subnqn = %c.opts.subnqn, bdevs = ?names, "NVMe controller attached");
     Ok(names)
 }
@@ -950,6 +962,9 @@ async fn delete(c: &Rc<Ctrlr>, shutdown: bool) {
 /// A queue pair of controller `id` failed (runs on reactor 0).
 pub fn ctrlr_failed(id: u64) {
     let Some(c) = by_id(id) else { return };
+    if c.state.get() == CState::Resetting {
+        c.lost_during_init.set(true);
+    }
     if c.state.get() != CState::Connected {
         return;
     }
@@ -969,7 +984,14 @@ async fn reconnect_loop(c: Rc<Ctrlr>) {
         if c.state.get() == CState::Deleting {
             return;
         }
-        match c.connect_all().await {
+        c.lost_during_init.set(false);
+        let res = match c.connect_all().await {
+            Ok(()) if c.lost_during_init.get() => Err(HostError::Disconnected(
+                "a queue pair failed while reconnecting".into(),
+            )),
+            r => r,
+        };
+        match res {
             Ok(()) => {
                 if c.state.get() == CState::Deleting {
                     c.disconnect_all().await;

@@ -160,8 +160,9 @@ struct Inner {
 pub type Returned = (Box<BdevIo>, u32, u32);
 
 /// Hook the owner installs: gets the bdev I/O that were outstanding when the
-/// connection failed, exactly once.
-pub type FailFn = Box<dyn FnOnce(Vec<Returned>)>;
+/// connection failed or was closed, exactly once, and whether the host
+/// closed it itself (`true`) rather than losing it.
+pub type FailFn = Box<dyn FnOnce(Vec<Returned>, bool)>;
 
 pub struct Qpair {
     inner: RefCell<Inner>,
@@ -462,7 +463,7 @@ impl Qpair {
         if !self.notified.replace(true) {
             let cb = self.on_fail.borrow_mut().take();
             match cb {
-                Some(cb) => cb(ios),
+                Some(cb) => cb(ios, !log),
                 None => {
                     for (io, _, _) in ios {
                         io.complete(IoStatus::Failed);

@@ -21,6 +21,8 @@ pub struct Sock {
     armed_in: Rc<Cell<bool>>,
     armed_out: Rc<Cell<bool>>,
     closed: Cell<bool>,
+    /// The reactor sleeps when idle (read once: asked on every EAGAIN).
+    interrupt: bool,
 }
 
 /// Outcome of a non-blocking transfer.
@@ -139,6 +141,7 @@ impl Sock {
             armed_in: Rc::new(Cell::new(false)),
             armed_out: Rc::new(Cell::new(false)),
             closed: Cell::new(false),
+            interrupt: reactor::is_interrupt_mode(),
         })
     }
 
@@ -181,7 +184,7 @@ impl Sock {
     /// In interrupt mode, make sure the reactor wakes when the socket
     /// becomes readable (`out` false) or writable (`out` true).
     pub fn arm(&self, out: bool) {
-        if !reactor::is_interrupt_mode() || self.closed.get() {
+        if !self.interrupt || self.closed.get() {
             return;
         }
         let flag = if out { &self.armed_out } else { &self.armed_in };
