@@ -994,7 +994,9 @@ async fn reconnect_loop(c: Rc<Ctrlr>) {
         match res {
             Ok(()) => {
                 if c.state.get() == CState::Deleting {
+                    // Detached meanwhile: undo what this attempt set up.
                     c.disconnect_all().await;
+                    remove_locals(c.shared.id).await;
                     return;
                 }
                 c.state.set(CState::Connected);

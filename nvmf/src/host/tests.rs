@@ -40,6 +40,10 @@ enum Fault {
     BadDdgst,
     /// The first read's C2HData has HLEN 30.
     BadHlen,
+    /// The first read is answered with a PDU of type 0x08 (unused).
+    UnknownType,
+    /// The first R2T asks for more than the write carries.
+    BadR2t,
 }
 
 struct Ctl {
@@ -336,7 +340,10 @@ fn handle_cmd(
     let off = slba as usize * BS;
     match sqe.opc {
         spec::nvm::READ => {
-            let fault = if c.fault != Fault::None && !c.fault_done.swap(true, Ordering::SeqCst) {
+            let fault = if c.fault != Fault::None
+                && c.fault != Fault::BadR2t
+                && !c.fault_done.swap(true, Ordering::SeqCst)
+            {
                 c.fault
             } else {
                 Fault::None
@@ -362,6 +369,12 @@ fn handle_cmd(
                 }
                 Fault::WrongDatao => {
                     enc.data_pdu(out, true, &dh(512, half, false), &data[..half]);
+                    return;
+                }
+                Fault::UnknownType => {
+                    let s = out.len();
+                    resp(enc, out, cid, ok, 0);
+                    out[s] = 0x08;
                     return;
                 }
                 Fault::BadHlen => {
@@ -410,6 +423,18 @@ fn handle_cmd(
                 resp(enc, out, cid, ok, 0);
             } else {
                 pending.insert(cid, (slba, len, Vec::with_capacity(len)));
+                if c.fault == Fault::BadR2t && !c.fault_done.swap(true, Ordering::SeqCst) {
+                    enc.r2t(
+                        out,
+                        &R2t {
+                            cccid: cid,
+                            ttag: 1,
+                            r2to: 0,
+                            r2tl: len as u32 + 512,
+                        },
+                    );
+                    return;
+                }
                 enc.r2t(
                     out,
                     &R2t {
@@ -574,6 +599,8 @@ fn malformed_pdus_fail_the_connection_and_recover() {
         Fault::WrongDatao,
         Fault::TermReq,
         Fault::BadHlen,
+        Fault::UnknownType,
+        Fault::BadR2t,
     ] {
         let (port, ctl) = start_ctl(fault, 8192, 260, 5);
         let c2 = ctl.clone();
@@ -584,6 +611,14 @@ fn malformed_pdus_fail_the_connection_and_recover() {
             ctrlr::attach(o).await.unwrap();
             let desc = bdev::open("T0n1", true, |_| {}).unwrap();
             let ch = desc.channel();
+            if fault == Fault::BadR2t {
+                // 16 blocks = 8 KiB, beyond the 4 KiB in-capsule limit.
+                let w = pattern(9, 16 * BS);
+                let expect = w.as_slice().to_vec();
+                util::write(&ch, 200, w, false).await.unwrap();
+                let r = util::read(&ch, 200, 16).await.unwrap();
+                assert!(r.as_slice()[..16 * BS] == expect[..]);
+            }
             let r = util::read(&ch, 10, 4).await;
             let r = r.unwrap_or_else(|e| panic!("{fault:?}: read failed after reconnect: {e:?}"));
             let expect: Vec<u8> = (10 * BS..14 * BS).map(|i| (i % 251) as u8).collect();
@@ -602,10 +637,10 @@ fn malformed_pdus_fail_the_connection_and_recover() {
                 terms.contains(&(Fes::HeaderDigestError as u16)),
                 "{terms:?}"
             ),
-            Fault::WrongDatao => {
+            Fault::WrongDatao | Fault::BadR2t => {
                 assert!(terms.contains(&(Fes::DataOutOfRange as u16)), "{terms:?}")
             }
-            Fault::BadHlen => assert!(
+            Fault::BadHlen | Fault::UnknownType => assert!(
                 terms.contains(&(Fes::InvalidHeaderField as u16)),
                 "{terms:?}"
             ),
