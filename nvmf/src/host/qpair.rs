@@ -628,7 +628,9 @@ impl Inner {
         let start = p.cursor;
         let (opc, n) = match io.io_type {
             IoType::Read | IoType::Write => {
-                let max_blocks = (max_xfer / bs).clamp(1, 65536);
+                // NLB is 16 bits; keep each command's byte count within u32
+                // even with 64 KiB blocks and no MDTS.
+                let max_blocks = (max_xfer.min(1 << 31) / bs).clamp(1, 65536);
                 let opc = if io.io_type == IoType::Read {
                     spec::nvm::READ
                 } else {
