@@ -12,7 +12,9 @@ use crate::target::{CtrlState, ListenAddr, SubState, SubType, Subsystem, Transpo
 /// Decode `data` as a PDU stream. Byte 0 picks the negotiated parameters
 /// (digests, direction, PDA, limits); the rest is the stream.
 pub fn pdu_decoder(data: &[u8]) {
-    let Some((&sel, stream)) = data.split_first() else { return };
+    let Some((&sel, stream)) = data.split_first() else {
+        return;
+    };
     let cfg = DecoderConfig {
         accept: match sel & 3 {
             0 => Accept::HostToCtrl,
@@ -33,7 +35,9 @@ pub fn pdu_decoder(data: &[u8]) {
         match d.decode(rest) {
             Ok(Some(x)) => {
                 assert!(x.len > 0 && x.len <= rest.len());
-                let _ = d.header(&rest[..x.len]).expect("a decoded PDU's header validates again");
+                let _ = d
+                    .header(&rest[..x.len])
+                    .expect("a decoded PDU's header validates again");
                 pos += x.len;
             }
             Ok(None) | Err(_) => break,
@@ -41,10 +45,18 @@ pub fn pdu_decoder(data: &[u8]) {
     }
 }
 
-fn test_ctrl(disc: bool) -> Arc<crate::target::Ctrl> {
+pub(crate) fn test_ctrl(disc: bool) -> Arc<crate::target::Ctrl> {
     let subsys = Arc::new(Subsystem {
-        nqn: if disc { crate::spec::DISCOVERY_NQN.into() } else { "nqn.2016-06.io.spdk:fuzz".into() },
-        subtype: if disc { SubType::Discovery } else { SubType::Nvme },
+        nqn: if disc {
+            crate::spec::DISCOVERY_NQN.into()
+        } else {
+            "nqn.2016-06.io.spdk:fuzz".into()
+        },
+        subtype: if disc {
+            SubType::Discovery
+        } else {
+            SubType::Nvme
+        },
         serial_number: "FUZZ".into(),
         model_number: "fuzz".into(),
         max_namespaces: 32,
@@ -72,7 +84,11 @@ fn test_ctrl(disc: bool) -> Arc<crate::target::Ctrl> {
         admin_conn: 0,
         ready: false.into(),
         last_ka_ns: 0.into(),
-        listen: ListenAddr { adrfam: crate::target::Adrfam::Ipv4, traddr: "127.0.0.1".into(), trsvcid: "4420".into() },
+        listen: ListenAddr {
+            adrfam: crate::target::Adrfam::Ipv4,
+            traddr: "127.0.0.1".into(),
+            trsvcid: "4420".into(),
+        },
         state: Mutex::new(CtrlState {
             cc: 0,
             csts: 0,
@@ -93,7 +109,10 @@ fn test_ctrl(disc: bool) -> Arc<crate::target::Ctrl> {
 /// and properties, Identify, Get Log Page, Set/Get Features, on an I/O
 /// and a discovery controller.
 pub fn command_parser(data: &[u8]) {
-    let d = Decoder::new(DecoderConfig { accept: Accept::HostToCtrl, ..Default::default() });
+    let d = Decoder::new(DecoderConfig {
+        accept: Accept::HostToCtrl,
+        ..Default::default()
+    });
     let opts = TransportOpts::default();
     let ctrls = [test_ctrl(false), test_ctrl(true)];
     let mut pos = 0;
@@ -112,7 +131,12 @@ pub fn command_parser(data: &[u8]) {
                     _ => None,
                 },
                 admin::IDENTIFY => Some(ctrlr::identify(c, &opts, sqe)),
-                admin::GET_LOG_PAGE => Some(ctrlr::get_log_page(c, sqe, "127.0.0.1", sqe.sgl.len.min(1 << 20))),
+                admin::GET_LOG_PAGE => Some(ctrlr::get_log_page(
+                    c,
+                    sqe,
+                    "127.0.0.1",
+                    sqe.sgl.len.min(1 << 20),
+                )),
                 admin::SET_FEATURES => Some(ctrlr::set_features(c, &opts, sqe)),
                 admin::GET_FEATURES => Some(ctrlr::get_features(c, sqe)),
                 _ => None,

@@ -6,13 +6,19 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 fn corpus(target: &str) -> Vec<Vec<u8>> {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus").join(target);
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("fuzz/corpus")
+        .join(target);
     let mut out = Vec::new();
     for e in std::fs::read_dir(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display())) {
         let p = e.expect("dir entry").path();
         out.push(std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display())));
     }
-    assert!(out.len() >= 5, "corpus {target} has only {} inputs", out.len());
+    assert!(
+        out.len() >= 5,
+        "corpus {target} has only {} inputs",
+        out.len()
+    );
     out
 }
 
@@ -36,10 +42,17 @@ fn run(target: &str, f: fn(&[u8])) {
     let seed = std::env::var("NVMF_FUZZ_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| Instant::now().elapsed().as_nanos() as u64 ^ 0x9E37_79B9_7F4A_7C15 ^ std::process::id() as u64);
+        .unwrap_or_else(|| {
+            Instant::now().elapsed().as_nanos() as u64
+                ^ 0x9E37_79B9_7F4A_7C15
+                ^ std::process::id() as u64
+        });
     eprintln!("{target}: NVMF_FUZZ_SEED={seed}");
     let mut rng = Rng(seed | 1);
-    let secs = std::env::var("NVMF_FUZZ_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(3);
+    let secs = std::env::var("NVMF_FUZZ_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(3);
     let end = Instant::now() + Duration::from_secs(secs);
     let mut n = 0u64;
     while Instant::now() < end {
