@@ -351,7 +351,7 @@ pub fn get_log_page(c: &Ctrl, sqe: &Sqe, local_ip: &str, xfer: u32) -> Done {
     let numd = ((sqe.cdw10 >> 16) | ((sqe.cdw11 & 0xFFFF) << 16)) as u64 + 1;
     let len = numd * 4;
     let lpo = sqe.cdw12 as u64 | ((sqe.cdw13 as u64) << 32);
-    if lpo % 4 != 0 || len > xfer as u64 {
+    if !lpo.is_multiple_of(4) || len > xfer as u64 {
         return invalid_field();
     }
     let disc = c.is_discovery();

@@ -116,7 +116,7 @@ pub fn command_parser(data: &[u8]) {
     let opts = TransportOpts::default();
     let ctrls = [test_ctrl(false), test_ctrl(true)];
     let mut pos = 0;
-    let mut run = |sqe: &Sqe, icd: &[u8]| {
+    let run = |sqe: &Sqe, icd: &[u8]| {
         let _ = sqe.direction();
         for c in &ctrls {
             let out = match sqe.opc {

@@ -1287,7 +1287,7 @@ impl Conn {
                     io.fua = sqe.fua();
                     ch.submit(io);
                 } else {
-                    return self.fail_pending(i, Status::generic(sc::INVALID_FIELD));
+                    self.fail_pending(i, Status::generic(sc::INVALID_FIELD));
                 }
             }
             _ => {

@@ -56,7 +56,7 @@ fn run(target: &str, f: fn(&[u8])) {
     let end = Instant::now() + Duration::from_secs(secs);
     let mut n = 0u64;
     while Instant::now() < end {
-        let mut input = if rng.next() % 4 == 0 {
+        let mut input = if rng.next().is_multiple_of(4) {
             let len = (rng.next() % 600) as usize;
             (0..len).map(|_| rng.next() as u8).collect::<Vec<u8>>()
         } else {
