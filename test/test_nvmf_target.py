@@ -162,6 +162,12 @@ def test_listener_and_host_rpcs(tgt):
         -32602, "Invalid parameters")
     s = tgt.rpc("nvmf_get_subsystems", nqn=NQN)[0]
     assert s["listen_addresses"] == [] and s["hosts"] == [] and s["allow_any_host"] is False
+    # A socket no subsystem uses any more is closed: the port can be bound again.
+    tgt.cli("nvmf_subsystem_remove_listener", "discovery", "-t", "tcp", "-a", ADDR, "-s", str(port))
+    with pytest.raises(OSError):
+        socket.create_connection((ADDR, port), timeout=2).close()
+    tgt.rpc("nvmf_subsystem_add_listener", nqn=NQN, listen_address=la)
+    tgt.rpc("nvmf_subsystem_add_listener", nqn=P.DISCOVERY_NQN, listen_address=la)
     # The discovery listener still serves.
     d = P.admin_session(ADDR, port, P.DISCOVERY_NQN)
     d.close()
@@ -274,6 +280,20 @@ def test_connect_identify_io(tgt, digests):
     stats = tgt.rpc("nvmf_get_stats")
     assert sum(g["completed_nvme_io"] for g in stats["poll_groups"]) >= 10
     assert sum(g["current_io_qpairs"] for g in stats["poll_groups"]) == 1
+    # A second I/O queue with SQ flow control disabled: Connect reports SQHD
+    # FFFFh and successful reads end with a C2HData carrying SUCCESS (no CQE).
+    q2 = P.Conn(ADDR, port, hdgst=hd, ddgst=dd)
+    q2.icreq()
+    cqe = q2.connect(NQN, qid=2, sqsize=31, cntlid=a.cntlid, cattr=4)
+    assert cqe["sqhd"] == 0xFFFF
+    cid = q2.next_cid()
+    q2.capsule(P.sqe(0x02, cid, 1, (0, 4096, 0x5A), (0, 0, 7, 0, 0, 0)))
+    p = q2.recv_pdu()
+    assert p["type"] == P.C2H_DATA and p["flags"] & (P.SUCCESS | P.LAST_PDU) == P.SUCCESS | P.LAST_PDU
+    assert p["data"] == small
+    # (LBAs 64..79 were zeroed and deallocated above.)
+    assert q2.read(1, 80, 240)[1] == big[16 * 512:]
+    q2.close()
     # Shutdown: SHN → SHST complete, I/O queue closed.
     a.prop_set(0x14, 0x00464001)
     assert (a.prop_get(0x1C) >> 2) & 3 == 2
