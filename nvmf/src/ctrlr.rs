@@ -351,7 +351,7 @@ pub fn get_log_page(c: &Ctrl, sqe: &Sqe, local_ip: &str, xfer: u32) -> Done {
     let numd = ((sqe.cdw10 >> 16) | ((sqe.cdw11 & 0xFFFF) << 16)) as u64 + 1;
     let len = numd * 4;
     let lpo = sqe.cdw12 as u64 | ((sqe.cdw13 as u64) << 32);
-    if lpo % 4 != 0 || len > xfer as u64 {
+    if !lpo.is_multiple_of(4) || len > xfer as u64 {
         return invalid_field();
     }
     let disc = c.is_discovery();
@@ -514,5 +514,275 @@ pub fn get_features(c: &Ctrl, sqe: &Sqe) -> Done {
         | fid::IRQ_VECTOR_CONFIG
         | fid::WRITE_ATOMICITY => Done::dw0(st.feat.get(&fid).copied().unwrap_or(0)),
         _ => invalid_field(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fuzz::test_ctrl;
+
+    fn sqe(opc: u8, nsid: u32, cdw10: u32, cdw11: u32) -> Sqe {
+        Sqe {
+            opc,
+            nsid,
+            cdw10,
+            cdw11,
+            ..Default::default()
+        }
+    }
+
+    fn prop_set(c: &Arc<Ctrl>, v: u32) -> (Done, CcAction) {
+        property_set(
+            c,
+            &Sqe {
+                cdw11: prop::CC,
+                cdw12: v,
+                ..sqe(fabrics::OPCODE, 0, 0, 0)
+            },
+        )
+    }
+
+    fn csts(c: &Ctrl) -> u32 {
+        let o = TransportOpts::default();
+        property_get(c, &o, &sqe(fabrics::OPCODE, 0, 0, prop::CSTS)).dw0
+    }
+
+    #[test]
+    fn properties_enable_reset_shutdown() {
+        let c = test_ctrl(false);
+        let o = TransportOpts::default();
+        let cap = property_get(&c, &o, &sqe(0x7F, 0, 1, prop::CAP));
+        let v = cap.dw0 as u64 | (cap.dw1 as u64) << 32;
+        assert_eq!(v & 0xFFFF, 127);
+        assert_eq!((v >> 24) & 0xFF, CAP_TO);
+        assert_eq!((v >> 37) & 0xFF, 1);
+        // 4-byte halves of CAP, VS.
+        assert_eq!(
+            property_get(&c, &o, &sqe(0x7F, 0, 0, prop::CAP + 4)).dw0,
+            (v >> 32) as u32
+        );
+        assert_eq!(property_get(&c, &o, &sqe(0x7F, 0, 0, prop::VS)).dw0, VS);
+        // Unknown offset / size / 8-byte CC: Invalid Field.
+        assert_eq!(
+            property_get(&c, &o, &sqe(0x7F, 0, 0, 0x40)).status,
+            Status::generic(sc::INVALID_FIELD)
+        );
+        assert_eq!(
+            property_get(&c, &o, &sqe(0x7F, 0, 2, prop::VS)).status,
+            Status::generic(sc::INVALID_FIELD)
+        );
+        assert_eq!(
+            property_get(&c, &o, &sqe(0x7F, 0, 1, prop::CC)).status,
+            Status::generic(sc::INVALID_FIELD)
+        );
+        assert_eq!(prop_set(&c, 0x0046_0000).1, CcAction::None);
+        assert_eq!(csts(&c), 0);
+        prop_set(&c, 0x0046_0001);
+        assert_eq!(csts(&c), 1);
+        assert!(c.ready.load(Ordering::Acquire));
+        // EN 1 -> 0: RDY clears, I/O queues go.
+        assert_eq!(prop_set(&c, 0x0046_0000).1, CcAction::CloseIoQueues);
+        assert_eq!(csts(&c), 0);
+        prop_set(&c, 0x0046_0001);
+        // Shutdown: SHST = complete.
+        assert_eq!(prop_set(&c, 0x0046_4001).1, CcAction::CloseIoQueues);
+        assert_eq!((csts(&c) >> 2) & 3, 2);
+        assert!(!c.ready.load(Ordering::Acquire));
+        prop_set(&c, 0x0046_0001);
+        assert_eq!((csts(&c) >> 2) & 3, 0);
+        // Bad IOSQES on enable: CFS.
+        let c = test_ctrl(false);
+        prop_set(&c, 0x0036_0001);
+        assert_eq!(csts(&c) & 3, 2);
+    }
+
+    #[test]
+    fn identify_controller_fields() {
+        let c = test_ctrl(false);
+        let o = TransportOpts::default();
+        let b = identify_ctrl(&c, &o);
+        use id_ctrl::*;
+        assert_eq!(&b[SN..SN + 20], b"FUZZ                ");
+        assert_eq!(u16::from_le_bytes([b[CNTLID], b[CNTLID + 1]]), 1);
+        assert_eq!(b[MDTS], 5);
+        assert_eq!((b[SQES], b[CQES], b[CNTRLTYPE]), (0x66, 0x44, 1));
+        assert_eq!(u16::from_le_bytes([b[KAS], b[KAS + 1]]), 10);
+        assert_eq!(u16::from_le_bytes([b[MAXCMD], b[MAXCMD + 1]]), 128);
+        assert_eq!(
+            u32::from_le_bytes(b[IOCCSZ..IOCCSZ + 4].try_into().unwrap()),
+            260
+        );
+        assert_eq!(
+            u32::from_le_bytes(b[SGLS..SGLS + 4].try_into().unwrap()),
+            0x0010_0001
+        );
+        assert_eq!(u16::from_le_bytes([b[ONCS], b[ONCS + 1]]), 0x0C);
+        assert_eq!(b[ICDOFF], 0);
+        let d = identify_ctrl(&test_ctrl(true), &o);
+        assert_eq!(d[CNTRLTYPE], 2);
+        assert_eq!(
+            &d[SUBNQN..SUBNQN + DISCOVERY_NQN.len()],
+            DISCOVERY_NQN.as_bytes()
+        );
+        // Discovery: only CNS 01h.
+        assert_eq!(
+            identify(&test_ctrl(true), &o, &sqe(6, 0, 2, 0)).status,
+            Status::generic(sc::INVALID_FIELD)
+        );
+        // Unknown CNS: Invalid Field; bad NSIDs: Invalid Namespace.
+        assert_eq!(
+            identify(&c, &o, &sqe(6, 0, 0x1C, 0)).status,
+            Status::generic(sc::INVALID_FIELD)
+        );
+        assert_eq!(
+            identify(&c, &o, &sqe(6, 0, 0, 0)).status,
+            Status::generic(sc::INVALID_NAMESPACE_OR_FORMAT)
+        );
+        assert_eq!(
+            identify(&c, &o, &sqe(6, 0xFFFF_FFFF, 0, 0)).status,
+            Status::generic(sc::INVALID_NAMESPACE_OR_FORMAT)
+        );
+        assert_eq!(
+            identify(&c, &o, &sqe(6, 5, 0, 0)).data,
+            Some(vec![0u8; 4096])
+        );
+        assert_eq!(
+            identify(&c, &o, &sqe(6, 5, 3, 0)).status,
+            Status::generic(sc::INVALID_NAMESPACE_OR_FORMAT)
+        );
+        assert_eq!(
+            identify(&c, &o, &sqe(6, 0, 2, 0)).data,
+            Some(vec![0u8; 4096])
+        );
+    }
+
+    fn log(lid: u8, len: u32, lpo: u64, rae: bool) -> Sqe {
+        let numd = len / 4 - 1;
+        Sqe {
+            cdw12: lpo as u32,
+            cdw13: (lpo >> 32) as u32,
+            ..sqe(
+                2,
+                0xFFFF_FFFF,
+                lid as u32 | (rae as u32) << 15 | (numd & 0xFFFF) << 16,
+                numd >> 16,
+            )
+        }
+    }
+
+    #[test]
+    fn log_pages_offsets_and_errors() {
+        let c = test_ctrl(false);
+        let smart = get_log_page(&c, &log(lid::SMART, 512, 0, false), "", 4096);
+        assert_eq!(smart.data.as_ref().unwrap()[3], 100);
+        // Partial read with an offset; past the end zero-filled.
+        let part = get_log_page(&c, &log(lid::SMART, 8, 0, false), "", 4096)
+            .data
+            .unwrap();
+        assert_eq!(part.len(), 8);
+        let tail = get_log_page(&c, &log(lid::SMART, 16, 504, false), "", 4096)
+            .data
+            .unwrap();
+        assert_eq!(&tail[8..], &[0u8; 8]);
+        assert_eq!(
+            get_log_page(&c, &log(lid::SMART, 8, 512, false), "", 4096).status,
+            Status::generic(sc::INVALID_FIELD)
+        );
+        assert_eq!(
+            get_log_page(&c, &log(lid::SMART, 8, 2, false), "", 4096).status,
+            Status::generic(sc::INVALID_FIELD)
+        );
+        assert_eq!(
+            get_log_page(&c, &log(0x42, 8, 0, false), "", 4096).status,
+            Status::specific(csc::INVALID_LOG_PAGE)
+        );
+        assert_eq!(
+            get_log_page(&c, &log(lid::DISCOVERY, 8, 0, false), "", 4096).status,
+            Status::specific(csc::INVALID_LOG_PAGE)
+        );
+        // Longer than the transfer: Invalid Field.
+        assert_eq!(
+            get_log_page(&c, &log(lid::SMART, 512, 0, false), "", 256).status,
+            Status::generic(sc::INVALID_FIELD)
+        );
+        // Changed NS list: cleared by a read without RAE.
+        {
+            let mut st = lock(&c.state);
+            st.changed_ns = vec![3, 7];
+            st.masked.push(aen::NS_CHANGED);
+        }
+        let p = get_log_page(&c, &log(lid::CHANGED_NS, 4096, 0, true), "", 4096)
+            .data
+            .unwrap();
+        assert_eq!(&p[..12], &[3, 0, 0, 0, 7, 0, 0, 0, 0, 0, 0, 0]);
+        assert_eq!(lock(&c.state).changed_ns, vec![3, 7]);
+        get_log_page(&c, &log(lid::CHANGED_NS, 4096, 0, false), "", 4096);
+        assert!(lock(&c.state).changed_ns.is_empty());
+        assert!(lock(&c.state).masked.is_empty());
+        // Discovery log header on a discovery controller.
+        let d = test_ctrl(true);
+        let h = get_log_page(&d, &log(lid::DISCOVERY, 20, 0, false), "10.0.0.1", 4096)
+            .data
+            .unwrap();
+        assert_eq!(h.len(), 20);
+        assert_eq!(u16::from_le_bytes([h[16], h[17]]), 0);
+    }
+
+    #[test]
+    fn features() {
+        let c = test_ctrl(false);
+        let o = TransportOpts::default();
+        let f = |fid: u8, v: u32| set_features(&c, &o, &sqe(9, 0, fid as u32, v));
+        assert_eq!(f(fid::NUMBER_OF_QUEUES, 0x0003_0007).dw0, 0x0007_0007);
+        assert_eq!(
+            get_features(&c, &sqe(10, 0, fid::NUMBER_OF_QUEUES as u32, 0)).dw0,
+            0x0007_0007
+        );
+        assert_eq!(
+            f(fid::NUMBER_OF_QUEUES, 0xFFFF).status,
+            Status::generic(sc::INVALID_FIELD)
+        );
+        assert_eq!(f(fid::NUMBER_OF_QUEUES, 0x0400_0400).dw0, 126 | 126 << 16);
+        assert_eq!(
+            f(fid::KEEP_ALIVE_TIMER, 0).status,
+            Status::generic(sc::KEEP_ALIVE_INVALID)
+        );
+        assert!(f(fid::KEEP_ALIVE_TIMER, 1500).status.is_success());
+        assert_eq!(
+            get_features(&c, &sqe(10, 0, fid::KEEP_ALIVE_TIMER as u32, 0)).dw0,
+            2000
+        );
+        assert!(f(fid::ASYNC_EVENT_CONFIG, aen::CFG_NS_ATTR)
+            .status
+            .is_success());
+        assert_eq!(
+            get_features(&c, &sqe(10, 0, fid::ASYNC_EVENT_CONFIG as u32, 0)).dw0,
+            aen::CFG_NS_ATTR
+        );
+        assert_eq!(
+            set_features(&c, &o, &sqe(9, 0, 1 << 31 | 7, 0)).status,
+            Status::specific(csc::FEATURE_NOT_SAVEABLE)
+        );
+        assert_eq!(f(0x42, 0).status, Status::generic(sc::INVALID_FIELD));
+        assert_eq!(
+            get_features(&c, &sqe(10, 0, fid::HOST_IDENTIFIER as u32, 1)).data,
+            Some(vec![0; 16])
+        );
+        assert_eq!(
+            get_features(&c, &sqe(10, 0, fid::VOLATILE_WRITE_CACHE as u32, 0)).dw0,
+            1
+        );
+        // Discovery: only KATO and AEC.
+        let d = test_ctrl(true);
+        assert_eq!(
+            set_features(&d, &o, &sqe(9, 0, 7, 0)).status,
+            Status::generic(sc::INVALID_FIELD)
+        );
+        assert!(
+            set_features(&d, &o, &sqe(9, 0, fid::KEEP_ALIVE_TIMER as u32, 10000))
+                .status
+                .is_success()
+        );
     }
 }

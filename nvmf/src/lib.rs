@@ -4,6 +4,7 @@
 //! `tcp`) driven by SPDK's nvmf_* RPCs ([`rpc`]).
 
 pub mod ctrlr;
+pub mod fuzz;
 pub mod host;
 pub mod pdu;
 pub mod rpc;

@@ -104,7 +104,7 @@ fn create_transport(p: CreateTransport) -> Result<bool, RpcError> {
     if o.max_io_qpairs_per_ctrlr == 0 {
         return Err(bad("max_io_qpairs_per_ctrlr must be at least 1"));
     }
-    if o.in_capsule_data_size > target::MAX_H2C_DATA || o.in_capsule_data_size % 16 != 0 {
+    if o.in_capsule_data_size > target::MAX_H2C_DATA || !o.in_capsule_data_size.is_multiple_of(16) {
         return Err(bad(
             "in_capsule_data_size must be a multiple of 16 and at most 131072",
         ));

@@ -246,8 +246,18 @@ pub struct Conn {
     rx_end: usize,
     recv_inflight: bool,
     tx: Vec<u8>,
+    /// Buffers sent without copying: (position in `tx` they precede, buffer,
+    /// length).
+    tx_bufs: Vec<(usize, DmaBuf, usize)>,
+    /// What the Send in flight (or the last one) carries.
     tx_busy: Vec<u8>,
+    busy_bufs: Vec<(usize, DmaBuf, usize)>,
+    busy_len: usize,
+    /// Bytes of the busy batch already sent.
     tx_off: usize,
+    /// iovecs and msghdr of the SendMsg in flight (stable addresses).
+    iov: Vec<libc::iovec>,
+    msg: Box<libc::msghdr>,
     send_inflight: bool,
     flush_scheduled: bool,
     q: Option<Queue>,
@@ -307,8 +317,14 @@ fn start_conn(fd: OwnedFd, listen: ListenAddr) {
         rx_end: 0,
         recv_inflight: false,
         tx: Vec::with_capacity(64 * 1024),
+        tx_bufs: Vec::with_capacity(64),
         tx_busy: Vec::with_capacity(64 * 1024),
+        busy_bufs: Vec::with_capacity(64),
+        busy_len: 0,
         tx_off: 0,
+        iov: Vec::with_capacity(MAX_IOV),
+        // SAFETY: msghdr is plain data; all-zero is a valid empty header.
+        msg: Box::new(unsafe { std::mem::zeroed() }),
         send_inflight: false,
         flush_scheduled: false,
         q: None,
@@ -879,25 +895,37 @@ impl Conn {
         let want = sqe.sgl.len as usize;
         let mut skip_cqe = false;
         if d.status.is_success() && sqe.direction() == DataDir::CtrlToHost && want > 0 {
-            let src: Option<&[u8]> = match &d.data {
-                Some(v) => Some(v.as_slice()),
-                None => buf.as_ref().map(|b| b.as_slice()),
+            let avail = match (&d.data, &buf) {
+                (Some(v), _) => v.len(),
+                (None, Some(b)) => b.len(),
+                (None, None) => 0,
             };
-            if let Some(src) = src {
-                let n = want.min(src.len());
-                if n > 0 {
-                    let success = self.opts.c2h_success && sqflow_off && d.dw0 == 0 && d.dw1 == 0;
-                    let h = DataHdr {
-                        cccid: sqe.cid,
-                        ttag: 0,
-                        datao: 0,
-                        datal: n as u32,
-                        last: true,
-                        success,
-                    };
-                    self.enc.data_pdu(&mut self.tx, true, &h, &src[..n]);
-                    skip_cqe = success;
+            let n = want.min(avail);
+            if n > 0 {
+                let success = self.opts.c2h_success && sqflow_off && d.dw0 == 0 && d.dw1 == 0;
+                let h = DataHdr {
+                    cccid: sqe.cid,
+                    ttag: 0,
+                    datao: 0,
+                    datal: n as u32,
+                    last: true,
+                    success,
+                };
+                match (&d.data, buf) {
+                    (Some(v), _) => self.enc.data_pdu(&mut self.tx, true, &h, &v[..n]),
+                    (None, Some(b)) => {
+                        // Zero copy: the bdev's buffer goes out as its own
+                        // iovec between the header and the digest.
+                        self.enc.data_header(&mut self.tx, true, &h);
+                        let digest = self.enc.ddgst.then(|| pdu::crc32c(&b.as_slice()[..n]));
+                        self.tx_bufs.push((self.tx.len(), b, n));
+                        if let Some(dg) = digest {
+                            self.tx.extend_from_slice(&dg.to_le_bytes());
+                        }
+                    }
+                    (None, None) => {}
                 }
+                skip_cqe = success;
             }
         }
         if !skip_cqe {
@@ -1287,7 +1315,7 @@ impl Conn {
                     io.fua = sqe.fua();
                     ch.submit(io);
                 } else {
-                    return self.fail_pending(i, Status::generic(sc::INVALID_FIELD));
+                    self.fail_pending(i, Status::generic(sc::INVALID_FIELD));
                 }
             }
             _ => {
@@ -1375,6 +1403,9 @@ fn io_done(rc: &ConnRc, i: usize, mut io: Box<BdevIo>) {
     c.schedule_flush(rc);
 }
 
+/// At most this many iovecs per SendMsg (UIO_MAXIOV); the rest goes next.
+const MAX_IOV: usize = 1024;
+
 fn flush(rc: &ConnRc) {
     let mut c = rc.borrow_mut();
     if c.send_inflight {
@@ -1384,29 +1415,56 @@ fn flush(rc: &ConnRc) {
         c.maybe_release();
         return;
     }
-    if c.tx_off >= c.tx_busy.len() {
+    let c = &mut *c;
+    if c.tx_off >= c.busy_len {
+        // Previous batch fully sent: its buffers go back to the pool.
+        c.busy_bufs.clear();
         if c.tx.is_empty() {
             if c.phase == Phase::Terminating {
                 c.close("termination request sent");
             }
             return;
         }
-        let c2 = &mut *c;
-        std::mem::swap(&mut c2.tx, &mut c2.tx_busy);
-        c2.tx.clear();
-        c2.tx_off = 0;
+        std::mem::swap(&mut c.tx, &mut c.tx_busy);
+        std::mem::swap(&mut c.tx_bufs, &mut c.busy_bufs);
+        c.tx.clear();
+        c.tx_bufs.clear();
+        c.tx_off = 0;
+        c.busy_len = c.tx_busy.len() + c.busy_bufs.iter().map(|b| b.2).sum::<usize>();
     }
-    let off = c.tx_off;
-    let ptr = c.tx_busy[off..].as_ptr();
-    let len = (c.tx_busy.len() - off) as u32;
-    let e = op::Send::new(ty::Fd(c.fd.as_raw_fd()), ptr, len)
-        .flags(libc::MSG_NOSIGNAL)
+    // iovecs for what is left of the batch, skipping `tx_off` bytes.
+    c.iov.clear();
+    let mut skip = c.tx_off;
+    let mut prev = 0;
+    let mut push = |iov: &mut Vec<libc::iovec>, sl: &[u8]| {
+        if skip >= sl.len() {
+            skip -= sl.len();
+            return;
+        }
+        if iov.len() < MAX_IOV {
+            iov.push(libc::iovec {
+                iov_base: sl[skip..].as_ptr() as *mut libc::c_void,
+                iov_len: sl.len() - skip,
+            });
+        }
+        skip = 0;
+    };
+    for (pos, b, n) in c.busy_bufs.iter() {
+        push(&mut c.iov, &c.tx_busy[prev..*pos]);
+        push(&mut c.iov, &b.as_slice()[..*n]);
+        prev = *pos;
+    }
+    push(&mut c.iov, &c.tx_busy[prev..]);
+    c.msg.msg_iov = c.iov.as_mut_ptr();
+    c.msg.msg_iovlen = c.iov.len() as _;
+    let e = op::SendMsg::new(ty::Fd(c.fd.as_raw_fd()), &*c.msg as *const libc::msghdr)
+        .flags(libc::MSG_NOSIGNAL as u32)
         .build();
     c.send_inflight = true;
-    drop(c);
     let rc2 = rc.clone();
-    // SAFETY: `tx_busy` is not touched while the Send is in flight (new
-    // output goes to `tx`), and the callback keeps the connection alive.
+    // SAFETY: `msg`, `iov`, `tx_busy` and `busy_bufs` (which the iovecs point
+    // into) are not touched while the SendMsg is in flight: new output goes
+    // to `tx`/`tx_bufs`, and the callback keeps the connection alive.
     unsafe {
         reactor::uring::submit(e, move |res| {
             {
