@@ -306,3 +306,30 @@ def test_controller_loss_deletes_bdev(tgt_factory, workdir, target):
     assert host.rpc("bdev_nvme_get_controllers") == []
     assert "Nvme0n1" not in host.bdevs()
     assert "ctrlr_loss_timeout_sec (2) expired" in host.log()
+
+
+def test_keep_alive_timeout_detects_a_hung_target(tgt_factory, target, workdir):
+    """A target that stops answering (SIGSTOP) is noticed through Keep Alive
+    within KATO; with no reconnect configured the controller ends failed and
+    its I/O fails (SPDK's ctrlr_loss_timeout_sec = 0 behaviour)."""
+    import os
+    import signal
+    host = tgt_factory(name="host", sock=workdir / "host.sock")
+    host.rpc("bdev_nvme_set_options", keep_alive_timeout_ms=2000, tcp_connect_timeout_ms=1000)
+    host.rpc("bdev_nvme_attach_controller", **attach_params(target.port))
+    os.kill(target.pid, signal.SIGSTOP)
+    try:
+        deadline = time.monotonic() + 10
+        state = None
+        while time.monotonic() < deadline:
+            state = host.rpc("bdev_nvme_get_controllers")[0]["ctrlrs"][0]["state"]
+            if state == "failed":
+                break
+            time.sleep(0.2)
+        assert state == "failed", host.log()
+        assert "Keep Alive not answered within KATO" in host.log()
+    finally:
+        os.kill(target.pid, signal.SIGCONT)
+    # Still listed (SPDK keeps a failed controller until it is detached).
+    host.rpc("bdev_nvme_detach_controller", name="Nvme0")
+    assert host.rpc("bdev_nvme_get_controllers") == []
