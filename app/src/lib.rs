@@ -350,6 +350,7 @@ async fn app_main(spec: AppSpec, main: Option<MainFn>) -> i32 {
     }
     nvmf::shutdown();
     bdev::unregister_all().await;
+    nvmf::host::shutdown().await;
     tracing::info!("shutdown complete");
     code
 }

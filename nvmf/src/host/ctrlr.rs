@@ -934,23 +934,28 @@ async fn delete(c: &Rc<Ctrlr>, shutdown: bool) {
     })
     .await;
     if shutdown && c.admin.borrow().as_ref().is_some_and(|a| !a.is_failed()) {
-        // Normal shutdown notification; wait briefly for SHST = complete.
-        let cc = c
-            .prop_get(spec::prop::CC, false)
-            .await
-            .unwrap_or(0x0046_0001) as u32;
-        if c.prop_set(spec::prop::CC, (cc & !(3 << 14)) | (1 << 14))
-            .await
-            .is_ok()
-        {
-            let until = reactor::now_ns() + 2_000_000_000;
-            while reactor::now_ns() < until {
-                match c.prop_get(spec::prop::CSTS, false).await {
-                    Ok(v) if (v >> 2) & 3 == 2 => break,
-                    Ok(_) => reactor::sleep(Duration::from_millis(1)).await,
-                    Err(_) => break,
+        // Normal shutdown notification, waiting for SHST = complete; all of
+        // it bounded so a hung controller cannot stall a detach or exit.
+        let notify = async {
+            let cc = c
+                .prop_get(spec::prop::CC, false)
+                .await
+                .unwrap_or(0x0046_0001) as u32;
+            if c.prop_set(spec::prop::CC, (cc & !(3 << 14)) | (1 << 14))
+                .await
+                .is_ok()
+            {
+                loop {
+                    match c.prop_get(spec::prop::CSTS, false).await {
+                        Ok(v) if (v >> 2) & 3 == 2 => break,
+                        Ok(_) => reactor::sleep(Duration::from_millis(1)).await,
+                        Err(_) => break,
+                    }
                 }
             }
+        };
+        if with_timeout(Duration::from_secs(2), notify).await.is_none() {
+            tracing::warn!(ctrlr = %c.opts.name, "shutdown notification not completed within 2 s");
         }
     }
     c.disconnect_all().await;

@@ -79,6 +79,15 @@ impl From<std::io::Error> for HostError {
     }
 }
 
+/// Detach every controller (clean shutdown, on reactor 0, after the bdevs
+/// are unregistered): each gets its shutdown notification (CC.SHN) and its
+/// connections are closed.
+pub async fn shutdown() {
+    for c in ctrlr::all() {
+        let _ = ctrlr::detach(&c.opts.name).await;
+    }
+}
+
 /// Register the RPC methods of the NVMe bdev module.
 pub fn register_methods() {
     rpc::register_methods();
