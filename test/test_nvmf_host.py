@@ -248,7 +248,7 @@ def test_reconnect_after_target_restart(tgt_factory, workdir):
     import subprocess
     from conftest import PERF_BIN
     argv = [str(PERF_BIN), "--json", str(cfg), "--interrupt-mode", "-q", "8", "-o", "4k",
-            "-w", "randread", "-t", "9", "-f", "-r", str(perf_sock)]
+            "-w", "randread", "-t", "12", "-f", "-r", str(perf_sock)]
     perf = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         from spdk.rpc.client import JSONRPCClient
