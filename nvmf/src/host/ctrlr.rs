@@ -665,12 +665,29 @@ impl Ctrlr {
                 tracing::warn!(ctrlr = %o.name, granted, reactors = reactor::num_reactors(), "fewer I/O queues than reactors: reactors without one fail their I/O");
             }
 
-            // Active namespaces, then each one and its descriptors.
-            let list = self.identify(spec::cns::ACTIVE_NS_LIST, 0).await?;
-            let nsids: Vec<u32> = (0..1024)
-                .map(|i| le32(&list, i * 4))
-                .take_while(|&n| n != 0)
-                .collect();
+            // Active namespaces, 1024 per page: a full page continues
+            // after its last NSID.
+            let mut nsids: Vec<u32> = Vec::new();
+            loop {
+                let after = nsids.last().copied().unwrap_or(0);
+                let list = self.identify(spec::cns::ACTIVE_NS_LIST, after).await?;
+                let page: Vec<u32> = (0..1024)
+                    .map(|i| le32(&list, i * 4))
+                    .take_while(|&n| n != 0)
+                    .collect();
+                if page.iter().any(|&n| n <= after || n >= 0xFFFF_FFFE)
+                    || page.windows(2).any(|w| w[1] <= w[0])
+                {
+                    return Err(HostError::Protocol(format!(
+                        "active namespace list after NSID {after} is not ascending or holds an invalid NSID"
+                    )));
+                }
+                let full = page.len() == 1024;
+                nsids.extend(page);
+                if !full || nsids.len() >= (1 << 20) {
+                    break;
+                }
+            }
             for nsid in nsids {
                 let b = self.identify(spec::cns::NAMESPACE, nsid).await?;
                 let ns = match parse_id_ns(nsid, &b) {
