@@ -124,6 +124,17 @@ enum Rx {
     },
 }
 
+/// Data sent from an I/O buffer without a copy.
+struct Ext {
+    at: usize,
+    ptr: *const u8,
+    len: usize,
+    cid: u16,
+}
+
+/// Payloads at least this large go out from the I/O buffer (writev).
+const ZERO_COPY_MIN: usize = 4096;
+
 enum Body {
     Resp(Cqe),
     R2t(R2t),
@@ -143,8 +154,14 @@ struct Inner {
     parents: Vec<Parent>,
     free_parents: Vec<u32>,
     pending: VecDeque<u32>,
+    /// Bytes to send: headers and small data.
     tx: Vec<u8>,
     tx_off: usize,
+    /// Large H2CData payloads that go out straight from the I/O buffers,
+    /// each after the `tx` bytes before its `at`.
+    ext: VecDeque<Ext>,
+    /// Bytes of `ext.front()` already sent.
+    ext_off: usize,
     rx: Box<[u8]>,
     rx_start: usize,
     rx_end: usize,
@@ -212,6 +229,8 @@ impl Qpair {
             pending: VecDeque::with_capacity(256),
             tx: Vec::with_capacity(256 * 1024),
             tx_off: 0,
+            ext: VecDeque::with_capacity(slots as usize),
+            ext_off: 0,
             rx: vec![0u8; RX_BUF].into_boxed_slice(),
             rx_start: 0,
             rx_end: 0,
@@ -447,8 +466,11 @@ impl Qpair {
                     free_parents.push(idx);
                 }
             }
+            // Nothing may point into the I/O buffers once they go back.
             i.tx.clear();
             i.tx_off = 0;
+            i.ext.clear();
+            i.ext_off = 0;
             (ios, admins)
         };
         self.sock.close();
@@ -720,11 +742,60 @@ impl Inner {
         p.cursor >= total
     }
 
-    /// Send what the transmit buffer holds, as far as the socket takes it.
+    /// Send what is queued, as far as the socket takes it.
     fn flush(&mut self, sock: &Sock) -> Result<(), String> {
-        while self.tx_off < self.tx.len() {
-            match sock.send(&self.tx[self.tx_off..]) {
-                Xfer::Done(n) => self.tx_off += n,
+        loop {
+            let r = if self.ext.is_empty() {
+                if self.tx_off >= self.tx.len() {
+                    break;
+                }
+                sock.send(&self.tx[self.tx_off..])
+            } else {
+                let mut iov = [libc::iovec {
+                    iov_base: std::ptr::null_mut(),
+                    iov_len: 0,
+                }; 64];
+                let mut k = 0;
+                let mut cur = self.tx_off;
+                let mut all = true;
+                for (j, e) in self.ext.iter().enumerate() {
+                    if k + 2 > iov.len() {
+                        all = false;
+                        break;
+                    }
+                    if cur < e.at {
+                        iov[k] = libc::iovec {
+                            iov_base: self.tx[cur..].as_ptr() as *mut libc::c_void,
+                            iov_len: e.at - cur,
+                        };
+                        k += 1;
+                    }
+                    let skip = if j == 0 { self.ext_off } else { 0 };
+                    iov[k] = libc::iovec {
+                        // SAFETY: stays within the ext's buffer (skip < len).
+                        iov_base: unsafe { e.ptr.add(skip) } as *mut libc::c_void,
+                        iov_len: e.len - skip,
+                    };
+                    k += 1;
+                    cur = e.at;
+                }
+                if all && k < iov.len() && cur < self.tx.len() {
+                    iov[k] = libc::iovec {
+                        iov_base: self.tx[cur..].as_ptr() as *mut libc::c_void,
+                        iov_len: self.tx.len() - cur,
+                    };
+                    k += 1;
+                }
+                // SAFETY: every iovec points into `tx` (not touched during
+                // the call) or into an I/O buffer that its command owns until
+                // the controller has answered, which it cannot before these
+                // bytes left (a completion that comes earlier fails the
+                // connection, see `complete`); failing the connection clears
+                // `ext` before any I/O is handed back.
+                unsafe { sock.sendv(&iov[..k]) }
+            };
+            match r {
+                Xfer::Done(n) => self.advance(n),
                 Xfer::WouldBlock => {
                     sock.arm(true);
                     break;
@@ -733,14 +804,44 @@ impl Inner {
                 Xfer::Err(e) => return Err(format!("send failed: {e}")),
             }
         }
-        if self.tx_off == self.tx.len() {
+        if self.tx_off == self.tx.len() && self.ext.is_empty() {
             self.tx.clear();
             self.tx_off = 0;
         } else if self.tx_off > 1 << 20 {
-            self.tx.drain(..self.tx_off);
+            let d = self.tx_off;
+            self.tx.drain(..d);
+            for e in self.ext.iter_mut() {
+                e.at -= d;
+            }
             self.tx_off = 0;
         }
         Ok(())
+    }
+
+    /// Account for `n` bytes sent, in queue order.
+    fn advance(&mut self, mut n: usize) {
+        while n > 0 {
+            match self.ext.front() {
+                Some(e) if self.tx_off < e.at => {
+                    let k = n.min(e.at - self.tx_off);
+                    self.tx_off += k;
+                    n -= k;
+                }
+                Some(e) => {
+                    let k = n.min(e.len - self.ext_off);
+                    self.ext_off += k;
+                    n -= k;
+                    if self.ext_off == e.len {
+                        self.ext.pop_front();
+                        self.ext_off = 0;
+                    }
+                }
+                None => {
+                    self.tx_off += n;
+                    n = 0;
+                }
+            }
+        }
     }
 
     /// Read into the receive buffer; Ok(false) when nothing is available.
@@ -1089,20 +1190,26 @@ impl Inner {
         let enc = self.enc;
         let maxd = self.maxh2cdata as usize;
         let Inner {
-            reqs, parents, tx, ..
+            reqs,
+            parents,
+            tx,
+            ext,
+            ..
         } = self;
         let r = &mut reqs[cid as usize];
-        let src: &[u8] = if r.use_dsm {
-            &r.dsm
+        // Data of bdev I/O goes out from its buffer; DSM ranges and admin
+        // data (small, and owned by the slot) are copied.
+        let (src, zero_copy): (&[u8], bool) = if r.use_dsm {
+            (&r.dsm, false)
         } else if r.parent == NONE {
-            &r.abuf
+            (&r.abuf, false)
         } else {
             let io = parents[r.parent as usize]
                 .io
                 .as_ref()
                 .expect("outstanding write has its I/O");
             let b = io.buf.as_ref().expect("write has a buffer");
-            &b.as_slice()[r.buf_off..r.buf_off + r.len as usize]
+            (&b.as_slice()[r.buf_off..r.buf_off + r.len as usize], true)
         };
         let mut off = r2to as usize;
         let end = (r2to + r2tl) as usize;
@@ -1116,7 +1223,21 @@ impl Inner {
                 last: off + n == end,
                 success: false,
             };
-            enc.data_pdu(tx, false, &d, &src[off..off + n]);
+            let chunk = &src[off..off + n];
+            if zero_copy && n >= ZERO_COPY_MIN {
+                enc.data_header(tx, false, &d);
+                ext.push_back(Ext {
+                    at: tx.len(),
+                    ptr: chunk.as_ptr(),
+                    len: n,
+                    cid,
+                });
+                if enc.ddgst {
+                    tx.extend_from_slice(&crate::pdu::crc32c(chunk).to_le_bytes());
+                }
+            } else {
+                enc.data_pdu(tx, false, &d, chunk);
+            }
             off += n;
         }
         r.xfer = end as u32;
@@ -1129,6 +1250,11 @@ impl Inner {
         if !ok {
             return Err(format!(
                 "CapsuleResp for CID {cid}, which is not outstanding"
+            ));
+        }
+        if self.ext.iter().any(|e| e.cid == cid) {
+            return Err(format!(
+                "CapsuleResp for CID {cid} before all of its data was sent"
             ));
         }
         let r = &mut self.reqs[cid as usize];

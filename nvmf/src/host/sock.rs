@@ -181,6 +181,23 @@ impl Sock {
         classify(n, false)
     }
 
+    /// Gather-send `iov` (sendmsg).
+    ///
+    /// # Safety
+    /// Every iovec must point to memory valid for reads of its length.
+    pub unsafe fn sendv(&self, iov: &[libc::iovec]) -> Xfer {
+        if iov.is_empty() {
+            return Xfer::WouldBlock;
+        }
+        // SAFETY: an all-zero msghdr is valid; we set the iovec array.
+        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+        msg.msg_iov = iov.as_ptr() as *mut libc::iovec;
+        msg.msg_iovlen = iov.len() as _;
+        // SAFETY: the caller guarantees the iovecs; msg lives across the call.
+        let n = unsafe { libc::sendmsg(self.fd(), &msg, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) };
+        classify(n, false)
+    }
+
     /// In interrupt mode, make sure the reactor wakes when the socket
     /// becomes readable (`out` false) or writable (`out` true).
     pub fn arm(&self, out: bool) {
