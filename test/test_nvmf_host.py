@@ -333,3 +333,25 @@ def test_keep_alive_timeout_detects_a_hung_target(tgt_factory, target, workdir):
     # Still listed (SPDK keeps a failed controller until it is detached).
     host.rpc("bdev_nvme_detach_controller", name="Nvme0")
     assert host.rpc("bdev_nvme_get_controllers") == []
+
+
+def test_reset_controller(tgt_factory, target, workdir):
+    host = tgt_factory(name="host", sock=workdir / "host.sock")
+    host.rpc("bdev_nvme_attach_controller", **attach_params(target.port))
+    old = host.rpc("bdev_nvme_get_controllers")[0]["ctrlrs"][0]["cntlid"]
+    host.cli("bdev_nvme_reset_controller", "Nvme0")
+    c = host.rpc("bdev_nvme_get_controllers")[0]["ctrlrs"][0]
+    assert c["state"] == "enabled"
+    # A new association: a new controller on the target, the old one gone.
+    assert c["cntlid"] != old
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        tc = target.rpc("nvmf_subsystem_get_controllers", nqn=NQN)
+        if [x["cntlid"] for x in tc] == [c["cntlid"]]:
+            break
+        time.sleep(0.05)
+    assert [x["cntlid"] for x in tc] == [c["cntlid"]]
+    assert host.rpc_err("bdev_nvme_reset_controller", name="Nope") == (-19, "No such device")
+    assert host.rpc_err("bdev_nvme_reset_controller", name="Nvme0",
+                        cntlid=c["cntlid"] + 1) == (-19, "No such device")
+    assert "Nvme0n1" in host.bdevs()

@@ -981,6 +981,53 @@ async fn delete(c: &Rc<Ctrlr>, shutdown: bool) {
     tracing::info!(ctrlr = %c.opts.name, "NVMe controller detached");
 }
 
+/// `bdev_nvme_reset_controller`: close every connection and connect again
+/// (a new association, as SPDK's reset). I/O waits meanwhile. On failure
+/// the usual rules apply: failed with no reconnect configured, otherwise
+/// delayed reconnects continue in the background.
+pub async fn reset(name: &str) -> Result<(), HostError> {
+    let c = find(name).ok_or_else(|| HostError::NotFound(format!("No such controller {name}")))?;
+    match c.state.get() {
+        CState::Connected | CState::Failed => {}
+        CState::Resetting => {
+            return Err(HostError::Busy);
+        }
+        CState::Deleting => return Err(HostError::NotFound(name.to_string())),
+    }
+    c.state.set(CState::Resetting);
+    c.set_io_state(ST_QUEUE);
+    tracing::info!(ctrlr = %c.opts.name, "resetting controller");
+    c.disconnect_all().await;
+    c.lost_during_init.set(false);
+    let res = match c.connect_all().await {
+        Ok(()) if c.lost_during_init.get() => Err(HostError::Disconnected(
+            "a queue pair failed while reconnecting".into(),
+        )),
+        r => r,
+    };
+    if c.state.get() == CState::Deleting {
+        c.disconnect_all().await;
+        remove_locals(c.shared.id).await;
+        return Err(HostError::NotFound(name.to_string()));
+    }
+    match res {
+        Ok(()) => {
+            c.state.set(CState::Connected);
+            c.set_io_state(ST_CONNECTED);
+            each_local(c.shared.id, |l| l.drain_retry()).await;
+            tracing::info!(ctrlr = %c.opts.name, "controller reset done");
+            Ok(())
+        }
+        Err(e) => {
+            tracing::warn!(ctrlr = %c.opts.name, error = %e, "controller reset failed");
+            // Hand over to the reconnect logic (it retries or gives up).
+            c.state.set(CState::Connected);
+            ctrlr_failed(c.shared.id);
+            Err(e)
+        }
+    }
+}
+
 /// A queue pair of controller `id` failed (runs on reactor 0).
 pub fn ctrlr_failed(id: u64) {
     let Some(c) = by_id(id) else { return };

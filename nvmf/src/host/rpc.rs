@@ -300,6 +300,14 @@ struct DetachParams {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
+struct ResetParams {
+    name: String,
+    /// Only reset the path to this controller ID.
+    cntlid: Option<u16>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct GetParams {
     name: Option<String>,
 }
@@ -363,6 +371,25 @@ pub fn register_methods() {
             }
             ctrlr::detach(&p.name).await.map_err(rpc_err)?;
             Ok(true)
+        },
+    );
+    register_typed(
+        "bdev_nvme_reset_controller",
+        RUNTIME,
+        DecodeError::Internal,
+        |p: ResetParams| async move {
+            if let Some(id) = p.cntlid {
+                let c = ctrlr::find(&p.name).ok_or_else(|| RpcError::errno(libc::ENODEV))?;
+                if c.data().cntlid != id {
+                    return Err(RpcError::errno(libc::ENODEV));
+                }
+            }
+            match ctrlr::reset(&p.name).await {
+                Ok(()) => Ok(true),
+                Err(HostError::NotFound(_)) => Err(RpcError::errno(libc::ENODEV)),
+                Err(HostError::Busy) => Err(RpcError::errno(libc::EBUSY)),
+                Err(e) => Err(rpc_err(e)),
+            }
         },
     );
     register_typed(

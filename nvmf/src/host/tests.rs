@@ -725,3 +725,30 @@ fn reconnect_fast_fail_and_loss() {
         assert!(bdev::get("T0n1").is_none());
     });
 }
+
+/// A reset makes a new association; I/O submitted meanwhile waits and
+/// completes after it.
+#[test]
+fn reset_reconnects_and_io_waits() {
+    let (port, ctl) = start_ctl(Fault::None, 8192, 260, 5);
+    let c2 = ctl.clone();
+    run_on_reactor(0x1, move || async move {
+        ctrlr::attach(opts(port, false, false)).await.unwrap();
+        let desc = bdev::open("T0n1", true, |_| {}).unwrap();
+        let ch = desc.channel();
+        let (ch2, reset) = (ch.clone(), reactor::spawn_local(ctrlr::reset("T0")));
+        // Submitted while the reset runs.
+        let r = util::read(&ch2, 20, 2).await.unwrap();
+        let expect: Vec<u8> = (20 * BS..22 * BS).map(|i| (i % 251) as u8).collect();
+        assert!(r.as_slice()[..1024] == expect[..]);
+        reset.await.unwrap();
+        assert_eq!(c2.admin_connects.load(Ordering::SeqCst), 2);
+        assert!(matches!(
+            ctrlr::reset("nope").await,
+            Err(super::HostError::NotFound(_))
+        ));
+        util::read(&ch, 0, 1).await.unwrap();
+        drop((ch, ch2, desc));
+        ctrlr::detach("T0").await.unwrap();
+    });
+}
