@@ -355,3 +355,20 @@ def test_reset_controller(tgt_factory, target, workdir):
     assert host.rpc_err("bdev_nvme_reset_controller", name="Nvme0",
                         cntlid=c["cntlid"] + 1) == (-19, "No such device")
     assert "Nvme0n1" in host.bdevs()
+
+
+def test_one_qpair_per_reactor(tgt_factory, workdir):
+    """bdevperf on two reactors, two namespaces (512 B and 4 KiB blocks):
+    each reactor has its own queue pair; the target sees two I/O queues."""
+    port = free_port()
+    t = setup_target(tgt_factory(name="target", sock=workdir / "target.sock"), port)
+    t.rpc("bdev_malloc_create", name="Malloc1", num_blocks=8192, block_size=4096)
+    t.cli("nvmf_subsystem_add_ns", NQN, "Malloc1")
+    cfg = perf_config(workdir, port)
+    r = run_bdevperf(cfg, "-m", "0x3", "-C", "-q", "8", "-o", "8k", "-w", "verify", secs=1)
+    assert r.returncode == 0, r.describe()
+    assert r.total["fail_per_s"] == 0, r.describe()
+    # Four jobs (two bdevs x two cores), each with I/O done.
+    assert r.output.count("Job: Nvme0n") == 4, r.describe()
+    assert set(r.jobs) == {"Nvme0n1", "Nvme0n2"}, r.describe()
+    assert all(j["iops"] > 0 for j in r.jobs.values()), r.describe()
