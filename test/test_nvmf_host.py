@@ -217,16 +217,17 @@ def test_save_config_replays(tgt_factory, target, workdir):
 
 
 def test_keep_alive_keeps_the_association(tgt_factory, workdir, target):
-    """KATO 2 s: idle for three KATOs, the controller stays the same one
-    (the target would have dropped it without our Keep Alives)."""
+    """KATO 3 s: idle for more than two KATOs, the controller stays the same
+    one (the target would have dropped it without our Keep Alives)."""
     host = tgt_factory(name="host", sock=workdir / "host.sock")
-    host.rpc("bdev_nvme_set_options", keep_alive_timeout_ms=2000)
+    host.rpc("bdev_nvme_set_options", keep_alive_timeout_ms=3000)
     host.rpc("bdev_nvme_attach_controller", **attach_params(target.port))
-    code, _ = host.rpc_err("bdev_nvme_set_options", keep_alive_timeout_ms=3000)
+    code, _ = host.rpc_err("bdev_nvme_set_options", keep_alive_timeout_ms=4000)
     assert code == -1
     before = target.rpc("nvmf_subsystem_get_controllers", nqn=NQN)
     assert len(before) == 1
-    time.sleep(6.5)
+    assert "kato=3000" in target.log()
+    time.sleep(7)
     after = target.rpc("nvmf_subsystem_get_controllers", nqn=NQN)
     assert [c["cntlid"] for c in after] == [c["cntlid"] for c in before]
     assert host.rpc("bdev_nvme_get_controllers")[0]["ctrlrs"][0]["state"] == "enabled"
