@@ -13,7 +13,8 @@ mod error;
 pub mod geometry;
 pub mod metadata;
 pub mod module;
-mod oneshot;
+#[doc(hidden)]
+pub mod oneshot;
 pub mod region_map;
 pub mod router;
 pub mod rpc;

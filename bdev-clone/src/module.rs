@@ -807,6 +807,9 @@ impl Owner {
         self.bufs.clear();
         self.sh.released.store(true, Ordering::Release);
         self.sh.hydrating.store(0, Ordering::Relaxed);
+        // Pollers are dropped outside their own callbacks.
+        let pollers = std::mem::take(&mut self.pollers);
+        reactor::defer(move || drop(pollers));
         let sh = self.sh.clone();
         tracing::info!(clone = %sh.name, "fully hydrated: releasing the source");
         reactor::send(0, move || {
