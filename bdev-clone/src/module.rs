@@ -1666,3 +1666,10 @@ pub fn set_hydration(o: &HydrationOpts) -> Result<(), CloneError> {
 pub fn hydrated_regions(name: &str) -> Option<(u64, u64)> {
     find(name).map(|s| (s.map.hydrated_count(), s.geo.num_regions()))
 }
+
+/// Whether region `r` of clone `name` is hydrated (tests, tools).
+pub fn region_hydrated(name: &str, r: u64) -> Option<bool> {
+    find(name)
+        .filter(|s| r < s.geo.num_regions())
+        .map(|s| s.map.is_hydrated(r))
+}

@@ -391,3 +391,309 @@ fn model_based_random_io_with_hydration_and_resume() {
         }
     });
 }
+
+// ---------------------------------------------------------------------------
+// dm-clone's bug classes and create/open errors
+
+use bdev::modules::{delay, error as errbdev, null, uring};
+
+async fn flush(name: &str) -> Result<(), bdev::IoStatus> {
+    let d = bdev::open(name, true, |_| {}).unwrap();
+    util::simple(&d.channel(), IoType::Flush, 0, 1).await
+}
+
+/// dm-clone §2: a discard of a region with a copy in flight must not let
+/// the late copy land over data written after the discard.
+#[test]
+fn discard_waits_for_in_flight_hydration() {
+    run_on_reactor(0x3, || async {
+        let src_data = pattern(64 * 512, 7);
+        mk_malloc("dS", 512, 64);
+        write_all("dS", 0, &src_data).await;
+        // Source reads take 100 ms: the copy of region 0 stays in flight.
+        delay::create(delay::CreateParams {
+            name: "dSd".into(),
+            base_bdev_name: "dS".into(),
+            avg_read_latency: 100_000,
+            p99_read_latency: 100_000,
+            avg_write_latency: 0,
+            p99_write_latency: 0,
+            uuid: None,
+        })
+        .unwrap();
+        mk_malloc("dD", 512, 64);
+        mk_malloc("dM", 512, 64);
+        create(CreateOpts::new("dC", "dSd", "dD", "dM"))
+            .await
+            .unwrap();
+        wait_for("copy in flight", 5, || st("dC", "hydrating_regions") == 1).await;
+        assert_eq!(bdev_clone::region_hydrated("dC", 0), Some(false));
+        let d = bdev::open("dC", true, |_| {}).unwrap();
+        let ch = d.channel();
+        util::simple(&ch, IoType::Unmap, 0, 8).await.unwrap();
+        let w = pattern(8 * 512, 99);
+        write_all("dC", 0, &w).await;
+        // Let every copy finish, then region 0 must hold the write.
+        reactor::sleep(Duration::from_millis(250)).await;
+        assert_eq!(read_all("dC", 0, 8).await, w);
+        assert_eq!(read_all("dD", 0, 8).await, w);
+        drop(d);
+        delete("dC").await.unwrap();
+    });
+}
+
+/// A flush with nothing changed writes no metadata; one after a
+/// hydration writes it.
+#[test]
+fn flush_with_nothing_changed_writes_no_metadata() {
+    run_on_reactor(0x1, || async {
+        mk_malloc("fS", 512, 256);
+        mk_malloc("fD", 512, 256);
+        let md = mk_malloc("fM", 512, 64);
+        let mut o = CreateOpts::new("fC", "fS", "fD", "fM");
+        o.no_hydration = true;
+        create(o).await.unwrap();
+        write_all("fC", 8, &pattern(8 * 512, 1)).await;
+        let w0 = md.iostat().write.ops;
+        flush("fC").await.unwrap();
+        let w1 = md.iostat().write.ops;
+        assert!(w1 > w0, "a flush after a hydration commits metadata");
+        flush("fC").await.unwrap();
+        flush("fC").await.unwrap();
+        // Writes to hydrated regions change no metadata either.
+        write_all("fC", 8, &pattern(8 * 512, 2)).await;
+        flush("fC").await.unwrap();
+        assert_eq!(
+            md.iostat().write.ops,
+            w1,
+            "no metadata write without change"
+        );
+        delete("fC").await.unwrap();
+    });
+}
+
+/// The destination is flushed before the metadata is written: when that
+/// flush fails, no metadata is written and the clone turns read-only.
+#[test]
+fn destination_flush_precedes_metadata_write() {
+    run_on_reactor(0x1, || async {
+        mk_malloc("oS", 512, 256);
+        mk_malloc("oD", 512, 256);
+        errbdev::create("oD", None).unwrap();
+        let md = mk_malloc("oM", 512, 64);
+        let mut o = CreateOpts::new("oC", "oS", "EE_oD", "oM");
+        o.no_hydration = true;
+        create(o).await.unwrap();
+        write_all("oC", 0, &pattern(8 * 512, 3)).await;
+        errbdev::inject_error(&errbdev::InjectParams {
+            name: "EE_oD".into(),
+            io_type: errbdev::InjectIoType::Flush,
+            error_type: errbdev::ErrorType::Failure,
+            num: 1,
+            queue_depth: 0,
+            corrupt_offset: 0,
+            corrupt_value: 0,
+            nvme_sct: 0,
+            nvme_sc: 0,
+        })
+        .unwrap();
+        let w0 = md.iostat().write.ops;
+        assert!(flush("oC").await.is_err(), "the flush fails");
+        assert_eq!(
+            md.iostat().write.ops,
+            w0,
+            "no metadata write after a failed destination flush"
+        );
+        assert_eq!(st("oC", "state"), "read_only");
+        assert_eq!(st("oC", "metadata")["mode"], "ro");
+        // Reads still work; writes to hydrated regions too.
+        write_all("oC", 0, &pattern(8 * 512, 4)).await;
+        assert_eq!(read_all("oC", 0, 8).await, pattern(8 * 512, 4));
+        // Delete is quiet even though its final commit cannot happen.
+        delete("oC").await.unwrap();
+    });
+}
+
+#[test]
+fn create_errors_change_nothing() {
+    run_on_reactor(0x1, || async {
+        let s = mk_malloc("eS", 512, 2048);
+        let d = mk_malloc("eD", 512, 2048);
+        let m = mk_malloc("eM", 512, 64);
+        mk_malloc("eSmall", 512, 1024);
+        mk_malloc("e4k", 4096, 256);
+        let errno = |r: Result<Arc<Bdev>, bdev_clone::CloneError>| r.unwrap_err().errno();
+        let o = || CreateOpts::new("eC", "eS", "eD", "eM");
+        for kb in [0u32, 2, 3, 12, 2_097_152] {
+            let mut x = o();
+            x.region_size_kb = kb;
+            assert_eq!(errno(create(x).await), libc::EINVAL, "region_size_kb {kb}");
+        }
+        assert_eq!(
+            errno(create(CreateOpts::new("eC", "nope", "eD", "eM")).await),
+            libc::ENODEV
+        );
+        assert_eq!(
+            errno(create(CreateOpts::new("eS", "eS", "eD", "eM")).await),
+            libc::EEXIST
+        );
+        assert_eq!(
+            errno(create(CreateOpts::new("eC", "eS", "eSmall", "eM")).await),
+            libc::EINVAL
+        );
+        assert_eq!(
+            errno(create(CreateOpts::new("eC", "eS", "e4k", "eM")).await),
+            libc::EINVAL
+        );
+        // Metadata too small names the bytes needed.
+        let mut x = o();
+        x.metadata_bdev_name = "eSmall".into();
+        x.dest_bdev_name = "eD".into();
+        mk_malloc("eTiny", 512, 8);
+        x.metadata_bdev_name = "eTiny".into();
+        let e = create(x).await.unwrap_err();
+        assert_eq!(e.errno(), libc::EINVAL);
+        assert!(e.to_string().contains("needs 12288 bytes"), "{e}");
+        // Nothing is claimed or registered after those failures.
+        for b in [&s, &d, &m] {
+            assert_eq!(b.claim_type(), None, "{} left claimed", b.name());
+        }
+        assert!(bdev::get("eC").is_none());
+        // Region bounds: 4 KiB and 1 GiB work (1 GiB: one short region).
+        for kb in [4u32, 1_048_576] {
+            let mut x = o();
+            x.region_size_kb = kb;
+            x.uuid = Some(uuid::Uuid::from_u128(kb as u128));
+            // A fresh metadata bdev each time.
+            let mname = format!("eM{kb}");
+            mk_malloc(&mname, 512, 64);
+            x.metadata_bdev_name = mname;
+            create(x).await.unwrap();
+            delete("eC").await.unwrap();
+        }
+        // A claimed base: -EBUSY, and the other claims are released.
+        create(o()).await.unwrap();
+        mk_malloc("eD2", 512, 2048);
+        mk_malloc("eM2", 512, 64);
+        assert_eq!(
+            errno(create(CreateOpts::new("eC2", "eS", "eD2", "eM")).await),
+            libc::EBUSY
+        );
+        let d2 = bdev::get("eD2").unwrap();
+        assert_eq!(d2.claim_type(), None);
+        // The source may be shared read-only by two clones.
+        create(CreateOpts::new("eC2", "eS", "eD2", "eM2"))
+            .await
+            .unwrap();
+        delete("eC2").await.unwrap();
+        delete("eC").await.unwrap();
+        assert_eq!(delete("eC").await.unwrap_err().errno(), libc::ENODEV);
+    });
+}
+
+#[test]
+fn reopen_with_other_geometry_or_clone_fails() {
+    run_on_reactor(0x1, || async {
+        mk_malloc("gS", 512, 2048);
+        mk_malloc("gS2", 512, 1024);
+        mk_malloc("gD", 512, 2048);
+        let m = mk_malloc("gM", 512, 64);
+        let u = uuid::Uuid::from_u128(42);
+        let mut o = CreateOpts::new("gC", "gS", "gD", "gM");
+        o.uuid = Some(u);
+        o.no_hydration = true;
+        create(o.clone()).await.unwrap();
+        write_all("gC", 0, &pattern(4096, 1)).await;
+        delete("gC").await.unwrap();
+        let before = read_all("gM", 0, 64).await;
+        let mut x = o.clone();
+        x.region_size_kb = 8;
+        let e = create(x).await.unwrap_err();
+        assert_eq!(e.errno(), libc::EINVAL);
+        assert!(e.to_string().contains("differs: region_size"), "{e}");
+        let mut x = o.clone();
+        x.source_bdev_name = "gS2".into();
+        let e = create(x).await.unwrap_err();
+        assert!(e.to_string().contains("source blocks"), "{e}");
+        let mut x = o.clone();
+        x.uuid = Some(uuid::Uuid::from_u128(43));
+        let e = create(x).await.unwrap_err();
+        assert!(e.to_string().contains("belongs to clone"), "{e}");
+        assert_eq!(
+            read_all("gM", 0, 64).await,
+            before,
+            "a refused open writes nothing"
+        );
+        assert_eq!(m.claim_type(), None);
+        create(o).await.unwrap();
+        assert_eq!(st("gC", "hydrated_regions"), 1);
+        delete("gC").await.unwrap();
+    });
+}
+
+/// 64-bit arithmetic: more than 2^31 regions, block offsets past 2^32,
+/// byte offsets past 8 TiB, on a null source and sparse files.
+#[test]
+fn huge_geometry_beyond_2_31_regions() {
+    let dir = tempfile::tempdir().unwrap();
+    let dpath = dir.path().join("dest");
+    let mpath = dir.path().join("md");
+    let size: u64 = 12 << 40; // 12 TiB: 3 * 2^30 regions of 4 KiB
+    std::fs::File::create(&dpath)
+        .unwrap()
+        .set_len(size)
+        .unwrap();
+    let need = bdev_clone::metadata::required_bytes(size / 4096);
+    std::fs::File::create(&mpath)
+        .unwrap()
+        .set_len(need)
+        .unwrap();
+    let (dp, mp) = (
+        dpath.to_str().unwrap().to_string(),
+        mpath.to_str().unwrap().to_string(),
+    );
+    run_on_reactor(0x1, move || async move {
+        null::create(null::CreateParams::new("hS", 512, size / 512)).unwrap();
+        for (n, p) in [("hD", &dp), ("hM", &mp)] {
+            let mut o = uring::FileBdevOpts::new(uring::Flavor::Uring, n, p.as_str());
+            o.block_size = 512;
+            uring::create(o).unwrap();
+        }
+        let mut o = CreateOpts::new("hC", "hS", "hD", "hM");
+        o.no_hydration = true;
+        let t0 = std::time::Instant::now();
+        create(o.clone()).await.unwrap();
+        let create_ms = t0.elapsed().as_millis();
+        let n = st("hC", "num_regions").as_u64().unwrap();
+        assert_eq!(n, 3 << 30);
+        assert!(n > 1 << 31);
+        // A whole region past 2^31 and a partial write in another.
+        let r1 = n - 2;
+        let r2 = (1u64 << 31) + 12345;
+        let w1 = pattern(4096, 5);
+        write_all("hC", r1 * 8, &w1).await;
+        let w2 = pattern(1024, 6);
+        write_all("hC", r2 * 8 + 3, &w2).await;
+        let mut e2 = vec![0u8; 4096];
+        e2[1536..2560].copy_from_slice(&w2);
+        assert_eq!(read_all("hC", r1 * 8, 8).await, w1);
+        assert_eq!(read_all("hC", r2 * 8, 8).await, e2);
+        assert_eq!(read_all("hD", r2 * 8, 8).await, e2);
+        assert_eq!(bdev_clone::region_hydrated("hC", r1), Some(true));
+        assert_eq!(bdev_clone::region_hydrated("hC", r2), Some(true));
+        assert_eq!(bdev_clone::region_hydrated("hC", r2 - 1), Some(false));
+        assert_eq!(st("hC", "hydrated_regions"), 2);
+        // The tail region reaches the device end.
+        write_all("hC", size / 512 - 1, &pattern(512, 8)).await;
+        delete("hC").await.unwrap();
+        let t0 = std::time::Instant::now();
+        create(o).await.unwrap();
+        let resume_ms = t0.elapsed().as_millis();
+        assert_eq!(st("hC", "hydrated_regions"), 3);
+        assert_eq!(bdev_clone::region_hydrated("hC", r2), Some(true));
+        assert_eq!(bdev_clone::region_hydrated("hC", n - 1), Some(true));
+        assert_eq!(read_all("hC", r2 * 8, 8).await, e2);
+        eprintln!("12 TiB / 4 KiB regions: create {create_ms} ms, resume {resume_ms} ms");
+        delete("hC").await.unwrap();
+    });
+}
