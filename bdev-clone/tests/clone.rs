@@ -697,3 +697,246 @@ fn huge_geometry_beyond_2_31_regions() {
         delete("hC").await.unwrap();
     });
 }
+
+// ---------------------------------------------------------------------------
+// Rate limit, errors, hot-remove, reset, power cut
+
+fn inject(name: &str, io_type: errbdev::InjectIoType, num: u32) {
+    errbdev::inject_error(&errbdev::InjectParams {
+        name: name.into(),
+        io_type,
+        error_type: errbdev::ErrorType::Failure,
+        num,
+        queue_depth: 0,
+        corrupt_offset: 0,
+        corrupt_value: 0,
+        nvme_sct: 0,
+        nvme_sc: 0,
+    })
+    .unwrap();
+}
+
+#[test]
+fn hydration_rate_limit_is_precise() {
+    let rate = run_on_reactor(0x1, || async {
+        let mib = 24u64;
+        mk_malloc("rS", 4096, mib * 256);
+        mk_malloc("rD", 4096, mib * 256);
+        mk_malloc("rM", 4096, 64);
+        let mut o = CreateOpts::new("rC", "rS", "rD", "rM");
+        o.region_size_kb = 64;
+        o.hydration_threshold = 4;
+        o.hydration_batch_size = 2;
+        o.hydration_mbytes_per_sec = 8;
+        create(o).await.unwrap();
+        let region = 64 * 1024u64;
+        reactor::sleep(Duration::from_millis(300)).await;
+        let (h0, _) = bdev_clone::hydrated_regions("rC").unwrap();
+        let t0 = std::time::Instant::now();
+        reactor::sleep(Duration::from_millis(1500)).await;
+        let (h1, total) = bdev_clone::hydrated_regions("rC").unwrap();
+        let secs = t0.elapsed().as_secs_f64();
+        assert!(
+            h1 < total,
+            "finished early: the window is not a steady state"
+        );
+        let reported = st("rC", "progress")["bytes_per_sec"].as_u64().unwrap();
+        delete("rC").await.unwrap();
+        let rate = ((h1 - h0) * region) as f64 / secs / 1048576.0;
+        let reported = reported as f64 / 1048576.0;
+        eprintln!("limit 8 MiB/s: measured {rate:.3} MiB/s, status says {reported:.3} MiB/s");
+        assert!(
+            (6.0..=10.0).contains(&reported),
+            "status bytes_per_sec {reported}"
+        );
+        rate
+    });
+    assert!(
+        (7.6..=8.8).contains(&rate),
+        "limit 8 MiB/s, measured {rate:.2} MiB/s"
+    );
+}
+
+/// Source read errors: user reads needing the source fail, others work;
+/// hydration backs off, pauses after repeated failures with the error in
+/// status, and `enable` resumes it.
+#[test]
+fn source_errors_back_off_then_pause_and_resume() {
+    run_on_reactor(0x1, || async {
+        let data = pattern(128 * 512, 9);
+        mk_malloc("xS", 512, 128);
+        write_all("xS", 0, &data).await;
+        errbdev::create("xS", None).unwrap();
+        mk_malloc("xD", 512, 128);
+        mk_malloc("xM", 512, 64);
+        let mut o = CreateOpts::new("xC", "EE_xS", "xD", "xM");
+        o.no_hydration = true;
+        create(o).await.unwrap();
+        write_all("xC", 0, &pattern(8 * 512, 1)).await; // region 0 hydrated
+        inject("EE_xS", errbdev::InjectIoType::Read, 1000);
+        let d = bdev::open("xC", false, |_| {}).unwrap();
+        assert!(
+            util::read(&d.channel(), 8, 8).await.is_err(),
+            "cold read fails"
+        );
+        assert_eq!(
+            util::read(&d.channel(), 0, 8).await.unwrap().as_slice(),
+            &pattern(8 * 512, 1)[..]
+        );
+        drop(d);
+        bdev_clone::set_hydration(&HydrationOpts {
+            name: "xC".into(),
+            enable: Some(true),
+            ..Default::default()
+        })
+        .unwrap();
+        let t0 = std::time::Instant::now();
+        wait_for("pause after repeated failures", 10, || {
+            st("xC", "state") == "paused"
+        })
+        .await;
+        let took = t0.elapsed();
+        // 10 + 20 + ... + 640 ms of back-off before the 8th failure.
+        assert!(
+            took >= Duration::from_millis(1200),
+            "paused after only {took:?}"
+        );
+        assert!(st("xC", "errors")["source_read"].as_u64().unwrap() >= 8);
+        assert!(st("xC", "last_error")
+            .as_str()
+            .unwrap()
+            .contains("source read"));
+        assert_eq!(st("xC", "hydration_enabled"), true);
+        inject("EE_xS", errbdev::InjectIoType::Clear, 0);
+        bdev_clone::set_hydration(&HydrationOpts {
+            name: "xC".into(),
+            enable: Some(true),
+            hydration_threshold: Some(8),
+            ..Default::default()
+        })
+        .unwrap();
+        wait_for("hydration after resume", 10, || {
+            st("xC", "source_released") == true
+        })
+        .await;
+        let mut expect = data.clone();
+        expect[..4096].copy_from_slice(&pattern(8 * 512, 1));
+        assert_eq!(read_all("xD", 0, 128).await, expect);
+        delete("xC").await.unwrap();
+    });
+}
+
+#[test]
+fn hot_remove_of_a_base_unregisters_the_clone() {
+    run_on_reactor(0x1, || async {
+        for (i, victim) in ["src", "dest", "md"].iter().enumerate() {
+            let (s, d, m, c) = (
+                format!("hs{i}"),
+                format!("hd{i}"),
+                format!("hm{i}"),
+                format!("hc{i}"),
+            );
+            mk_malloc(&s, 512, 64);
+            mk_malloc(&d, 512, 64);
+            mk_malloc(&m, 512, 64);
+            let mut o = CreateOpts::new(&c, &s, &d, &m);
+            o.no_hydration = true;
+            create(o).await.unwrap();
+            let gone = match *victim {
+                "src" => s.clone(),
+                "dest" => d.clone(),
+                _ => m.clone(),
+            };
+            bdev::unregister(&gone).await.unwrap();
+            wait_for("clone unregistered", 5, || bdev::get(&c).is_none()).await;
+        }
+        // After completion the source may go: nothing happens.
+        mk_malloc("hsX", 512, 64);
+        mk_malloc("hdX", 512, 64);
+        mk_malloc("hmX", 512, 64);
+        let mut o = CreateOpts::new("hcX", "hsX", "hdX", "hmX");
+        o.hydration_threshold = 8;
+        create(o).await.unwrap();
+        wait_for("release", 10, || st("hcX", "source_released") == true).await;
+        assert_eq!(bdev::get("hsX").unwrap().claim_type(), None);
+        bdev::unregister("hsX").await.unwrap();
+        reactor::sleep(Duration::from_millis(20)).await;
+        assert!(bdev::get("hcX").is_some());
+        write_all("hcX", 3, &pattern(512, 3)).await;
+        assert_eq!(read_all("hcX", 3, 1).await, pattern(512, 3));
+        delete("hcX").await.unwrap();
+    });
+}
+
+#[test]
+fn reset_completes_while_hydrating() {
+    run_on_reactor(0x3, || async {
+        let data = pattern(2048 * 512, 4);
+        mk_malloc("zS", 512, 2048);
+        write_all("zS", 0, &data).await;
+        mk_malloc("zD", 512, 2048);
+        mk_malloc("zM", 512, 64);
+        let mut o = CreateOpts::new("zC", "zS", "zD", "zM");
+        o.hydration_mbytes_per_sec = 1;
+        o.hydration_threshold = 2;
+        create(o).await.unwrap();
+        let d = bdev::open("zC", true, |_| {}).unwrap();
+        reactor::sleep(Duration::from_millis(50)).await;
+        util::simple(&d.channel(), IoType::Reset, 0, 0)
+            .await
+            .unwrap();
+        assert_eq!(read_all("zC", 0, 2048).await, data);
+        bdev_clone::set_hydration(&HydrationOpts {
+            name: "zC".into(),
+            hydration_mbytes_per_sec: Some(0),
+            ..Default::default()
+        })
+        .unwrap();
+        wait_for("hydration after reset", 10, || {
+            st("zC", "source_released") == true
+        })
+        .await;
+        assert_eq!(read_all("zD", 0, 2048).await, data);
+        drop(d);
+        delete("zC").await.unwrap();
+    });
+}
+
+/// A power cut: destination and metadata fail every I/O from some instant;
+/// delete is quiet; with working bases again, create resumes what was
+/// committed.
+#[test]
+fn delete_after_power_cut_then_resume() {
+    run_on_reactor(0x1, || async {
+        let data = pattern(256 * 512, 5);
+        mk_malloc("pS", 512, 256);
+        write_all("pS", 0, &data).await;
+        mk_malloc("pD", 512, 256);
+        mk_malloc("pM", 512, 64);
+        errbdev::create("pD", None).unwrap();
+        errbdev::create("pM", None).unwrap();
+        let mut o = CreateOpts::new("pC", "pS", "EE_pD", "EE_pM");
+        o.no_hydration = true;
+        create(o.clone()).await.unwrap();
+        let w = pattern(16 * 512, 6);
+        write_all("pC", 0, &w).await;
+        flush("pC").await.unwrap();
+        write_all("pC", 64, &w).await; // not flushed
+        inject("EE_pD", errbdev::InjectIoType::All, u32::MAX);
+        inject("EE_pM", errbdev::InjectIoType::All, u32::MAX);
+        assert!(flush("pC").await.is_err());
+        delete("pC").await.unwrap();
+        inject("EE_pD", errbdev::InjectIoType::Clear, 0);
+        inject("EE_pM", errbdev::InjectIoType::Clear, 0);
+        create(o).await.unwrap();
+        // The flushed write survived; the rest reads as source or as the
+        // later write, never garbage.
+        assert_eq!(read_all("pC", 0, 16).await, w);
+        let got = read_all("pC", 64, 16).await;
+        assert!(
+            got == w || got == data[64 * 512..80 * 512],
+            "region 64.. is garbage"
+        );
+        delete("pC").await.unwrap();
+    });
+}
