@@ -386,9 +386,12 @@ async fn model_run(seed: u64, ops: usize) {
 fn model_based_random_io_with_hydration_and_resume() {
     let (seeds, ops) = if small() { (4u64, 150) } else { (10, 400) };
     run_on_reactor(0x3, move || async move {
+        // Stripes of 64 regions: requests span both owners.
+        bdev_clone::module::set_stripe_words(1);
         for seed in 1..=seeds {
             model_run(seed, ops).await;
         }
+        bdev_clone::module::set_stripe_words(0);
     });
 }
 
