@@ -57,6 +57,8 @@ const BACKOFF_MIN_NS: u64 = 10_000_000;
 const BACKOFF_MAX_NS: u64 = 1_000_000_000;
 /// Consecutive failed copies after which hydration pauses.
 const MAX_FAIL_STREAK: u32 = 8;
+/// Hydration poller period (rate-limit refill, back-off expiry).
+const HYDRATION_POLL: Duration = Duration::from_millis(2);
 /// Periodic commit.
 const COMMIT_PERIOD: Duration = Duration::from_secs(1);
 /// How long delete waits for in-flight work before giving up on it.
@@ -1005,6 +1007,7 @@ impl Owner {
 /// in-flight requests are done; then the source claim is released.
 async fn release_all(sh: Arc<Shared>) {
     sh.released.store(true, Ordering::Release);
+    sh.rate_bps.store(0, Ordering::Relaxed);
     tracing::info!(clone = %sh.name, "fully hydrated: releasing the source");
     let id = sh.id;
     for &r in &sh.owners {
@@ -1536,7 +1539,9 @@ fn start_owner(sh: Arc<Shared>, router: Router, idx: usize) -> Result<(), CloneE
         pollers: Vec::new(),
     }));
     let w = Rc::downgrade(&rc);
-    let hyd = reactor::poller_register(Duration::from_millis(1), move || {
+    // Completions drive hydration; this poller covers the rate limit's
+    // refill and the error back-off.
+    let hyd = reactor::poller_register(HYDRATION_POLL, move || {
         if let Some(rc) = w.upgrade() {
             drive(&rc);
         }
@@ -2057,6 +2062,14 @@ pub fn set_hydration(o: &HydrationOpts) -> Result<(), CloneError> {
         }
     }
     sh.kick.store(true, Ordering::Release);
+    let id = sh.id;
+    for &r in &sh.owners {
+        send_to(r, move || {
+            if let Some(rc) = owner_of(id) {
+                drive(&rc);
+            }
+        });
+    }
     tracing::info!(clone = %o.name, ?o, "clone hydration settings changed");
     Ok(())
 }
