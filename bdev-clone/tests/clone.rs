@@ -1019,3 +1019,27 @@ fn copy_on_read_and_saved_config() {
         delete("cC").await.unwrap();
     });
 }
+
+/// All-zero source data becomes write_zeroes on the destination (here
+/// every plain write to the destination would fail), in ≤ 1 MiB chunks of
+/// large regions.
+#[test]
+fn zero_source_chunks_become_write_zeroes() {
+    run_on_reactor(0x1, || async {
+        let blocks = 16 * 2048; // 16 MiB
+        null::create(null::CreateParams::new("wS", 512, blocks)).unwrap();
+        mk_malloc("wD", 512, blocks);
+        write_all("wD", 0, &pattern(1 << 20, 3)).await; // stale data
+        errbdev::create("wD", None).unwrap();
+        mk_malloc("wM", 512, 64);
+        let mut o = CreateOpts::new("wC", "wS", "EE_wD", "wM");
+        o.region_size_kb = 4096;
+        o.hydration_threshold = 2;
+        create(o).await.unwrap();
+        inject("EE_wD", errbdev::InjectIoType::Write, u32::MAX);
+        wait_for("hydration", 10, || st("wC", "source_released") == true).await;
+        assert_eq!(st("wC", "errors")["dest_write"], 0);
+        assert!(read_all("wD", 0, 2048).await.iter().all(|&b| b == 0));
+        delete("wC").await.unwrap();
+    });
+}
