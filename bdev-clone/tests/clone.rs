@@ -1043,3 +1043,52 @@ fn zero_source_chunks_become_write_zeroes() {
         delete("wC").await.unwrap();
     });
 }
+
+/// A destination without write_zeroes (aio without fallocate) gets zero
+/// writes instead, before and after completion.
+#[test]
+fn write_zeroes_on_a_destination_without_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("dest");
+    std::fs::File::create(&path)
+        .unwrap()
+        .set_len(1 << 20)
+        .unwrap();
+    let p = path.to_str().unwrap().to_string();
+    run_on_reactor(0x1, move || async move {
+        let data = pattern(2048 * 512, 8);
+        mk_malloc("nS", 512, 2048);
+        write_all("nS", 0, &data).await;
+        let mut o = uring::FileBdevOpts::new(uring::Flavor::Aio, "nD", p.as_str());
+        o.block_size = 512;
+        let d = uring::create(o).unwrap();
+        assert!(!d.io_type_supported(IoType::WriteZeroes));
+        mk_malloc("nM", 512, 64);
+        let mut o = CreateOpts::new("nC", "nS", "nD", "nM");
+        o.no_hydration = true;
+        create(o).await.unwrap();
+        let desc = bdev::open("nC", true, |_| {}).unwrap();
+        let ch = desc.channel();
+        // Cold partial, then the same region hydrated, then after release.
+        util::simple(&ch, IoType::WriteZeroes, 3, 2).await.unwrap();
+        util::simple(&ch, IoType::WriteZeroes, 5, 1).await.unwrap();
+        let mut expect = data.clone();
+        expect[3 * 512..6 * 512].fill(0);
+        assert_eq!(read_all("nC", 0, 16).await, expect[..16 * 512]);
+        bdev_clone::set_hydration(&HydrationOpts {
+            name: "nC".into(),
+            enable: Some(true),
+            hydration_threshold: Some(16),
+            ..Default::default()
+        })
+        .unwrap();
+        wait_for("release", 10, || st("nC", "source_released") == true).await;
+        util::simple(&ch, IoType::WriteZeroes, 100, 50)
+            .await
+            .unwrap();
+        expect[100 * 512..150 * 512].fill(0);
+        assert_eq!(read_all("nC", 0, 2048).await, expect);
+        drop(desc);
+        delete("nC").await.unwrap();
+    });
+}
