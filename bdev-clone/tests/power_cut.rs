@@ -445,12 +445,14 @@ async fn run_seed(seed: u64, rounds: u32) -> Result<(), String> {
             sh.ops.get(),
             bdev_clone::status("Clone0").unwrap()["hydrated_regions"]
         );
-        let m = sh.model.borrow();
         let mut bad = Vec::new();
-        for (b, g) in got.iter().enumerate() {
-            let allowed = m.after_cut(b);
-            if !self::allowed(*g, &allowed) {
-                bad.push(format!("block {b}: read {g:?}, allowed {allowed:?}"));
+        {
+            let m = sh.model.borrow();
+            for (b, g) in got.iter().enumerate() {
+                let allowed = m.after_cut(b);
+                if !self::allowed(*g, &allowed) {
+                    bad.push(format!("block {b}: read {g:?}, allowed {allowed:?}"));
+                }
             }
         }
         if !bad.is_empty() {
