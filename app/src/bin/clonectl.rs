@@ -206,6 +206,8 @@ struct Status {
     source_released: bool,
     errors: [u64; 3],
     metadata_mode: String,
+    /// What went wrong last, when the target says (`last_error`).
+    last_error: Option<String>,
     raw: Value,
 }
 
@@ -259,6 +261,10 @@ impl Status {
                 .and_then(Value::as_str)
                 .unwrap_or("rw")
                 .to_string(),
+            last_error: v
+                .get("last_error")
+                .and_then(Value::as_str)
+                .map(str::to_string),
             raw: v.clone(),
         })
     }
@@ -397,11 +403,15 @@ fn exit_for(clones: &[Status]) -> ExitCode {
     }
     for c in failed {
         eprintln!(
-            "clonectl: {} is {} (metadata {}, errors: {})",
+            "clonectl: {} is {} (metadata {}, errors: {}){}",
             c.name,
             c.state,
             c.metadata_mode,
-            c.errors()
+            c.errors(),
+            c.last_error
+                .as_deref()
+                .map(|e| format!(": {e}"))
+                .unwrap_or_default()
         );
     }
     ExitCode::from(EXIT_FAILED_CLONE)
