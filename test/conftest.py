@@ -330,6 +330,7 @@ class PerfResult:
         self.stderr = cp.stderr
         self.total = self._parse_total()
         self.jobs = self._parse_jobs()
+        self.percentiles = self._parse_percentiles()
 
     @property
     def output(self):
@@ -347,6 +348,19 @@ class PerfResult:
                         "min_lat_us", "max_lat_us")
                 return dict(zip(keys, nums[:7]))
         return None
+
+    def _parse_percentiles(self):
+        # -l: "Summary latency data for <bdev> from core N:" then "  99.00000% :  25.343us"
+        out, cur = {}, None
+        for line in self.stdout.splitlines():
+            m = re.match(r"^Summary latency data for (\S+) from core \d+:", line)
+            if m:
+                cur = out.setdefault(m.group(1), {})
+                continue
+            m = re.match(r"^\s*([0-9.]+)% :\s*([0-9.]+)us$", line)
+            if m and cur is not None:
+                cur[float(m.group(1))] = float(m.group(2))
+        return out
 
     def _parse_jobs(self):
         # per-job row: "NAME : runtime IOPS MiB/s Fail/s TO/s Average min max"

@@ -117,6 +117,29 @@ def test_delay_randread_latency(workdir):
     assert 1000 <= r.total["avg_lat_us"] < 1000 * 5, r.describe()
 
 
+def test_latency_percentiles(workdir):
+    # -l: SPDK's per-job summary; a 1 ms delay bdev bounds every percentile from below.
+    cfg = write_bdev_config(workdir / "bp.json", [
+        malloc("Malloc0"),
+        malloc("Malloc1"),
+        ("bdev_delay_create", {"name": "Delay0", "base_bdev_name": "Malloc1",
+                               "avg_read_latency": 1000, "p99_read_latency": 1000,
+                               "avg_write_latency": 10, "p99_write_latency": 10}),
+    ])
+    r = run_bdevperf(cfg, "-q", 4, "-o", 4096, "-w", "randread", "-l", secs=1)
+    assert_clean_run(r)
+    p = r.percentiles
+    assert set(p) == {"Malloc0", "Delay0"}, r.describe()
+    d = p["Delay0"]
+    assert d[1.0] >= 1000 * 0.98 and d[99.0] >= d[50.0] >= d[1.0], r.describe()
+    assert d[99.0] <= r.jobs["Delay0"]["max_lat_us"] * 1.02, r.describe()
+    assert p["Malloc0"][50.0] < d[50.0], r.describe()
+    assert "Latency histogram" not in r.stdout
+    r = run_bdevperf(cfg, "-q", 4, "-o", 4096, "-w", "randread", "-ll", "-T", "Malloc0", secs=1)
+    assert_clean_run(r)
+    assert "Latency histogram for Malloc0 from core 0:" in r.stdout, r.describe()
+
+
 def test_null_stores_no_data(workdir):
     """Null completes I/O without storing data: writes and reads succeed; verify runs every
     write and read-back, says that it cannot compare data, and passes when no I/O fails."""

@@ -7,6 +7,8 @@
 //! reactor, wait until all have drained, print the table, return the exit
 //! code; the framework then unregisters the bdevs and stops.
 
+#[path = "bdevperf/histogram.rs"]
+mod histogram;
 #[path = "bdevperf/job.rs"]
 mod job;
 #[cfg(test)]
@@ -125,6 +127,9 @@ struct Cli {
     /// Serve JSON-RPC on this Unix socket (default: no RPC server)
     #[arg(short = 'r', long = "rpc-socket")]
     rpc_socket: Option<PathBuf>,
+    /// Latency percentiles per job after the table: -l summary, -ll also the histogram
+    #[arg(short = 'l', action = clap::ArgAction::Count)]
+    latency: u8,
 }
 
 /// SPDK's `spdk_parse_capacity`: a decimal number with an optional binary
@@ -168,6 +173,8 @@ struct Config {
     bdev: Option<String>,
     multithread: bool,
     continue_on_failure: bool,
+    /// 0 off, 1 summary, 2 summary and histogram.
+    latency: u8,
 }
 
 impl Config {
@@ -216,6 +223,7 @@ impl Config {
                 bdev: cli.bdev.clone(),
                 multithread: cli.multithread,
                 continue_on_failure: cli.continue_on_failure,
+                latency: cli.latency.min(2),
             },
             warnings,
         ))
@@ -372,6 +380,7 @@ fn plan_jobs(cfg: &Config, seed: u64) -> Result<Vec<Plan>, String> {
                     size_in_ios,
                     duration_ns: cfg.time_s.saturating_mul(1_000_000_000),
                     continue_on_failure: cfg.continue_on_failure,
+                    track_latency: cfg.latency > 0,
                     seed: pattern::mix64(seed ^ n.wrapping_mul(0x9E37_79B9_7F4A_7C15)) | 1,
                     compare_data: b.stores_data(),
                 },
@@ -465,6 +474,17 @@ async fn bdevperf_main(cfg: Config) -> i32 {
         println!("Received shutdown signal, test time was about {secs:.6} seconds");
     }
     print!("{}", report::render(&rows));
+    if cfg.latency > 0 {
+        for &(plan, r) in &done {
+            if let Some(h) = &r.histogram {
+                let title = format!("{} from core {}", plan.bdev, reactor::core_id(plan.reactor));
+                print!("{}", h.render_summary(&title));
+                if cfg.latency > 1 {
+                    print!("{}", h.render_detail(&title));
+                }
+            }
+        }
+    }
     report::flush();
 
     let bad =

@@ -5,6 +5,7 @@ pub mod error;
 pub mod malloc;
 pub mod null;
 pub mod uring;
+pub mod wcache;
 
 /// Register every base module's RPC methods.
 pub fn register_methods() {

@@ -8,7 +8,7 @@
 //! travel with the I/O: a slot's buffer is in its `Cell` exactly when no I/O
 //! of that slot is in flight.
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::rc::{Rc, Weak};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -17,6 +17,7 @@ use std::time::Duration;
 use bdev::{BdevIo, Desc, IoChannel, IoType};
 use reactor::{DmaBuf, TimerId};
 
+use crate::histogram::Histogram;
 use crate::pattern;
 
 /// Miscompares and I/O errors printed per job; the rest are only counted.
@@ -71,6 +72,8 @@ pub struct JobParams {
     pub duration_ns: u64,
     pub continue_on_failure: bool,
     pub seed: u64,
+    /// Keep a latency histogram (`-l`).
+    pub track_latency: bool,
     /// The bdev keeps what is written (false: null): verify then checks
     /// that every write and read-back completes, and cannot compare data.
     pub compare_data: bool,
@@ -85,6 +88,8 @@ pub struct JobResult {
     pub lat_sum_ns: u64,
     pub lat_min_ns: u64,
     pub lat_max_ns: u64,
+    /// With `-l`: every completed I/O's latency.
+    pub histogram: Option<Histogram>,
     /// Stopped early because of a failure (SPDK: "ended ... with error").
     pub ended_with_error: bool,
     /// Handed back for the caller to close (on the app reactor).
@@ -127,6 +132,7 @@ struct Job {
     lat_sum: Cell<u64>,
     lat_min: Cell<u64>,
     lat_max: Cell<u64>,
+    hist: RefCell<Option<Histogram>>,
     logged: Cell<u32>,
     ended_with_error: Cell<bool>,
     timer: Cell<Option<TimerId>>,
@@ -182,6 +188,7 @@ pub fn start(name: String, desc: Desc, p: JobParams, removed: Arc<AtomicBool>, d
         lat_sum: Cell::new(0),
         lat_min: Cell::new(u64::MAX),
         lat_max: Cell::new(0),
+        hist: RefCell::new(p.track_latency.then(Histogram::default)),
         logged: Cell::new(0),
         ended_with_error: Cell::new(false),
         timer: Cell::new(None),
@@ -267,6 +274,9 @@ impl Job {
         if lat > self.lat_max.get() {
             self.lat_max.set(lat);
         }
+        if let Some(h) = self.hist.borrow_mut().as_mut() {
+            h.record(lat);
+        }
     }
 
     fn log_error(&self, msg: std::fmt::Arguments<'_>) {
@@ -311,6 +321,7 @@ impl Job {
                 self.lat_min.get()
             },
             lat_max_ns: self.lat_max.get(),
+            histogram: self.hist.borrow_mut().take(),
             ended_with_error: self.ended_with_error.get(),
             desc: self.desc.take(),
         };

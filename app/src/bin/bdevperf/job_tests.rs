@@ -129,6 +129,7 @@ fn run(
             size_in_ios: BLOCKS / 8,
             duration_ns: ms * 1_000_000,
             continue_on_failure: cof,
+            track_latency: true,
             seed: 12345,
             compare_data: true,
         };
@@ -167,6 +168,9 @@ fn clean_runs_have_no_failures() {
         assert!(!r.ended_with_error);
         assert!(r.lat_min_ns > 0 && r.lat_min_ns <= r.lat_max_ns);
         assert!(r.lat_sum_ns >= r.lat_min_ns * r.completed);
+        let h = r.histogram.as_ref().expect("-l keeps a histogram");
+        assert_eq!(h.total(), r.completed + r.failed, "{mode:?}");
+        assert!(h.percentile(0.99) <= r.lat_max_ns + r.lat_max_ns / 60);
         assert!(r.runtime_ns >= 100_000_000, "ran for the full time");
     }
 }

@@ -153,6 +153,7 @@ mod tests {
             lat_sum_ns: (completed + failed) * 10_000,
             lat_min_ns: 5_000,
             lat_max_ns: 20_000,
+            histogram: None,
             ended_with_error: failed > 0,
             desc: None,
         }
