@@ -22,7 +22,8 @@
 # bdevperf, as a host would reach it right after creation, and back.
 #
 # Env: DEMO_SIZE_MB (1024), DEMO_SECONDS (verify run, 5), DEMO_KEEP=1 keeps
-# the work directory, DEMO_LATENCY_US (source read latency, 2000).
+# the work directory, DEMO_LATENCY_US (source read latency, 2000),
+# DEMO_RATE_MBPS (hydration limit, 100 MiB/s: a remote link is shared).
 set -euo pipefail
 . "$(dirname "$0")/common.sh"
 PS4='$ '
@@ -30,6 +31,7 @@ PS4='$ '
 SIZE_MB="${DEMO_SIZE_MB:-1024}"
 SECS="${DEMO_SECONDS:-5}"
 LAT_US="${DEMO_LATENCY_US:-2000}"
+RATE="${DEMO_RATE_MBPS:-100}"
 REGION_KB=64
 [[ "$SIZE_MB" =~ ^[0-9]+$ && "$SIZE_MB" -ge 1 ]] || { echo "DEMO_SIZE_MB must be a positive number of MiB" >&2; exit 2; }
 
@@ -94,10 +96,19 @@ step "creating the clone (spdk-rpc --plugin clone_rpc_plugin bdev_clone_create)"
 T_CREATE=$(now)
 set -x
 "${CLONE_RPC[@]}" bdev_clone_create -b Clone0 -s Remote0 -d Dest0 -m Meta0 -r "$REGION_KB" \
-    --hydration-threshold 16 --hydration-batch-size 4
+    --hydration-threshold 16 --hydration-batch-size 4 --hydration-mbytes-per-sec "$RATE"
 { set +x; } 2>/dev/null
 T_CREATED=$(now)
 "$CLONECTL" -s "$SOCK" status
+echo "the stack as SPDK users see it (bdev_get_bdevs, abridged):"
+"${RPC[@]}" bdev_get_bdevs >"$WORK/bdevs.json"
+python3 - "$WORK/bdevs.json" <<'PY'
+import json, sys
+for b in json.load(open(sys.argv[1])):
+    size_mib = b["num_blocks"] * b["block_size"] >> 20
+    claim = b.get("claim_type", "-")
+    print(f"  {b['name']:<8} {b['product_name']:<12} {size_mib:>5} MiB  claim: {claim}")
+PY
 "${RPC[@]}" save_config >"$WORK/config.json"
 "${RPC[@]}" spdk_kill_instance SIGTERM
 wait "$TGT" || { echo "clone_tgt exited with an error"; exit 1; }
@@ -190,7 +201,7 @@ PY
 step "what happened"
 CREATE_MS=$(python3 -c "print('%.1f' % ((float('$T_CREATED') - float('$T_CREATE')) * 1000))")
 HYD_S=$(elapsed "$T_RESUME" "$T_HYDRATED")
-echo "clone of a ${SIZE_MB} MiB remote-like source (${LAT_US} us reads), ${REGION_KB} KiB regions"
+echo "clone of a ${SIZE_MB} MiB remote-like source (${LAT_US} us reads), ${REGION_KB} KiB regions, hydration limited to ${RATE} MiB/s"
 echo "  create (spdk-rpc round trip included): ${CREATE_MS} ms; usable at once"
 echo "  bdevperf verify on the unhydrated clone: ${VERIFY_IOPS} IOPS for ${SECS} s, no miscompare"
 echo "  resume after restart, then hydration to 100 %: ${HYD_S} s"
