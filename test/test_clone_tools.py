@@ -159,23 +159,35 @@ def test_plugin_every_command(tgt):
            "-r", "64")
 
 
+def rpc_error(cp):
+    """(code, message) of the JSON-RPC error spdk-rpc printed (it exits 1)."""
+    assert cp.returncode == 1, (cp.stdout, cp.stderr)
+    marker = "response:\n"
+    assert marker in cp.stdout, cp.stdout
+    err = json.loads(cp.stdout[cp.stdout.rindex(marker) + len(marker):])
+    return err["code"], err["message"]
+
+
 def test_plugin_errors_carry_the_rpc_text(tgt):
     source = make_bases(tgt)
-    cp = plugin(tgt.sock, "bdev_clone_create", "-b", "C", "-s", "Nope", "-d", "Dst0", "-m", "Meta0",
-                check=False)
-    assert cp.returncode == 1 and "No such device" in cp.stdout, cp.stdout
-    cp = plugin(tgt.sock, "bdev_clone_create", "-b", "C", "-s", source, "-d", "Dst0", "-m", "Meta0",
-                "-r", "3", check=False)
-    assert cp.returncode == 1 and "Invalid argument" in cp.stdout, cp.stdout
+    code, msg = rpc_error(plugin(tgt.sock, "bdev_clone_create", "-b", "C", "-s", "Nope", "-d", "Dst0",
+                                 "-m", "Meta0", check=False))
+    assert code == -19 and "Nope" in msg, msg
+    code, msg = rpc_error(plugin(tgt.sock, "bdev_clone_create", "-b", "C", "-s", source, "-d", "Dst0",
+                                 "-m", "Meta0", "-r", "3", check=False))
+    assert code == -22 and "region_size_kb 3" in msg, msg
     assert "C" not in tgt.bdevs()
     plugin(tgt.sock, "bdev_clone_create", "-b", "C", "-s", source, "-d", "Dst0", "-m", "Meta0",
            "--no-hydration")
-    cp = plugin(tgt.sock, "bdev_clone_set_hydration", "-b", "C", check=False)
-    assert cp.returncode == 1 and "No options specified" in cp.stdout, cp.stdout
+    code, msg = rpc_error(plugin(tgt.sock, "bdev_clone_create", "-b", "C", "-s", source, "-d", "Dst0",
+                                 "-m", "Meta0", check=False))
+    assert code in (-17, -16), (code, msg)
+    assert rpc_error(plugin(tgt.sock, "bdev_clone_set_hydration", "-b", "C", check=False)) == \
+        (-22, "No options specified")
     for args in (["bdev_clone_delete", "Nope"], ["bdev_clone_get_bdevs", "-b", "Nope"],
                  ["bdev_clone_set_hydration", "-b", "Nope", "--enable"]):
-        cp = plugin(tgt.sock, *args, check=False)
-        assert cp.returncode == 1 and "No such device" in cp.stdout, (args, cp.stdout)
+        code, msg = rpc_error(plugin(tgt.sock, *args, check=False))
+        assert code == -19 and "Nope" in msg, (args, code, msg)
 
 
 # --- clonectl ------------------------------------------------------------------------
@@ -212,7 +224,9 @@ def test_clonectl_table_and_json(tgt):
 def test_clonectl_clear_errors(tgt, workdir):
     r = clonectl(tgt.sock, "status", "Nope")
     assert r.returncode == 1, r
-    assert r.stderr.strip() == "clonectl: bdev_clone_get_bdevs: No such device (JSON-RPC error -19)", r.stderr
+    err = tgt.rpc_err("bdev_clone_get_bdevs", name="Nope")
+    assert err[0] == -19
+    assert r.stderr.strip() == "clonectl: bdev_clone_get_bdevs: %s (JSON-RPC error -19)" % err[1], r.stderr
     r = clonectl(workdir / "missing.sock", "status")
     assert r.returncode == 1, r
     assert "cannot connect to %s: No such file or directory" % (workdir / "missing.sock") in r.stderr
