@@ -46,7 +46,8 @@ enum Cmd {
     Status {
         /// One clone bdev (default: all)
         name: Option<String>,
-        /// Follow progress until every watched clone is hydrated (or failed)
+        /// Follow progress until every watched clone is hydrated and committed
+        /// (its source released), or failed
         #[arg(short = 'w', long)]
         watch: bool,
         /// Seconds between refreshes with --watch
@@ -275,8 +276,11 @@ impl Status {
         matches!(self.state.as_str(), "failed" | "read_only") || self.metadata_mode != "rw"
     }
 
+    /// Hydrated and committed (the clone then releases its source), or
+    /// failed. A clone reports "hydrated" as soon as the last copy lands;
+    /// the watch waits for the commit that makes it durable.
     fn is_done(&self) -> bool {
-        self.state == "hydrated" || self.is_failed()
+        (self.state == "hydrated" && self.source_released) || self.is_failed()
     }
 
     fn rate(&self) -> String {
@@ -581,6 +585,9 @@ mod tests {
         assert!(status(v.clone()).is_failed() && status(v).is_done());
         let mut v = base;
         v["state"] = json!("hydrated");
+        let s = status(v.clone());
+        assert!(!s.is_done(), "hydrated but not yet committed");
+        v["source_released"] = json!(true);
         let s = status(v);
         assert!(s.is_done() && !s.is_failed());
         assert_eq!(s.eta(), "-");
