@@ -267,6 +267,42 @@ def test_clonectl_watch_ends_when_hydrated(tgt):
     assert out.splitlines()[-1].split()[:3] == ["Clone0", "hydrated", "2048/2048"], out
 
 
+def test_clonectl_watch_draws_bars_on_a_terminal(tgt):
+    """On a terminal --watch draws progress bars (escape codes), then the table."""
+    import pty
+    source = make_bases(tgt, mb=8)
+    plugin(tgt.sock, "bdev_clone_create", "-b", "Clone0", "-s", source, "-d", "Dst0", "-m", "Meta0",
+           "--hydration-mbytes-per-sec", "8")
+    require_binaries(CLONECTL)
+    master, slave = pty.openpty()
+    proc = subprocess.Popen([str(CLONECTL), "-s", str(tgt.sock), "status", "--watch", "--interval",
+                             "0.1"], stdout=slave, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+    os.close(slave)
+    out = b""
+    try:
+        while True:
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:  # EIO: the child closed the terminal
+                break
+            if not chunk:
+                break
+            out += chunk
+        rc = proc.wait(timeout=60)
+    finally:
+        os.close(master)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    text = out.decode(errors="replace")
+    assert rc == 0, (text, proc.stderr.read())
+    assert "\x1b[" in text, repr(text[:300])
+    assert "[" + "=" * 40 + "]" in text, repr(text[-1500:])
+    assert "Clone0: " not in text, "plain progress lines on a terminal"
+    assert text.replace("\r", "").rstrip().splitlines()[-1].split()[:3] == \
+        ["Clone0", "hydrated", "2048/2048"], repr(text[-500:])
+
+
 def test_clonectl_failed_clone_exits_non_zero(tgt):
     """Metadata on an error bdev; failing its writes makes the clone leave rw."""
     tgt.cli("bdev_malloc_create", "-b", "Src0", 8, 4096)
