@@ -211,8 +211,10 @@ def test_clonectl_table_and_json(tgt):
     r = clonectl(tgt.sock, "status", "Clone0", "--json")
     assert r.returncode == 0, r
     st = json.loads(r.stdout)
-    assert st == tgt.rpc("bdev_clone_get_bdevs", name="Clone0") or \
-        [s["name"] for s in st] == ["Clone0"]
+    want = tgt.rpc("bdev_clone_get_bdevs", name="Clone0")
+    assert [s["name"] for s in st] == ["Clone0"], st
+    assert list(st[0]) == list(want[0]), "clonectl --json must print the status object as is"
+    assert (st[0]["state"], st[0]["num_regions"], st[0]["hydrated_regions"]) == ("paused", 2048, 0)
 
     tgt.rpc("bdev_clone_set_hydration", name="Clone0", enable=True)
     wait_state(tgt, "Clone0", ("hydrated",))
