@@ -64,6 +64,15 @@ impl CloneError {
 impl From<CloneError> for ::rpc::RpcError {
     fn from(e: CloneError) -> Self {
         tracing::debug!(error = %e, "clone RPC failed");
-        ::rpc::RpcError::errno_msg(e.errno(), e.to_string())
+        match e {
+            // SPDK's own text for this one.
+            CloneError::NoOptions => ::rpc::RpcError::errno_msg(e.errno(), e.to_string()),
+            // As the other modules: strerror() first (what SPDK sends), then
+            // what was wrong, so scripts and people both get theirs.
+            _ => {
+                let plain = ::rpc::RpcError::errno(e.errno()).message;
+                ::rpc::RpcError::errno_msg(e.errno(), format!("{plain}: {e}"))
+            }
+        }
     }
 }
