@@ -4,6 +4,7 @@
 #   2. uring bdev on a file vs fio --ioengine=io_uring on the same file,
 #      same queue depth, O_DIRECT.
 #   3. message ring throughput between two reactors (criterion).
+#   4. the clone bdev: scripts/bench_clone.sh (its own table).
 # Figures only: nothing here asserts a speed.
 set -euo pipefail
 . "$(dirname "$0")/common.sh"
@@ -51,3 +52,7 @@ echo "uring bdev IOPS: $URING   fio io_uring IOPS: $FIO   ratio: $(python3 -c "p
 echo
 echo "== 3. message ring, reactor 1 -> reactor 0"
 (cd "$ROOT" && cargo bench -p reactor --bench msg_ring 2>/dev/null | grep -E "msg_ring|time:|thrpt:")
+
+echo
+echo "== 4. the clone bdev (scripts/bench_clone.sh)"
+BENCH_SECONDS="$SECS" "$ROOT/scripts/bench_clone.sh"

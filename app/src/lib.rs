@@ -224,6 +224,7 @@ pub fn register_all_methods() {
     bdev::modules::register_methods();
     nvmf::register_methods();
     nvmf::host::register_methods();
+    bdev_clone::register_rpcs();
 }
 
 /// Block SIGINT/SIGTERM in every thread and handle them on one thread
