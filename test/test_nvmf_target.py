@@ -439,6 +439,34 @@ def test_data_digest_error_fails_command(tgt):
     assert (cqe["cid"], cqe["sct"], cqe["sc"]) == (cid, 0, 0x22)
     # The stream is still in sync and the data was not written.
     assert io.read(1, 0, 8)[1] != data
+    # A large H2CData sent in pieces (the target receives its payload
+    # straight into the command buffer), once with a good and once with a
+    # bad data digest.
+    for bad in (False, True):
+        big = os.urandom(65536)
+        cid = io.next_cid()
+        io.capsule(P.sqe(0x01, cid, 1, (0, len(big), 0x5A), (256, 0, 127, 0, 0, 0)))
+        p = io.recv_pdu()
+        assert p["type"] == P.R2T
+        cccid, ttag, r2to, r2tl = struct.unpack("<HHII", p["raw"][8:20])
+        assert (cccid, r2to, r2tl) == (cid, 0, len(big))
+        h = struct.pack("<BBBBIHHII4x", P.H2C_DATA, P.HDGSTF | P.DDGSTF | P.LAST_PDU, 24, 28,
+                        28 + len(big) + 4, cid, ttag, 0, len(big))
+        h += struct.pack("<I", P.crc32c(h))
+        dg = P.crc32c(big) ^ (1 if bad else 0)
+        io.send(h + big[:1000])
+        time.sleep(0.05)
+        io.send(big[1000:40000])
+        time.sleep(0.05)
+        io.send(big[40000:] + struct.pack("<I", dg)[:2])
+        time.sleep(0.05)
+        io.send(struct.pack("<I", dg)[2:])
+        cqe = P.parse_cqe(io.recv_pdu()["raw"][8:24])
+        assert cqe["cid"] == cid and cqe["sc"] == (0x22 if bad else 0), cqe
+        if not bad:
+            assert io.read(1, 256, 128)[1] == big
+            good = big
+    assert io.read(1, 256, 128)[1] == good
     io.close()
     a.close()
 
