@@ -148,6 +148,8 @@ def test_listener_and_host_rpcs(tgt):
     want = [{"trtype": "TCP", "adrfam": "IPv4", "traddr": ADDR, "trsvcid": str(port)}]
     assert subs[NQN]["listen_addresses"] == want
     assert subs[P.DISCOVERY_NQN]["listen_addresses"] == want
+    assert tgt.rpc("nvmf_subsystem_get_listeners", nqn=NQN) == [{"address": want[0]}]
+    assert tgt.rpc_err("nvmf_subsystem_get_listeners", nqn=NQN2) == (-32602, "Invalid parameters")
     tgt.cli("nvmf_subsystem_add_host", NQN, HOST2)
     assert tgt.rpc_err("nvmf_subsystem_add_host", nqn=NQN, host=HOST2) == (-32602, "Invalid parameters")
     tgt.cli("nvmf_subsystem_allow_any_host", NQN, "--allow-any-host")

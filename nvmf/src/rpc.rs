@@ -757,6 +757,16 @@ fn get_controllers(p: NqnOnly) -> Result<Value, RpcError> {
     Ok(Value::Array(ctrls.iter().map(|c| c.json()).collect()))
 }
 
+fn get_listeners(p: NqnOnly) -> Result<Value, RpcError> {
+    let Some(s) = target::find_subsystem(&p.nqn) else {
+        return Err(invalid());
+    };
+    let l = lock(&s.state).listeners.clone();
+    Ok(Value::Array(
+        l.iter().map(|a| json!({"address": a.to_json()})).collect(),
+    ))
+}
+
 async fn get_qpairs(p: NqnOnly) -> Result<Value, RpcError> {
     if target::find_subsystem(&p.nqn).is_none() {
         return Err(invalid());
@@ -930,6 +940,12 @@ pub fn register_methods() {
         RUNTIME,
         DecodeError::InvalidParams,
         |p: NqnOnly| async move { get_controllers(p) },
+    );
+    register_typed(
+        "nvmf_subsystem_get_listeners",
+        RUNTIME,
+        DecodeError::InvalidParams,
+        |p: NqnOnly| async move { get_listeners(p) },
     );
     register_typed(
         "nvmf_subsystem_get_qpairs",
