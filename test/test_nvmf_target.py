@@ -100,7 +100,10 @@ def test_namespace_rpcs(tgt):
     tgt.rpc("bdev_malloc_create", name="M1", num_blocks=2048, block_size=4096)
     tgt.rpc("nvmf_create_subsystem", nqn=NQN, max_namespaces=4)
     assert tgt.rpc_err("nvmf_subsystem_add_ns", nqn=NQN2, namespace={"bdev_name": "M0"}) == (
-        -32602, "Unable to find subsystem with NQN %s" % NQN2)
+        -32602, "Invalid parameters")
+    # The namespace object is decoded strictly.
+    assert tgt.rpc_err("nvmf_subsystem_add_ns", nqn=NQN, namespace={"bdev_name": "M0", "x": 1}) == (
+        -32602, "Invalid parameters")
     assert tgt.rpc_err("nvmf_subsystem_add_ns", nqn=NQN, namespace={"bdev_name": "nope"}) == (
         -32602, "Invalid parameters")
     tgt.cli("nvmf_subsystem_add_ns", NQN, "M0", "-g", "00112233445566778899AABBCCDDEEFF",
@@ -138,7 +141,7 @@ def test_listener_and_host_rpcs(tgt):
     assert tgt.rpc_err("nvmf_subsystem_add_listener", nqn=NQN, listen_address=la) == (
         -32602, "Invalid parameters")
     assert tgt.rpc_err("nvmf_subsystem_add_listener", nqn=NQN2, listen_address=la) == (
-        -32602, "Unable to find subsystem with NQN %s" % NQN2)
+        -32602, "Invalid parameters")
     assert tgt.rpc_err("nvmf_subsystem_add_listener", nqn=NQN,
                        listen_address={"trtype": "TCP", "traddr": "not-ip", "trsvcid": "1"}) == (
         -32602, "Invalid parameters")
@@ -150,15 +153,17 @@ def test_listener_and_host_rpcs(tgt):
     assert subs[P.DISCOVERY_NQN]["listen_addresses"] == want
     assert tgt.rpc("nvmf_subsystem_get_listeners", nqn=NQN) == [{"address": want[0]}]
     assert tgt.rpc_err("nvmf_subsystem_get_listeners", nqn=NQN2) == (-32602, "Invalid parameters")
-    tgt.cli("nvmf_subsystem_add_host", NQN, HOST2)
-    assert tgt.rpc_err("nvmf_subsystem_add_host", nqn=NQN, host=HOST2) == (-32602, "Invalid parameters")
+    # Decoded relaxed, as SPDK: an unknown key is ignored.
+    assert tgt.rpc("nvmf_subsystem_add_host", nqn=NQN, host=HOST2, some_future_key=1) is True
+    assert tgt.rpc_err("nvmf_subsystem_add_host", nqn=NQN, host=HOST2) == (-32603, "Internal error")
+    assert tgt.rpc_err("nvmf_subsystem_add_host", nqn=NQN2, host=HOST2) == (-32602, "Invalid parameters")
     tgt.cli("nvmf_subsystem_allow_any_host", NQN, "--allow-any-host")
     s = tgt.rpc("nvmf_get_subsystems", nqn=NQN)[0]
     assert s["hosts"] == [{"nqn": HOST2}] and s["allow_any_host"] is True
     tgt.cli("nvmf_subsystem_allow_any_host", NQN, "--no-allow-any-host")
     tgt.cli("nvmf_subsystem_remove_host", NQN, HOST2)
     assert tgt.rpc_err("nvmf_subsystem_remove_host", nqn=NQN, host=HOST2) == (
-        -32602, "Invalid parameters")
+        -32603, "Internal error")
     tgt.cli("nvmf_subsystem_remove_listener", NQN, "-t", "tcp", "-a", ADDR, "-s", str(port))
     assert tgt.rpc_err("nvmf_subsystem_remove_listener", nqn=NQN, listen_address=la) == (
         -32602, "Invalid parameters")
