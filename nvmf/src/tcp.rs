@@ -1452,7 +1452,9 @@ impl Conn {
                 let mut io = if op == nvm::READ {
                     BdevIo::read(slba, nlb, DmaBuf::new(need as usize), done)
                 } else {
-                    let buf = self.slots[i].buf.take().expect("write data");
+                    let Some(buf) = self.slots[i].buf.take() else {
+                        return self.fail_pending(i, Status::generic(sc::DATA_SGL_LENGTH_INVALID));
+                    };
                     BdevIo::write(slba, nlb, buf, done)
                 };
                 io.fua = op == nvm::WRITE && sqe.fua();
