@@ -59,7 +59,8 @@ def test_linux_host(tgt2):
     assert cp.returncode == 0 and not fails, "guest exit %d, failed checks %s\n%s" % (
         cp.returncode, fails, out[-15000:])
     for must in ("connect", "dd-verify", "fio-verify", "oob-read", "mkfs", "fs-verify", "fstrim",
-                 "disconnect", "digest-verify", "discover-dport", "discover-ioport"):
+                 "disconnect", "digest-verify", "discover-dport", "discover-ioport", "ka-live", "reset",
+                 "reset-verify", "write-zeroes", "zeroes-read"):
         assert must in oks, "check %s did not run\n%s" % (must, out[-15000:])
     # The host disconnected cleanly: no controller left, no panic.
     assert tgt.rpc("nvmf_subsystem_get_controllers", nqn=NQN) == []

@@ -100,7 +100,10 @@ def test_namespace_rpcs(tgt):
     tgt.rpc("bdev_malloc_create", name="M1", num_blocks=2048, block_size=4096)
     tgt.rpc("nvmf_create_subsystem", nqn=NQN, max_namespaces=4)
     assert tgt.rpc_err("nvmf_subsystem_add_ns", nqn=NQN2, namespace={"bdev_name": "M0"}) == (
-        -32602, "Unable to find subsystem with NQN %s" % NQN2)
+        -32602, "Invalid parameters")
+    # The namespace object is decoded strictly.
+    assert tgt.rpc_err("nvmf_subsystem_add_ns", nqn=NQN, namespace={"bdev_name": "M0", "x": 1}) == (
+        -32602, "Invalid parameters")
     assert tgt.rpc_err("nvmf_subsystem_add_ns", nqn=NQN, namespace={"bdev_name": "nope"}) == (
         -32602, "Invalid parameters")
     tgt.cli("nvmf_subsystem_add_ns", NQN, "M0", "-g", "00112233445566778899AABBCCDDEEFF",
@@ -138,7 +141,7 @@ def test_listener_and_host_rpcs(tgt):
     assert tgt.rpc_err("nvmf_subsystem_add_listener", nqn=NQN, listen_address=la) == (
         -32602, "Invalid parameters")
     assert tgt.rpc_err("nvmf_subsystem_add_listener", nqn=NQN2, listen_address=la) == (
-        -32602, "Unable to find subsystem with NQN %s" % NQN2)
+        -32602, "Invalid parameters")
     assert tgt.rpc_err("nvmf_subsystem_add_listener", nqn=NQN,
                        listen_address={"trtype": "TCP", "traddr": "not-ip", "trsvcid": "1"}) == (
         -32602, "Invalid parameters")
@@ -148,15 +151,19 @@ def test_listener_and_host_rpcs(tgt):
     want = [{"trtype": "TCP", "adrfam": "IPv4", "traddr": ADDR, "trsvcid": str(port)}]
     assert subs[NQN]["listen_addresses"] == want
     assert subs[P.DISCOVERY_NQN]["listen_addresses"] == want
-    tgt.cli("nvmf_subsystem_add_host", NQN, HOST2)
-    assert tgt.rpc_err("nvmf_subsystem_add_host", nqn=NQN, host=HOST2) == (-32602, "Invalid parameters")
+    assert tgt.rpc("nvmf_subsystem_get_listeners", nqn=NQN) == [{"address": want[0]}]
+    assert tgt.rpc_err("nvmf_subsystem_get_listeners", nqn=NQN2) == (-32602, "Invalid parameters")
+    # Decoded relaxed, as SPDK: an unknown key is ignored.
+    assert tgt.rpc("nvmf_subsystem_add_host", nqn=NQN, host=HOST2, some_future_key=1) is True
+    assert tgt.rpc_err("nvmf_subsystem_add_host", nqn=NQN, host=HOST2) == (-32603, "Internal error")
+    assert tgt.rpc_err("nvmf_subsystem_add_host", nqn=NQN2, host=HOST2) == (-32602, "Invalid parameters")
     tgt.cli("nvmf_subsystem_allow_any_host", NQN, "--allow-any-host")
     s = tgt.rpc("nvmf_get_subsystems", nqn=NQN)[0]
     assert s["hosts"] == [{"nqn": HOST2}] and s["allow_any_host"] is True
     tgt.cli("nvmf_subsystem_allow_any_host", NQN, "--no-allow-any-host")
     tgt.cli("nvmf_subsystem_remove_host", NQN, HOST2)
     assert tgt.rpc_err("nvmf_subsystem_remove_host", nqn=NQN, host=HOST2) == (
-        -32602, "Invalid parameters")
+        -32603, "Internal error")
     tgt.cli("nvmf_subsystem_remove_listener", NQN, "-t", "tcp", "-a", ADDR, "-s", str(port))
     assert tgt.rpc_err("nvmf_subsystem_remove_listener", nqn=NQN, listen_address=la) == (
         -32602, "Invalid parameters")
@@ -439,6 +446,34 @@ def test_data_digest_error_fails_command(tgt):
     assert (cqe["cid"], cqe["sct"], cqe["sc"]) == (cid, 0, 0x22)
     # The stream is still in sync and the data was not written.
     assert io.read(1, 0, 8)[1] != data
+    # A large H2CData sent in pieces (the target receives its payload
+    # straight into the command buffer), once with a good and once with a
+    # bad data digest.
+    for bad in (False, True):
+        big = os.urandom(65536)
+        cid = io.next_cid()
+        io.capsule(P.sqe(0x01, cid, 1, (0, len(big), 0x5A), (256, 0, 127, 0, 0, 0)))
+        p = io.recv_pdu()
+        assert p["type"] == P.R2T
+        cccid, ttag, r2to, r2tl = struct.unpack("<HHII", p["raw"][8:20])
+        assert (cccid, r2to, r2tl) == (cid, 0, len(big))
+        h = struct.pack("<BBBBIHHII4x", P.H2C_DATA, P.HDGSTF | P.DDGSTF | P.LAST_PDU, 24, 28,
+                        28 + len(big) + 4, cid, ttag, 0, len(big))
+        h += struct.pack("<I", P.crc32c(h))
+        dg = P.crc32c(big) ^ (1 if bad else 0)
+        io.send(h + big[:1000])
+        time.sleep(0.05)
+        io.send(big[1000:40000])
+        time.sleep(0.05)
+        io.send(big[40000:] + struct.pack("<I", dg)[:2])
+        time.sleep(0.05)
+        io.send(struct.pack("<I", dg)[2:])
+        cqe = P.parse_cqe(io.recv_pdu()["raw"][8:24])
+        assert cqe["cid"] == cid and cqe["sc"] == (0x22 if bad else 0), cqe
+        if not bad:
+            assert io.read(1, 256, 128)[1] == big
+            good = big
+    assert io.read(1, 256, 128)[1] == good
     io.close()
     a.close()
 

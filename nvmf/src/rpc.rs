@@ -19,8 +19,11 @@ fn invalid() -> RpcError {
     RpcError::invalid_params("Invalid parameters")
 }
 
+/// SPDK logs "Unable to find subsystem with NQN ..." and answers with the
+/// generic text.
 fn no_subsystem(nqn: &str) -> RpcError {
-    RpcError::invalid_params(format!("Unable to find subsystem with NQN {nqn}"))
+    tracing::error!(nqn, "Unable to find subsystem with NQN {nqn}");
+    invalid()
 }
 
 /// Decoded relaxed, as SPDK: keys of other transports are ignored.
@@ -332,8 +335,8 @@ struct NsParams {
     hide_metadata: Option<bool>,
 }
 
+/// Top level decoded relaxed (as SPDK); `namespace` strictly.
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
 struct AddNs {
     nqn: String,
     namespace: NsParams,
@@ -474,8 +477,9 @@ struct ListenAddress {
     trsvcid: Option<String>,
 }
 
+/// `nvmf_subsystem_add_listener`: top level decoded relaxed (as SPDK),
+/// `listen_address` strictly.
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
 struct Listener {
     nqn: String,
     listen_address: ListenAddress,
@@ -565,7 +569,16 @@ fn add_listener(p: Listener) -> Result<bool, RpcError> {
     Ok(true)
 }
 
-fn remove_listener(p: Listener) -> Result<bool, RpcError> {
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RemoveListener {
+    nqn: String,
+    listen_address: ListenAddress,
+    #[allow(dead_code)]
+    tgt_name: Option<String>,
+}
+
+fn remove_listener(p: RemoveListener) -> Result<bool, RpcError> {
     let Some(s) = target::find_subsystem(&p.nqn) else {
         return Err(no_subsystem(&p.nqn));
     };
@@ -593,8 +606,8 @@ fn remove_listener(p: Listener) -> Result<bool, RpcError> {
     Ok(true)
 }
 
+/// Decoded relaxed, as SPDK.
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
 struct AddHost {
     nqn: String,
     host: String,
@@ -615,13 +628,13 @@ fn add_host(p: AddHost) -> Result<bool, RpcError> {
     }
     if !valid_nqn(&p.host) {
         tracing::error!(host = %p.host, "invalid host NQN");
-        return Err(invalid());
+        return Err(RpcError::internal("Internal error"));
     }
     {
         let mut st = lock(&s.state);
         if st.hosts.contains(&p.host) {
             tracing::error!(host = %p.host, "host already allowed");
-            return Err(invalid());
+            return Err(RpcError::internal("Internal error"));
         }
         st.hosts.push(p.host);
     }
@@ -650,7 +663,7 @@ fn remove_host(p: RemoveHost) -> Result<bool, RpcError> {
         st.hosts.retain(|h| h != &p.host);
         if st.hosts.len() == before {
             tracing::error!(host = %p.host, "host not on the access list");
-            return Err(invalid());
+            return Err(RpcError::internal("Internal error"));
         }
         if st.allow_any_host {
             Vec::new()
@@ -755,6 +768,16 @@ fn get_controllers(p: NqnOnly) -> Result<Value, RpcError> {
     };
     let ctrls = lock(&s.state).ctrls.clone();
     Ok(Value::Array(ctrls.iter().map(|c| c.json()).collect()))
+}
+
+fn get_listeners(p: NqnOnly) -> Result<Value, RpcError> {
+    let Some(s) = target::find_subsystem(&p.nqn) else {
+        return Err(invalid());
+    };
+    let l = lock(&s.state).listeners.clone();
+    Ok(Value::Array(
+        l.iter().map(|a| json!({"address": a.to_json()})).collect(),
+    ))
 }
 
 async fn get_qpairs(p: NqnOnly) -> Result<Value, RpcError> {
@@ -899,7 +922,7 @@ pub fn register_methods() {
         "nvmf_subsystem_remove_listener",
         RUNTIME,
         DecodeError::InvalidParams,
-        |p: Listener| async move { remove_listener(p) },
+        |p: RemoveListener| async move { remove_listener(p) },
     );
     register_typed(
         "nvmf_subsystem_add_host",
@@ -930,6 +953,12 @@ pub fn register_methods() {
         RUNTIME,
         DecodeError::InvalidParams,
         |p: NqnOnly| async move { get_controllers(p) },
+    );
+    register_typed(
+        "nvmf_subsystem_get_listeners",
+        RUNTIME,
+        DecodeError::InvalidParams,
+        |p: NqnOnly| async move { get_listeners(p) },
     );
     register_typed(
         "nvmf_subsystem_get_qpairs",

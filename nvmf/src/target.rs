@@ -351,8 +351,10 @@ impl Ctrl {
     }
 }
 
-/// Per-reactor statistics (`nvmf_get_stats`).
+/// Per-reactor statistics (`nvmf_get_stats`); one cache line pair each so
+/// reactors never write to a line another reactor writes.
 #[derive(Default)]
+#[repr(align(128))]
 pub struct PollGroupStats {
     pub admin_qpairs: AtomicU64,
     pub io_qpairs: AtomicU64,

@@ -192,6 +192,24 @@ impl Slot {
     }
 }
 
+/// H2CData payloads at least this large are received straight into the
+/// command's buffer.
+const DIRECT_MIN: usize = 16 * 1024;
+
+/// An H2CData payload being received directly into a command buffer.
+#[derive(Clone, Copy, Debug)]
+struct Direct {
+    slot: usize,
+    /// Next byte of the slot buffer to fill, and the end of this PDU's data.
+    off: usize,
+    end: usize,
+    datao: u32,
+    ddgst: bool,
+    /// Data complete; its 4-byte digest comes through the receive buffer.
+    digest_pending: bool,
+    last: bool,
+}
+
 /// Cached namespace entry of a queue.
 type NsEntry = Option<(Arc<Namespace>, IoChannel)>;
 
@@ -268,6 +286,7 @@ pub struct Conn {
     max_r2t: u32,
     /// SQHD for the next CQE only (Connect with SQ flow control off).
     sqhd_override: Option<u16>,
+    direct: Option<Direct>,
 }
 
 fn start_conn(fd: OwnedFd, listen: ListenAddr) {
@@ -334,6 +353,7 @@ fn start_conn(fd: OwnedFd, listen: ListenAddr) {
         ka_poller: None,
         max_r2t: 1,
         sqhd_override: None,
+        direct: None,
     };
     tracing::debug!(conn = id, peer = %c.peer, listen = %c.listen, "new NVMe/TCP connection");
     stats(r)
@@ -393,6 +413,23 @@ fn arm_recv(rc: &ConnRc) {
     if c.recv_inflight || c.phase == Phase::Closed || c.phase == Phase::Terminating {
         return;
     }
+    if let Some(d) = c.direct.filter(|d| !d.digest_pending) {
+        let fd = c.fd.as_raw_fd();
+        let Some(b) = c.slots[d.slot].buf.as_mut() else {
+            c.close("direct receive without a buffer");
+            return;
+        };
+        let ptr = b.as_mut_slice()[d.off..d.end].as_mut_ptr();
+        let e = op::Recv::new(ty::Fd(fd), ptr, (d.end - d.off) as u32).build();
+        c.recv_inflight = true;
+        drop(c);
+        let rc2 = rc.clone();
+        // SAFETY: the slot's buffer is owned by the connection (kept alive by
+        // the callback) and stays in the slot while it awaits data: nothing
+        // takes or replaces it until this Recv completes.
+        unsafe { reactor::uring::submit(e, move |res| on_recv(&rc2, res)) };
+        return;
+    }
     if c.rx_start == c.rx_end {
         c.rx_start = 0;
         c.rx_end = 0;
@@ -441,8 +478,26 @@ fn on_recv(rc: &ConnRc, res: i32) {
             c.close(&why);
             return;
         }
-        c.rx_end += res as usize;
-        process(rc, &mut c);
+        match c.direct {
+            Some(mut d) if !d.digest_pending => {
+                d.off += res as usize;
+                if d.off == d.end {
+                    if d.ddgst {
+                        d.digest_pending = true;
+                        c.direct = Some(d);
+                    } else if let Err(e) = c.direct_done(rc, None) {
+                        c.fatal(e, &[]);
+                    }
+                } else {
+                    c.direct = Some(d);
+                }
+                c.schedule_flush(rc);
+            }
+            _ => {
+                c.rx_end += res as usize;
+                process(rc, &mut c);
+            }
+        }
     }
     arm_recv(rc);
 }
@@ -450,10 +505,35 @@ fn on_recv(rc: &ConnRc, res: i32) {
 fn process(rc: &ConnRc, c: &mut Conn) {
     let rx = std::mem::take(&mut c.rx);
     while c.phase == Phase::WaitIcReq || c.phase == Phase::Ready {
+        if c.direct.is_some_and(|d| d.digest_pending) {
+            if c.rx_end - c.rx_start < pdu::DIGEST_LEN {
+                break;
+            }
+            let p = c.rx_start;
+            let dg = u32::from_le_bytes([rx[p], rx[p + 1], rx[p + 2], rx[p + 3]]);
+            c.rx_start += pdu::DIGEST_LEN;
+            if let Err(e) = c.direct_done(rc, Some(dg)) {
+                c.fatal(e, &[]);
+                break;
+            }
+            continue;
+        }
+        if c.direct.is_some() {
+            break;
+        }
         let buf = &rx[c.rx_start..c.rx_end];
         let d = match c.dec.decode(buf) {
             Ok(Some(d)) => d,
-            Ok(None) => break,
+            Ok(None) => {
+                match c.try_direct(buf) {
+                    Ok(_) => {}
+                    Err(e) => {
+                        let hdr = buf[..buf.len().min(pdu::HLEN_24)].to_vec();
+                        c.fatal(e, &hdr);
+                    }
+                }
+                break;
+            }
             Err(e) => {
                 let hl = buf.len().min(pdu::TERM_MAX_DATA).min(if buf.len() >= 3 {
                     (buf[2] as usize).max(8)
@@ -807,13 +887,8 @@ impl Conn {
             })
     }
 
-    fn handle_h2c(
-        &mut self,
-        rc: &ConnRc,
-        h: DataHdr,
-        data: &[u8],
-        ddgst_ok: bool,
-    ) -> Result<(), PduError> {
+    /// Validate an H2CData header against its R2T; the slot index.
+    fn h2c_slot(&self, h: &DataHdr) -> Result<usize, PduError> {
         let i = (h.ttag as usize).wrapping_sub(1);
         let ok = i < self.slots.len() && self.slots[i].state == SlotState::AwaitData;
         if !ok {
@@ -823,7 +898,7 @@ impl Conn {
                 "H2CData with an unknown transfer tag",
             ));
         }
-        let s = &mut self.slots[i];
+        let s = &self.slots[i];
         if s.sqe.cid != h.cccid {
             return Err(PduError::new(
                 Fes::InvalidHeaderField,
@@ -838,18 +913,42 @@ impl Conn {
                 "H2CData offset is not the expected one",
             ));
         }
-        let end = h.datao as u64 + h.datal as u64;
-        if end > s.len as u64 {
+        if h.datao as u64 + h.datal as u64 > s.len as u64 {
             return Err(PduError::new(
                 Fes::DataOutOfRange,
                 pdu::off::DATAL,
                 "H2CData beyond the transfer length",
             ));
         }
-        if let Some(b) = s.buf.as_mut() {
-            b.as_mut_slice()[h.datao as usize..end as usize].copy_from_slice(data);
+        Ok(i)
+    }
+
+    fn handle_h2c(
+        &mut self,
+        rc: &ConnRc,
+        h: DataHdr,
+        data: &[u8],
+        ddgst_ok: bool,
+    ) -> Result<(), PduError> {
+        let i = self.h2c_slot(&h)?;
+        let (start, end) = (h.datao as usize, h.datao as usize + h.datal as usize);
+        if let Some(b) = self.slots[i].buf.as_mut() {
+            b.as_mut_slice()[start..end].copy_from_slice(data);
         }
-        s.got = end as u32;
+        self.h2c_received(rc, i, end as u32, ddgst_ok, h.last)
+    }
+
+    /// The data of one H2CData PDU is in the slot's buffer up to `end`.
+    fn h2c_received(
+        &mut self,
+        rc: &ConnRc,
+        i: usize,
+        end: u32,
+        ddgst_ok: bool,
+        last: bool,
+    ) -> Result<(), PduError> {
+        let s = &mut self.slots[i];
+        s.got = end;
         if !ddgst_ok {
             s.digest_err = true;
         }
@@ -867,7 +966,7 @@ impl Conn {
                 self.slots[i].state = SlotState::Exec;
                 self.execute(rc, i);
             }
-        } else if h.last {
+        } else if last {
             return Err(PduError::new(
                 Fes::DataOutOfRange,
                 pdu::off::FLAGS,
@@ -875,6 +974,69 @@ impl Conn {
             ));
         }
         Ok(())
+    }
+
+    /// `buf` (the unconsumed receive bytes) starts with an incomplete PDU.
+    /// If it is a large H2CData whose header is complete, take its data
+    /// bytes so far into the command's buffer and receive the rest straight
+    /// into that buffer (no copy). True if direct mode started.
+    fn try_direct(&mut self, buf: &[u8]) -> Result<bool, PduError> {
+        if buf.len() < pdu::CH_LEN || buf[0] != pdu::PduType::H2CData as u8 {
+            return Ok(false);
+        }
+        let Some(h) = self.dec.header(buf)? else {
+            return Ok(false);
+        };
+        if buf.len() < h.data_off || h.data_len < DIRECT_MIN {
+            return Ok(false);
+        }
+        let Pdu::H2CData(d, _) = pdu::parse_body(&h, buf, &[]) else {
+            return Ok(false);
+        };
+        let i = self.h2c_slot(&d)?;
+        let have = buf.len() - h.data_off;
+        // Only when a good part of the data is still to come: then every
+        // buffered byte after the header is data (none is digest).
+        if have + 4096 > h.data_len {
+            return Ok(false);
+        }
+        let start = d.datao as usize;
+        if let Some(b) = self.slots[i].buf.as_mut() {
+            b.as_mut_slice()[start..start + have]
+                .copy_from_slice(&buf[h.data_off..h.data_off + have]);
+        } else {
+            return Ok(false);
+        }
+        tracing::trace!(
+            conn = self.id,
+            slot = i,
+            bytes = h.data_len - have,
+            "H2CData: direct receive"
+        );
+        // Everything buffered belongs to this PDU (it is incomplete).
+        self.rx_start = self.rx_end;
+        self.direct = Some(Direct {
+            slot: i,
+            off: start + have,
+            end: start + h.data_len,
+            datao: d.datao,
+            ddgst: h.has_ddgst,
+            digest_pending: false,
+            last: d.last,
+        });
+        Ok(true)
+    }
+
+    /// Direct data complete (and its digest, if any, in `digest`).
+    fn direct_done(&mut self, rc: &ConnRc, digest: Option<u32>) -> Result<(), PduError> {
+        let Some(d) = self.direct.take() else {
+            return Ok(());
+        };
+        let ok = match (digest, self.slots[d.slot].buf.as_ref()) {
+            (Some(want), Some(b)) => pdu::crc32c(&b.as_slice()[d.datao as usize..d.end]) == want,
+            _ => true,
+        };
+        self.h2c_received(rc, d.slot, d.end as u32, ok, d.last)
     }
 
     /// Complete slot `i`: data (if any and successful), then the CQE, and
@@ -1290,7 +1452,9 @@ impl Conn {
                 let mut io = if op == nvm::READ {
                     BdevIo::read(slba, nlb, DmaBuf::new(need as usize), done)
                 } else {
-                    let buf = self.slots[i].buf.take().expect("write data");
+                    let Some(buf) = self.slots[i].buf.take() else {
+                        return self.fail_pending(i, Status::generic(sc::DATA_SGL_LENGTH_INVALID));
+                    };
                     BdevIo::write(slba, nlb, buf, done)
                 };
                 io.fua = op == nvm::WRITE && sqe.fua();

@@ -36,7 +36,7 @@ out=$(nvme discover -t tcp -a $HOST -s "$PORT" 2>&1); echo "$out"
 check discover-ioport grep -q "subnqn: *$NQN" <<<"$out"
 
 step "nvme connect"
-nvme connect -t tcp -a $HOST -s "$PORT" -n "$NQN" || { bad connect; exit 1; }
+nvme connect -t tcp -a $HOST -s "$PORT" -n "$NQN" --keep-alive-tmo=2 || { bad connect; exit 1; }
 dev=$(wait_dev) || { bad namespace-device; dmesg | tail -20; exit 1; }
 ok connect
 ctrl=${dev%n1}
@@ -70,6 +70,17 @@ step "fio verify, 4k..128k, iodepth 32"
 fio --name=verify --filename="$dev" --direct=1 --ioengine=libaio --rw=randrw --bsrange=4k-128k \
     --iodepth=32 --size=16M --verify=crc32c --do_verify=1 --eta=never --minimal >/tmp/fio.out 2>&1 \
   && ok fio-verify || { bad fio-verify; cat /tmp/fio.out; }
+
+step "keep-alive: idle 3 x KATO, still live"
+sleep 6
+[ "$(cat /sys/class/nvme/${ctrl#/dev/}/state)" = live ] && ok ka-live || bad ka-live "$(cat /sys/class/nvme/${ctrl#/dev/}/state)"
+
+step "nvme reset (CC.EN 1->0->1 and a new association)"
+dd if="$dev" of=/tmp/pre bs=1M count=4 iflag=direct status=none
+nvme reset "$ctrl" && ok reset || bad reset
+for _ in $(seq 50); do [ "$(cat /sys/class/nvme/${ctrl#/dev/}/state)" = live ] && break; sleep 0.2; done
+dd if="$dev" of=/tmp/back3 bs=1M count=4 iflag=direct status=none
+check reset-verify cmp /tmp/pre /tmp/back3
 
 step "out of range read fails"
 if nvme read "$dev" -s 131072 -c 0 -z 512 -d /tmp/oob 2>&1; then bad oob-read; else ok oob-read; fi
