@@ -373,3 +373,20 @@ def test_one_qpair_per_reactor(tgt_factory, workdir):
     rows = [line.split(":", 1)[1].split() for line in r.stdout.splitlines()
             if line.strip().startswith("Nvme0n") and ":" in line]
     assert len(rows) == 4 and all(float(x[1]) > 0 for x in rows), r.describe()
+
+
+def test_busy_polling_host(workdir, target):
+    """The host busy-polling (no --interrupt-mode), as in production: data
+    verified at 4 KiB and 128 KiB."""
+    import subprocess
+    from conftest import PERF_BIN
+    cfg = perf_config(workdir, target.port, ddgst=True)
+    for size in ("4k", "128k"):
+        argv = [str(PERF_BIN), "--json", str(cfg), "-q", "16", "-o", size, "-w", "verify",
+                "-t", "1"]
+        cp = subprocess.run(argv, capture_output=True, text=True, timeout=60,
+                            stdin=subprocess.DEVNULL)
+        assert cp.returncode == 0, cp.stdout + cp.stderr
+        total = [line for line in cp.stdout.splitlines() if line.strip().startswith("Total")]
+        nums = [float(x) for x in total[-1].split(":")[1].split()]
+        assert nums[0] > 0 and nums[2] == 0, cp.stdout

@@ -23,6 +23,8 @@ pub struct Sock {
     closed: Cell<bool>,
     /// The reactor sleeps when idle (read once: asked on every EAGAIN).
     interrupt: bool,
+    /// The last receive found nothing.
+    idle: Cell<bool>,
 }
 
 /// Outcome of a non-blocking transfer.
@@ -142,6 +144,7 @@ impl Sock {
             armed_out: Rc::new(Cell::new(false)),
             closed: Cell::new(false),
             interrupt: reactor::is_interrupt_mode(),
+            idle: Cell::new(true),
         })
     }
 
@@ -153,6 +156,29 @@ impl Sock {
         if buf.is_empty() {
             return Xfer::WouldBlock;
         }
+        // Busy-polling: while the socket is idle, ask poll(2) (lockless)
+        // rather than recv(2), which takes the socket lock on every call
+        // and, spinning, keeps the kernel's receive path on its backlog:
+        // large transfers then stall for hundreds of milliseconds. Right
+        // after data came, recv directly (more is likely on its way).
+        if !self.interrupt && self.idle.get() {
+            let mut p = libc::pollfd {
+                fd: self.fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one pollfd, zero timeout.
+            let r = unsafe { libc::poll(&mut p, 1, 0) };
+            if r == 0 {
+                return Xfer::WouldBlock;
+            }
+        }
+        let r = self.recv_now(buf);
+        self.idle.set(matches!(r, Xfer::WouldBlock));
+        r
+    }
+
+    fn recv_now(&self, buf: &mut [u8]) -> Xfer {
         // SAFETY: recv writes at most buf.len() bytes into buf.
         let n = unsafe {
             libc::recv(
