@@ -7,6 +7,7 @@
 #   4 KiB randread QD32 (IOPS, p99), 4 KiB randwrite QD32, 128 KiB read QD16.
 # Figures only: nothing here asserts a speed. Needs two free cores.
 set -euo pipefail
+trap 'echo "bench_nvmf.sh: failed at line $LINENO (target log: $WORK/tgt.log)" >&2' ERR
 . "$(dirname "$0")/common.sh"
 
 SECS="${BENCH_SECONDS:-10}"
@@ -41,7 +42,8 @@ trap cleanup EXIT
 
 "$TGT" -m 0x1 -r "$WORK/tgt.sock" >"$WORK/tgt.log" 2>&1 &
 TGT_PID=$!
-for _ in $(seq 100); do [ -S "$WORK/tgt.sock" ] && break; sleep 0.05; done
+for _ in $(seq 400); do [ -S "$WORK/tgt.sock" ] && break; sleep 0.05; done
+[ -S "$WORK/tgt.sock" ] || { echo "clone_tgt did not start (see $WORK/tgt.log)" >&2; exit 1; }
 $RPC bdev_malloc_create -b Malloc0 1024 4096 >/dev/null
 $RPC nvmf_create_transport -t tcp >/dev/null
 $RPC nvmf_create_subsystem "$NQN" -a -s SPDK00000000000001 >/dev/null
