@@ -24,7 +24,7 @@ use uuid::Uuid;
 use super::qpair::{QpParams, Qpair};
 use super::sock::{resolve, with_timeout};
 use super::HostError;
-use crate::spec::{self, id_ctrl, id_ns, Cqe, Sqe, Status};
+use crate::spec::{self, id_ctrl, id_ns, Cqe, Sqe};
 
 /// I/O state shared by every reactor (values of [`Shared::state`]).
 pub const ST_CONNECTED: u8 = 0;
@@ -1111,11 +1111,6 @@ async fn reconnect_loop(c: Rc<Ctrlr>) {
             return;
         }
     }
-}
-
-/// Status helper for logs.
-pub fn status_text(s: Status) -> String {
-    s.to_string()
 }
 
 #[cfg(test)]
