@@ -157,10 +157,10 @@ impl Sock {
             return Xfer::WouldBlock;
         }
         // Busy-polling: while the socket is idle, ask poll(2) (lockless)
-        // rather than recv(2), which takes the socket lock on every call
-        // and, spinning, keeps the kernel's receive path on its backlog:
-        // large transfers then stall for hundreds of milliseconds. Right
-        // after data came, recv directly (more is likely on its way).
+        // rather than recv(2), which takes the socket lock on every call and,
+        // spinning, keeps the kernel's receive path on the socket backlog
+        // (as SPDK's posix sock, which polls readiness first). Right after
+        // data came, recv directly: more is likely on its way.
         if !self.interrupt && self.idle.get() {
             let mut p = libc::pollfd {
                 fd: self.fd(),
