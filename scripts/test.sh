@@ -157,6 +157,20 @@ if ! cargo test --release --workspace; then
 fi
 
 # ---------------------------------------------------------------------------
+# The real Linux NVMe/TCP host for test/test_nvmf_linux.py: a QEMU guest built
+# by the shared harness (../shared/vm/linux-guest; it installs its own host
+# packages and caches the image). Absent harness: that test skips itself.
+LINUX_GUEST="$ROOT/../shared/vm/linux-guest"
+if [[ -x "$LINUX_GUEST" ]]; then
+    echo "linux-guest: building/checking the guest image ($LINUX_GUEST)"
+    if ! "$LINUX_GUEST" build; then
+        FAILED_STAGES+=("linux-guest build")
+    fi
+else
+    echo "linux-guest harness not found at $LINUX_GUEST: the Linux host test will skip"
+fi
+
+# ---------------------------------------------------------------------------
 banner "5/5 pytest -v test/ (end-to-end; CLONE_TGT_TEST_SCALE=$CLONE_TGT_TEST_SCALE)"
 set +e
 "$VENV/bin/pytest" -v test/ "$@"

@@ -223,6 +223,7 @@ pub fn register_all_methods() {
     bdev::rpc::register_methods();
     bdev::modules::register_methods();
     bdev_clone::register_rpcs();
+    nvmf::register_methods();
 }
 
 /// Block SIGINT/SIGTERM in every thread and handle them on one thread
@@ -347,6 +348,7 @@ async fn app_main(spec: AppSpec, main: Option<MainFn>) -> i32 {
     if let Some(s) = server {
         s.shutdown();
     }
+    nvmf::shutdown();
     bdev::unregister_all().await;
     tracing::info!("shutdown complete");
     code

@@ -1,0 +1,1682 @@
+//! The TCP transport: listeners, and connections (queue pairs) as state
+//! machines driven by the reactor's io_uring.
+//!
+//! * A listener accepts on reactor 0 (io_uring Accept) and hands each new
+//!   socket to a reactor, round-robin (SPDK's poll-group assignment). Each
+//!   queue is its own connection and lives on one reactor from then on.
+//! * A connection keeps one Recv in flight into its receive buffer, decodes
+//!   whole PDUs from it, and appends responses to a transmit buffer that is
+//!   sent once per reactor iteration (batched; one Send in flight). Both
+//!   complete through io_uring, so `--interrupt-mode` wakes on socket
+//!   readiness.
+//! * Commands live in per-connection slots (reused: no allocation per
+//!   command beyond the bdev layer's own I/O descriptor and data buffers).
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::net::{SocketAddr, TcpListener};
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bdev::{BdevIo, IoChannel, IoStatus, IoType};
+use reactor::uring::{op, ty};
+use reactor::DmaBuf;
+
+use crate::ctrlr::{self, CcAction, Done};
+use crate::pdu::{
+    self, Accept, DataHdr, Decoder, DecoderConfig, Encoder, Fes, IcResp, Pdu, PduError, R2t,
+};
+use crate::spec::*;
+use crate::target::{
+    self, lock, stats, Ctrl, CtrlState, ListenAddr, Namespace, SubType, TransportOpts, ADMIN_ICD,
+    AER_LIMIT, DISCOVERY_IDLE_MS, MAX_H2C_DATA,
+};
+
+/// Receive buffer: one whole PDU must fit (largest H2CData or capsule).
+const RX_BUF: usize = 2 * MAX_H2C_DATA as usize + 4096;
+
+static NEXT_CONN_ID: AtomicU64 = AtomicU64::new(1);
+
+// ---------------------------------------------------------------------------
+// Listeners
+
+/// Owner's handle on a listening socket (kept in the target registry).
+pub struct ListenerHandle {
+    fd: RawFd,
+    stop: Arc<AtomicBool>,
+}
+
+impl ListenerHandle {
+    /// Stop accepting and close the socket (the pending Accept fails and
+    /// its callback drops the fd).
+    pub fn stop(&self) {
+        self.stop.store(true, Ordering::Release);
+        // SAFETY: shutting down a socket we own (closed only after the
+        // accept loop observes `stop`).
+        unsafe { libc::shutdown(self.fd, libc::SHUT_RDWR) };
+    }
+}
+
+/// Bind and start accepting on `addr` (call on reactor 0).
+pub fn listen(addr: &ListenAddr) -> std::io::Result<ListenerHandle> {
+    let host = if addr.traddr.contains(':') {
+        format!("[{}]", addr.traddr)
+    } else {
+        addr.traddr.clone()
+    };
+    let sa: SocketAddr = format!("{host}:{}", addr.trsvcid)
+        .parse()
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidInput, "bad listen address"))?;
+    let l = TcpListener::bind(sa)?;
+    let fd: OwnedFd = l.into();
+    let stop = Arc::new(AtomicBool::new(false));
+    let h = ListenerHandle {
+        fd: fd.as_raw_fd(),
+        stop: stop.clone(),
+    };
+    tracing::info!(%addr, "NVMe/TCP target listening");
+    arm_accept(Rc::new(fd), stop, addr.clone());
+    Ok(h)
+}
+
+fn arm_accept(fd: Rc<OwnedFd>, stop: Arc<AtomicBool>, addr: ListenAddr) {
+    let e = op::Accept::new(
+        ty::Fd(fd.as_raw_fd()),
+        std::ptr::null_mut(),
+        std::ptr::null_mut(),
+    )
+    .flags(libc::SOCK_CLOEXEC)
+    .build();
+    let fd2 = fd.clone();
+    // SAFETY: the entry references only the fd, kept alive by the callback.
+    unsafe {
+        reactor::uring::submit(e, move |res| {
+            if stop.load(Ordering::Acquire) {
+                drop(fd2);
+                tracing::info!(%addr, "NVMe/TCP listener closed");
+                return;
+            }
+            if res >= 0 {
+                // A fresh fd returned by accept, owned from here (inside the
+                // enclosing unsafe block).
+                let s = OwnedFd::from_raw_fd(res);
+                dispatch_conn(s, addr.clone());
+                arm_accept(fd2, stop, addr);
+            } else {
+                let err = std::io::Error::from_raw_os_error(-res);
+                tracing::warn!(%addr, error = %err, "accept failed");
+                // Back off on resource errors (EMFILE...) rather than spin.
+                reactor::set_timer(Duration::from_millis(10), move || {
+                    arm_accept(fd2, stop, addr)
+                });
+            }
+        });
+    }
+}
+
+fn dispatch_conn(s: OwnedFd, listen: ListenAddr) {
+    let n = reactor::num_reactors().max(1);
+    let r = {
+        let mut t = target::tgt();
+        t.qpair_rr = t.qpair_rr.wrapping_add(1);
+        t.qpair_rr % n
+    };
+    let raw = s.into_raw_fd();
+    reactor::send(r, move || {
+        // SAFETY: ownership of the fd was released just above.
+        let s = unsafe { OwnedFd::from_raw_fd(raw) };
+        start_conn(s, listen)
+    });
+}
+
+// ---------------------------------------------------------------------------
+// Connections
+
+type ConnRc = Rc<RefCell<Conn>>;
+
+thread_local! {
+    static CONNS: RefCell<HashMap<u64, ConnRc>> = RefCell::new(HashMap::new());
+}
+
+fn get_conn(id: u64) -> Option<ConnRc> {
+    CONNS.with(|c| c.borrow().get(&id).cloned())
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Phase {
+    WaitIcReq,
+    Ready,
+    /// A TermReq was queued; close once it is sent.
+    Terminating,
+    Closed,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum SlotState {
+    Free,
+    /// Waiting for H2CData after an R2T.
+    AwaitData,
+    /// Executing (bdev I/O in flight or parked AER).
+    Exec,
+}
+
+struct Slot {
+    state: SlotState,
+    sqe: Sqe,
+    buf: Option<DmaBuf>,
+    /// Transfer length from the SGL.
+    len: u32,
+    /// Bytes of host data received so far.
+    got: u32,
+    digest_err: bool,
+    /// Outstanding sub-I/Os (DSM ranges) and the worst status seen.
+    pending: u32,
+    status: Status,
+}
+
+impl Slot {
+    fn new() -> Slot {
+        Slot {
+            state: SlotState::Free,
+            sqe: Sqe::default(),
+            buf: None,
+            len: 0,
+            got: 0,
+            digest_err: false,
+            pending: 0,
+            status: Status::SUCCESS,
+        }
+    }
+}
+
+/// H2CData payloads at least this large are received straight into the
+/// command's buffer.
+const DIRECT_MIN: usize = 16 * 1024;
+
+/// An H2CData payload being received directly into a command buffer.
+#[derive(Clone, Copy, Debug)]
+struct Direct {
+    slot: usize,
+    /// Next byte of the slot buffer to fill, and the end of this PDU's data.
+    off: usize,
+    end: usize,
+    datao: u32,
+    ddgst: bool,
+    /// Data complete; its 4-byte digest comes through the receive buffer.
+    digest_pending: bool,
+    last: bool,
+}
+
+/// Cached namespace entry of a queue.
+type NsEntry = Option<(Arc<Namespace>, IoChannel)>;
+
+struct Queue {
+    ctrl: Arc<Ctrl>,
+    qid: u16,
+    sqsize: u16,
+    sqhd: u16,
+    sqflow_off: bool,
+    ns_gen: u64,
+    ns_cache: Vec<NsEntry>,
+}
+
+impl Queue {
+    fn ns(&mut self, nsid: u32) -> Option<&(Arc<Namespace>, IoChannel)> {
+        let g = self.ctrl.subsys.ns_gen.load(Ordering::Acquire);
+        if g != self.ns_gen || self.ns_cache.is_empty() {
+            let table: Vec<Option<Arc<Namespace>>> = lock(&self.ctrl.subsys.state).ns.clone();
+            self.ns_cache = table
+                .into_iter()
+                .map(|o| o.and_then(|n| n.channel().map(|ch| (n, ch))))
+                .collect();
+            if self.ns_cache.is_empty() {
+                self.ns_cache.push(None);
+            }
+            self.ns_gen = g;
+        }
+        if nsid == 0 {
+            return None;
+        }
+        let e = self.ns_cache.get(nsid as usize - 1)?.as_ref()?;
+        if e.0.removed.load(Ordering::Acquire) {
+            return None;
+        }
+        Some(e)
+    }
+}
+
+pub struct Conn {
+    id: u64,
+    fd: OwnedFd,
+    reactor: u32,
+    listen: ListenAddr,
+    local_ip: String,
+    peer: String,
+    phase: Phase,
+    dec: Decoder,
+    enc: Encoder,
+    opts: TransportOpts,
+    rx: Box<[u8]>,
+    rx_start: usize,
+    rx_end: usize,
+    recv_inflight: bool,
+    tx: Vec<u8>,
+    /// Buffers sent without copying: (position in `tx` they precede, buffer,
+    /// length).
+    tx_bufs: Vec<(usize, DmaBuf, usize)>,
+    /// What the Send in flight (or the last one) carries.
+    tx_busy: Vec<u8>,
+    busy_bufs: Vec<(usize, DmaBuf, usize)>,
+    busy_len: usize,
+    /// Bytes of the busy batch already sent.
+    tx_off: usize,
+    /// iovecs and msghdr of the SendMsg in flight (stable addresses).
+    iov: Vec<libc::iovec>,
+    msg: Box<libc::msghdr>,
+    send_inflight: bool,
+    flush_scheduled: bool,
+    q: Option<Queue>,
+    slots: Vec<Slot>,
+    free: Vec<u16>,
+    aers: Vec<u16>,
+    ka_poller: Option<reactor::Poller>,
+    max_r2t: u32,
+    /// SQHD for the next CQE only (Connect with SQ flow control off).
+    sqhd_override: Option<u16>,
+    direct: Option<Direct>,
+}
+
+fn start_conn(fd: OwnedFd, listen: ListenAddr) {
+    let Some(opts) = target::transport() else {
+        return;
+    };
+    let r = reactor::current().unwrap_or(0);
+    let one: libc::c_int = 1;
+    // SAFETY: setsockopt on our socket with a valid int option.
+    unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_NODELAY,
+            &one as *const _ as *const libc::c_void,
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        );
+    }
+    let local_ip = sock_addr(fd.as_raw_fd(), false)
+        .map(|a| a.ip().to_string())
+        .unwrap_or_else(|| listen.traddr.clone());
+    let peer = sock_addr(fd.as_raw_fd(), true)
+        .map(|a| a.to_string())
+        .unwrap_or_default();
+    let id = NEXT_CONN_ID.fetch_add(1, Ordering::Relaxed);
+    let dec = Decoder::new(DecoderConfig {
+        accept: Accept::HostToCtrl,
+        hdgst: false,
+        ddgst: false,
+        rx_pda: 0,
+        max_icd: ADMIN_ICD.max(opts.in_capsule_data_size),
+        max_data: MAX_H2C_DATA,
+    });
+    let c = Conn {
+        id,
+        fd,
+        reactor: r,
+        listen,
+        local_ip,
+        peer,
+        phase: Phase::WaitIcReq,
+        dec,
+        enc: Encoder::default(),
+        opts,
+        rx: vec![0u8; RX_BUF].into_boxed_slice(),
+        rx_start: 0,
+        rx_end: 0,
+        recv_inflight: false,
+        tx: Vec::with_capacity(64 * 1024),
+        tx_bufs: Vec::with_capacity(64),
+        tx_busy: Vec::with_capacity(64 * 1024),
+        busy_bufs: Vec::with_capacity(64),
+        busy_len: 0,
+        tx_off: 0,
+        iov: Vec::with_capacity(MAX_IOV),
+        // SAFETY: msghdr is plain data; all-zero is a valid empty header.
+        msg: Box::new(unsafe { std::mem::zeroed() }),
+        send_inflight: false,
+        flush_scheduled: false,
+        q: None,
+        slots: Vec::new(),
+        free: Vec::new(),
+        aers: Vec::new(),
+        ka_poller: None,
+        max_r2t: 1,
+        sqhd_override: None,
+        direct: None,
+    };
+    tracing::debug!(conn = id, peer = %c.peer, listen = %c.listen, "new NVMe/TCP connection");
+    stats(r)
+        .current_unassociated_qpairs
+        .fetch_add(1, Ordering::Relaxed);
+    let rc = Rc::new(RefCell::new(c));
+    CONNS.with(|m| m.borrow_mut().insert(id, rc.clone()));
+    arm_recv(&rc);
+    // A host that never sends ICReq is dropped (Linux waits 10 s itself).
+    let w = Rc::downgrade(&rc);
+    reactor::set_timer(Duration::from_secs(30), move || {
+        if let Some(rc) = w.upgrade() {
+            let mut c = rc.borrow_mut();
+            if c.phase == Phase::WaitIcReq {
+                c.close("no ICReq within 30 s");
+            }
+        }
+    });
+}
+
+/// Local (`peer` false) or remote address of a connected socket.
+fn sock_addr(fd: RawFd, peer: bool) -> Option<SocketAddr> {
+    // SAFETY: sockaddr_storage is plain data; zero is a valid value.
+    let mut ss: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+    let p = &mut ss as *mut _ as *mut libc::sockaddr;
+    // SAFETY: `p`/`len` describe a buffer large enough for any address.
+    let rc = unsafe {
+        if peer {
+            libc::getpeername(fd, p, &mut len)
+        } else {
+            libc::getsockname(fd, p, &mut len)
+        }
+    };
+    if rc != 0 {
+        return None;
+    }
+    match ss.ss_family as i32 {
+        libc::AF_INET => {
+            // SAFETY: the family says the storage holds a sockaddr_in.
+            let a: libc::sockaddr_in = unsafe { std::ptr::read(p as *const libc::sockaddr_in) };
+            let ip = std::net::Ipv4Addr::from(u32::from_be(a.sin_addr.s_addr));
+            Some(SocketAddr::new(ip.into(), u16::from_be(a.sin_port)))
+        }
+        libc::AF_INET6 => {
+            // SAFETY: the family says the storage holds a sockaddr_in6.
+            let a: libc::sockaddr_in6 = unsafe { std::ptr::read(p as *const libc::sockaddr_in6) };
+            let ip = std::net::Ipv6Addr::from(a.sin6_addr.s6_addr);
+            Some(SocketAddr::new(ip.into(), u16::from_be(a.sin6_port)))
+        }
+        _ => None,
+    }
+}
+
+fn arm_recv(rc: &ConnRc) {
+    let mut c = rc.borrow_mut();
+    if c.recv_inflight || c.phase == Phase::Closed || c.phase == Phase::Terminating {
+        return;
+    }
+    if let Some(d) = c.direct.filter(|d| !d.digest_pending) {
+        let fd = c.fd.as_raw_fd();
+        let Some(b) = c.slots[d.slot].buf.as_mut() else {
+            c.close("direct receive without a buffer");
+            return;
+        };
+        let ptr = b.as_mut_slice()[d.off..d.end].as_mut_ptr();
+        let e = op::Recv::new(ty::Fd(fd), ptr, (d.end - d.off) as u32).build();
+        c.recv_inflight = true;
+        drop(c);
+        let rc2 = rc.clone();
+        // SAFETY: the slot's buffer is owned by the connection (kept alive by
+        // the callback) and stays in the slot while it awaits data: nothing
+        // takes or replaces it until this Recv completes.
+        unsafe { reactor::uring::submit(e, move |res| on_recv(&rc2, res)) };
+        return;
+    }
+    if c.rx_start == c.rx_end {
+        c.rx_start = 0;
+        c.rx_end = 0;
+    } else if c.rx_end == c.rx.len() || c.rx.len() - c.rx_end < 4096 {
+        let (s, e) = (c.rx_start, c.rx_end);
+        c.rx.copy_within(s..e, 0);
+        c.rx_start = 0;
+        c.rx_end = e - s;
+    }
+    let end = c.rx_end;
+    let room = c.rx.len() - end;
+    if room == 0 {
+        // Cannot happen: the buffer holds two maximal PDUs.
+        c.close("receive buffer full");
+        return;
+    }
+    let ptr = c.rx[end..].as_mut_ptr();
+    let e = op::Recv::new(ty::Fd(c.fd.as_raw_fd()), ptr, room as u32).build();
+    c.recv_inflight = true;
+    drop(c);
+    let rc2 = rc.clone();
+    // SAFETY: the buffer belongs to the connection, which the callback keeps
+    // alive; it is neither moved nor resized while the Recv is in flight.
+    unsafe { reactor::uring::submit(e, move |res| on_recv(&rc2, res)) };
+}
+
+fn on_recv(rc: &ConnRc, res: i32) {
+    {
+        let mut c = rc.borrow_mut();
+        c.recv_inflight = false;
+        if c.phase == Phase::Closed {
+            c.maybe_release();
+            return;
+        }
+        if res <= 0 {
+            if res == -libc::EINTR || res == -libc::EAGAIN {
+                drop(c);
+                arm_recv(rc);
+                return;
+            }
+            let why = if res == 0 {
+                "connection closed by host".to_string()
+            } else {
+                format!("recv failed: {}", std::io::Error::from_raw_os_error(-res))
+            };
+            c.close(&why);
+            return;
+        }
+        match c.direct {
+            Some(mut d) if !d.digest_pending => {
+                d.off += res as usize;
+                if d.off == d.end {
+                    if d.ddgst {
+                        d.digest_pending = true;
+                        c.direct = Some(d);
+                    } else if let Err(e) = c.direct_done(rc, None) {
+                        c.fatal(e, &[]);
+                    }
+                } else {
+                    c.direct = Some(d);
+                }
+                c.schedule_flush(rc);
+            }
+            _ => {
+                c.rx_end += res as usize;
+                process(rc, &mut c);
+            }
+        }
+    }
+    arm_recv(rc);
+}
+
+fn process(rc: &ConnRc, c: &mut Conn) {
+    let rx = std::mem::take(&mut c.rx);
+    while c.phase == Phase::WaitIcReq || c.phase == Phase::Ready {
+        if c.direct.is_some_and(|d| d.digest_pending) {
+            if c.rx_end - c.rx_start < pdu::DIGEST_LEN {
+                break;
+            }
+            let p = c.rx_start;
+            let dg = u32::from_le_bytes([rx[p], rx[p + 1], rx[p + 2], rx[p + 3]]);
+            c.rx_start += pdu::DIGEST_LEN;
+            if let Err(e) = c.direct_done(rc, Some(dg)) {
+                c.fatal(e, &[]);
+                break;
+            }
+            continue;
+        }
+        if c.direct.is_some() {
+            break;
+        }
+        let buf = &rx[c.rx_start..c.rx_end];
+        let d = match c.dec.decode(buf) {
+            Ok(Some(d)) => d,
+            Ok(None) => {
+                match c.try_direct(buf) {
+                    Ok(_) => {}
+                    Err(e) => {
+                        let hdr = buf[..buf.len().min(pdu::HLEN_24)].to_vec();
+                        c.fatal(e, &hdr);
+                    }
+                }
+                break;
+            }
+            Err(e) => {
+                let hl = buf.len().min(pdu::TERM_MAX_DATA).min(if buf.len() >= 3 {
+                    (buf[2] as usize).max(8)
+                } else {
+                    buf.len()
+                });
+                let hdr = buf[..hl].to_vec();
+                c.fatal(e, &hdr);
+                break;
+            }
+        };
+        let start = c.rx_start;
+        c.rx_start += d.len;
+        let hdr_end = (start + pdu::TERM_MAX_DATA).min(start + d.len);
+        if let Err(e) = c.handle_pdu(rc, d.pdu, d.data_digest_ok) {
+            let hdr = rx[start..hdr_end].to_vec();
+            c.fatal(e, &hdr);
+            break;
+        }
+    }
+    c.rx = rx;
+    c.schedule_flush(rc);
+}
+
+/// Close connection `id` on this reactor (from a controller teardown).
+pub fn close_conn(id: u64, why: &str) {
+    if let Some(rc) = get_conn(id) {
+        rc.borrow_mut().close(why);
+    }
+}
+
+/// Deliver queued asynchronous events to pending AERs of connection `id`.
+pub fn deliver_events(id: u64) {
+    if let Some(rc) = get_conn(id) {
+        let mut c = rc.borrow_mut();
+        c.deliver_events();
+        c.schedule_flush(&rc);
+    }
+}
+
+fn io_status(st: IoStatus) -> Status {
+    match st {
+        IoStatus::Success => Status::SUCCESS,
+        IoStatus::NvmeError { sct, sc } => Status::new(sct, sc, false),
+        IoStatus::Aborted => Status::new(sct::GENERIC, sc::ABORTED_BY_REQUEST, false),
+        _ => Status::new(sct::GENERIC, sc::INTERNAL_ERROR, false),
+    }
+}
+
+fn connect_invalid(data: bool, off: u16) -> Done {
+    Done {
+        status: Status::specific(csc::CONNECT_INVALID_PARAMETERS),
+        dw0: ((data as u32) << 16) | off as u32,
+        ..Default::default()
+    }
+}
+
+impl Conn {
+    fn qid(&self) -> u16 {
+        self.q.as_ref().map_or(0, |q| q.qid)
+    }
+
+    fn schedule_flush(&mut self, rc: &ConnRc) {
+        if self.flush_scheduled || self.send_inflight || self.tx.is_empty() {
+            return;
+        }
+        self.flush_scheduled = true;
+        let rc = rc.clone();
+        // One send per reactor iteration gathers every response queued by
+        // this iteration's completions.
+        reactor::defer(move || {
+            rc.borrow_mut().flush_scheduled = false;
+            flush(&rc);
+        });
+    }
+
+    fn fatal(&mut self, e: PduError, hdr: &[u8]) {
+        tracing::warn!(conn = self.id, peer = %self.peer, error = %e, "NVMe/TCP protocol error; terminating the connection");
+        if self.phase == Phase::Closed || self.phase == Phase::Terminating {
+            return;
+        }
+        Encoder::term_req(&mut self.tx, true, e.fes, e.fei, hdr);
+        self.phase = Phase::Terminating;
+        self.detach_queue();
+        // Give the host a moment to read the TermReq, then close anyway.
+        let id = self.id;
+        reactor::set_timer(Duration::from_secs(2), move || {
+            close_conn(id, "termination request sent")
+        });
+    }
+
+    /// Detach from the controller (admin queue: tear the controller down).
+    fn detach_queue(&mut self) {
+        if let Some(q) = self.q.take() {
+            let s = stats(self.reactor);
+            if q.qid == 0 {
+                s.current_admin_qpairs.fetch_sub(1, Ordering::Relaxed);
+                target::destroy_ctrl(&q.ctrl);
+            } else {
+                s.current_io_qpairs.fetch_sub(1, Ordering::Relaxed);
+                let mut st = lock(&q.ctrl.state);
+                if st
+                    .io_qpairs
+                    .get(&q.qid)
+                    .is_some_and(|&(_, id)| id == self.id)
+                {
+                    st.io_qpairs.remove(&q.qid);
+                }
+            }
+        } else if self.phase != Phase::Closed {
+            stats(self.reactor)
+                .current_unassociated_qpairs
+                .fetch_sub(1, Ordering::Relaxed);
+        }
+        self.ka_poller = None;
+        self.aers.clear();
+    }
+
+    fn close(&mut self, why: &str) {
+        if self.phase == Phase::Closed {
+            return;
+        }
+        tracing::debug!(conn = self.id, peer = %self.peer, qid = self.qid(), reason = why, "closing NVMe/TCP connection");
+        if self.phase != Phase::Terminating {
+            self.detach_queue();
+        }
+        self.phase = Phase::Closed;
+        // SAFETY: shutdown on our own socket; wakes any Recv/Send in flight.
+        unsafe { libc::shutdown(self.fd.as_raw_fd(), libc::SHUT_RDWR) };
+        self.maybe_release();
+    }
+
+    /// Drop the registry's reference once no io_uring op uses the buffers
+    /// (in-flight bdev I/O keeps its own reference).
+    fn maybe_release(&mut self) {
+        if self.phase == Phase::Closed && !self.recv_inflight && !self.send_inflight {
+            let id = self.id;
+            // Deferred: we may be inside a borrow of this very connection.
+            reactor::defer(move || {
+                CONNS.with(|m| m.borrow_mut().remove(&id));
+            });
+        }
+    }
+
+    fn alloc_slot(&mut self) -> Result<usize, PduError> {
+        if let Some(i) = self.free.pop() {
+            return Ok(i as usize);
+        }
+        let limit = match &self.q {
+            Some(q) => (q.sqsize as usize + 1) * 2 + AER_LIMIT,
+            None => 8,
+        };
+        if self.slots.len() >= limit {
+            return Err(PduError::new(
+                Fes::PduSequenceError,
+                0,
+                "more commands outstanding than the queue size",
+            ));
+        }
+        self.slots.push(Slot::new());
+        Ok(self.slots.len() - 1)
+    }
+
+    fn handle_pdu(&mut self, rc: &ConnRc, p: Pdu<'_>, ddgst_ok: bool) -> Result<(), PduError> {
+        match (self.phase, p) {
+            (Phase::WaitIcReq, Pdu::IcReq(ic)) => {
+                pdu::check_icreq(&ic)?;
+                let hd = ic.dgst & 1 != 0;
+                let dd = ic.dgst & 2 != 0;
+                self.dec.cfg.hdgst = hd;
+                self.dec.cfg.ddgst = dd;
+                self.enc = Encoder {
+                    hdgst: hd,
+                    ddgst: dd,
+                    tx_pda: ic.hpda,
+                };
+                self.max_r2t = ic.maxr2t.saturating_add(1);
+                Encoder::icresp(
+                    &mut self.tx,
+                    &IcResp {
+                        pfv: 0,
+                        cpda: 0,
+                        dgst: ic.dgst,
+                        maxh2cdata: MAX_H2C_DATA,
+                    },
+                );
+                self.phase = Phase::Ready;
+                Ok(())
+            }
+            (Phase::WaitIcReq, _) => Err(PduError::new(
+                Fes::PduSequenceError,
+                0,
+                "first PDU is not an ICReq",
+            )),
+            (_, Pdu::IcReq(_)) => Err(PduError::new(Fes::PduSequenceError, 0, "second ICReq")),
+            (_, Pdu::H2CTermReq(t, _)) => {
+                tracing::warn!(
+                    conn = self.id,
+                    fes = t.fes,
+                    fei = t.fei,
+                    "host terminated the connection"
+                );
+                self.close("H2CTermReq received");
+                Ok(())
+            }
+            (_, Pdu::CapsuleCmd(sqe, icd)) => self.handle_cmd(rc, sqe, icd, ddgst_ok),
+            (_, Pdu::H2CData(h, data)) => self.handle_h2c(rc, h, data, ddgst_ok),
+            _ => Err(PduError::new(
+                Fes::InvalidHeaderField,
+                0,
+                "unexpected PDU type",
+            )),
+        }
+    }
+
+    fn handle_cmd(
+        &mut self,
+        rc: &ConnRc,
+        sqe: Sqe,
+        icd: &[u8],
+        ddgst_ok: bool,
+    ) -> Result<(), PduError> {
+        let i = self.alloc_slot()?;
+        {
+            let s = &mut self.slots[i];
+            s.state = SlotState::Exec;
+            s.sqe = sqe;
+            s.buf = None;
+            s.len = 0;
+            s.got = 0;
+            s.digest_err = false;
+            s.pending = 0;
+            s.status = Status::SUCCESS;
+        }
+        if let Some(q) = self.q.as_mut() {
+            q.sqhd = if q.sqhd >= q.sqsize { 0 } else { q.sqhd + 1 };
+        }
+        if !ddgst_ok {
+            self.finish(
+                i,
+                Done::err(Status::new(
+                    sct::GENERIC,
+                    sc::COMMAND_TRANSIENT_TRANSPORT_ERROR,
+                    false,
+                )),
+            );
+            return Ok(());
+        }
+        let dir = sqe.direction();
+        if dir == DataDir::Bidirectional {
+            self.finish(i, Done::err(Status::generic(sc::INVALID_OPCODE)));
+            return Ok(());
+        }
+        let sgl = sqe.sgl;
+        match sgl.kind {
+            Sgl::DATA_BLOCK_OFFSET => {
+                if sgl.len as usize != icd.len() {
+                    return Err(PduError::new(
+                        Fes::InvalidHeaderField,
+                        pdu::off::PLEN,
+                        "in-capsule data length differs from the SGL length",
+                    ));
+                }
+                if sgl.addr != 0 {
+                    self.finish(i, Done::err(Status::generic(sc::INVALID_SGL_OFFSET)));
+                    return Ok(());
+                }
+                if dir != DataDir::HostToCtrl && !icd.is_empty() {
+                    self.finish(
+                        i,
+                        Done::err(Status::generic(sc::SGL_DESCRIPTOR_TYPE_INVALID)),
+                    );
+                    return Ok(());
+                }
+                let mut b = DmaBuf::new(icd.len());
+                b.as_mut_slice()[..icd.len()].copy_from_slice(icd);
+                let s = &mut self.slots[i];
+                s.buf = Some(b);
+                s.len = icd.len() as u32;
+                s.got = s.len;
+                self.execute(rc, i);
+            }
+            Sgl::TRANSPORT_DATA_BLOCK => {
+                if !icd.is_empty() {
+                    self.finish(
+                        i,
+                        Done::err(Status::generic(sc::SGL_DESCRIPTOR_TYPE_INVALID)),
+                    );
+                    return Ok(());
+                }
+                let len = sgl.len;
+                self.slots[i].len = len;
+                if len == 0 || dir == DataDir::None {
+                    self.slots[i].len = 0;
+                    self.execute(rc, i);
+                    return Ok(());
+                }
+                let max = self.opts.max_xfer().max(ADMIN_ICD);
+                if len > max {
+                    self.finish(i, Done::err(Status::generic(sc::DATA_SGL_LENGTH_INVALID)));
+                    return Ok(());
+                }
+                if dir == DataDir::HostToCtrl {
+                    // Fail before asking for data when the command cannot run.
+                    if let Some(st) = self.precheck_write(&sqe, len) {
+                        self.finish(i, Done::err(st));
+                        return Ok(());
+                    }
+                    self.slots[i].buf = Some(DmaBuf::new(len as usize));
+                    self.slots[i].state = SlotState::AwaitData;
+                    let r = R2t {
+                        cccid: sqe.cid,
+                        ttag: i as u16 + 1,
+                        r2to: 0,
+                        r2tl: len,
+                    };
+                    self.enc.r2t(&mut self.tx, &r);
+                } else {
+                    self.execute(rc, i);
+                }
+            }
+            _ => {
+                return Err(PduError::new(
+                    Fes::UnsupportedParameter,
+                    pdu::off::SGL + 15,
+                    "unsupported SGL descriptor type",
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks of an I/O write done before the R2T (so no data is asked
+    /// for a command that fails anyway).
+    fn precheck_write(&mut self, sqe: &Sqe, len: u32) -> Option<Status> {
+        let q = self.q.as_mut()?;
+        if q.qid == 0 || sqe.opc != nvm::WRITE {
+            return None;
+        }
+        if !q.ctrl.ready.load(Ordering::Acquire) {
+            return Some(Status::generic(sc::COMMAND_SEQUENCE_ERROR));
+        }
+        let Some((ns, _)) = q.ns(sqe.nsid) else {
+            return Some(Status::generic(sc::INVALID_NAMESPACE_OR_FORMAT));
+        };
+        check_range(ns, sqe.slba(), sqe.nlb() as u64)
+            .err()
+            .or_else(|| {
+                let need = sqe.nlb() as u64 * ns.block_size as u64;
+                (need > len as u64).then_some(Status::generic(sc::DATA_SGL_LENGTH_INVALID))
+            })
+    }
+
+    /// Validate an H2CData header against its R2T; the slot index.
+    fn h2c_slot(&self, h: &DataHdr) -> Result<usize, PduError> {
+        let i = (h.ttag as usize).wrapping_sub(1);
+        let ok = i < self.slots.len() && self.slots[i].state == SlotState::AwaitData;
+        if !ok {
+            return Err(PduError::new(
+                Fes::InvalidHeaderField,
+                pdu::off::TTAG,
+                "H2CData with an unknown transfer tag",
+            ));
+        }
+        let s = &self.slots[i];
+        if s.sqe.cid != h.cccid {
+            return Err(PduError::new(
+                Fes::InvalidHeaderField,
+                pdu::off::CCCID,
+                "H2CData CCCID does not match the R2T",
+            ));
+        }
+        if h.datao != s.got {
+            return Err(PduError::new(
+                Fes::DataOutOfRange,
+                pdu::off::DATAO,
+                "H2CData offset is not the expected one",
+            ));
+        }
+        if h.datao as u64 + h.datal as u64 > s.len as u64 {
+            return Err(PduError::new(
+                Fes::DataOutOfRange,
+                pdu::off::DATAL,
+                "H2CData beyond the transfer length",
+            ));
+        }
+        Ok(i)
+    }
+
+    fn handle_h2c(
+        &mut self,
+        rc: &ConnRc,
+        h: DataHdr,
+        data: &[u8],
+        ddgst_ok: bool,
+    ) -> Result<(), PduError> {
+        let i = self.h2c_slot(&h)?;
+        let (start, end) = (h.datao as usize, h.datao as usize + h.datal as usize);
+        if let Some(b) = self.slots[i].buf.as_mut() {
+            b.as_mut_slice()[start..end].copy_from_slice(data);
+        }
+        self.h2c_received(rc, i, end as u32, ddgst_ok, h.last)
+    }
+
+    /// The data of one H2CData PDU is in the slot's buffer up to `end`.
+    fn h2c_received(
+        &mut self,
+        rc: &ConnRc,
+        i: usize,
+        end: u32,
+        ddgst_ok: bool,
+        last: bool,
+    ) -> Result<(), PduError> {
+        let s = &mut self.slots[i];
+        s.got = end;
+        if !ddgst_ok {
+            s.digest_err = true;
+        }
+        if s.got == s.len {
+            if s.digest_err {
+                self.finish(
+                    i,
+                    Done::err(Status::new(
+                        sct::GENERIC,
+                        sc::COMMAND_TRANSIENT_TRANSPORT_ERROR,
+                        false,
+                    )),
+                );
+            } else {
+                self.slots[i].state = SlotState::Exec;
+                self.execute(rc, i);
+            }
+        } else if last {
+            return Err(PduError::new(
+                Fes::DataOutOfRange,
+                pdu::off::FLAGS,
+                "LAST_PDU before the R2T was satisfied",
+            ));
+        }
+        Ok(())
+    }
+
+    /// `buf` (the unconsumed receive bytes) starts with an incomplete PDU.
+    /// If it is a large H2CData whose header is complete, take its data
+    /// bytes so far into the command's buffer and receive the rest straight
+    /// into that buffer (no copy). True if direct mode started.
+    fn try_direct(&mut self, buf: &[u8]) -> Result<bool, PduError> {
+        if buf.len() < pdu::CH_LEN || buf[0] != pdu::PduType::H2CData as u8 {
+            return Ok(false);
+        }
+        let Some(h) = self.dec.header(buf)? else {
+            return Ok(false);
+        };
+        if buf.len() < h.data_off || h.data_len < DIRECT_MIN {
+            return Ok(false);
+        }
+        let Pdu::H2CData(d, _) = pdu::parse_body(&h, buf, &[]) else {
+            return Ok(false);
+        };
+        let i = self.h2c_slot(&d)?;
+        let have = buf.len() - h.data_off;
+        // Only when a good part of the data is still to come: then every
+        // buffered byte after the header is data (none is digest).
+        if have + 4096 > h.data_len {
+            return Ok(false);
+        }
+        let start = d.datao as usize;
+        if let Some(b) = self.slots[i].buf.as_mut() {
+            b.as_mut_slice()[start..start + have]
+                .copy_from_slice(&buf[h.data_off..h.data_off + have]);
+        } else {
+            return Ok(false);
+        }
+        tracing::trace!(
+            conn = self.id,
+            slot = i,
+            bytes = h.data_len - have,
+            "H2CData: direct receive"
+        );
+        // Everything buffered belongs to this PDU (it is incomplete).
+        self.rx_start = self.rx_end;
+        self.direct = Some(Direct {
+            slot: i,
+            off: start + have,
+            end: start + h.data_len,
+            datao: d.datao,
+            ddgst: h.has_ddgst,
+            digest_pending: false,
+            last: d.last,
+        });
+        Ok(true)
+    }
+
+    /// Direct data complete (and its digest, if any, in `digest`).
+    fn direct_done(&mut self, rc: &ConnRc, digest: Option<u32>) -> Result<(), PduError> {
+        let Some(d) = self.direct.take() else {
+            return Ok(());
+        };
+        let ok = match (digest, self.slots[d.slot].buf.as_ref()) {
+            (Some(want), Some(b)) => pdu::crc32c(&b.as_slice()[d.datao as usize..d.end]) == want,
+            _ => true,
+        };
+        self.h2c_received(rc, d.slot, d.end as u32, ok, d.last)
+    }
+
+    /// Complete slot `i`: data (if any and successful), then the CQE, and
+    /// free the slot first so the host may reuse the CID at once.
+    fn finish(&mut self, i: usize, d: Done) {
+        let s = &mut self.slots[i];
+        let sqe = s.sqe;
+        let buf = s.buf.take();
+        s.state = SlotState::Free;
+        self.free.push(i as u16);
+        if self.phase != Phase::Ready {
+            return;
+        }
+        let (qid, sqhd, sqflow_off) = match &self.q {
+            Some(q) => (q.qid, q.sqhd, q.sqflow_off),
+            None => (0, 0, false),
+        };
+        let want = sqe.sgl.len as usize;
+        let mut skip_cqe = false;
+        if d.status.is_success() && sqe.direction() == DataDir::CtrlToHost && want > 0 {
+            let avail = match (&d.data, &buf) {
+                (Some(v), _) => v.len(),
+                (None, Some(b)) => b.len(),
+                (None, None) => 0,
+            };
+            let n = want.min(avail);
+            if n > 0 {
+                let success = self.opts.c2h_success && sqflow_off && d.dw0 == 0 && d.dw1 == 0;
+                let h = DataHdr {
+                    cccid: sqe.cid,
+                    ttag: 0,
+                    datao: 0,
+                    datal: n as u32,
+                    last: true,
+                    success,
+                };
+                match (&d.data, buf) {
+                    (Some(v), _) => self.enc.data_pdu(&mut self.tx, true, &h, &v[..n]),
+                    (None, Some(b)) => {
+                        // Zero copy: the bdev's buffer goes out as its own
+                        // iovec between the header and the digest.
+                        self.enc.data_header(&mut self.tx, true, &h);
+                        let digest = self.enc.ddgst.then(|| pdu::crc32c(&b.as_slice()[..n]));
+                        self.tx_bufs.push((self.tx.len(), b, n));
+                        if let Some(dg) = digest {
+                            self.tx.extend_from_slice(&dg.to_le_bytes());
+                        }
+                    }
+                    (None, None) => {}
+                }
+                skip_cqe = success;
+            }
+        }
+        if !skip_cqe {
+            let cqe = Cqe {
+                dw0: d.dw0,
+                dw1: d.dw1,
+                sqhd: self
+                    .sqhd_override
+                    .take()
+                    .unwrap_or(if sqflow_off { 0 } else { sqhd }),
+                sqid: qid,
+                cid: sqe.cid,
+                status: d.status,
+            };
+            self.enc.capsule_resp(&mut self.tx, &cqe);
+        }
+        if qid != 0 {
+            stats(self.reactor)
+                .completed_nvme_io
+                .fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    fn execute(&mut self, rc: &ConnRc, i: usize) {
+        let sqe = self.slots[i].sqe;
+        if sqe.opc == fabrics::OPCODE {
+            let d = self.fabrics(i, &sqe);
+            self.finish(i, d);
+            return;
+        }
+        let Some(q) = self.q.as_ref() else {
+            self.finish(i, Done::err(Status::generic(sc::COMMAND_SEQUENCE_ERROR)));
+            return;
+        };
+        if sqe.fuse() != 0 {
+            self.finish(i, Done::err(Status::generic(sc::INVALID_FIELD)));
+            return;
+        }
+        if q.qid == 0 {
+            if let Some(d) = self.admin(i, &sqe) {
+                self.finish(i, d);
+            }
+        } else {
+            self.io(rc, i, &sqe);
+        }
+    }
+
+    fn fabrics(&mut self, i: usize, sqe: &Sqe) -> Done {
+        match sqe.fctype() {
+            fabrics::CONNECT => self.connect(i, sqe),
+            fabrics::PROPERTY_GET | fabrics::PROPERTY_SET => {
+                let Some(q) = self.q.as_ref().filter(|q| q.qid == 0) else {
+                    return Done::err(if self.q.is_none() {
+                        Status::generic(sc::COMMAND_SEQUENCE_ERROR)
+                    } else {
+                        Status::generic(sc::INVALID_OPCODE)
+                    });
+                };
+                let ctrl = q.ctrl.clone();
+                if sqe.fctype() == fabrics::PROPERTY_GET {
+                    ctrlr::property_get(&ctrl, &self.opts, sqe)
+                } else {
+                    let (d, action) = ctrlr::property_set(&ctrl, sqe);
+                    if action == CcAction::CloseIoQueues {
+                        target::close_io_queues(&ctrl);
+                    }
+                    d
+                }
+            }
+            _ => Done::err(Status::generic(sc::INVALID_OPCODE)),
+        }
+    }
+
+    fn connect(&mut self, i: usize, sqe: &Sqe) -> Done {
+        if self.q.is_some() {
+            return Done::err(Status::generic(sc::COMMAND_SEQUENCE_ERROR));
+        }
+        let cmd = ConnectCmd::from_sqe(sqe);
+        if cmd.recfmt != 0 {
+            return Done::err(Status::specific(csc::CONNECT_INCOMPATIBLE_FORMAT));
+        }
+        let data = match self.slots[i].buf.as_ref() {
+            Some(b) if self.slots[i].len as usize >= CONNECT_DATA_SIZE => {
+                ConnectData::parse(&b.as_slice()[..CONNECT_DATA_SIZE])
+            }
+            _ => Err(ConnectDataError::Length(self.slots[i].len as usize)),
+        };
+        let data = match data {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::warn!(conn = self.id, error = %e, "bad Connect data");
+                return match e {
+                    ConnectDataError::Length(_) => {
+                        Done::err(Status::generic(sc::DATA_SGL_LENGTH_INVALID))
+                    }
+                    e => connect_invalid(true, e.offset()),
+                };
+            }
+        };
+        let Some(subsys) = target::find_subsystem(&data.subnqn) else {
+            tracing::warn!(subnqn = %data.subnqn, "Connect to an unknown subsystem");
+            return connect_invalid(true, CONNECT_DATA_SUBNQN_OFF);
+        };
+        if subsys.subtype == SubType::Nvme && !subsys.listens_on(&self.listen) {
+            tracing::warn!(subnqn = %data.subnqn, listen = %self.listen, "subsystem does not listen on this address");
+            return connect_invalid(true, CONNECT_DATA_SUBNQN_OFF);
+        }
+        if !subsys.host_allowed(&data.hostnqn) {
+            tracing::warn!(subnqn = %data.subnqn, hostnqn = %data.hostnqn, "host not allowed");
+            return Done {
+                status: Status::specific(csc::CONNECT_INVALID_HOST),
+                ..Default::default()
+            };
+        }
+        if cmd.sqsize == 0 {
+            return connect_invalid(false, 44);
+        }
+        let r = self.reactor;
+        let st = stats(r);
+        let cntlid;
+        if cmd.qid == 0 {
+            if cmd.sqsize as u32 >= self.opts.max_aq_depth.max(32) {
+                return connect_invalid(false, 44);
+            }
+            if data.cntlid != 0xFFFF {
+                return connect_invalid(true, CONNECT_DATA_CNTLID_OFF);
+            }
+            let kato = if cmd.kato == 0 && subsys.subtype == SubType::Discovery {
+                0
+            } else {
+                cmd.kato
+            };
+            let ctrl = {
+                let mut ss = lock(&subsys.state);
+                let Some(id) = target::alloc_cntlid(&subsys, &mut ss) else {
+                    return Done::err(Status::specific(csc::CONNECT_CONTROLLER_BUSY));
+                };
+                let c = Arc::new(Ctrl {
+                    cntlid: id,
+                    subsys: subsys.clone(),
+                    hostnqn: data.hostnqn.clone(),
+                    hostid: data.hostid,
+                    kato_ms: kato.into(),
+                    admin_reactor: r,
+                    admin_conn: self.id,
+                    ready: false.into(),
+                    last_ka_ns: reactor::now_ns().into(),
+                    listen: self.listen.clone(),
+                    state: std::sync::Mutex::new(CtrlState {
+                        cc: 0,
+                        csts: 0,
+                        num_io_queues: 0,
+                        io_qpairs: HashMap::new(),
+                        aec: 0,
+                        events: Vec::new(),
+                        masked: Vec::new(),
+                        changed_ns: Vec::new(),
+                        feat: HashMap::new(),
+                    }),
+                    destroyed: false.into(),
+                });
+                ss.ctrls.push(c.clone());
+                c
+            };
+            cntlid = ctrl.cntlid;
+            tracing::info!(nqn = %subsys.nqn, cntlid, hostnqn = %data.hostnqn, kato, peer = %self.peer, "controller created");
+            self.start_keep_alive(ctrl.clone());
+            self.q = Some(Queue {
+                ctrl,
+                qid: 0,
+                sqsize: cmd.sqsize,
+                sqhd: 0,
+                sqflow_off: cmd.cattr & ConnectCmd::CATTR_DISABLE_SQFLOW != 0,
+                ns_gen: u64::MAX,
+                ns_cache: Vec::new(),
+            });
+            st.admin_qpairs.fetch_add(1, Ordering::Relaxed);
+            st.current_admin_qpairs.fetch_add(1, Ordering::Relaxed);
+        } else {
+            if subsys.subtype == SubType::Discovery {
+                return connect_invalid(false, 42);
+            }
+            let ctrl = lock(&subsys.state)
+                .ctrls
+                .iter()
+                .find(|c| c.cntlid == data.cntlid)
+                .cloned();
+            let Some(ctrl) = ctrl else {
+                return connect_invalid(true, CONNECT_DATA_CNTLID_OFF);
+            };
+            if ctrl.hostnqn != data.hostnqn {
+                return connect_invalid(true, CONNECT_DATA_HOSTNQN_OFF);
+            }
+            if !ctrl.ready.load(Ordering::Acquire) {
+                return connect_invalid(false, 42);
+            }
+            if cmd.sqsize >= self.opts.max_queue_depth {
+                return connect_invalid(false, 44);
+            }
+            {
+                let mut cs = lock(&ctrl.state);
+                let granted = if cs.num_io_queues == 0 {
+                    self.opts.max_io_qpairs_per_ctrlr as u32
+                } else {
+                    cs.num_io_queues
+                };
+                if cmd.qid as u32 > granted {
+                    return connect_invalid(false, 42);
+                }
+                if cs.io_qpairs.contains_key(&cmd.qid) {
+                    return Done::err(Status::specific(csc::INVALID_QUEUE_IDENTIFIER));
+                }
+                cs.io_qpairs.insert(cmd.qid, (r, self.id));
+            }
+            cntlid = ctrl.cntlid;
+            self.dec.cfg.max_icd = self.opts.in_capsule_data_size.max(CONNECT_DATA_SIZE as u32);
+            self.q = Some(Queue {
+                ctrl,
+                qid: cmd.qid,
+                sqsize: cmd.sqsize,
+                sqhd: 0,
+                sqflow_off: cmd.cattr & ConnectCmd::CATTR_DISABLE_SQFLOW != 0,
+                ns_gen: u64::MAX,
+                ns_cache: Vec::new(),
+            });
+            st.io_qpairs.fetch_add(1, Ordering::Relaxed);
+            st.current_io_qpairs.fetch_add(1, Ordering::Relaxed);
+        }
+        st.current_unassociated_qpairs
+            .fetch_sub(1, Ordering::Relaxed);
+        // The Connect CQE reports SQHD FFFFh when SQ flow control is off.
+        if self.q.as_ref().is_some_and(|q| q.sqflow_off) {
+            self.sqhd_override = Some(0xFFFF);
+        }
+        Done::dw0(cntlid as u32)
+    }
+
+    fn start_keep_alive(&mut self, ctrl: Arc<Ctrl>) {
+        let id = self.id;
+        self.ka_poller = Some(reactor::poller_register(
+            Duration::from_millis(250),
+            move || {
+                let kato = match ctrl.kato_ms.load(Ordering::Acquire) {
+                    0 if ctrl.is_discovery() => DISCOVERY_IDLE_MS,
+                    0 => return reactor::PollStatus::Idle,
+                    k => k,
+                };
+                let idle =
+                    reactor::now_ns().saturating_sub(ctrl.last_ka_ns.load(Ordering::Acquire));
+                if idle > kato as u64 * 1_000_000 {
+                    tracing::warn!(nqn = %ctrl.subsys.nqn, cntlid = ctrl.cntlid, kato_ms = kato, "keep-alive timeout; destroying the controller");
+                    let c = ctrl.clone();
+                    reactor::defer(move || {
+                        target::destroy_ctrl(&c);
+                        close_conn(id, "keep-alive timeout");
+                    });
+                    return reactor::PollStatus::Busy;
+                }
+                reactor::PollStatus::Idle
+            },
+        ));
+    }
+
+    /// Admin commands; `None` when the command stays pending (AER).
+    fn admin(&mut self, i: usize, sqe: &Sqe) -> Option<Done> {
+        let q = self.q.as_ref().expect("admin queue");
+        let ctrl = q.ctrl.clone();
+        let disc = ctrl.is_discovery();
+        if disc {
+            // A discovery controller with KATO 0 is reaped after idling.
+            ctrl.last_ka_ns.store(reactor::now_ns(), Ordering::Release);
+        }
+        let enabled = lock(&ctrl.state).csts & 1 != 0;
+        if !enabled {
+            return Some(Done::err(Status::generic(sc::COMMAND_SEQUENCE_ERROR)));
+        }
+        let xfer = self.slots[i].len;
+        Some(match sqe.opc {
+            admin::IDENTIFY => ctrlr::identify(&ctrl, &self.opts, sqe),
+            admin::GET_LOG_PAGE => ctrlr::get_log_page(&ctrl, sqe, &self.local_ip, xfer),
+            admin::SET_FEATURES => ctrlr::set_features(&ctrl, &self.opts, sqe),
+            admin::GET_FEATURES => ctrlr::get_features(&ctrl, sqe),
+            admin::KEEP_ALIVE => {
+                ctrl.last_ka_ns.store(reactor::now_ns(), Ordering::Release);
+                Done::ok()
+            }
+            admin::ASYNC_EVENT_REQUEST => {
+                if self.aers.len() >= AER_LIMIT {
+                    return Some(Done::err(Status::specific(csc::ASYNC_EVENT_LIMIT_EXCEEDED)));
+                }
+                self.aers.push(i as u16);
+                self.deliver_events();
+                return None;
+            }
+            admin::ABORT if !disc => Done::dw0(1),
+            _ => Done::err(Status::generic(sc::INVALID_OPCODE)),
+        })
+    }
+
+    fn deliver_events(&mut self) {
+        let Some(q) = self.q.as_ref() else { return };
+        let ctrl = q.ctrl.clone();
+        loop {
+            if self.aers.is_empty() {
+                return;
+            }
+            let ev = {
+                let mut st = lock(&ctrl.state);
+                if st.events.is_empty() {
+                    return;
+                }
+                let ev = st.events.remove(0);
+                st.masked.push(ev);
+                ev
+            };
+            let slot = self.aers.remove(0) as usize;
+            self.finish(slot, Done::dw0(ev));
+        }
+    }
+
+    fn io(&mut self, rc: &ConnRc, i: usize, sqe: &Sqe) {
+        let q = self.q.as_mut().expect("I/O queue");
+        if !q.ctrl.ready.load(Ordering::Acquire) {
+            self.finish(i, Done::err(Status::generic(sc::COMMAND_SEQUENCE_ERROR)));
+            return;
+        }
+        let op = sqe.opc;
+        if !matches!(
+            op,
+            nvm::READ | nvm::WRITE | nvm::FLUSH | nvm::WRITE_ZEROES | nvm::DATASET_MANAGEMENT
+        ) {
+            self.finish(i, Done::err(Status::generic(sc::INVALID_OPCODE)));
+            return;
+        }
+        let Some((ns, ch)) = q.ns(sqe.nsid) else {
+            self.finish(
+                i,
+                Done::err(Status::generic(sc::INVALID_NAMESPACE_OR_FORMAT)),
+            );
+            return;
+        };
+        let (ns, ch) = (ns.clone(), ch.clone());
+        let bs = ns.block_size as u64;
+        let rcw = rc.clone();
+        let done = move |io: Box<BdevIo>| io_done(&rcw, i, io);
+        stats(self.reactor)
+            .pending_bdev_io
+            .fetch_add(1, Ordering::Relaxed);
+        match op {
+            nvm::READ | nvm::WRITE => {
+                let (slba, nlb) = (sqe.slba(), sqe.nlb() as u64);
+                if let Err(st) = check_range(&ns, slba, nlb) {
+                    return self.fail_pending(i, st);
+                }
+                let need = nlb * bs;
+                if need > self.slots[i].len as u64 {
+                    return self.fail_pending(i, Status::generic(sc::DATA_SGL_LENGTH_INVALID));
+                }
+                if need > self.opts.max_xfer() as u64 {
+                    return self.fail_pending(i, Status::generic(sc::INVALID_FIELD));
+                }
+                let mut io = if op == nvm::READ {
+                    BdevIo::read(slba, nlb, DmaBuf::new(need as usize), done)
+                } else {
+                    let Some(buf) = self.slots[i].buf.take() else {
+                        return self.fail_pending(i, Status::generic(sc::DATA_SGL_LENGTH_INVALID));
+                    };
+                    BdevIo::write(slba, nlb, buf, done)
+                };
+                io.fua = op == nvm::WRITE && sqe.fua();
+                ch.submit(io);
+            }
+            nvm::FLUSH => {
+                if !ns.bdev.io_type_supported(IoType::Flush) {
+                    return self.fail_pending(i, Status::SUCCESS);
+                }
+                ch.flush(0, ns.num_blocks(), done);
+            }
+            nvm::WRITE_ZEROES => {
+                let (slba, nlb) = (sqe.slba(), sqe.nlb() as u64);
+                if let Err(st) = check_range(&ns, slba, nlb) {
+                    return self.fail_pending(i, st);
+                }
+                if ns.bdev.io_type_supported(IoType::WriteZeroes) {
+                    ch.write_zeroes(slba, nlb, done);
+                } else if nlb * bs <= 8 << 20 {
+                    let mut io =
+                        BdevIo::write(slba, nlb, DmaBuf::zeroed((nlb * bs) as usize), done);
+                    io.fua = sqe.fua();
+                    ch.submit(io);
+                } else {
+                    self.fail_pending(i, Status::generic(sc::INVALID_FIELD));
+                }
+            }
+            _ => {
+                // Dataset Management.
+                let nr = (sqe.cdw10 & 0xFF) as usize + 1;
+                let ad = sqe.cdw11 & 4 != 0;
+                let Some(buf) = self.slots[i].buf.take() else {
+                    return self.fail_pending(i, Status::generic(sc::DATA_SGL_LENGTH_INVALID));
+                };
+                if (self.slots[i].len as usize) < nr * 16 {
+                    return self.fail_pending(i, Status::generic(sc::DATA_SGL_LENGTH_INVALID));
+                }
+                if !ad || !ns.bdev.io_type_supported(IoType::Unmap) {
+                    return self.fail_pending(i, Status::SUCCESS);
+                }
+                let d = buf.as_slice();
+                let mut ranges = Vec::with_capacity(nr);
+                for r in 0..nr {
+                    let o = r * 16;
+                    let len =
+                        u32::from_le_bytes(d[o + 4..o + 8].try_into().expect("4 bytes")) as u64;
+                    let slba = u64::from_le_bytes(d[o + 8..o + 16].try_into().expect("8 bytes"));
+                    if let Err(st) = check_range(&ns, slba, len) {
+                        return self.fail_pending(i, st);
+                    }
+                    if len > 0 {
+                        ranges.push((slba, len));
+                    }
+                }
+                if ranges.is_empty() {
+                    return self.fail_pending(i, Status::SUCCESS);
+                }
+                self.slots[i].pending = ranges.len() as u32;
+                for (slba, len) in ranges {
+                    let rcw = rc.clone();
+                    ch.unmap(slba, len, move |io| io_done(&rcw, i, io));
+                }
+            }
+        }
+    }
+
+    fn fail_pending(&mut self, i: usize, st: Status) {
+        stats(self.reactor)
+            .pending_bdev_io
+            .fetch_sub(1, Ordering::Relaxed);
+        self.finish(i, Done::err(st));
+    }
+}
+
+fn check_range(ns: &Namespace, slba: u64, nlb: u64) -> Result<(), Status> {
+    match slba.checked_add(nlb) {
+        Some(end) if end <= ns.num_blocks() => Ok(()),
+        _ => Err(Status::generic(sc::LBA_OUT_OF_RANGE)),
+    }
+}
+
+fn io_done(rc: &ConnRc, i: usize, mut io: Box<BdevIo>) {
+    let mut c = rc.borrow_mut();
+    let st = io_status(io.status);
+    let s = &mut c.slots[i];
+    if s.pending > 1 {
+        s.pending -= 1;
+        if !st.is_success() {
+            s.status = st;
+        }
+        return;
+    }
+    let st = if s.status.is_success() { st } else { s.status };
+    stats(c.reactor)
+        .pending_bdev_io
+        .fetch_sub(1, Ordering::Relaxed);
+    if io.io_type == IoType::Read && st.is_success() {
+        c.slots[i].buf = io.buf.take();
+    }
+    if c.phase == Phase::Closed {
+        let s = &mut c.slots[i];
+        s.state = SlotState::Free;
+        s.buf = None;
+        return;
+    }
+    if !st.is_success() {
+        tracing::debug!(conn = c.id, io = ?io, status = %st, "I/O failed");
+    }
+    c.finish(i, Done::err(st));
+    c.schedule_flush(rc);
+}
+
+/// At most this many iovecs per SendMsg (UIO_MAXIOV); the rest goes next.
+const MAX_IOV: usize = 1024;
+
+fn flush(rc: &ConnRc) {
+    let mut c = rc.borrow_mut();
+    if c.send_inflight {
+        return;
+    }
+    if c.phase == Phase::Closed {
+        c.maybe_release();
+        return;
+    }
+    let c = &mut *c;
+    if c.tx_off >= c.busy_len {
+        // Previous batch fully sent: its buffers go back to the pool.
+        c.busy_bufs.clear();
+        if c.tx.is_empty() {
+            if c.phase == Phase::Terminating {
+                c.close("termination request sent");
+            }
+            return;
+        }
+        std::mem::swap(&mut c.tx, &mut c.tx_busy);
+        std::mem::swap(&mut c.tx_bufs, &mut c.busy_bufs);
+        c.tx.clear();
+        c.tx_bufs.clear();
+        c.tx_off = 0;
+        c.busy_len = c.tx_busy.len() + c.busy_bufs.iter().map(|b| b.2).sum::<usize>();
+    }
+    // iovecs for what is left of the batch, skipping `tx_off` bytes.
+    c.iov.clear();
+    let mut skip = c.tx_off;
+    let mut prev = 0;
+    let mut push = |iov: &mut Vec<libc::iovec>, sl: &[u8]| {
+        if skip >= sl.len() {
+            skip -= sl.len();
+            return;
+        }
+        if iov.len() < MAX_IOV {
+            iov.push(libc::iovec {
+                iov_base: sl[skip..].as_ptr() as *mut libc::c_void,
+                iov_len: sl.len() - skip,
+            });
+        }
+        skip = 0;
+    };
+    for (pos, b, n) in c.busy_bufs.iter() {
+        push(&mut c.iov, &c.tx_busy[prev..*pos]);
+        push(&mut c.iov, &b.as_slice()[..*n]);
+        prev = *pos;
+    }
+    push(&mut c.iov, &c.tx_busy[prev..]);
+    c.msg.msg_iov = c.iov.as_mut_ptr();
+    c.msg.msg_iovlen = c.iov.len() as _;
+    let e = op::SendMsg::new(ty::Fd(c.fd.as_raw_fd()), &*c.msg as *const libc::msghdr)
+        .flags(libc::MSG_NOSIGNAL as u32)
+        .build();
+    c.send_inflight = true;
+    let rc2 = rc.clone();
+    // SAFETY: `msg`, `iov`, `tx_busy` and `busy_bufs` (which the iovecs point
+    // into) are not touched while the SendMsg is in flight: new output goes
+    // to `tx`/`tx_bufs`, and the callback keeps the connection alive.
+    unsafe {
+        reactor::uring::submit(e, move |res| {
+            {
+                let mut c = rc2.borrow_mut();
+                c.send_inflight = false;
+                if res < 0 {
+                    if res != -libc::EINTR && res != -libc::EAGAIN {
+                        let why =
+                            format!("send failed: {}", std::io::Error::from_raw_os_error(-res));
+                        c.close(&why);
+                        return;
+                    }
+                } else {
+                    c.tx_off += res as usize;
+                }
+            }
+            flush(&rc2);
+        });
+    }
+}
+
+/// The connections of this reactor as JSON for `nvmf_subsystem_get_qpairs`.
+pub fn local_qpairs(nqn: &str) -> Vec<serde_json::Value> {
+    let r = reactor::current().unwrap_or(0);
+    CONNS.with(|m| {
+        m.borrow()
+            .values()
+            .filter_map(|rc| {
+                let c = rc.borrow();
+                let q = c.q.as_ref()?;
+                if q.ctrl.subsys.nqn != nqn || c.phase != Phase::Ready {
+                    return None;
+                }
+                Some(serde_json::json!({
+                    "cntlid": q.ctrl.cntlid,
+                    "qid": q.qid,
+                    "state": "active",
+                    "thread": format!("nvmf_tgt_poll_group_{r:03}"),
+                    "hostnqn": q.ctrl.hostnqn,
+                    "listen_address": c.listen.to_json(),
+                    "peer_address": {
+                        "trtype": "TCP",
+                        "adrfam": c.listen.adrfam.name(),
+                        "traddr": c.peer.rsplit_once(':').map(|(a, _)| a.trim_matches(|x| x == '[' || x == ']')).unwrap_or(""),
+                        "trsvcid": c.peer.rsplit_once(':').map(|(_, p)| p).unwrap_or(""),
+                    },
+                }))
+            })
+            .collect()
+    })
+}
