@@ -1,0 +1,219 @@
+"""Process kill: `kill -9` the process hosting the clone at a random point
+of a write + discard + flush + hydration workload, restart `clone_tgt`
+with the same `--json` (resume), sometimes kill that one -9 during
+hydration too, let it finish hydrating, shut down cleanly, and check every
+block of the destination file against a model rebuilt from the workload's
+journal:
+
+* a block written before an acknowledged flush that was submitted after
+  the write was acknowledged holds that write or a later-submitted one
+  (or zeroes from a later-submitted discard);
+* every other block holds the source stamp or the stamp of a write to that
+  block, or zeroes if a discard covered it;
+* never anything else (garbage fails with the block number and both values).
+
+CLONE_CRASH_SEED=N reproduces a run; CLONE_TGT_TEST_SCALE=small runs fewer
+rounds with the same checks.
+"""
+
+import os
+import random
+import signal
+import time
+
+import pytest
+from conftest import write_bdev_config
+from clone_util import stamp as stamps_of  # noqa: E402
+from clone_util import (BS, UUID_CLONE, UUID_DST, UUID_MD, UUID_SRC, classify, clone_status,
+                        describe, make_stamped_file, make_zero_file, scale, uring, wait_for,
+                        wait_hydrated, wl_factory)  # noqa: F401
+
+BLOCKS = 1025            # 4 MiB + a block: the last region is partial
+REGION_KB = 8
+REGION_BLOCKS = REGION_KB * 1024 // BS
+SRC_DELAY_US = 1500      # slow source: hydration takes a few seconds
+ROUNDS = scale(3, 10)
+BASE_SEED = int(os.environ.get("CLONE_CRASH_SEED", "20261121"))
+
+
+class Journal:
+    """What the workload submitted and what was acknowledged, in order."""
+
+    def __init__(self, text):
+        self.ops = {}        # seq -> dict(op, off, n, sub=line index, ack=line index|None)
+        self.bad_reads = []
+        self.failed = []
+        lines = text.split("\n")
+        if lines and lines[-1] != "":
+            lines = lines[:-1]   # an unfinished line (cannot happen with write(2), but be safe)
+        for i, line in enumerate(lines):
+            f = line.split()
+            if not f:
+                continue
+            if f[0] == "S":
+                self.ops[int(f[1])] = dict(op=f[2], off=int(f[3]), n=int(f[4]), sub=i, ack=None)
+            elif f[0] == "A":
+                self.ops[int(f[1])]["ack"] = i
+                if f[2] != "ok":
+                    self.failed.append(line)
+            elif f[0] == "X":
+                self.bad_reads.append(line)
+
+    def allowed(self, blocks):
+        """Per block: (min seq a write stamp must have, may it be the source,
+        may it be zeroes, the set of write seqs that covered it)."""
+        writes = {b: set() for b in range(blocks)}
+        discards = {b: [] for b in range(blocks)}
+        for seq, o in self.ops.items():
+            if o["op"] == "W":
+                for b in range(o["off"], o["off"] + o["n"]):
+                    writes[b].add(seq)
+            elif o["op"] == "D":
+                for b in range(o["off"], o["off"] + o["n"]):
+                    discards[b].append(seq)
+        # acknowledged flushes, by submission line
+        flush_subs = sorted(o["sub"] for o in self.ops.values()
+                            if o["op"] == "F" and o["ack"] is not None)
+        durable_min = [0] * blocks
+        for seq, o in self.ops.items():
+            if o["op"] != "W" or o["ack"] is None:
+                continue
+            # durable if some acknowledged flush was submitted after this ack
+            if flush_subs and flush_subs[-1] > o["ack"]:
+                for b in range(o["off"], o["off"] + o["n"]):
+                    durable_min[b] = max(durable_min[b], seq)
+        out = []
+        for b in range(blocks):
+            dmin = durable_min[b]
+            out.append((dmin, dmin == 0, any(d > dmin for d in discards[b]), writes[b]))
+        return out
+
+
+def check_destination(path, journal, seed):
+    data = path.read_bytes()
+    assert len(data) >= BLOCKS * BS
+    allowed = journal.allowed(BLOCKS)
+    bad = []
+    for b in range(BLOCKS):
+        blk = data[b * BS:(b + 1) * BS]
+        got = classify(blk, b)
+        dmin, may_src, may_zero, wseqs = allowed[b]
+        if got == "zero":
+            ok = may_zero
+        elif got == 0:
+            ok = may_src
+        elif got is None:
+            ok = False
+        else:
+            ok = got in wseqs and got >= dmin
+        if not ok:
+            exp = []
+            if may_src:
+                exp.append("the source stamp")
+            exp.append("a write of seq >= %d among %s" % (dmin, sorted(wseqs)[-8:]))
+            if may_zero:
+                exp.append("zeroes")
+            bad.append("block %d: found %s; expected %s" % (b, describe(blk, b), " or ".join(exp)))
+    assert not bad, "seed %d: %d bad blocks in the destination:\n%s" % (
+        seed, len(bad), "\n".join(bad[:30]))
+
+
+def clone_config(path, d):
+    return write_bdev_config(path, [
+        ("bdev_uring_create", uring(d / "src.img", "SrcFile", UUID_SRC)),
+        ("bdev_delay_create", {"base_bdev_name": "SrcFile", "name": "Src",
+                               "avg_read_latency": SRC_DELAY_US,
+                               "p99_read_latency": SRC_DELAY_US,
+                               "avg_write_latency": 0, "p99_write_latency": 0}),
+        ("bdev_uring_create", uring(d / "dst.img", "Dst", UUID_DST)),
+        ("bdev_uring_create", uring(d / "md.img", "Md", UUID_MD)),
+        ("bdev_clone_create", {"name": "Clone0", "source_bdev_name": "Src",
+                               "dest_bdev_name": "Dst", "metadata_bdev_name": "Md",
+                               "region_size_kb": REGION_KB, "uuid": UUID_CLONE,
+                               "hydration_threshold": 1, "hydration_batch_size": 1}),
+    ])
+
+
+def kill9(t):
+    os.kill(t.pid, signal.SIGKILL)
+    t.proc.wait(timeout=10)
+
+
+@pytest.mark.parametrize("rnd", range(ROUNDS))
+def test_kill9_workload_then_resume(tgt_factory, wl_factory, datadir, rnd):
+    seed = BASE_SEED + rnd
+    rng = random.Random(seed)
+    d = datadir
+    src = make_stamped_file(d / "src.img", BLOCKS)
+    src_image = src.read_bytes()
+    make_zero_file(d / "dst.img", BLOCKS * BS)
+    make_zero_file(d / "md.img", 1 << 20)
+    cfg = clone_config(d / "clone.json", d)
+    journal_path = d / "journal.txt"
+
+    # 1. the workload, hosting the clone, killed -9 at a random time
+    wl = wl_factory("--json", cfg, "--bdev", "Clone0", "--journal", journal_path,
+                    "--seed", seed, "--region-blocks", REGION_BLOCKS,
+                    "--queue-depth", rng.choice([1, 4, 8]), rpc_server=False, wait=False)
+    wait_for(lambda: (journal_path.exists() and journal_path.stat().st_size > 0, None), 15,
+             "the workload to start (journal %s)" % journal_path)
+    time.sleep(rng.uniform(0.05, scale(1.0, 2.0)))
+    assert wl.running(), "the workload exited by itself (%s):\n%s" % (wl.proc.poll(), wl.log())
+    kill9(wl)
+    journal = Journal(journal_path.read_text())
+    assert not journal.bad_reads, "seed %d: the workload read bad data:\n%s" % (
+        seed, "\n".join(journal.bad_reads[:20]))
+    assert not journal.failed, "seed %d: I/O failed:\n%s" % (seed, "\n".join(journal.failed[:20]))
+    assert len(journal.ops) > 0, "the workload did nothing before the kill:\n" + wl.log()
+
+    # 2. resume in clone_tgt; sometimes kill that too while it hydrates
+    tgt = tgt_factory("--json", cfg)
+    s = clone_status(tgt)
+    assert s["state"] in ("hydrating", "hydrated"), s
+    assert s["metadata"]["mode"] == "rw", s
+    if rng.random() < 0.5:
+        time.sleep(rng.uniform(0.05, 0.8))
+        kill9(tgt)
+        tgt = tgt_factory("--json", cfg)
+    tgt.rpc("bdev_clone_set_hydration", name="Clone0", hydration_threshold=32,
+            hydration_batch_size=4)
+    s = wait_hydrated(tgt, timeout=90)
+    assert all(v == 0 for v in s["errors"].values()), s
+    tgt.stop()
+
+    # 3. the model
+    check_destination(d / "dst.img", journal, seed)
+    assert src.read_bytes() == src_image, "seed %d: a write reached the source" % seed
+
+
+def test_model_check_catches_bad_blocks(wl_factory, datadir):
+    """The checker itself, on a plain uring bdev (no clone): a killed
+    workload's file passes; a lost durable write and a flipped bit fail."""
+    d = datadir
+    make_stamped_file(d / "u.img", BLOCKS)
+    cfg = write_bdev_config(d / "u.json", [("bdev_uring_create", uring(d / "u.img", "U"))])
+    journal_path = d / "journal.txt"
+    wl = wl_factory("--json", cfg, "--bdev", "U", "--journal", journal_path, "--seed", 7,
+                    "--region-blocks", REGION_BLOCKS, rpc_server=False, wait=False)
+    wait_for(lambda: (journal_path.exists() and journal_path.stat().st_size > 0, None), 15,
+             "the workload to start")
+    time.sleep(0.5)
+    kill9(wl)
+    journal = Journal(journal_path.read_text())
+    assert not journal.bad_reads and not journal.failed
+    check_destination(d / "u.img", journal, 7)
+
+    allowed = journal.allowed(BLOCKS)
+    durable = [b for b, a in enumerate(allowed) if a[0] > 0]
+    assert durable, "the workload made no write durable in 0.5 s"
+    data = bytearray((d / "u.img").read_bytes())
+    b = durable[0]
+    data[b * BS:(b + 1) * BS] = stamps_of(0, b)
+    (d / "bad.img").write_bytes(bytes(data))
+    with pytest.raises(AssertionError, match="block %d: found the source stamp" % b):
+        check_destination(d / "bad.img", journal, 7)
+    data = bytearray((d / "u.img").read_bytes())
+    data[3 * BS + 100] ^= 1
+    (d / "bad.img").write_bytes(bytes(data))
+    with pytest.raises(AssertionError, match="block 3: found garbage"):
+        check_destination(d / "bad.img", journal, 7)

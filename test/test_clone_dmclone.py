@@ -1,0 +1,329 @@
+"""dm-clone's own test-suite scenarios (device-mapper-test-suite, branch
+feature-dm-clone: CreationTests, CommitTests, ConsistencyTests; dm-clone.md
+§4) and the partial-discard bug (§2 #5), on the clone inside
+`clone_workload`, which hosts the target and does I/O in-process.
+"""
+
+import random
+import time
+
+import pytest
+from clone_util import (BS, UUID_DST, UUID_MD, UUID_SRC, classify, clone_create, clone_status,
+                        describe, make_stamped_file, make_zero_file, md_required_bytes,
+                        md_writes, stamp, uring, wait_for, wait_hydrated, wl_factory)  # noqa: F401
+
+GIB = 1 << 30
+
+
+def null(t, name, blocks, bs=BS):
+    t.rpc("bdev_null_create", name=name, num_blocks=blocks, block_size=bs)
+
+
+# ---------------------------------------------------------------------------
+# CreationTests
+
+
+@pytest.mark.parametrize("kb,ok", [(4, True), (1048576, True), (2, False), (2097152, False),
+                                   (4 * 1024 + 57, False)])
+def test_region_size_bounds(wl_factory, datadir, kb, ok):
+    """4 KiB .. 1 GiB, powers of two; a 1 GiB region on a 1 GiB device works."""
+    t = wl_factory()
+    null(t, "Src", GIB // BS)
+    null(t, "Dst", GIB // BS)
+    md = make_zero_file(datadir / "md.img", 16 << 20)
+    t.rpc("bdev_uring_create", **uring(md, "Md"))
+    if ok:
+        clone_create(t, region_size_kb=kb, no_hydration=True)
+        s = clone_status(t)
+        assert s["num_regions"] == GIB // (kb * 1024)
+        # the clone serves I/O at both ends of the device
+        last = GIB // BS - 1
+        t.write_stamps("Clone0", 9, 0, 1)
+        t.write_stamps("Clone0", 9, last, 1)
+        assert classify(t.read("Clone0", 0, 1), 0) == 9
+        assert classify(t.read("Clone0", last, 1), last) == 9
+        assert t.read("Clone0", 1, 1) == bytes(BS), "unwritten blocks read the (null) source"
+    else:
+        code, msg = t.rpc_err("bdev_clone_create", name="Clone0", source_bdev_name="Src",
+                              dest_bdev_name="Dst", metadata_bdev_name="Md", region_size_kb=kb)
+        assert code == -22, msg
+        assert t.rpc("bdev_clone_get_bdevs") == []
+        assert md.read_bytes() == bytes(16 << 20)
+
+
+def test_too_small_metadata_fails(wl_factory, datadir):
+    """A 16 KiB metadata device for a 1 GiB clone at 4 KiB regions."""
+    t = wl_factory()
+    null(t, "Src", GIB // BS)
+    null(t, "Dst", GIB // BS)
+    md = make_zero_file(datadir / "md.img", 16 << 10)
+    t.rpc("bdev_uring_create", **uring(md, "Md"))
+    code, msg = t.rpc_err("bdev_clone_create", name="Clone0", source_bdev_name="Src",
+                          dest_bdev_name="Dst", metadata_bdev_name="Md")
+    need = md_required_bytes(GIB // BS)
+    assert code == -22 and str(need) in msg, (code, msg, need)
+    assert md.read_bytes() == bytes(16 << 10)
+
+
+def _reopen(t, src_blocks, kb):
+    t.rpc("bdev_null_create", name="S", num_blocks=src_blocks, block_size=BS)
+    try:
+        return t.rpc_err("bdev_clone_create", name="C", source_bdev_name="S",
+                         dest_bdev_name="Dst", metadata_bdev_name="Md", region_size_kb=kb,
+                         no_hydration=True, uuid=UUID_SRC)
+    finally:
+        t.rpc("bdev_null_delete", name="S")
+
+
+def test_reopen_with_other_geometry_fails(wl_factory, datadir):
+    """Formatted at 64 KiB regions and S blocks: 4 KiB, 128 KiB, S-1 and S+1 all fail;
+    the original geometry opens again."""
+    t = wl_factory()
+    blocks = 16384  # 64 MiB
+    null(t, "Dst", blocks + 1)
+    md = make_zero_file(datadir / "md.img", 1 << 20)
+    t.rpc("bdev_uring_create", **uring(md, "Md"))
+    null(t, "S", blocks)
+    t.rpc("bdev_clone_create", name="C", source_bdev_name="S", dest_bdev_name="Dst",
+          metadata_bdev_name="Md", region_size_kb=64, no_hydration=True, uuid=UUID_SRC)
+    t.rpc("bdev_clone_delete", name="C")
+    t.rpc("bdev_null_delete", name="S")
+    formatted = md.read_bytes()
+    for src_blocks, kb, field in [(blocks, 4, "region_size"), (blocks, 128, "region_size"),
+                                  (blocks - 1, 64, "source blocks"),
+                                  (blocks + 1, 64, "source blocks")]:
+        code, msg = _reopen(t, src_blocks, kb)
+        assert code == -22, (src_blocks, kb, code, msg)
+        assert field.split()[0] in msg, "the error should name %s: %r" % (field, msg)
+        assert md.read_bytes() == formatted, "a refused open changed the metadata"
+        assert t.rpc("bdev_clone_get_bdevs") == []
+    t.rpc("bdev_null_create", name="S", num_blocks=blocks, block_size=BS)
+    t.rpc("bdev_clone_create", name="C", source_bdev_name="S", dest_bdev_name="Dst",
+          metadata_bdev_name="Md", region_size_kb=64, no_hydration=True, uuid=UUID_SRC)
+
+
+@pytest.mark.parametrize("smaller", ["Dst"])
+def test_data_device_smaller_than_target_fails(wl_factory, datadir, smaller):
+    t = wl_factory()
+    null(t, "Src", 4096)
+    null(t, "Dst", 4095)
+    md = make_zero_file(datadir / "md.img", 1 << 20)
+    t.rpc("bdev_uring_create", **uring(md, "Md"))
+    code, msg = t.rpc_err("bdev_clone_create", name="Clone0", source_bdev_name="Src",
+                          dest_bdev_name=smaller, metadata_bdev_name="Md")
+    assert code == -22, msg
+
+
+# ---------------------------------------------------------------------------
+# the stamped stack
+
+
+class Stack:
+    def __init__(self, t, datadir, blocks=1024, md_bytes=1 << 20, delay_us=0, src_stamps=None):
+        """src_stamps: {block: seq} stamped on the source instead of seq 0."""
+        self.t = t
+        self.blocks = blocks
+        self.src_path = make_stamped_file(datadir / "src.img", blocks)
+        # What every block should read: seq of its stamp, or "zero".
+        self.expect = [0] * blocks
+        if src_stamps:
+            data = bytearray(self.src_path.read_bytes())
+            for b, seq in src_stamps.items():
+                data[b * BS:(b + 1) * BS] = stamp(seq, b)
+                self.expect[b] = seq
+            self.src_path.write_bytes(bytes(data))
+        self.src_image = self.src_path.read_bytes()
+        self.dst_path = make_zero_file(datadir / "dst.img", blocks * BS)
+        self.md_path = make_zero_file(datadir / "md.img", md_bytes)
+        if delay_us:
+            t.rpc("bdev_uring_create", **uring(self.src_path, "SrcFile", UUID_SRC))
+            t.rpc("bdev_delay_create", base_bdev_name="SrcFile", name="Src",
+                  avg_read_latency=delay_us, p99_read_latency=delay_us, avg_write_latency=0,
+                  p99_write_latency=0)
+        else:
+            t.rpc("bdev_uring_create", **uring(self.src_path, "Src", UUID_SRC))
+        t.rpc("bdev_uring_create", **uring(self.dst_path, "Dst", UUID_DST))
+        t.rpc("bdev_uring_create", **uring(self.md_path, "Md", UUID_MD))
+
+    def check_clone(self, allow_zero=()):
+        data = self.t.dump("Clone0", self.md_path.parent / "clone.dump")
+        self.check_image(data, "the clone", allow_zero)
+
+    def check_image(self, data, what, allow_zero=()):
+        assert len(data) == self.blocks * BS
+        bad = []
+        for b in range(self.blocks):
+            blk = data[b * BS:(b + 1) * BS]
+            got = classify(blk, b)
+            if got == self.expect[b] or (got == "zero" and b in allow_zero):
+                continue
+            bad.append("block %d: expected %s, found %s"
+                       % (b, "zeroes" if self.expect[b] == "zero" else
+                          ("seq %d" % self.expect[b] if self.expect[b] else "the source stamp"),
+                          describe(blk, b)))
+        assert not bad, "%s: %d bad blocks:\n%s" % (what, len(bad), "\n".join(bad[:20]))
+
+    def check_source_unchanged(self):
+        assert self.src_path.read_bytes() == self.src_image, "a write reached the source"
+
+    def stamp_clone(self, seq, first, count):
+        self.t.write_stamps("Clone0", seq, first, count)
+        for b in range(first, first + count):
+            self.expect[b] = seq
+
+
+# ---------------------------------------------------------------------------
+# CommitTests
+
+
+@pytest.fixture
+def commit_stack(wl_factory, datadir):
+    t = wl_factory()
+    st = Stack(t, datadir)
+    clone_create(t, no_hydration=True)           # 4 KiB regions = 1 block
+    # Let the create's own metadata writes (format) and a first periodic
+    # tick pass.
+    time.sleep(1.2)
+    return st
+
+
+def test_commit_on_flush(commit_stack):
+    st, t = commit_stack, commit_stack.t
+    for op in ("write", "discard"):
+        before = md_writes(t)
+        if op == "write":
+            st.stamp_clone(1, 10, 1)
+        else:
+            t.unmap("Clone0", 20, 1)
+        t.flush("Clone0")
+        after = md_writes(t)
+        assert after > before, "%s of a cold region + flush wrote no metadata" % op
+        assert clone_status(t)["hydrated_regions"] == (1 if op == "write" else 2)
+
+    # rewriting a hydrated region and flushing commits nothing
+    before = md_writes(t)
+    st.stamp_clone(2, 10, 1)
+    t.flush("Clone0")
+    t.flush("Clone0")
+    assert md_writes(t) == before, "a flush with nothing changed wrote metadata"
+    time.sleep(1.5)
+    assert md_writes(t) == before, "a periodic commit with nothing changed wrote metadata"
+    st.check_clone(allow_zero={20})
+    st.check_source_unchanged()
+
+
+def test_commit_periodically(commit_stack):
+    st, t = commit_stack, commit_stack.t
+    before = md_writes(t)
+    st.stamp_clone(1, 5, 1)
+    st.stamp_clone(1, 7, 3)
+    # dm-clone's COMMIT_PERIOD is 1 s: a commit must come without a flush
+    wait_for(lambda: (md_writes(t) > before, md_writes(t)), 3.0,
+             "a periodic metadata commit within ~1 s")
+    time.sleep(1.2)
+    settled = md_writes(t)
+    st.stamp_clone(2, 5, 1)          # hydrated already
+    time.sleep(2.2)
+    assert md_writes(t) == settled, "rewriting hydrated regions committed metadata"
+    st.check_clone()
+
+
+# ---------------------------------------------------------------------------
+# ConsistencyTests
+
+
+def test_pattern_stomp(wl_factory, datadir):
+    """Stamps on the source read back through the clone; stamps on the clone
+    never reach the source; both hold through hydration and after it."""
+    t = wl_factory()
+    rng = random.Random(1234)
+    # 20 random 4 KiB patterns on the source
+    on_source = {rng.randrange(1024): 500 + i for i in range(20)}
+    st = Stack(t, datadir, blocks=1024, delay_us=200, src_stamps=on_source)
+    clone_create(t, region_size_kb=16, no_hydration=True)
+    st.check_clone()
+    for i in range(10):
+        b = rng.randrange(st.blocks - 3)
+        st.stamp_clone(1000 + i, b, rng.choice([1, 2, 4]))
+    st.check_clone()
+    st.check_source_unchanged()
+
+    t.rpc("bdev_clone_set_hydration", name="Clone0", enable=True, hydration_threshold=16,
+          hydration_batch_size=4)
+    wait_hydrated(t, timeout=60)
+    st.check_clone()
+    st.check_source_unchanged()
+    for i in range(5):
+        b = rng.randrange(st.blocks - 3)
+        st.stamp_clone(2000 + i, b, rng.choice([1, 3]))
+    st.check_clone()
+    st.check_source_unchanged()
+    t.stop()
+    st.check_image(st.dst_path.read_bytes(), "the destination file after shutdown")
+
+
+def test_hydrated_destination_equals_source(wl_factory, datadir):
+    t = wl_factory()
+    st = Stack(t, datadir, blocks=2048 + 3, delay_us=100)   # a partial tail region
+    clone_create(t, region_size_kb=32, hydration_threshold=8, hydration_batch_size=4)
+    s = wait_hydrated(t, timeout=60)
+    assert s["num_regions"] == 2048 // 8 + 1
+    st.check_clone()
+    t.stop()
+    assert st.dst_path.read_bytes() == st.src_image
+    st.check_source_unchanged()
+
+
+# ---------------------------------------------------------------------------
+# partial-region discards (dm-clone bug #5)
+
+REGION = 4   # blocks per 16 KiB region
+
+DISCARDS = [
+    (1, 2),            # inside one region, touching neither end
+    (REGION + 1, 3),   # from inside a region to its end
+    (2 * REGION, 3),   # from a region's start to inside it
+    (3 * REGION + 3, REGION + 2),   # partial head, one whole region, partial tail
+    (6 * REGION + 2, 3 * REGION),   # partial head, two whole, partial tail
+    (11 * REGION, 2 * REGION),      # exactly two whole regions
+]
+
+
+def whole_region_blocks(off, n):
+    first = -(-off // REGION) * REGION
+    last = ((off + n) // REGION) * REGION
+    return set(range(first, max(first, last)))
+
+
+@pytest.mark.parametrize("passdown", [True, False])
+def test_partial_region_discards(wl_factory, datadir, passdown):
+    t = wl_factory()
+    st = Stack(t, datadir, blocks=256)
+    clone_create(t, region_size_kb=16, no_hydration=True, no_discard_passdown=not passdown)
+    # a hydrated area too: regions 16..31 written whole on the clone
+    st.stamp_clone(7, 16 * REGION, 16 * REGION)
+    base = 16 * REGION
+    discards = DISCARDS + [(base + o, n) for o, n in DISCARDS]
+    may_zero = set()
+    for off, n in discards:
+        t.unmap("Clone0", off, n)
+        if off >= base:
+            # hydrated regions: the discarded blocks may be dropped
+            may_zero |= set(range(off, off + n))
+        else:
+            # cold regions: only whole regions may become zeroes; a partial
+            # region's blocks keep the source's data
+            may_zero |= whole_region_blocks(off, n)
+    t.flush("Clone0")
+    st.check_clone(allow_zero=may_zero)
+    s = clone_status(t)
+    cold_whole = {b // REGION for off, n in DISCARDS for b in whole_region_blocks(off, n)}
+    assert s["hydrated_regions"] == 16 + len(cold_whole), \
+        "whole cold regions discarded must be marked hydrated, partial ones not: %s" % s
+
+    t.rpc("bdev_clone_set_hydration", name="Clone0", enable=True, hydration_threshold=8)
+    wait_hydrated(t, timeout=60)
+    st.check_clone(allow_zero=may_zero)
+    st.check_source_unchanged()
+    t.stop()
+    st.check_image(st.dst_path.read_bytes(), "the destination file", allow_zero=may_zero)
