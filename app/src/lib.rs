@@ -222,6 +222,7 @@ pub fn register_all_methods() {
     register_framework_methods();
     bdev::rpc::register_methods();
     bdev::modules::register_methods();
+    bdev_clone::register_rpcs();
 }
 
 /// Block SIGINT/SIGTERM in every thread and handle them on one thread

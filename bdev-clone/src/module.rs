@@ -1,0 +1,1665 @@
+//! The clone bdev: create/delete, the per-reactor channels with the
+//! hydrated fast path, and the owner reactor's executor driving the
+//! [`Router`] (user I/O that needs routing, hydration, commits).
+//!
+//! * Ownership: one owner reactor per clone (round-robin at create) holds
+//!   the router, the in-flight maps and the hydration poller. Any reactor
+//!   sends I/O whose regions are all hydrated straight to the destination
+//!   (the bitmap is atomics, bits only go 0 -> 1); everything else is sent
+//!   to the owner by message and its completion sent back.
+//! * Commits are therefore serialised by the owner: the router snapshots
+//!   the dirty units when it emits the `Commit`, the executor flushes the
+//!   destination, writes the units, then flushes the metadata bdev.
+//! * Completion: once every region is hydrated and committed and the router
+//!   is idle, the source claim is released and the router dropped; all I/O
+//!   then goes straight to the destination.
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::ops::Range;
+use std::rc::{Rc, Weak as RcWeak};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::time::Duration;
+
+use bdev::{
+    util, Bdev, BdevBuilder, BdevEvent, BdevIo, BdevOps, BoxFuture, ChannelOps, ClaimType, Desc,
+    IoChannel, IoStatus, IoType,
+};
+use reactor::DmaBuf;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use uuid::Uuid;
+
+use crate::error::CloneError;
+use crate::geometry::Geometry;
+use crate::metadata::{self, SuperState, Superblock, BITMAP_OFFSET, FORMAT_BLOCK_SIZE, UNIT_SIZE};
+use crate::oneshot;
+use crate::region_map::{units_for, RegionMap};
+use crate::router::{
+    Command, CommitId, CopyId, IoKind, MetadataMode, OpId, ReqId, Request, Router, RouterConfig,
+    Status, UnitImage,
+};
+
+pub const MODULE_NAME: &str = "clone";
+pub const PRODUCT_NAME: &str = "clone";
+
+/// Namespace of the default clone uuid: UUIDv5(namespace, source uuid), so
+/// a replayed config finds its metadata again.
+const NAMESPACE_UUID: Uuid = Uuid::from_u128(0x6c0e_5b1e_3f7a_4c1d_9a2b_8e4f_0d3c_7a11);
+
+/// Largest single I/O of a hydration copy or a metadata load.
+const CHUNK_BYTES: u64 = 1 << 20;
+/// Metadata is read and zeroed in I/Os of this size.
+const MD_IO_BYTES: u64 = 4 << 20;
+/// Hydration back-off after a failed copy: first and longest wait.
+const BACKOFF_MIN_NS: u64 = 10_000_000;
+const BACKOFF_MAX_NS: u64 = 1_000_000_000;
+/// Consecutive failed copies after which hydration pauses.
+const MAX_FAIL_STREAK: u32 = 8;
+/// Periodic commit.
+const COMMIT_PERIOD: Duration = Duration::from_secs(1);
+/// How long delete waits for in-flight work before giving up on it.
+const STOP_TIMEOUT_NS: u64 = 10_000_000_000;
+
+fn default_region_size_kb() -> u32 {
+    4
+}
+fn default_one() -> u32 {
+    1
+}
+
+/// Parameters of `bdev_clone_create` (defaults per rpc-contract §2.7).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateOpts {
+    pub name: String,
+    pub source_bdev_name: String,
+    pub dest_bdev_name: String,
+    pub metadata_bdev_name: String,
+    #[serde(default = "default_region_size_kb")]
+    pub region_size_kb: u32,
+    #[serde(default)]
+    pub no_hydration: bool,
+    #[serde(default)]
+    pub no_discard_passdown: bool,
+    #[serde(default = "default_one")]
+    pub hydration_threshold: u32,
+    #[serde(default = "default_one")]
+    pub hydration_batch_size: u32,
+    #[serde(default)]
+    pub hydration_mbytes_per_sec: u64,
+    #[serde(default)]
+    pub copy_on_read: bool,
+    #[serde(default)]
+    pub uuid: Option<Uuid>,
+}
+
+impl CreateOpts {
+    pub fn new(
+        name: impl Into<String>,
+        source: impl Into<String>,
+        dest: impl Into<String>,
+        metadata: impl Into<String>,
+    ) -> Self {
+        CreateOpts {
+            name: name.into(),
+            source_bdev_name: source.into(),
+            dest_bdev_name: dest.into(),
+            metadata_bdev_name: metadata.into(),
+            region_size_kb: default_region_size_kb(),
+            no_hydration: false,
+            no_discard_passdown: false,
+            hydration_threshold: 1,
+            hydration_batch_size: 1,
+            hydration_mbytes_per_sec: 0,
+            copy_on_read: false,
+            uuid: None,
+        }
+    }
+}
+
+/// Runtime changes of `bdev_clone_set_hydration`.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HydrationOpts {
+    pub name: String,
+    pub enable: Option<bool>,
+    pub hydration_threshold: Option<u32>,
+    pub hydration_batch_size: Option<u32>,
+    pub hydration_mbytes_per_sec: Option<u64>,
+}
+
+const MODE_RW: u8 = 0;
+const MODE_RO: u8 = 1;
+const MODE_FAILED: u8 = 2;
+
+fn mode_code(m: MetadataMode) -> u8 {
+    match m {
+        MetadataMode::ReadWrite => MODE_RW,
+        MetadataMode::ReadOnly => MODE_RO,
+        MetadataMode::Failed => MODE_FAILED,
+    }
+}
+
+#[derive(Default)]
+struct Descs {
+    source: Option<Desc>,
+    dest: Option<Desc>,
+    md: Option<Desc>,
+}
+
+/// State shared by the bdev, its channels on every reactor and the owner.
+pub(crate) struct Shared {
+    id: u64,
+    name: String,
+    source_name: String,
+    dest_name: String,
+    md_name: String,
+    uuid: Uuid,
+    geo: Geometry,
+    map: Arc<RegionMap>,
+    owner: u32,
+    md_block_size: u32,
+    md_num_blocks: u64,
+    dest_write_zeroes: bool,
+    dest_unmap: bool,
+    discard_passdown: bool,
+    hydration_enabled: AtomicBool,
+    /// Hydration stopped itself after repeated copy failures.
+    paused: AtomicBool,
+    threshold: AtomicU32,
+    batch: AtomicU32,
+    mbytes_per_sec: AtomicU64,
+    copy_on_read: AtomicBool,
+    mode: AtomicU8,
+    hydrating: AtomicU64,
+    err_source: AtomicU64,
+    err_dest: AtomicU64,
+    err_md: AtomicU64,
+    /// Bytes copied by hydration since create.
+    hydrated_bytes: AtomicU64,
+    /// Hydration rate measured over the last commit period.
+    rate_bps: AtomicU64,
+    released: AtomicBool,
+    last_error: Mutex<Option<String>>,
+    descs: Mutex<Descs>,
+    /// Wakes the owner (set_hydration).
+    kick: AtomicBool,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Shared {
+    fn mode(&self) -> u8 {
+        self.mode.load(Ordering::Acquire)
+    }
+
+    fn set_last_error(&self, e: String) {
+        *lock(&self.last_error) = Some(e);
+    }
+
+    fn state(&self) -> &'static str {
+        match self.mode() {
+            MODE_FAILED => "failed",
+            MODE_RO => "read_only",
+            _ if self.map.is_complete() => "hydrated",
+            _ if !self.hydration_enabled.load(Ordering::Relaxed)
+                || self.paused.load(Ordering::Relaxed)
+                || self.threshold.load(Ordering::Relaxed) == 0 =>
+            {
+                "paused"
+            }
+            _ => "hydrating",
+        }
+    }
+
+    /// The settings `bdev_clone_create` takes, shared by the status object
+    /// and `write_config_json` (one serializer, as SPDK's delay module).
+    fn settings(&self) -> serde_json::Map<String, Value> {
+        let v = json!({
+            "name": self.name,
+            "uuid": self.uuid.to_string(),
+            "source_bdev_name": self.source_name,
+            "dest_bdev_name": self.dest_name,
+            "metadata_bdev_name": self.md_name,
+            "region_size_kb": self.geo.region_size() / 1024,
+            "hydration_threshold": self.threshold.load(Ordering::Relaxed),
+            "hydration_batch_size": self.batch.load(Ordering::Relaxed),
+            "hydration_mbytes_per_sec": self.mbytes_per_sec.load(Ordering::Relaxed),
+            "copy_on_read": self.copy_on_read.load(Ordering::Relaxed),
+        });
+        match v {
+            Value::Object(m) => m,
+            _ => unreachable!("json! of an object"),
+        }
+    }
+
+    fn config_params(&self) -> Value {
+        let mut m = self.settings();
+        m.insert(
+            "no_hydration".into(),
+            json!(!self.hydration_enabled.load(Ordering::Relaxed)),
+        );
+        m.insert("no_discard_passdown".into(), json!(!self.discard_passdown));
+        Value::Object(m)
+    }
+
+    /// The status object of rpc-contract §2.7.
+    pub(crate) fn status(&self) -> Value {
+        let mut m = self.settings();
+        let num = self.geo.num_regions();
+        let hydrated = self.map.hydrated_count();
+        let rate = self.rate_bps.load(Ordering::Relaxed);
+        let remaining_bytes = (num - hydrated).saturating_mul(self.geo.region_size());
+        let percent = if num == 0 {
+            100.0
+        } else {
+            (hydrated as f64 * 10000.0 / num as f64).floor() / 100.0
+        };
+        let eta = if remaining_bytes == 0 {
+            json!(0)
+        } else if rate == 0 {
+            Value::Null
+        } else {
+            json!(remaining_bytes.div_ceil(rate))
+        };
+        let mode = match self.mode() {
+            MODE_RW => "rw",
+            MODE_RO => "ro",
+            _ => "fail",
+        };
+        let used = metadata::required_bytes(num).div_ceil(self.md_block_size as u64);
+        m.insert("num_regions".into(), json!(num));
+        m.insert("hydrated_regions".into(), json!(hydrated));
+        m.insert(
+            "hydrating_regions".into(),
+            json!(self.hydrating.load(Ordering::Relaxed)),
+        );
+        m.insert(
+            "hydration_enabled".into(),
+            json!(self.hydration_enabled.load(Ordering::Relaxed)),
+        );
+        m.insert("discard_passdown".into(), json!(self.discard_passdown));
+        m.insert("state".into(), json!(self.state()));
+        m.insert(
+            "progress".into(),
+            json!({"percent": percent, "bytes_per_sec": rate, "eta_sec": eta}),
+        );
+        m.insert(
+            "source_released".into(),
+            json!(self.released.load(Ordering::Acquire)),
+        );
+        m.insert(
+            "errors".into(),
+            json!({
+                "source_read": self.err_source.load(Ordering::Relaxed),
+                "dest_write": self.err_dest.load(Ordering::Relaxed),
+                "metadata": self.err_md.load(Ordering::Relaxed),
+            }),
+        );
+        m.insert(
+            "metadata".into(),
+            json!({
+                "block_size": self.md_block_size,
+                "used_blocks": used,
+                "total_blocks": self.md_num_blocks,
+                "mode": mode,
+            }),
+        );
+        m.insert("last_error".into(), json!(lock(&self.last_error).clone()));
+        Value::Object(m)
+    }
+}
+
+/// The `BdevOps` of a clone.
+pub struct CloneBdev(pub(crate) Arc<Shared>);
+
+impl BdevOps for CloneBdev {
+    fn module_name(&self) -> &'static str {
+        MODULE_NAME
+    }
+
+    fn io_type_supported(&self, t: IoType) -> bool {
+        matches!(
+            t,
+            IoType::Read
+                | IoType::Write
+                | IoType::Flush
+                | IoType::Reset
+                | IoType::Unmap
+                | IoType::WriteZeroes
+        )
+    }
+
+    fn create_channel(&self, _bdev: &Arc<Bdev>) -> Box<dyn ChannelOps> {
+        let descs = lock(&self.0.descs);
+        let dst = descs.dest.as_ref().map(|d| d.channel());
+        drop(descs);
+        Box::new(CloneChannel {
+            sh: self.0.clone(),
+            dst,
+        })
+    }
+
+    fn dump_info_json(&self, _b: &Bdev) -> Value {
+        json!({ "clone": self.0.status() })
+    }
+
+    fn write_config_json(&self, _b: &Bdev) -> Option<Value> {
+        Some(json!({"method": "bdev_clone_create", "params": self.0.config_params()}))
+    }
+
+    fn destruct(&self, _bdev: &Arc<Bdev>) -> BoxFuture {
+        let sh = self.0.clone();
+        Box::pin(async move {
+            let id = sh.id;
+            oneshot::run_on(sh.owner, move || stop_owner(id)).await;
+            let descs = std::mem::take(&mut *lock(&sh.descs));
+            drop(descs);
+            tracing::info!(clone = %sh.name, "clone bdev destroyed");
+        })
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Per-reactor channel and the hydrated fast path
+
+struct CloneChannel {
+    sh: Arc<Shared>,
+    dst: Option<IoChannel>,
+}
+
+thread_local! {
+    /// User I/O sent to an owner, by token, on the reactor that received it.
+    static PENDING: RefCell<HashMap<u64, Box<BdevIo>>> = RefCell::new(HashMap::new());
+    static NEXT_TOKEN: Cell<u64> = const { Cell::new(1) };
+    /// Owners living on this reactor, by clone id.
+    static OWNERS: RefCell<HashMap<u64, Rc<RefCell<Owner>>>> = RefCell::new(HashMap::new());
+}
+
+/// User I/O handed to the owner reactor (the `BdevIo` stays home).
+struct UserMsg {
+    clone: u64,
+    kind: IoKind,
+    offset: u64,
+    num: u64,
+    fua: bool,
+    buf: Option<DmaBuf>,
+    origin: u32,
+    token: u64,
+}
+
+impl ChannelOps for CloneChannel {
+    fn submit(&self, io: Box<BdevIo>) {
+        let sh = &self.sh;
+        let Some(dst) = &self.dst else {
+            return io.complete(IoStatus::Failed);
+        };
+        if sh.mode() == MODE_FAILED {
+            return io.complete(IoStatus::Failed);
+        }
+        let released = sh.released.load(Ordering::Acquire);
+        let kind = match io.io_type {
+            IoType::Reset => return reset(sh.clone(), dst.clone(), io),
+            IoType::Read => IoKind::Read,
+            IoType::Write => IoKind::Write,
+            IoType::WriteZeroes => IoKind::WriteZeroes,
+            IoType::Unmap => IoKind::Discard,
+            IoType::Flush => IoKind::Flush,
+        };
+        let fast = match kind {
+            IoKind::Read | IoKind::Write | IoKind::WriteZeroes => {
+                released
+                    || (!io.fua
+                        && sh
+                            .geo
+                            .regions_covering(io.offset_blocks, io.num_blocks)
+                            .is_some_and(|r| !r.is_empty() && sh.map.is_range_hydrated(r)))
+            }
+            IoKind::Flush => released,
+            IoKind::Discard => {
+                if released {
+                    return passthrough_discard(sh, dst, io);
+                }
+                false
+            }
+        };
+        if fast {
+            return forward(sh, dst, io);
+        }
+        to_owner(sh, kind, io);
+    }
+}
+
+/// Send `io` unchanged to the destination.
+fn forward(sh: &Arc<Shared>, dst: &IoChannel, mut parent: Box<BdevIo>) {
+    let buf = parent.buf.take();
+    let (t, off, num, fua) = (
+        parent.io_type,
+        parent.offset_blocks,
+        parent.num_blocks,
+        parent.fua,
+    );
+    let sh2 = sh.clone();
+    let mut child = BdevIo::new(t, off, num, buf, move |mut child| {
+        parent.buf = child.buf.take();
+        if !child.status.is_success() && t != IoType::Read {
+            sh2.err_dest.fetch_add(1, Ordering::Relaxed);
+        }
+        parent.complete(child.status);
+    });
+    child.fua = fua;
+    dst.submit(child);
+}
+
+/// After completion: whole regions of a discard go on to the destination
+/// (with passdown), as before completion.
+fn passthrough_discard(sh: &Arc<Shared>, dst: &IoChannel, mut io: Box<BdevIo>) {
+    let whole = sh.geo.whole_regions_in(io.offset_blocks, io.num_blocks);
+    match whole {
+        None => io.complete(IoStatus::Failed),
+        Some(r) if r.is_empty() || !sh.discard_passdown || !sh.dest_unmap => {
+            io.complete(IoStatus::Success)
+        }
+        Some(r) => {
+            let blocks = sh.geo.region_range_blocks(r);
+            io.offset_blocks = blocks.start;
+            io.num_blocks = blocks.end - blocks.start;
+            forward(sh, dst, io)
+        }
+    }
+}
+
+fn to_owner(sh: &Arc<Shared>, kind: IoKind, mut io: Box<BdevIo>) {
+    let token = NEXT_TOKEN.with(|t| {
+        let v = t.get();
+        t.set(v.wrapping_add(1));
+        v
+    });
+    let msg = UserMsg {
+        clone: sh.id,
+        kind,
+        offset: io.offset_blocks,
+        num: io.num_blocks,
+        fua: io.fua,
+        buf: io.buf.take(),
+        origin: reactor::current().unwrap_or(0),
+        token,
+    };
+    PENDING.with(|p| p.borrow_mut().insert(token, io));
+    if reactor::current() == Some(sh.owner) {
+        // Never re-enter the owner from inside its own callbacks.
+        reactor::defer(move || owner_receive(msg));
+    } else {
+        reactor::send(sh.owner, move || owner_receive(msg));
+    }
+}
+
+/// Back on the receiving reactor: complete the user I/O.
+fn finish_token(token: u64, status: IoStatus, buf: Option<DmaBuf>) {
+    let io = PENDING.with(|p| p.borrow_mut().remove(&token));
+    if let Some(mut io) = io {
+        io.buf = buf;
+        io.complete(status);
+    }
+}
+
+fn reply(origin: u32, token: u64, status: IoStatus, buf: Option<DmaBuf>) {
+    if reactor::current() == Some(origin) {
+        reactor::defer(move || finish_token(token, status, buf));
+    } else {
+        reactor::send(origin, move || finish_token(token, status, buf));
+    }
+}
+
+/// Reset: the destination and source are reset, and the reset completes
+/// only after every request the owner holds has finished.
+fn reset(sh: Arc<Shared>, dst: IoChannel, io: Box<BdevIo>) {
+    reactor::spawn_local(async move {
+        let id = sh.id;
+        // Pause background copies and wait for the owner to drain.
+        oneshot::run_on(sh.owner, move || owner_quiesce(id, true)).await;
+        let st = util::submit(&dst, IoType::Reset, 0, 0, None, false)
+            .await
+            .status;
+        let src = lock(&sh.descs).source.as_ref().map(|d| d.channel());
+        if let Some(src) = src {
+            if src.bdev().io_type_supported(IoType::Reset) {
+                let _ = util::submit(&src, IoType::Reset, 0, 0, None, false).await;
+            }
+        }
+        oneshot::run_on(sh.owner, move || owner_quiesce(id, false)).await;
+        io.complete(st);
+    });
+}
+
+// ---------------------------------------------------------------------------
+// The owner: router executor, hydration, commits
+
+struct OwnerReq {
+    origin: u32,
+    token: u64,
+    offset: u64,
+    num: u64,
+    buf: Option<DmaBuf>,
+}
+
+struct Owner {
+    sh: Arc<Shared>,
+    router: Option<Router>,
+    src: Option<IoChannel>,
+    dst: IoChannel,
+    md: IoChannel,
+    reqs: HashMap<ReqId, OwnerReq>,
+    next_req: ReqId,
+    out: Vec<Command>,
+    /// Reused hydration chunk buffers.
+    bufs: Vec<DmaBuf>,
+    /// Token bucket (bytes) of the hydration rate limit.
+    tokens: f64,
+    last_refill: u64,
+    fail_streak: u32,
+    backoff_until: u64,
+    /// Background work held back (delete, reset).
+    stopping: bool,
+    quiesced: bool,
+    rate_mark: (u64, u64),
+    pollers: Vec<reactor::Poller>,
+}
+
+fn owner_of(id: u64) -> Option<Rc<RefCell<Owner>>> {
+    OWNERS.with(|o| o.borrow().get(&id).cloned())
+}
+
+fn owner_receive(msg: UserMsg) {
+    let Some(rc) = owner_of(msg.clone) else {
+        return reply(msg.origin, msg.token, IoStatus::Failed, msg.buf);
+    };
+    let Ok(mut guard) = rc.try_borrow_mut() else {
+        return reactor::defer(move || owner_receive(msg));
+    };
+    if guard.router.is_none() {
+        // Completed meanwhile: the pass-through path serves it.
+        drop(guard);
+        return serve_released(&rc, msg);
+    }
+    {
+        let o = &mut *guard;
+        let Some(router) = o.router.as_mut() else {
+            return;
+        };
+        let id = o.next_req;
+        o.next_req += 1;
+        let req = Request {
+            id,
+            kind: msg.kind,
+            offset_blocks: msg.offset,
+            num_blocks: msg.num,
+            fua: msg.fua,
+        };
+        o.reqs.insert(
+            id,
+            OwnerReq {
+                origin: msg.origin,
+                token: msg.token,
+                offset: msg.offset,
+                num: msg.num,
+                buf: msg.buf,
+            },
+        );
+        if let Err(e) = router.submit(req, &mut o.out) {
+            tracing::error!(error = %e, "clone router refused a request");
+            if let Some(r) = o.reqs.remove(&id) {
+                reply(r.origin, r.token, IoStatus::Failed, r.buf);
+            }
+        }
+    }
+    drop(guard);
+    drive(&rc);
+}
+
+/// A request that reached the owner after the router was dropped.
+fn serve_released(rc: &Rc<RefCell<Owner>>, msg: UserMsg) {
+    let o = rc.borrow();
+    let dst = o.dst.clone();
+    let sh = o.sh.clone();
+    drop(o);
+    let (t, off, num) = match msg.kind {
+        IoKind::Read => (IoType::Read, msg.offset, msg.num),
+        IoKind::Write => (IoType::Write, msg.offset, msg.num),
+        IoKind::WriteZeroes => (IoType::WriteZeroes, msg.offset, msg.num),
+        IoKind::Flush => (IoType::Flush, 0, sh.geo.source_blocks()),
+        IoKind::Discard => match sh.geo.whole_regions_in(msg.offset, msg.num) {
+            Some(r) if !r.is_empty() && sh.discard_passdown && sh.dest_unmap => {
+                let b = sh.geo.region_range_blocks(r);
+                (IoType::Unmap, b.start, b.end - b.start)
+            }
+            _ => return reply(msg.origin, msg.token, IoStatus::Success, msg.buf),
+        },
+    };
+    let (origin, token) = (msg.origin, msg.token);
+    let mut child = BdevIo::new(t, off, num, msg.buf, move |mut c| {
+        reply(origin, token, c.status, c.buf.take());
+    });
+    child.fua = msg.fua;
+    dst.submit(child);
+}
+
+/// Run the router's commands until there are none, starting background
+/// work when allowed; then publish counters and check for completion.
+fn drive(rc: &Rc<RefCell<Owner>>) {
+    let Ok(mut guard) = rc.try_borrow_mut() else {
+        let rc = rc.clone();
+        return reactor::defer(move || drive(&rc));
+    };
+    let o = &mut *guard;
+    loop {
+        if o.out.is_empty() {
+            o.pump();
+            if o.out.is_empty() {
+                break;
+            }
+        }
+        let mut cmds = std::mem::take(&mut o.out);
+        for c in cmds.drain(..) {
+            exec(rc, o, c);
+        }
+        if o.out.is_empty() {
+            o.out = cmds;
+        }
+    }
+    o.publish();
+    let done = o
+        .router
+        .as_ref()
+        .is_some_and(|r| r.is_complete_and_durable() && r.is_idle());
+    if done {
+        o.release_source();
+    }
+}
+
+impl Owner {
+    fn router_and_out(&mut self) -> Option<(&mut Router, &mut Vec<Command>)> {
+        let Owner { router, out, .. } = self;
+        router.as_mut().map(|r| (r, out))
+    }
+
+    fn op_done(&mut self, op: OpId, ok: bool) {
+        if let Some((r, out)) = self.router_and_out() {
+            if let Err(e) = r.op_done(op, ok, out) {
+                tracing::error!(error = %e, "clone: stray op completion");
+            }
+        }
+    }
+
+    fn copy_done(&mut self, copy: CopyId, ok: bool) {
+        if let Some((r, out)) = self.router_and_out() {
+            if let Err(e) = r.copy_done(copy, ok, out) {
+                tracing::error!(error = %e, "clone: stray copy completion");
+            }
+        }
+    }
+
+    fn commit_done(&mut self, commit: CommitId, ok: bool) {
+        if let Some((r, out)) = self.router_and_out() {
+            if let Err(e) = r.commit_done(commit, ok, out) {
+                tracing::error!(error = %e, "clone: stray commit completion");
+            }
+        }
+    }
+
+    /// Start background copies if hydration may run now.
+    fn pump(&mut self) {
+        let sh = self.sh.clone();
+        if sh.kick.swap(false, Ordering::AcqRel) && !sh.paused.load(Ordering::Acquire) {
+            self.fail_streak = 0;
+            self.backoff_until = 0;
+        }
+        let Some(router) = self.router.as_mut() else {
+            return;
+        };
+        let enabled = sh.hydration_enabled.load(Ordering::Relaxed)
+            && !sh.paused.load(Ordering::Relaxed)
+            && !self.stopping
+            && !self.quiesced;
+        let cfg = router.config_mut();
+        cfg.hydration_enabled = enabled;
+        cfg.hydration_threshold = sh.threshold.load(Ordering::Relaxed) as u64;
+        cfg.hydration_batch_size = sh.batch.load(Ordering::Relaxed).max(1) as u64;
+        cfg.copy_on_read = sh.copy_on_read.load(Ordering::Relaxed);
+        if !enabled || sh.map.is_complete() {
+            return;
+        }
+        let now = reactor::now_ns();
+        if now < self.backoff_until {
+            return;
+        }
+        let limit = sh.mbytes_per_sec.load(Ordering::Relaxed);
+        let region = sh.geo.region_size() as f64;
+        if limit > 0 {
+            let bps = limit as f64 * 1048576.0;
+            let elapsed = now.saturating_sub(self.last_refill) as f64 / 1e9;
+            self.last_refill = now;
+            // Burst at most 50 ms worth (or one batch), so an idle spell
+            // does not let hydration overshoot the limit afterwards.
+            let batch = cfg.hydration_batch_size as f64 * region;
+            let cap = (bps * 0.05).max(batch);
+            self.tokens = (self.tokens + elapsed * bps).min(cap);
+            if self.tokens <= 0.0 {
+                return;
+            }
+        } else {
+            self.last_refill = now;
+            self.tokens = 0.0;
+        }
+        let started = router.next_background(&mut self.out);
+        if limit > 0 {
+            self.tokens -= started as f64 * region;
+        }
+    }
+
+    fn publish(&mut self) {
+        if let Some(r) = &self.router {
+            let st = r.stats();
+            self.sh
+                .hydrating
+                .store(st.regions_copying, Ordering::Relaxed);
+            self.sh.mode.store(mode_code(r.mode()), Ordering::Release);
+        } else {
+            self.sh.hydrating.store(0, Ordering::Relaxed);
+        }
+    }
+
+    fn on_timer(&mut self) {
+        let now = reactor::now_ns();
+        let bytes = self.sh.hydrated_bytes.load(Ordering::Relaxed);
+        let (t0, b0) = self.rate_mark;
+        if now > t0 {
+            let rate = (bytes - b0) as f64 * 1e9 / (now - t0) as f64;
+            self.sh.rate_bps.store(rate as u64, Ordering::Relaxed);
+        }
+        self.rate_mark = (now, bytes);
+        if let Some((r, out)) = self.router_and_out() {
+            r.on_timer(out);
+        }
+    }
+
+    fn copy_failed(&mut self, what: String) {
+        self.fail_streak += 1;
+        let shift = (self.fail_streak - 1).min(20);
+        let wait = (BACKOFF_MIN_NS << shift).min(BACKOFF_MAX_NS);
+        self.backoff_until = reactor::now_ns() + wait;
+        tracing::warn!(clone = %self.sh.name, streak = self.fail_streak, "hydration copy failed: {what}");
+        self.sh.set_last_error(what);
+        if self.fail_streak >= MAX_FAIL_STREAK && !self.sh.paused.swap(true, Ordering::AcqRel) {
+            tracing::error!(clone = %self.sh.name, "hydration paused after {} failed copies in a row", self.fail_streak);
+        }
+    }
+
+    /// Every region hydrated and committed, nothing in flight: drop the
+    /// router and the source.
+    fn release_source(&mut self) {
+        self.router = None;
+        self.src = None;
+        self.bufs.clear();
+        self.sh.released.store(true, Ordering::Release);
+        self.sh.hydrating.store(0, Ordering::Relaxed);
+        let sh = self.sh.clone();
+        tracing::info!(clone = %sh.name, "fully hydrated: releasing the source");
+        reactor::send(0, move || {
+            let d = lock(&sh.descs).source.take();
+            drop(d);
+        });
+    }
+}
+
+/// Bytes of `blocks` at block size `bs`.
+fn bytes(blocks: &Range<u64>, bs: u32) -> usize {
+    ((blocks.end - blocks.start) * bs as u64) as usize
+}
+
+fn exec(rc: &Rc<RefCell<Owner>>, o: &mut Owner, c: Command) {
+    match c {
+        Command::ReadSource { req, op, blocks } => {
+            let ch = o.src.clone();
+            exec_read(rc, o, ch, true, req, op, blocks)
+        }
+        Command::ReadDest { req, op, blocks } => {
+            let ch = Some(o.dst.clone());
+            exec_read(rc, o, ch, false, req, op, blocks)
+        }
+        Command::WriteDest {
+            req,
+            op,
+            blocks,
+            fua,
+        } => exec_write(rc, o, req, op, blocks, fua),
+        Command::WriteZeroesDest { op, blocks, .. } => {
+            let (dst, sh, weak) = (o.dst.clone(), o.sh.clone(), Rc::downgrade(rc));
+            reactor::spawn_local(async move {
+                let ok = write_zeroes(&dst, &sh, blocks).await;
+                op_finished(&weak, op, ok, true);
+            });
+        }
+        Command::DiscardDest { op, blocks, .. } => {
+            if !o.sh.dest_unmap {
+                // Advisory: the destination cannot unmap; the data of a
+                // discarded range is undefined either way.
+                return o.op_done(op, true);
+            }
+            let weak = Rc::downgrade(rc);
+            let n = blocks.end - blocks.start;
+            o.dst.unmap(blocks.start, n, move |io| {
+                op_finished(&weak, op, io.status.is_success(), true)
+            });
+        }
+        Command::FlushDest { op, .. } => {
+            let weak = Rc::downgrade(rc);
+            o.dst.flush(0, o.sh.geo.source_blocks(), move |io| {
+                op_finished(&weak, op, io.status.is_success(), false)
+            });
+        }
+        Command::StartCopy { copy, blocks, .. } => {
+            let Some(src) = o.src.clone() else {
+                return o.copy_done(copy, false);
+            };
+            let chunk = (CHUNK_BYTES / o.sh.geo.block_size() as u64).min(blocks.end - blocks.start)
+                as usize
+                * o.sh.geo.block_size() as usize;
+            let buf = match o.bufs.pop() {
+                Some(mut b) if b.capacity() >= chunk => {
+                    b.set_len(chunk);
+                    b
+                }
+                _ => DmaBuf::new(chunk),
+            };
+            let (dst, sh, weak) = (o.dst.clone(), o.sh.clone(), Rc::downgrade(rc));
+            reactor::spawn_local(async move {
+                let (res, buf) = copy_blocks(&src, &dst, &sh, blocks.clone(), buf).await;
+                let Some(rc) = weak.upgrade() else { return };
+                {
+                    let mut o = rc.borrow_mut();
+                    if o.bufs.len() < 64 {
+                        o.bufs.push(buf);
+                    }
+                    match res {
+                        Ok(()) => {
+                            o.fail_streak = 0;
+                            let n = bytes(&blocks, sh.geo.block_size()) as u64;
+                            sh.hydrated_bytes.fetch_add(n, Ordering::Relaxed);
+                            o.copy_done(copy, true);
+                        }
+                        Err(e) => {
+                            o.copy_failed(e);
+                            o.copy_done(copy, false);
+                        }
+                    }
+                }
+                drive(&rc);
+            });
+        }
+        Command::Commit { commit, units } => {
+            let (dst, md, sh, weak) =
+                (o.dst.clone(), o.md.clone(), o.sh.clone(), Rc::downgrade(rc));
+            reactor::spawn_local(async move {
+                let ok = commit_units(&dst, &md, &sh, units).await;
+                let Some(rc) = weak.upgrade() else { return };
+                rc.borrow_mut().commit_done(commit, ok);
+                drive(&rc);
+            });
+        }
+        Command::Complete { req, status } => {
+            if let Some(r) = o.reqs.remove(&req) {
+                let st = match status {
+                    Status::Success => IoStatus::Success,
+                    Status::Error(_) => IoStatus::Failed,
+                };
+                reply(r.origin, r.token, st, r.buf);
+            }
+        }
+    }
+}
+
+/// An op's completion, from an I/O callback (never inline with `exec`).
+fn op_finished(weak: &RcWeak<RefCell<Owner>>, op: OpId, ok: bool, dest_write: bool) {
+    let Some(rc) = weak.upgrade() else { return };
+    {
+        let mut o = rc.borrow_mut();
+        if !ok && dest_write {
+            o.sh.err_dest.fetch_add(1, Ordering::Relaxed);
+        }
+        o.op_done(op, ok);
+    }
+    drive(&rc);
+}
+
+fn exec_read(
+    rc: &Rc<RefCell<Owner>>,
+    o: &mut Owner,
+    ch: Option<IoChannel>,
+    from_source: bool,
+    req: ReqId,
+    op: OpId,
+    blocks: Range<u64>,
+) {
+    let bs = o.sh.geo.block_size();
+    let (Some(ch), Some(r)) = (ch, o.reqs.get_mut(&req)) else {
+        return o.op_done(op, false);
+    };
+    let len = bytes(&blocks, bs);
+    let at = ((blocks.start - r.offset) * bs as u64) as usize;
+    let whole = blocks.start == r.offset && blocks.end - blocks.start == r.num;
+    let (buf, bounce) = match (whole, r.buf.take()) {
+        (true, Some(b)) => (b, false),
+        (_, b) => {
+            r.buf = b;
+            (DmaBuf::new(len), true)
+        }
+    };
+    let weak = Rc::downgrade(rc);
+    ch.read(
+        blocks.start,
+        blocks.end - blocks.start,
+        buf,
+        move |mut io| {
+            let ok = io.status.is_success();
+            let Some(rc) = weak.upgrade() else { return };
+            {
+                let mut o = rc.borrow_mut();
+                if !ok && from_source {
+                    o.sh.err_source.fetch_add(1, Ordering::Relaxed);
+                }
+                if let (Some(buf), Some(r)) = (io.buf.take(), o.reqs.get_mut(&req)) {
+                    if !bounce {
+                        r.buf = Some(buf);
+                    } else if ok {
+                        if let Some(rb) = r.buf.as_mut() {
+                            rb.as_mut_slice()[at..at + len].copy_from_slice(&buf.as_slice()[..len]);
+                        }
+                    }
+                }
+                o.op_done(op, ok);
+            }
+            drive(&rc);
+        },
+    );
+}
+
+fn exec_write(
+    rc: &Rc<RefCell<Owner>>,
+    o: &mut Owner,
+    req: ReqId,
+    op: OpId,
+    blocks: Range<u64>,
+    fua: bool,
+) {
+    let bs = o.sh.geo.block_size();
+    let Some(r) = o.reqs.get_mut(&req) else {
+        return o.op_done(op, false);
+    };
+    let len = bytes(&blocks, bs);
+    let at = ((blocks.start - r.offset) * bs as u64) as usize;
+    let whole = blocks.start == r.offset && blocks.end - blocks.start == r.num;
+    let (buf, bounce) = match (whole, r.buf.take()) {
+        (true, Some(b)) => (b, false),
+        (_, Some(b)) => {
+            let mut nb = DmaBuf::new(len);
+            nb.as_mut_slice()
+                .copy_from_slice(&b.as_slice()[at..at + len]);
+            r.buf = Some(b);
+            (nb, true)
+        }
+        (_, None) => return o.op_done(op, false),
+    };
+    let weak = Rc::downgrade(rc);
+    let mut io = BdevIo::write(
+        blocks.start,
+        blocks.end - blocks.start,
+        buf,
+        move |mut io| {
+            let ok = io.status.is_success();
+            let Some(rc) = weak.upgrade() else { return };
+            {
+                let mut o = rc.borrow_mut();
+                if !ok {
+                    o.sh.err_dest.fetch_add(1, Ordering::Relaxed);
+                }
+                if !bounce {
+                    if let (Some(buf), Some(r)) = (io.buf.take(), o.reqs.get_mut(&req)) {
+                        r.buf = Some(buf);
+                    }
+                }
+                o.op_done(op, ok);
+            }
+            drive(&rc);
+        },
+    );
+    io.fua = fua;
+    o.dst.submit(io);
+}
+
+/// Zero `blocks` on the destination: write_zeroes when it has it, else
+/// writes of a zeroed buffer.
+async fn write_zeroes(dst: &IoChannel, sh: &Shared, blocks: Range<u64>) -> bool {
+    if sh.dest_write_zeroes {
+        return util::simple(
+            dst,
+            IoType::WriteZeroes,
+            blocks.start,
+            blocks.end - blocks.start,
+        )
+        .await
+        .is_ok();
+    }
+    let bs = sh.geo.block_size() as u64;
+    let chunk = (CHUNK_BYTES / bs).min(blocks.end - blocks.start);
+    let zero = DmaBuf::zeroed((chunk * bs) as usize);
+    let mut buf = Some(zero);
+    let mut at = blocks.start;
+    while at < blocks.end {
+        let n = chunk.min(blocks.end - at);
+        let io = util::submit(dst, IoType::Write, at, n, buf.take(), false).await;
+        if !io.status.is_success() {
+            return false;
+        }
+        let mut io = io;
+        buf = io.buf.take();
+        at += n;
+    }
+    true
+}
+
+fn is_zero(b: &[u8]) -> bool {
+    // SAFETY: u64 has no invalid bit patterns; align_to splits off the
+    // unaligned head and tail as bytes.
+    let (head, mid, tail) = unsafe { b.align_to::<u64>() };
+    head.iter().all(|&x| x == 0) && mid.iter().all(|&x| x == 0) && tail.iter().all(|&x| x == 0)
+}
+
+/// Copy `blocks` from the source to the destination in chunks through
+/// `buf`; an all-zero chunk becomes write_zeroes when the destination has
+/// it. Gives the buffer back for reuse.
+async fn copy_blocks(
+    src: &IoChannel,
+    dst: &IoChannel,
+    sh: &Shared,
+    blocks: Range<u64>,
+    buf: DmaBuf,
+) -> (Result<(), String>, DmaBuf) {
+    let bs = sh.geo.block_size() as u64;
+    let chunk = (buf.len() as u64 / bs).max(1);
+    let mut buf = Some(buf);
+    let mut at = blocks.start;
+    let fail = |what: &str, at: u64, buf: Option<DmaBuf>| {
+        (
+            Err(format!("{what} at block {at} failed")),
+            buf.unwrap_or_else(|| DmaBuf::new(0)),
+        )
+    };
+    while at < blocks.end {
+        let n = chunk.min(blocks.end - at);
+        let mut io = util::submit(src, IoType::Read, at, n, buf.take(), false).await;
+        buf = io.buf.take();
+        if !io.status.is_success() {
+            sh.err_source.fetch_add(1, Ordering::Relaxed);
+            return fail("source read", at, buf);
+        }
+        let len = (n * bs) as usize;
+        let zero =
+            sh.dest_write_zeroes && buf.as_ref().is_some_and(|b| is_zero(&b.as_slice()[..len]));
+        let mut io = if zero {
+            util::submit(dst, IoType::WriteZeroes, at, n, None, false).await
+        } else {
+            util::submit(dst, IoType::Write, at, n, buf.take(), false).await
+        };
+        if !zero {
+            buf = io.buf.take();
+        }
+        if !io.status.is_success() {
+            sh.err_dest.fetch_add(1, Ordering::Relaxed);
+            return fail("destination write", at, buf);
+        }
+        at += n;
+    }
+    (Ok(()), buf.unwrap_or_else(|| DmaBuf::new(0)))
+}
+
+/// The commit's three steps, strictly in order: flush the destination,
+/// write the units (whole metadata blocks), flush the metadata bdev.
+async fn commit_units(dst: &IoChannel, md: &IoChannel, sh: &Shared, units: Vec<UnitImage>) -> bool {
+    if util::simple(dst, IoType::Flush, 0, sh.geo.source_blocks())
+        .await
+        .is_err()
+    {
+        sh.err_dest.fetch_add(1, Ordering::Relaxed);
+        sh.set_last_error("destination flush before a metadata commit failed".into());
+        return false;
+    }
+    let mdbs = sh.md_block_size as usize;
+    let per = (mdbs / UNIT_SIZE).max(1);
+    // Runs of consecutive units, each written as one I/O.
+    let mut i = 0;
+    while i < units.len() {
+        let mut j = i + 1;
+        while j < units.len() && units[j].index == units[j - 1].index + 1 {
+            j += 1;
+        }
+        let first = units[i].index as u64;
+        let count = (j - i).div_ceil(per) * per;
+        let mut buf = DmaBuf::zeroed(count * UNIT_SIZE);
+        for (k, u) in units[i..j].iter().enumerate() {
+            let img = metadata::encode_unit_words(u.index, &u.words);
+            buf.as_mut_slice()[k * UNIT_SIZE..(k + 1) * UNIT_SIZE].copy_from_slice(&img);
+        }
+        let off = metadata::unit_offset(first) / mdbs as u64;
+        if util::write(md, off, buf, false).await.is_err() {
+            sh.err_md.fetch_add(1, Ordering::Relaxed);
+            sh.set_last_error(format!("metadata write of units {first}.. failed"));
+            return false;
+        }
+        i = j;
+    }
+    if util::simple(md, IoType::Flush, 0, sh.md_num_blocks)
+        .await
+        .is_err()
+    {
+        sh.err_md.fetch_add(1, Ordering::Relaxed);
+        sh.set_last_error("metadata flush failed".into());
+        return false;
+    }
+    true
+}
+
+/// Build the owner on this reactor (its channels, pollers).
+fn start_owner(sh: Arc<Shared>, router: Router) -> Result<(), CloneError> {
+    let descs = lock(&sh.descs);
+    let (Some(s), Some(d), Some(m)) = (&descs.source, &descs.dest, &descs.md) else {
+        return Err(CloneError::Io("base bdev gone during create".into()));
+    };
+    let (src, dst, md) = (s.channel(), d.channel(), m.channel());
+    drop(descs);
+    let now = reactor::now_ns();
+    let rc = Rc::new(RefCell::new(Owner {
+        sh: sh.clone(),
+        router: Some(router),
+        src: Some(src),
+        dst,
+        md,
+        reqs: HashMap::new(),
+        next_req: 1,
+        out: Vec::with_capacity(64),
+        bufs: Vec::new(),
+        tokens: 0.0,
+        last_refill: now,
+        fail_streak: 0,
+        backoff_until: 0,
+        stopping: false,
+        quiesced: false,
+        rate_mark: (now, 0),
+        pollers: Vec::new(),
+    }));
+    let w = Rc::downgrade(&rc);
+    let hyd = reactor::poller_register(Duration::from_millis(1), move || {
+        let Some(rc) = w.upgrade() else {
+            return reactor::PollStatus::Idle;
+        };
+        let before = rc.borrow().out.len();
+        drive(&rc);
+        let _ = before;
+        reactor::PollStatus::Idle
+    });
+    let w = Rc::downgrade(&rc);
+    let timer = reactor::poller_register(COMMIT_PERIOD, move || {
+        let Some(rc) = w.upgrade() else {
+            return reactor::PollStatus::Idle;
+        };
+        rc.borrow_mut().on_timer();
+        drive(&rc);
+        reactor::PollStatus::Busy
+    });
+    rc.borrow_mut().pollers = vec![hyd, timer];
+    OWNERS.with(|o| o.borrow_mut().insert(sh.id, rc));
+    Ok(())
+}
+
+/// Delete: stop background work, let in-flight I/O finish, make a final
+/// commit (a failure is logged, not fatal: the bases may be gone), drop
+/// the owner.
+async fn stop_owner(id: u64) {
+    let Some(rc) = owner_of(id) else { return };
+    rc.borrow_mut().stopping = true;
+    let t0 = reactor::now_ns();
+    let mut committed = false;
+    loop {
+        drive(&rc);
+        let (idle, name) = {
+            let o = rc.borrow();
+            (
+                o.router.as_ref().is_none_or(|r| r.is_idle()),
+                o.sh.name.clone(),
+            )
+        };
+        if idle {
+            if committed {
+                break;
+            }
+            committed = true;
+            let started = {
+                let mut o = rc.borrow_mut();
+                o.router_and_out().is_some_and(|(r, out)| r.on_timer(out))
+            };
+            if !started {
+                break;
+            }
+            continue;
+        }
+        if reactor::now_ns() - t0 > STOP_TIMEOUT_NS {
+            tracing::warn!(clone = %name, "delete: in-flight I/O did not finish in time");
+            break;
+        }
+        reactor::sleep(Duration::from_millis(1)).await;
+    }
+    let mode = rc.borrow().router.as_ref().map(|r| r.mode());
+    if mode == Some(MetadataMode::ReadOnly) {
+        tracing::warn!(clone = %rc.borrow().sh.name, "final metadata commit failed; recent hydration will be redone on resume");
+    }
+    OWNERS.with(|o| o.borrow_mut().remove(&id));
+    let mut o = rc.borrow_mut();
+    o.pollers.clear();
+    o.router = None;
+}
+
+/// Reset support: hold background copies back and wait for the owner to
+/// drain (`on`), or let them go again.
+async fn owner_quiesce(id: u64, on: bool) {
+    let Some(rc) = owner_of(id) else { return };
+    rc.borrow_mut().quiesced = on;
+    if !on {
+        drive(&rc);
+        return;
+    }
+    let t0 = reactor::now_ns();
+    loop {
+        drive(&rc);
+        let idle = rc
+            .borrow()
+            .router
+            .as_ref()
+            .is_none_or(|r| r.stats().copies_in_flight == 0 && r.stats().ops_in_flight == 0);
+        if idle || reactor::now_ns() - t0 > STOP_TIMEOUT_NS {
+            return;
+        }
+        reactor::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Create / delete / status / runtime tunables
+
+/// Where a base's event callback finds the clone once registered.
+type SelfRef = Arc<OnceLock<Weak<Bdev>>>;
+
+static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+static NEXT_OWNER: AtomicU32 = AtomicU32::new(0);
+
+fn clone_of(b: &Arc<Bdev>) -> Option<Arc<Shared>> {
+    b.ops_as::<CloneBdev>().map(|c| c.0.clone())
+}
+
+fn find(name: &str) -> Option<Arc<Shared>> {
+    bdev::get(name)
+        .filter(|b| b.name() == name)
+        .and_then(|b| clone_of(&b))
+}
+
+/// A base event callback: unregister the clone when a base goes away.
+/// The source's removal after completion never arrives (its descriptor is
+/// closed by then).
+fn remove_propagator(
+    role: &'static str,
+) -> (
+    Arc<OnceLock<Weak<Bdev>>>,
+    impl Fn(BdevEvent) + Send + Sync + 'static,
+) {
+    let me: Arc<OnceLock<Weak<Bdev>>> = Arc::default();
+    let me2 = me.clone();
+    let cb = move |ev: BdevEvent| {
+        if ev != BdevEvent::Remove {
+            return;
+        }
+        let Some(b) = me2.get().and_then(Weak::upgrade) else {
+            return;
+        };
+        tracing::warn!(clone = %b.name(), role, "base bdev removed; unregistering the clone");
+        reactor::spawn_on(0, move || async move { bdev::unregister_bdev(&b).await });
+    };
+    (me, cb)
+}
+
+fn open_claim(
+    name: &str,
+    ty: ClaimType,
+    role: &'static str,
+) -> Result<(Desc, SelfRef), CloneError> {
+    let (me, cb) = remove_propagator(role);
+    let mut d = bdev::open(name, false, cb).map_err(CloneError::from_bdev)?;
+    d.claim(ty, MODULE_NAME).map_err(CloneError::from_bdev)?;
+    Ok((d, me))
+}
+
+fn io_err(what: &str, st: IoStatus) -> CloneError {
+    CloneError::Io(format!("{what} failed ({})", st.name()))
+}
+
+/// Read the superblocks; format a blank device; otherwise check it and
+/// load the bitmap into `map`.
+async fn open_metadata(
+    md: &IoChannel,
+    geo: &Geometry,
+    uuid: Uuid,
+    map: &RegionMap,
+) -> Result<bool, CloneError> {
+    let mdbs = md.bdev().block_size() as u64;
+    let sb = util::read(md, 0, BITMAP_OFFSET / mdbs)
+        .await
+        .map_err(|s| io_err("metadata superblock read", s))?;
+    let fb = FORMAT_BLOCK_SIZE as usize;
+    let state = metadata::decode_superblock(&sb.as_slice()[..fb], &sb.as_slice()[fb..2 * fb])?;
+    let bitmap_bytes = metadata::required_bytes(geo.num_regions()) - BITMAP_OFFSET;
+    match state {
+        SuperState::Blank => {
+            format_metadata(md, geo, uuid, bitmap_bytes).await?;
+            Ok(true)
+        }
+        SuperState::Valid { sb, .. } => {
+            metadata::check_geometry(&sb, geo)?;
+            metadata::check_uuid(&sb, uuid)?;
+            let units_bytes = units_for(geo.num_regions()) * UNIT_SIZE as u64;
+            let total = units_bytes.div_ceil(mdbs) * mdbs;
+            let mut at = 0u64;
+            while at < total {
+                let n = MD_IO_BYTES.min(total - at);
+                let b = util::read(md, (BITMAP_OFFSET + at) / mdbs, n / mdbs)
+                    .await
+                    .map_err(|s| io_err("metadata bitmap read", s))?;
+                metadata::load_units(map, at / UNIT_SIZE as u64, b.as_slice())?;
+                at += n;
+            }
+            Ok(false)
+        }
+    }
+}
+
+async fn format_metadata(
+    md: &IoChannel,
+    geo: &Geometry,
+    uuid: Uuid,
+    bitmap_bytes: u64,
+) -> Result<(), CloneError> {
+    let mdbs = md.bdev().block_size() as u64;
+    let first = BITMAP_OFFSET / mdbs;
+    let nblocks = bitmap_bytes / mdbs;
+    // Zero the bitmap (old data may linger past blocks 0-1): one cheap
+    // write_zeroes where the bdev has it, else large zero writes.
+    if md.bdev().io_type_supported(IoType::WriteZeroes) {
+        util::simple(md, IoType::WriteZeroes, first, nblocks)
+            .await
+            .map_err(|s| io_err("metadata write_zeroes", s))?;
+    } else {
+        let chunk = (MD_IO_BYTES / mdbs).min(nblocks.max(1));
+        let mut buf = Some(DmaBuf::zeroed((chunk * mdbs) as usize));
+        let mut at = 0;
+        while at < nblocks {
+            let n = chunk.min(nblocks - at);
+            let mut io = util::submit(md, IoType::Write, first + at, n, buf.take(), false).await;
+            if !io.status.is_success() {
+                return Err(io_err("metadata zeroing", io.status));
+            }
+            buf = io.buf.take();
+            at += n;
+        }
+    }
+    let nblocks_dev = md.bdev().num_blocks();
+    util::simple(md, IoType::Flush, 0, nblocks_dev)
+        .await
+        .map_err(|s| io_err("metadata flush", s))?;
+    let sb = Superblock::new(uuid, geo);
+    let img = metadata::encode_superblock(&sb, 0);
+    let mut buf = DmaBuf::new(img.len());
+    buf.as_mut_slice().copy_from_slice(&img);
+    util::write(md, 0, buf, false)
+        .await
+        .map_err(|s| io_err("metadata superblock write", s))?;
+    util::simple(md, IoType::Flush, 0, nblocks_dev)
+        .await
+        .map_err(|s| io_err("metadata flush", s))?;
+    Ok(())
+}
+
+/// Create a clone (reactor 0). On failure nothing is left: no claim, no
+/// bdev, metadata untouched unless it was blank.
+pub async fn create(opts: CreateOpts) -> Result<Arc<Bdev>, CloneError> {
+    if opts.name.is_empty() {
+        return Err(CloneError::Invalid("clone name must not be empty".into()));
+    }
+    if bdev::get(&opts.name).is_some() {
+        return Err(CloneError::Exists(opts.name));
+    }
+    let region_size = opts.region_size_kb as u64 * 1024;
+    if !opts.region_size_kb.is_power_of_two() || !(4..=1_048_576).contains(&opts.region_size_kb) {
+        return Err(CloneError::Invalid(format!(
+            "region_size_kb {} must be a power of two from 4 to 1048576",
+            opts.region_size_kb
+        )));
+    }
+    for (what, n) in [
+        ("source", &opts.source_bdev_name),
+        ("destination", &opts.dest_bdev_name),
+        ("metadata", &opts.metadata_bdev_name),
+    ] {
+        if bdev::get(n).is_none() {
+            tracing::debug!(role = what, bdev = %n, "clone create: missing base bdev");
+            return Err(CloneError::NoSuchBdev(n.clone()));
+        }
+    }
+    let names = [
+        &opts.source_bdev_name,
+        &opts.dest_bdev_name,
+        &opts.metadata_bdev_name,
+    ];
+    if names[0] == names[1] || names[0] == names[2] || names[1] == names[2] {
+        return Err(CloneError::Invalid(
+            "source, destination and metadata must be three different bdevs".into(),
+        ));
+    }
+    let (src, src_me) = open_claim(
+        &opts.source_bdev_name,
+        ClaimType::ReadManyWriteNone,
+        "source",
+    )?;
+    let (dst, dst_me) = open_claim(
+        &opts.dest_bdev_name,
+        ClaimType::ExclusiveWrite,
+        "destination",
+    )?;
+    let (md, md_me) = open_claim(
+        &opts.metadata_bdev_name,
+        ClaimType::ExclusiveWrite,
+        "metadata",
+    )?;
+    let (sb, db, mb) = (src.bdev().clone(), dst.bdev().clone(), md.bdev().clone());
+    let geo = Geometry::new(
+        sb.num_blocks(),
+        sb.block_size(),
+        db.num_blocks(),
+        db.block_size(),
+        region_size,
+    )?;
+    let mdbs = mb.block_size();
+    if mdbs == 0
+        || !mdbs.is_power_of_two()
+        || mdbs as u64 > FORMAT_BLOCK_SIZE
+        || (mdbs as usize) < UNIT_SIZE
+    {
+        return Err(CloneError::Invalid(format!(
+            "metadata bdev block size {mdbs} is not supported (512 to 4096, a power of two)"
+        )));
+    }
+    metadata::check_size(mb.size_bytes(), geo.num_regions())?;
+    let uuid = opts
+        .uuid
+        .unwrap_or_else(|| Uuid::new_v5(&NAMESPACE_UUID, sb.uuid().as_bytes()));
+    let map = Arc::new(RegionMap::new(geo.num_regions()));
+    let md_ch = md.channel();
+    let formatted = open_metadata(&md_ch, &geo, uuid, &map).await?;
+    drop(md_ch);
+    let cfg = RouterConfig {
+        hydration_threshold: opts.hydration_threshold as u64,
+        hydration_batch_size: opts.hydration_batch_size.max(1) as u64,
+        hydration_enabled: !opts.no_hydration,
+        discard_passdown: !opts.no_discard_passdown,
+        copy_on_read: opts.copy_on_read,
+        metadata_units_per_block: metadata::units_per_block(mdbs),
+    };
+    let router = Router::new(geo, map.clone(), cfg, MetadataMode::ReadWrite)
+        .map_err(|e| CloneError::Invalid(e.to_string()))?;
+    let owner = NEXT_OWNER.fetch_add(1, Ordering::Relaxed) % reactor::num_reactors().max(1);
+    let sh = Arc::new(Shared {
+        id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+        name: opts.name.clone(),
+        source_name: sb.name().to_string(),
+        dest_name: db.name().to_string(),
+        md_name: mb.name().to_string(),
+        uuid,
+        geo,
+        map,
+        owner,
+        md_block_size: mdbs,
+        md_num_blocks: mb.num_blocks(),
+        dest_write_zeroes: db.io_type_supported(IoType::WriteZeroes),
+        dest_unmap: db.io_type_supported(IoType::Unmap),
+        discard_passdown: !opts.no_discard_passdown,
+        hydration_enabled: AtomicBool::new(!opts.no_hydration),
+        paused: AtomicBool::new(false),
+        threshold: AtomicU32::new(opts.hydration_threshold),
+        batch: AtomicU32::new(opts.hydration_batch_size.max(1)),
+        mbytes_per_sec: AtomicU64::new(opts.hydration_mbytes_per_sec),
+        copy_on_read: AtomicBool::new(opts.copy_on_read),
+        mode: AtomicU8::new(MODE_RW),
+        hydrating: AtomicU64::new(0),
+        err_source: AtomicU64::new(0),
+        err_dest: AtomicU64::new(0),
+        err_md: AtomicU64::new(0),
+        hydrated_bytes: AtomicU64::new(0),
+        rate_bps: AtomicU64::new(0),
+        released: AtomicBool::new(false),
+        last_error: Mutex::new(None),
+        descs: Mutex::new(Descs {
+            source: Some(src),
+            dest: Some(dst),
+            md: Some(md),
+        }),
+        kick: AtomicBool::new(false),
+    });
+    let sh2 = sh.clone();
+    oneshot::run_on(owner, move || async move { start_owner(sh2, router) }).await?;
+    let reg = BdevBuilder::new(opts.name.clone(), PRODUCT_NAME)
+        .block_size(geo.block_size())
+        .num_blocks(geo.source_blocks())
+        .uuid(Some(uuid))
+        .write_cache(true)
+        .required_alignment(db.required_alignment().max(sb.required_alignment()))
+        .optimal_io_boundary(0)
+        .physical_block_size(db.physical_block_size())
+        .register(CloneBdev(sh.clone()));
+    let bdev = match reg {
+        Ok(b) => b,
+        Err(e) => {
+            let id = sh.id;
+            oneshot::run_on(owner, move || stop_owner(id)).await;
+            drop(std::mem::take(&mut *lock(&sh.descs)));
+            return Err(CloneError::from_bdev(e));
+        }
+    };
+    for me in [src_me, dst_me, md_me] {
+        let _ = me.set(Arc::downgrade(&bdev));
+    }
+    tracing::info!(
+        clone = %opts.name,
+        source = %sh.source_name,
+        dest = %sh.dest_name,
+        metadata = %sh.md_name,
+        regions = geo.num_regions(),
+        hydrated = sh.map.hydrated_count(),
+        formatted,
+        owner,
+        "clone bdev created"
+    );
+    Ok(bdev)
+}
+
+/// Delete a clone (reactor 0): final commit, claims released.
+pub async fn delete(name: &str) -> Result<(), CloneError> {
+    bdev::unregister_by_name(name, MODULE_NAME)
+        .await
+        .map_err(|_| CloneError::NoSuchClone(name.to_string()))
+}
+
+/// The status object of clone `name`.
+pub fn status(name: &str) -> Option<Value> {
+    find(name).map(|s| s.status())
+}
+
+/// Status of every clone, in registration order.
+pub fn status_all() -> Vec<Value> {
+    bdev::list()
+        .iter()
+        .filter_map(clone_of)
+        .map(|s| s.status())
+        .collect()
+}
+
+/// `bdev_clone_set_hydration`.
+pub fn set_hydration(o: &HydrationOpts) -> Result<(), CloneError> {
+    if o.enable.is_none()
+        && o.hydration_threshold.is_none()
+        && o.hydration_batch_size.is_none()
+        && o.hydration_mbytes_per_sec.is_none()
+    {
+        return Err(CloneError::NoOptions);
+    }
+    let sh = find(&o.name).ok_or_else(|| CloneError::NoSuchClone(o.name.clone()))?;
+    if o.hydration_batch_size == Some(0) {
+        return Err(CloneError::Invalid(
+            "hydration_batch_size must be at least 1".into(),
+        ));
+    }
+    if let Some(t) = o.hydration_threshold {
+        sh.threshold.store(t, Ordering::Relaxed);
+    }
+    if let Some(b) = o.hydration_batch_size {
+        sh.batch.store(b, Ordering::Relaxed);
+    }
+    if let Some(m) = o.hydration_mbytes_per_sec {
+        sh.mbytes_per_sec.store(m, Ordering::Relaxed);
+    }
+    if let Some(e) = o.enable {
+        sh.hydration_enabled.store(e, Ordering::Relaxed);
+        if e {
+            // Enabling resumes hydration paused by errors.
+            sh.paused.store(false, Ordering::Release);
+            *lock(&sh.last_error) = None;
+        }
+    }
+    sh.kick.store(true, Ordering::Release);
+    tracing::info!(clone = %o.name, ?o, "clone hydration settings changed");
+    Ok(())
+}
+
+/// Test and tool access: the clone's shared map (to check hydration).
+pub fn hydrated_regions(name: &str) -> Option<(u64, u64)> {
+    find(name).map(|s| (s.map.hydrated_count(), s.geo.num_regions()))
+}
