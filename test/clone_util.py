@@ -205,7 +205,7 @@ def claimed(t, name):
 
 
 def md_writes(t, name="Md"):
-    st = t.rpc("bdev_get_iostat", name=name)
+    st = t.rpc("bdev_get_iostat", names=[name])
     bdevs = st["bdevs"] if isinstance(st, dict) else st
     assert len(bdevs) == 1, st
     return bdevs[0]["num_write_ops"]

@@ -29,7 +29,8 @@ def test_region_size_bounds(wl_factory, datadir, kb, ok):
     """4 KiB .. 1 GiB, powers of two; a 1 GiB region on a 1 GiB device works."""
     t = wl_factory()
     null(t, "Src", GIB // BS)
-    null(t, "Dst", GIB // BS)
+    dst = make_zero_file(datadir / "dst.img", GIB)    # sparse
+    t.rpc("bdev_uring_create", **uring(dst, "Dst"))
     md = make_zero_file(datadir / "md.img", 16 << 20)
     t.rpc("bdev_uring_create", **uring(md, "Md"))
     if ok:

@@ -88,7 +88,7 @@ def test_create_name_exists(tgt, stack):
     tgt.rpc("bdev_malloc_create", name="Taken", num_blocks=16, block_size=512)
     before = snapshot(tgt, stack)
     code, msg = create_err(tgt, name="Taken")
-    assert (code, msg.split(":")[0]) == EEXIST, msg
+    assert code == EEXIST[0] and "Taken" in msg, msg
     assert_nothing_left(tgt, stack, before)
     # a clone's own name too
     clone_create(tgt, no_hydration=True)
@@ -340,7 +340,16 @@ def test_create_options(tgt, stack):
     # explicit false is accepted as rpc.py sends it
     tgt.rpc("bdev_clone_delete", name="Clone0")
     clone_create(tgt, region_size_kb=16, no_hydration=False, no_discard_passdown=False,
-                 copy_on_read=False)
+                 copy_on_read=False, uuid=UUID_CLONE)
+    s = clone_status(tgt)
+    assert (s["discard_passdown"], s["copy_on_read"], s["hydration_enabled"]) == \
+        (True, False, True)
+    # the metadata now belongs to UUID_CLONE: another uuid is refused, naming both
+    tgt.rpc("bdev_clone_delete", name="Clone0")
+    md = stack.md_bytes()
+    code, msg = create_err(tgt, region_size_kb=16)
+    assert code == -22 and UUID_CLONE in msg, msg
+    assert stack.md_bytes() == md
 
 
 def test_uuid_default_stable(tgt, stack):
@@ -418,7 +427,7 @@ def test_save_config_and_resume(tgt_factory, datadir, workdir):
     create = [c for c in bdev_sub["config"] if c["method"] == "bdev_clone_create"][0]["params"]
     for base in ("Src", "Dst", "Md"):
         i = [j for j, c in enumerate(bdev_sub["config"])
-             if c["params"].get("name") == base][0]
+             if c.get("params", {}).get("name") == base][0]
         assert i < methods.index("bdev_clone_create"), "the clone must come after %s" % base
     assert create["name"] == "Clone0"
     assert create.get("hydration_threshold") == 4 and create.get("hydration_batch_size") == 2
