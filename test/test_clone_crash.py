@@ -28,10 +28,10 @@ from clone_util import (BS, UUID_CLONE, UUID_DST, UUID_MD, UUID_SRC, classify, c
                         describe, make_stamped_file, make_zero_file, scale, uring, wait_for,
                         wait_hydrated, wl_factory)  # noqa: F401
 
-BLOCKS = 1025            # 4 MiB + a block: the last region is partial
+BLOCKS = 4097            # 16 MiB + a block: the last region is partial
 REGION_KB = 8
 REGION_BLOCKS = REGION_KB * 1024 // BS
-SRC_DELAY_US = 1500      # slow source: hydration takes a few seconds
+SRC_DELAY_US = 4000      # slow source: hydration takes ~2 s at threshold 1
 ROUNDS = scale(3, 10)
 BASE_SEED = int(os.environ.get("CLONE_CRASH_SEED", "20261121"))
 
@@ -165,7 +165,8 @@ def test_kill9_workload_then_resume(tgt_factory, wl_factory, datadir, rnd):
     # 1. the workload, hosting the clone, killed -9 at a random time
     wl = wl_factory("--json", cfg, "--bdev", "Clone0", "--journal", journal_path,
                     "--seed", seed, "--region-blocks", REGION_BLOCKS,
-                    "--queue-depth", rng.choice([1, 4, 8]), rpc_server=False, wait=False)
+                    "--queue-depth", rng.choice([1, 4, 8]),
+                    "--think-us", rng.choice([300, 1000, 3000]), rpc_server=False, wait=False)
     wait_for(lambda: (journal_path.exists() and journal_path.stat().st_size > 0, None), 15,
              "the workload to start (journal %s)" % journal_path)
     time.sleep(rng.uniform(0.05, scale(1.0, 2.0)))
@@ -180,6 +181,8 @@ def test_kill9_workload_then_resume(tgt_factory, wl_factory, datadir, rnd):
     # 2. resume in clone_tgt; sometimes kill that too while it hydrates
     tgt = tgt_factory("--json", cfg)
     s = clone_status(tgt)
+    print("seed %d: %d ops journaled; resumed with %d/%d regions hydrated"
+          % (seed, len(journal.ops), s["hydrated_regions"], s["num_regions"]))
     assert s["state"] in ("hydrating", "hydrated"), s
     assert s["metadata"]["mode"] == "rw", s
     if rng.random() < 0.5:
