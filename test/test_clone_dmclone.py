@@ -4,10 +4,12 @@ feature-dm-clone: CreationTests, CommitTests, ConsistencyTests; dm-clone.md
 `clone_workload`, which hosts the target and does I/O in-process.
 """
 
+import json
 import random
 import time
 
 import pytest
+from conftest import RawConn
 from clone_util import (BS, UUID_DST, UUID_MD, UUID_SRC, classify, clone_create, clone_status,
                         describe, make_stamped_file, make_zero_file, md_required_bytes,
                         md_writes, stamp, uring, wait_for, wait_hydrated, wl_factory)  # noqa: F401
@@ -328,3 +330,112 @@ def test_partial_region_discards(wl_factory, datadir, passdown):
     st.check_source_unchanged()
     t.stop()
     st.check_image(st.dst_path.read_bytes(), "the destination file", allow_zero=may_zero)
+
+
+# ---------------------------------------------------------------------------
+# discard and overwrite racing a region's hydration (dm-clone.md §1.8: a late
+# copy must never land over data written after the region was discarded)
+
+
+def _send_all(conn, reqs):
+    conn.send("".join(json.dumps(r) for r in reqs))
+
+
+def _io_req(rid, io_type, offset, num, stamp_seq=None):
+    p = {"bdev_name": "Clone0", "io_type": io_type, "offset_blocks": offset,
+         "num_blocks": num}
+    if stamp_seq is not None:
+        p["stamp"] = stamp_seq
+    return {"jsonrpc": "2.0", "id": rid, "method": "workload_io", "params": p}
+
+
+def _replies(conn, n):
+    got = {}
+    while len(got) < n:
+        r = conn.recv(timeout=30)
+        assert "result" in r, r
+        got[r["id"]] = r
+    return got
+
+
+def test_discard_and_overwrite_during_write_hydration(wl_factory, datadir):
+    """A partial write to a cold region starts its copy (slow source); a
+    discard and a whole-region write of that region arrive meanwhile. The
+    whole-region write's blocks must never go back to the source's data."""
+    t = wl_factory()
+    st = Stack(t, datadir, blocks=256, delay_us=100_000)
+    clone_create(t, region_size_kb=16, no_hydration=True)
+    regions = list(range(0, 40, 2))
+    conn = RawConn(t.sock)
+    try:
+        # W1 (partial) then D (whole) pipelined, all regions at once
+        reqs = []
+        for r in regions:
+            reqs.append(_io_req(r * 10 + 1, "write", r * REGION, 1, stamp_seq=100 + r))
+            reqs.append(_io_req(r * 10 + 2, "unmap", r * REGION, REGION))
+        _send_all(conn, reqs)
+        # W2 (whole region) once the discards are acknowledged: the copies
+        # started by W1 are still reading the 100 ms source
+        got = {}
+        while not all(r * 10 + 2 in got for r in regions):
+            rep = conn.recv(timeout=30)
+            assert "result" in rep, rep
+            got[rep["id"]] = rep
+        in_flight = sum(1 for r in regions if r * 10 + 1 not in got)
+        print("partial writes still hydrating at overwrite time: %d of %d" % (in_flight, len(regions)))
+        _send_all(conn, [_io_req(r * 10 + 3, "write", r * REGION, REGION, stamp_seq=200 + r)
+                         for r in regions])
+        got.update(_replies(conn, 2 * len(regions) - len(got) + len(regions)))
+    finally:
+        conn.close()
+    bad = []
+    for r in regions:
+        data = t.read("Clone0", r * REGION, REGION)
+        for i in range(REGION):
+            b = r * REGION + i
+            c = classify(data[i * BS:(i + 1) * BS], b)
+            ok = {100 + r, 200 + r} if i == 0 else {200 + r}
+            if c not in ok:
+                bad.append("block %d (region %d): %s, expected seq in %s"
+                           % (b, r, describe(data[i * BS:(i + 1) * BS], b), sorted(ok)))
+    assert not bad, "(%d partial writes still hydrating when the overwrites were sent)\n%s" % (
+        in_flight, "\n".join(bad[:20]))
+    t.flush("Clone0")
+    t.stop()
+    st.check_source_unchanged()
+
+
+def test_discard_and_overwrite_during_background_hydration(wl_factory, datadir):
+    """Background hydration copying the first regions from a slow source;
+    those regions are discarded and overwritten whole meanwhile: the copy
+    must not land after the overwrite."""
+    t = wl_factory()
+    st = Stack(t, datadir, blocks=64, delay_us=150_000)
+    clone_create(t, region_size_kb=16, hydration_threshold=4, hydration_batch_size=1)
+    wait_for(lambda: ((lambda s: (s["hydrating_regions"] > 0, s))(clone_status(t))), 5,
+             "background copies in flight")
+    first = 8   # regions 0..7: the hydrator starts at region 0
+    for r in range(first):
+        t.unmap("Clone0", r * REGION, REGION)
+        st.stamp_clone(300 + r, r * REGION, REGION)
+    wait_hydrated(t, timeout=60)
+    st.check_clone()
+    t.stop()
+    st.check_image(st.dst_path.read_bytes(), "the destination file")
+    st.check_source_unchanged()
+
+
+def test_commit_on_fua(commit_stack):
+    """A FUA write that hydrates a region completes only after the commit
+    recording it; a FUA write to a hydrated region with nothing changed
+    commits nothing."""
+    st, t = commit_stack, commit_stack.t
+    before = md_writes(t)
+    t.io("write", "Clone0", 30, 1, stamp=1, fua=True)
+    st.expect[30] = 1
+    assert md_writes(t) > before, "a FUA write to a cold region returned before any commit"
+    settled = md_writes(t)
+    t.io("write", "Clone0", 30, 1, stamp=2, fua=True)
+    st.expect[30] = 2
+    assert md_writes(t) == settled, "a FUA write with nothing changed wrote metadata"
+    st.check_clone()

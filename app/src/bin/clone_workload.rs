@@ -101,7 +101,7 @@ fn hex_decode(s: &str) -> Result<Vec<u8>, String> {
         _ => Err(format!("'{}' is not a hex digit", c as char)),
     };
     let b = s.as_bytes();
-    if b.len() % 2 != 0 {
+    if !b.len().is_multiple_of(2) {
         return Err("odd number of hex digits".into());
     }
     b.chunks_exact(2)
@@ -456,7 +456,7 @@ async fn run_workload(cli: RunArgs) -> i32 {
     };
     let b = desc.bdev().clone();
     let bs = b.block_size() as usize;
-    if bs < 32 || bs % 8 != 0 {
+    if bs < 32 || !bs.is_multiple_of(8) {
         eprintln!("clone_workload: block size {bs} cannot hold a stamp");
         return 1;
     }
