@@ -125,11 +125,15 @@ def check_destination(path, journal, seed):
             if may_zero:
                 exp.append("zeroes")
             bad.append("block %d: found %s; expected %s" % (b, describe(blk, b), " or ".join(exp)))
-    assert not bad, "seed %d: %d bad blocks in the destination:\n%s" % (
+    assert not bad, "%s: %d bad blocks in the destination:\n%s" % (
         seed, len(bad), "\n".join(bad[:30]))
 
 
-def clone_config(path, d):
+def clone_config(path, d, region_kb=REGION_KB, **opts):
+    create = {"name": "Clone0", "source_bdev_name": "Src", "dest_bdev_name": "Dst",
+              "metadata_bdev_name": "Md", "region_size_kb": region_kb, "uuid": UUID_CLONE,
+              "hydration_threshold": 1, "hydration_batch_size": 1}
+    create.update(opts)
     return write_bdev_config(path, [
         ("bdev_uring_create", uring(d / "src.img", "SrcFile", UUID_SRC)),
         ("bdev_delay_create", {"base_bdev_name": "SrcFile", "name": "Src",
@@ -138,10 +142,7 @@ def clone_config(path, d):
                                "avg_write_latency": 0, "p99_write_latency": 0}),
         ("bdev_uring_create", uring(d / "dst.img", "Dst", UUID_DST)),
         ("bdev_uring_create", uring(d / "md.img", "Md", UUID_MD)),
-        ("bdev_clone_create", {"name": "Clone0", "source_bdev_name": "Src",
-                               "dest_bdev_name": "Dst", "metadata_bdev_name": "Md",
-                               "region_size_kb": REGION_KB, "uuid": UUID_CLONE,
-                               "hydration_threshold": 1, "hydration_batch_size": 1}),
+        ("bdev_clone_create", create),
     ])
 
 
@@ -159,12 +160,18 @@ def test_kill9_workload_then_resume(tgt_factory, wl_factory, datadir, rnd):
     src_image = src.read_bytes()
     make_zero_file(d / "dst.img", BLOCKS * BS)
     make_zero_file(d / "md.img", 1 << 20)
-    cfg = clone_config(d / "clone.json", d)
+    # each round its own geometry and options
+    region_kb = rng.choice([4, 8, 16])
+    opts = {"no_discard_passdown": rng.random() < 0.3, "copy_on_read": rng.random() < 0.3,
+            "hydration_threshold": rng.choice([1, 2]),
+            "hydration_batch_size": rng.choice([1, 1, 4])}
+    cfg = clone_config(d / "clone.json", d, region_kb, **opts)
     journal_path = d / "journal.txt"
+    what = "seed %d, region %d KiB, %s" % (seed, region_kb, opts)
 
     # 1. the workload, hosting the clone, killed -9 at a random time
     wl = wl_factory("--json", cfg, "--bdev", "Clone0", "--journal", journal_path,
-                    "--seed", seed, "--region-blocks", REGION_BLOCKS,
+                    "--seed", seed, "--region-blocks", region_kb * 1024 // BS,
                     "--queue-depth", rng.choice([1, 4, 8]),
                     "--think-us", rng.choice([300, 1000, 3000]), rpc_server=False, wait=False)
     wait_for(lambda: (journal_path.exists() and journal_path.stat().st_size > 0, None), 15,
@@ -173,16 +180,16 @@ def test_kill9_workload_then_resume(tgt_factory, wl_factory, datadir, rnd):
     assert wl.running(), "the workload exited by itself (%s):\n%s" % (wl.proc.poll(), wl.log())
     kill9(wl)
     journal = Journal(journal_path.read_text())
-    assert not journal.bad_reads, "seed %d: the workload read bad data:\n%s" % (
-        seed, "\n".join(journal.bad_reads[:20]))
-    assert not journal.failed, "seed %d: I/O failed:\n%s" % (seed, "\n".join(journal.failed[:20]))
+    assert not journal.bad_reads, "%s: the workload read bad data:\n%s" % (
+        what, "\n".join(journal.bad_reads[:20]))
+    assert not journal.failed, "%s: I/O failed:\n%s" % (what, "\n".join(journal.failed[:20]))
     assert len(journal.ops) > 0, "the workload did nothing before the kill:\n" + wl.log()
 
     # 2. resume in clone_tgt; sometimes kill that too while it hydrates
     tgt = tgt_factory("--json", cfg)
     s = clone_status(tgt)
-    print("seed %d: %d ops journaled; resumed with %d/%d regions hydrated"
-          % (seed, len(journal.ops), s["hydrated_regions"], s["num_regions"]))
+    print("%s: %d ops journaled; resumed with %d/%d regions hydrated"
+          % (what, len(journal.ops), s["hydrated_regions"], s["num_regions"]))
     assert s["state"] in ("hydrating", "hydrated"), s
     assert s["metadata"]["mode"] == "rw", s
     if rng.random() < 0.5:
@@ -196,8 +203,8 @@ def test_kill9_workload_then_resume(tgt_factory, wl_factory, datadir, rnd):
     tgt.stop()
 
     # 3. the model
-    check_destination(d / "dst.img", journal, seed)
-    assert src.read_bytes() == src_image, "seed %d: a write reached the source" % seed
+    check_destination(d / "dst.img", journal, what)
+    assert src.read_bytes() == src_image, "%s: a write reached the source" % what
 
 
 def test_model_check_catches_bad_blocks(wl_factory, datadir):

@@ -130,3 +130,24 @@ def test_metadata_write_error_goes_read_only(es):
     # a clean shutdown still works
     es.clear("Md")
     t.stop()
+
+
+def test_commit_flushes_destination_before_metadata(es):
+    """The durability order (docs/metadata.md "Commit"): the destination is
+    flushed before any bitmap unit is written. A failed destination flush
+    must fail the commit with no metadata write, so no region is ever
+    recorded hydrated ahead of its data."""
+    t = es.t
+    es.create(no_hydration=True)
+    t.flush("Clone0")
+    md_before = t.rpc("bdev_get_iostat", names=["EE_Md"])
+    md_before = (md_before["bdevs"] if isinstance(md_before, dict) else md_before)[0]
+    es.inject("Dst", "flush", num=1)
+    t.write_stamps("Clone0", 3, 2 * REGION, REGION)     # region 2: needs a commit
+    io_fails(t.flush, "Clone0")
+    md_after = t.rpc("bdev_get_iostat", names=["EE_Md"])
+    md_after = (md_after["bdevs"] if isinstance(md_after, dict) else md_after)[0]
+    assert md_after["num_write_ops"] == md_before["num_write_ops"], \
+        "bitmap units were written although the destination flush before them failed"
+    s = clone_status(t)
+    assert s["errors"]["metadata"] >= 1 or s["metadata"]["mode"] != "rw", s

@@ -457,3 +457,68 @@ def test_save_config_and_resume(tgt_factory, datadir, workdir):
     assert s["hydrated_regions"] == s["num_regions"] and s["state"] == "hydrated", s
     tgt3.stop()
     assert stack.dst_path.read_bytes() == stack.src_path.read_bytes()
+
+
+# ---------------------------------------------------------------------------
+# lifecycle: delete while hydrating, base removal
+
+
+def test_delete_while_hydrating_then_resume(tgt, datadir):
+    stack = Stack(tgt, datadir, delay_us=3000)
+    clone_create(tgt, hydration_threshold=2)
+    wait_for(lambda: ((lambda s: (s["hydrated_regions"] >= 16, s))(clone_status(tgt))), 30,
+             "16 regions hydrated")
+    assert tgt.rpc("bdev_clone_delete", name="Clone0") is True
+    assert "Clone0" not in tgt.bdevs()
+    for b in ("Src", "Dst", "Md"):
+        assert claimed(tgt, b) is False, b
+    # what the delete committed is what a new create finds
+    clone_create(tgt, no_hydration=True)
+    s = clone_status(tgt)
+    assert s["hydrated_regions"] >= 16, "delete lost committed regions: %s" % s
+    tgt.rpc("bdev_clone_set_hydration", name="Clone0", enable=True, hydration_threshold=32)
+    wait_hydrated(tgt, timeout=60)
+    tgt.stop()
+    assert stack.dst_path.read_bytes() == stack.src_path.read_bytes()
+
+
+@pytest.mark.parametrize("base", ["Dst", "Md"])
+def test_removing_dest_or_metadata_removes_the_clone(tgt, stack, base):
+    clone_create(tgt, no_hydration=True)
+    tgt.rpc("bdev_uring_delete", name=base)
+    wait_for(lambda: ("Clone0" not in tgt.bdevs(), sorted(tgt.bdevs())), 10,
+             "the clone to go with its %s" % base)
+    assert tgt.rpc("bdev_clone_get_bdevs") == []
+    for b in {"Src", "Dst", "Md"} - {base}:
+        assert claimed(tgt, b) is False, b
+
+
+def test_source_removal_survived_once_hydrated(tgt, datadir):
+    stack = Stack(tgt, datadir)
+    clone_create(tgt, hydration_threshold=32, hydration_batch_size=8)
+    wait_hydrated(tgt, timeout=60)
+    wait_for(lambda: ((lambda s: (s["source_released"], s))(clone_status(tgt))), 10,
+             "source_released")
+    tgt.rpc("bdev_uring_delete", name="Src")
+    assert "Clone0" in tgt.bdevs(), "a hydrated clone must survive its source's removal"
+    s = clone_status(tgt)
+    assert s["state"] == "hydrated" and s["source_released"] is True, s
+    tgt.stop()
+    assert stack.dst_path.read_bytes() == stack.src_path.read_bytes()
+
+
+def test_source_removal_while_hydrating(tgt, datadir):
+    """The clone cannot serve cold regions without its source: it goes away
+    (as a passthru does) and its metadata stays resumable."""
+    Stack(tgt, datadir, delay_us=3000)
+    clone_create(tgt)
+    wait_state(tgt, "hydrating", timeout=10)
+    tgt.rpc("bdev_delay_delete", name="Src")
+    wait_for(lambda: ("Clone0" not in tgt.bdevs(), sorted(tgt.bdevs())), 10,
+             "the clone to go with its source")
+    for b in ("Dst", "Md"):
+        assert claimed(tgt, b) is False, b
+    tgt.rpc("bdev_delay_create", base_bdev_name="SrcFile", name="Src", avg_read_latency=0,
+            p99_read_latency=0, avg_write_latency=0, p99_write_latency=0)
+    clone_create(tgt, hydration_threshold=32)
+    wait_hydrated(tgt, timeout=60)
