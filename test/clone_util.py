@@ -106,16 +106,24 @@ def md_required_bytes(num_regions):
 # processes
 
 
-class WorkloadTarget(Target):
+class MaskTarget(Target):
+    """clone_tgt on the reactors of `mask` (conftest's Target uses 0x1)."""
+
+    mask = "0x1"
+
+    @property
+    def argv(self):
+        argv = super().argv
+        return argv[:3] + [self.mask] + argv[4:]
+
+
+class WorkloadTarget(MaskTarget):
     """`clone_workload` serving JSON-RPC (plus workload_io/workload_dump) or
     running a journaled workload; same flags and framework as clone_tgt."""
 
     @property
     def argv(self):
-        argv = [str(WORKLOAD_BIN), "--interrupt-mode", "-m", "0x1", "--no-huge"]
-        if self.rpc_server:
-            argv += ["-r", str(self.sock)]
-        return argv + self.extra_args
+        return [str(WORKLOAD_BIN)] + super().argv[1:]
 
     def start(self, wait=True):
         require_binaries(WORKLOAD_BIN)
@@ -145,12 +153,15 @@ class WorkloadTarget(Target):
 
 @pytest.fixture
 def wl_factory(request, workdir):
-    """start(*extra_args, wait=True, name=None, rpc_server=True) -> WorkloadTarget"""
+    """start(*extra_args, wait=True, name=None, rpc_server=True, mask="0x1",
+    tgt=False) -> WorkloadTarget (or, with tgt=True, clone_tgt itself)"""
     started = request.node.__dict__.setdefault("_clone_targets", [])
 
-    def start(*args, wait=True, name=None, rpc_server=True):
-        t = WorkloadTarget(workdir, args=args, name=name or "wl%d" % len(started),
-                           rpc_server=rpc_server)
+    def start(*args, wait=True, name=None, rpc_server=True, mask="0x1", tgt=False):
+        cls = MaskTarget if tgt else WorkloadTarget
+        t = cls(workdir, args=args, name=name or "%s%d" % ("tgt" if tgt else "wl", len(started)),
+                rpc_server=rpc_server)
+        t.mask = mask
         started.append(t)
         return t.start(wait=wait)
 

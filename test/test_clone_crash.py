@@ -152,7 +152,7 @@ def kill9(t):
 
 
 @pytest.mark.parametrize("rnd", range(ROUNDS))
-def test_kill9_workload_then_resume(tgt_factory, wl_factory, datadir, rnd):
+def test_kill9_workload_then_resume(wl_factory, datadir, rnd):
     seed = BASE_SEED + rnd
     rng = random.Random(seed)
     d = datadir
@@ -167,13 +167,15 @@ def test_kill9_workload_then_resume(tgt_factory, wl_factory, datadir, rnd):
             "hydration_batch_size": rng.choice([1, 1, 4])}
     cfg = clone_config(d / "clone.json", d, region_kb, **opts)
     journal_path = d / "journal.txt"
-    what = "seed %d, region %d KiB, %s" % (seed, region_kb, opts)
+    mask = rng.choice(["0x1", "0x3"])
+    what = "seed %d, -m %s, region %d KiB, %s" % (seed, mask, region_kb, opts)
 
     # 1. the workload, hosting the clone, killed -9 at a random time
     wl = wl_factory("--json", cfg, "--bdev", "Clone0", "--journal", journal_path,
                     "--seed", seed, "--region-blocks", region_kb * 1024 // BS,
                     "--queue-depth", rng.choice([1, 4, 8]),
-                    "--think-us", rng.choice([300, 1000, 3000]), rpc_server=False, wait=False)
+                    "--think-us", rng.choice([300, 1000, 3000]), rpc_server=False, wait=False,
+                    mask=mask)
     wait_for(lambda: (journal_path.exists() and journal_path.stat().st_size > 0, None), 15,
              "the workload to start (journal %s)" % journal_path)
     time.sleep(rng.uniform(0.05, scale(1.0, 2.0)))
@@ -186,7 +188,7 @@ def test_kill9_workload_then_resume(tgt_factory, wl_factory, datadir, rnd):
     assert len(journal.ops) > 0, "the workload did nothing before the kill:\n" + wl.log()
 
     # 2. resume in clone_tgt; sometimes kill that too while it hydrates
-    tgt = tgt_factory("--json", cfg)
+    tgt = wl_factory("--json", cfg, tgt=True, mask=mask)
     s = clone_status(tgt)
     print("%s: %d ops journaled; resumed with %d/%d regions hydrated"
           % (what, len(journal.ops), s["hydrated_regions"], s["num_regions"]))
@@ -195,7 +197,7 @@ def test_kill9_workload_then_resume(tgt_factory, wl_factory, datadir, rnd):
     if rng.random() < 0.5:
         time.sleep(rng.uniform(0.05, 0.8))
         kill9(tgt)
-        tgt = tgt_factory("--json", cfg)
+        tgt = wl_factory("--json", cfg, tgt=True, mask=mask)
     tgt.rpc("bdev_clone_set_hydration", name="Clone0", hydration_threshold=32,
             hydration_batch_size=4)
     s = wait_hydrated(tgt, timeout=90)

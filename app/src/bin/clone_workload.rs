@@ -19,14 +19,14 @@
 //! number, 24..32 and every following 8-byte word `mix(seq, block)`.
 //! `test/clone_util.py` builds and checks the same bytes.
 
-use std::cell::RefCell;
 use std::collections::HashMap;
 use std::fs::File;
 use std::future::Future;
 use std::io::Write;
 use std::path::PathBuf;
 use std::pin::Pin;
-use std::rc::Rc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use bdev::{util, IoStatus, IoType};
@@ -252,6 +252,8 @@ fn register_methods() {
 #[command(
     name = "clone_workload",
     version,
+    // getopt semantics, as SPDK: a repeated flag takes the last value.
+    args_override_self = true,
     about = "clone_tgt plus an in-process I/O client: a journaled random workload (--bdev) \
              or the workload_io / workload_dump RPCs (-r)"
 )]
@@ -377,9 +379,17 @@ fn pick_op(rng: &mut Rng, s: &Spec) -> Op {
     }
 }
 
-async fn run_one(ch: &bdev::IoChannel, spec: &Spec, st: &Rc<RefCell<State>>) -> bool {
+/// The workload's shared state. A test client, not the target: a mutex
+/// across its reactors is fine here.
+type Shared = Arc<Mutex<State>>;
+
+fn lock(st: &Shared) -> MutexGuard<'_, State> {
+    st.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+async fn run_one(ch: &bdev::IoChannel, spec: &Spec, st: &Shared) -> bool {
     let (seq, op) = {
-        let mut g = st.borrow_mut();
+        let mut g = lock(st);
         if spec.ops != 0 && g.submitted >= spec.ops {
             return false;
         }
@@ -414,7 +424,7 @@ async fn run_one(ch: &bdev::IoChannel, spec: &Spec, st: &Rc<RefCell<State>>) -> 
         Op::Read { off, n } => match util::read(ch, off, n).await {
             Err(s) => Some(s),
             Ok(buf) => {
-                let mut g = st.borrow_mut();
+                let mut g = lock(st);
                 for (i, blk) in buf.as_slice().chunks_exact(spec.bs).enumerate() {
                     let b = off + i as u64;
                     let ok = match classify(blk, b) {
@@ -435,7 +445,7 @@ async fn run_one(ch: &bdev::IoChannel, spec: &Spec, st: &Rc<RefCell<State>>) -> 
         },
     };
     {
-        let mut g = st.borrow_mut();
+        let mut g = lock(st);
         let s = status.map_or("ok", |s| s.name());
         g.journal.line(format!("A {seq} {s}\n"));
         g.done += 1;
@@ -471,7 +481,7 @@ async fn run_workload(cli: RunArgs) -> i32 {
             return 1;
         }
     };
-    let spec = Rc::new(Spec {
+    let spec = Arc::new(Spec {
         num_blocks: b.num_blocks(),
         bs,
         region_blocks: cli.region_blocks,
@@ -479,7 +489,7 @@ async fn run_workload(cli: RunArgs) -> i32 {
         ops: cli.ops,
         think_us: cli.think_us,
     });
-    let st = Rc::new(RefCell::new(State {
+    let st = Arc::new(Mutex::new(State {
         rng: Rng(cli.seed),
         next_seq: 0,
         journal,
@@ -489,25 +499,42 @@ async fn run_workload(cli: RunArgs) -> i32 {
         done: 0,
         submitted: 0,
     }));
-    st.borrow_mut().journal.line(format!(
+    lock(&st).journal.line(format!(
         "H bdev {} blocks {} block_size {bs} seed {}\n",
         cli.bdev,
         b.num_blocks(),
         cli.seed
     ));
-    let desc = Rc::new(desc);
-    let mut workers = Vec::new();
-    for _ in 0..cli.queue_depth.max(1) {
-        let (spec, st, desc) = (spec.clone(), st.clone(), desc.clone());
-        workers.push(reactor::spawn_local(async move {
-            let ch = desc.channel();
-            while !app::shutdown_requested() && run_one(&ch, &spec, &st).await {}
-        }));
+    drop(desc);
+    // Workers spread over every reactor (worker i on reactor i mod n), each
+    // with its own descriptor, opened here and closed here (as bdevperf).
+    let nr = reactor::num_reactors().max(1);
+    let running = Arc::new(AtomicUsize::new(cli.queue_depth.max(1) as usize));
+    for i in 0..cli.queue_depth.max(1) {
+        let desc = match bdev::open(&cli.bdev, true, |_| {}) {
+            Ok(d) => d,
+            Err(e) => {
+                eprintln!("clone_workload: cannot open {}: {e}", cli.bdev);
+                return 1;
+            }
+        };
+        let (spec, st, running) = (spec.clone(), st.clone(), running.clone());
+        reactor::send(i % nr, move || {
+            reactor::spawn_local(async move {
+                let ch = desc.channel();
+                while !app::shutdown_requested() && run_one(&ch, &spec, &st).await {}
+                drop(ch);
+                reactor::send(0, move || drop(desc));
+                running.fetch_sub(1, Ordering::AcqRel);
+            });
+        });
     }
-    for w in workers {
-        w.await;
+    while running.load(Ordering::Acquire) > 0 {
+        reactor::sleep(Duration::from_millis(5)).await;
     }
-    let g = st.borrow();
+    // let the descriptors' closes (sent to this reactor) run first
+    reactor::sleep(Duration::from_millis(5)).await;
+    let g = lock(&st);
     println!(
         "clone_workload: {} operations acknowledged, {} bad blocks read",
         g.done, g.bad
