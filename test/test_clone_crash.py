@@ -189,6 +189,7 @@ def test_kill9_workload_then_resume(wl_factory, datadir, rnd):
 
     # 2. resume in clone_tgt; sometimes kill that too while it hydrates
     tgt = wl_factory("--json", cfg, tgt=True, mask=mask)
+    tgt.rpc("framework_wait_init")      # the socket serves before --json is loaded
     s = clone_status(tgt)
     print("%s: %d ops journaled; resumed with %d/%d regions hydrated"
           % (what, len(journal.ops), s["hydrated_regions"], s["num_regions"]))
@@ -198,6 +199,7 @@ def test_kill9_workload_then_resume(wl_factory, datadir, rnd):
         time.sleep(rng.uniform(0.05, 0.8))
         kill9(tgt)
         tgt = wl_factory("--json", cfg, tgt=True, mask=mask)
+        tgt.rpc("framework_wait_init")
     tgt.rpc("bdev_clone_set_hydration", name="Clone0", hydration_threshold=32,
             hydration_batch_size=4)
     s = wait_hydrated(tgt, timeout=90)

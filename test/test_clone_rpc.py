@@ -435,6 +435,7 @@ def test_save_config_and_resume(tgt_factory, datadir, workdir):
 
     # resume from the saved config
     tgt2 = tgt_factory("--json", cfg_path)
+    tgt2.rpc("framework_wait_init")
     s = clone_status(tgt2)
     check_status(s)
     assert s["uuid"] == saved["uuid"]
@@ -453,6 +454,7 @@ def test_save_config_and_resume(tgt_factory, datadir, workdir):
 
     # hydrated stays hydrated across another restart; the data is the source's
     tgt3 = tgt_factory("--json", cfg_path)
+    tgt3.rpc("framework_wait_init")
     s = clone_status(tgt3)
     assert s["hydrated_regions"] == s["num_regions"] and s["state"] == "hydrated", s
     tgt3.stop()
