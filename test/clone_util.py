@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
+from spdk.rpc.client import JSONRPCException
 from conftest import BIN_DIR, SMALL, Target, require_binaries
 
 WORKLOAD_BIN = BIN_DIR / "clone_workload"
@@ -195,6 +196,20 @@ def wait_for(pred, timeout, what, interval=0.05):
         time.sleep(interval)
     raise AssertionError("timed out after %.0f s waiting for %s; last seen: %s"
                          % (timeout, what, json.dumps(last, indent=1)[:3000]))
+
+
+def wait_clone(t, name="Clone0", timeout=15):
+    """The clone's status once it exists. clone_tgt serves RPCs while its
+    --json config is still loading, and framework_wait_init returns before
+    the config's bdev methods have run, so poll."""
+    def pred():
+        try:
+            return True, clone_status(t, name)
+        except JSONRPCException as e:
+            if "response:\n" not in e.message or '"code": -19' not in e.message:
+                raise
+            return False, e.message
+    return wait_for(pred, timeout, "clone %s to be created from the --json config" % name)
 
 
 def wait_state(t, state, name="Clone0", timeout=60):

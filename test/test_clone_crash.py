@@ -24,8 +24,8 @@ import time
 import pytest
 from conftest import write_bdev_config
 from clone_util import stamp as stamps_of  # noqa: E402
-from clone_util import (BS, UUID_CLONE, UUID_DST, UUID_MD, UUID_SRC, classify, clone_status,
-                        describe, make_stamped_file, make_zero_file, scale, uring, wait_for,
+from clone_util import (BS, UUID_CLONE, UUID_DST, UUID_MD, UUID_SRC, classify, describe,
+                        make_stamped_file, make_zero_file, scale, uring, wait_clone, wait_for,
                         wait_hydrated, wl_factory)  # noqa: F401
 
 BLOCKS = 4097            # 16 MiB + a block: the last region is partial
@@ -189,8 +189,7 @@ def test_kill9_workload_then_resume(wl_factory, datadir, rnd):
 
     # 2. resume in clone_tgt; sometimes kill that too while it hydrates
     tgt = wl_factory("--json", cfg, tgt=True, mask=mask)
-    tgt.rpc("framework_wait_init")      # the socket serves before --json is loaded
-    s = clone_status(tgt)
+    s = wait_clone(tgt)
     print("%s: %d ops journaled; resumed with %d/%d regions hydrated"
           % (what, len(journal.ops), s["hydrated_regions"], s["num_regions"]))
     assert s["state"] in ("hydrating", "hydrated"), s
@@ -199,7 +198,7 @@ def test_kill9_workload_then_resume(wl_factory, datadir, rnd):
         time.sleep(rng.uniform(0.05, 0.8))
         kill9(tgt)
         tgt = wl_factory("--json", cfg, tgt=True, mask=mask)
-        tgt.rpc("framework_wait_init")
+        wait_clone(tgt)
     tgt.rpc("bdev_clone_set_hydration", name="Clone0", hydration_threshold=32,
             hydration_batch_size=4)
     s = wait_hydrated(tgt, timeout=90)

@@ -12,7 +12,8 @@ import pytest
 from conftest import EEXIST, ENODEV, RawConn
 from clone_util import (BS, STATES, STATUS_FIELDS, UUID_CLONE, UUID_DST, UUID_MD, UUID_SRC,
                         claimed, clone_create, clone_status, make_stamped_file, make_zero_file,
-                        md_required_bytes, uring, wait_for, wait_hydrated, wait_state)
+                        md_required_bytes, uring, wait_clone, wait_for, wait_hydrated,
+                        wait_state)
 
 SRC_BLOCKS = 2048           # 8 MiB of 4 KiB blocks
 MD_BYTES = 1 << 20
@@ -435,8 +436,7 @@ def test_save_config_and_resume(tgt_factory, datadir, workdir):
 
     # resume from the saved config
     tgt2 = tgt_factory("--json", cfg_path)
-    tgt2.rpc("framework_wait_init")
-    s = clone_status(tgt2)
+    s = wait_clone(tgt2)
     check_status(s)
     assert s["uuid"] == saved["uuid"]
     assert s["hydrated_regions"] >= saved["hydrated_regions"], \
@@ -454,8 +454,7 @@ def test_save_config_and_resume(tgt_factory, datadir, workdir):
 
     # hydrated stays hydrated across another restart; the data is the source's
     tgt3 = tgt_factory("--json", cfg_path)
-    tgt3.rpc("framework_wait_init")
-    s = clone_status(tgt3)
+    s = wait_clone(tgt3)
     assert s["hydrated_regions"] == s["num_regions"] and s["state"] == "hydrated", s
     tgt3.stop()
     assert stack.dst_path.read_bytes() == stack.src_path.read_bytes()
