@@ -13,7 +13,8 @@ mod error;
 pub mod geometry;
 pub mod metadata;
 pub mod module;
-mod oneshot;
+#[doc(hidden)]
+pub mod oneshot;
 pub mod region_map;
 pub mod router;
 pub mod rpc;
@@ -22,8 +23,8 @@ pub use error::CloneError;
 pub use geometry::{Geometry, GeometryError};
 pub use metadata::{MetadataError, SuperState, Superblock};
 pub use module::{
-    create, delete, hydrated_regions, set_hydration, status, status_all, CloneBdev, CreateOpts,
-    HydrationOpts, MODULE_NAME,
+    create, delete, hydrated_regions, region_hydrated, set_hydration, status, status_all,
+    CloneBdev, CreateOpts, HydrationOpts, MODULE_NAME,
 };
 pub use region_map::RegionMap;
 pub use router::{

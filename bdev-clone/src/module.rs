@@ -57,6 +57,8 @@ const BACKOFF_MIN_NS: u64 = 10_000_000;
 const BACKOFF_MAX_NS: u64 = 1_000_000_000;
 /// Consecutive failed copies after which hydration pauses.
 const MAX_FAIL_STREAK: u32 = 8;
+/// Hydration poller period (rate-limit refill, back-off expiry).
+const HYDRATION_POLL: Duration = Duration::from_millis(2);
 /// Periodic commit.
 const COMMIT_PERIOD: Duration = Duration::from_secs(1);
 /// How long delete waits for in-flight work before giving up on it.
@@ -159,7 +161,13 @@ pub(crate) struct Shared {
     uuid: Uuid,
     geo: Geometry,
     map: Arc<RegionMap>,
-    owner: u32,
+    /// The committer's reactor (also an owner).
+    home: u32,
+    /// Owner reactors; region r belongs to `owners[(r / stripe) % len]`.
+    owners: Vec<u32>,
+    stripe_regions: u64,
+    /// Commit rounds in flight (the routers' view of the committer).
+    commits_in_flight: Arc<AtomicU64>,
     md_block_size: u32,
     md_num_blocks: u64,
     dest_write_zeroes: bool,
@@ -173,7 +181,8 @@ pub(crate) struct Shared {
     mbytes_per_sec: AtomicU64,
     copy_on_read: AtomicBool,
     mode: AtomicU8,
-    hydrating: AtomicU64,
+    /// Regions being copied, per owner.
+    hydrating: Vec<AtomicU64>,
     err_source: AtomicU64,
     err_dest: AtomicU64,
     err_md: AtomicU64,
@@ -195,6 +204,11 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 impl Shared {
     fn mode(&self) -> u8 {
         self.mode.load(Ordering::Acquire)
+    }
+
+    /// The owner index of region `r`.
+    fn owner_index(&self, r: u64) -> usize {
+        ((r / self.stripe_regions) % self.owners.len() as u64) as usize
     }
 
     fn set_last_error(&self, e: String) {
@@ -276,7 +290,11 @@ impl Shared {
         m.insert("hydrated_regions".into(), json!(hydrated));
         m.insert(
             "hydrating_regions".into(),
-            json!(self.hydrating.load(Ordering::Relaxed)),
+            json!(self
+                .hydrating
+                .iter()
+                .map(|h| h.load(Ordering::Relaxed))
+                .sum::<u64>()),
         );
         m.insert(
             "hydration_enabled".into(),
@@ -355,8 +373,7 @@ impl BdevOps for CloneBdev {
     fn destruct(&self, _bdev: &Arc<Bdev>) -> BoxFuture {
         let sh = self.0.clone();
         Box::pin(async move {
-            let id = sh.id;
-            oneshot::run_on(sh.owner, move || stop_owner(id)).await;
+            stop_all(&sh).await;
             let descs = std::mem::take(&mut *lock(&sh.descs));
             drop(descs);
             tracing::info!(clone = %sh.name, "clone bdev destroyed");
@@ -373,14 +390,25 @@ struct CloneChannel {
 }
 
 thread_local! {
-    /// User I/O sent to an owner, by token, on the reactor that received it.
-    static PENDING: RefCell<HashMap<u64, Box<BdevIo>>> = RefCell::new(HashMap::new());
+    /// User I/O sent to owners, by token, on the reactor that received it.
+    static PENDING: RefCell<HashMap<u64, Pending>> = RefCell::new(HashMap::new());
     static NEXT_TOKEN: Cell<u64> = const { Cell::new(1) };
     /// Owners living on this reactor, by clone id.
     static OWNERS: RefCell<HashMap<u64, Rc<RefCell<Owner>>>> = RefCell::new(HashMap::new());
 }
 
-/// User I/O handed to the owner reactor (the `BdevIo` stays home).
+/// A user I/O whose parts are with owners.
+struct Pending {
+    io: Box<BdevIo>,
+    /// Parts not yet answered.
+    left: u32,
+    status: IoStatus,
+    /// The parts carry copies of the buffer (the I/O spans owners).
+    split: bool,
+}
+
+/// (Part of) a user I/O handed to its owner reactor (the `BdevIo` stays
+/// on the reactor that received it).
 struct UserMsg {
     clone: u64,
     kind: IoKind,
@@ -390,6 +418,22 @@ struct UserMsg {
     buf: Option<DmaBuf>,
     origin: u32,
     token: u64,
+}
+
+impl UserMsg {
+    fn part(&self) -> Part {
+        Part {
+            token: self.token,
+            offset: self.offset,
+        }
+    }
+}
+
+/// Which part of which user I/O an answer is for.
+#[derive(Clone, Copy)]
+struct Part {
+    token: u64,
+    offset: u64,
 }
 
 impl ChannelOps for CloneChannel {
@@ -479,40 +523,145 @@ fn to_owner(sh: &Arc<Shared>, kind: IoKind, mut io: Box<BdevIo>) {
         t.set(v.wrapping_add(1));
         v
     });
-    let msg = UserMsg {
-        clone: sh.id,
-        kind,
-        offset: io.offset_blocks,
-        num: io.num_blocks,
-        fua: io.fua,
-        buf: io.buf.take(),
-        origin: reactor::current().unwrap_or(0),
-        token,
+    let origin = reactor::current().unwrap_or(0);
+    let fua = io.fua;
+    if kind == IoKind::Flush {
+        // Flushes go to the committer: a commit round started after this
+        // flush arrived (destination flush only when nothing changed).
+        PENDING.with(|p| {
+            p.borrow_mut().insert(
+                token,
+                Pending {
+                    io,
+                    left: 1,
+                    status: IoStatus::Success,
+                    split: false,
+                },
+            )
+        });
+        let id = sh.id;
+        return send_to(sh.home, move || committer_flush(id, origin, token));
+    }
+    let (off, num) = (io.offset_blocks, io.num_blocks);
+    let Some(regions) = sh.geo.regions_covering(off, num).filter(|r| !r.is_empty()) else {
+        return io.complete(IoStatus::Failed);
     };
-    PENDING.with(|p| p.borrow_mut().insert(token, io));
-    if reactor::current() == Some(sh.owner) {
-        // Never re-enter the owner from inside its own callbacks.
-        reactor::defer(move || owner_receive(msg));
+    let stripe = sh.stripe_regions;
+    let single = sh.owners.len() == 1 || regions.start / stripe == (regions.end - 1) / stripe;
+    // Parts: one per stripe the request touches (each has one owner).
+    let mut parts: Vec<(usize, u64, u64)> = Vec::new();
+    if single {
+        parts.push((sh.owner_index(regions.start), off, num));
     } else {
-        reactor::send(sh.owner, move || owner_receive(msg));
+        let mut r = regions.start;
+        while r < regions.end {
+            let end_r = ((r / stripe + 1) * stripe).min(regions.end);
+            let b = sh.geo.region_range_blocks(r..end_r);
+            let (s0, e0) = (b.start.max(off), b.end.min(off + num));
+            parts.push((sh.owner_index(r), s0, e0 - s0));
+            r = end_r;
+        }
+    }
+    let bs = sh.geo.block_size() as u64;
+    let whole = io.buf.take();
+    let mut msgs = Vec::with_capacity(parts.len());
+    for &(oi, po, pn) in &parts {
+        let buf = match (&whole, kind) {
+            (Some(_), _) if single => None,
+            (Some(w), IoKind::Write) => {
+                let at = ((po - off) * bs) as usize;
+                let len = (pn * bs) as usize;
+                let mut b = DmaBuf::new(len);
+                b.as_mut_slice()
+                    .copy_from_slice(&w.as_slice()[at..at + len]);
+                Some(b)
+            }
+            (Some(_), IoKind::Read) => Some(DmaBuf::new((pn * bs) as usize)),
+            _ => None,
+        };
+        msgs.push((
+            sh.owners[oi],
+            UserMsg {
+                clone: sh.id,
+                kind,
+                offset: po,
+                num: pn,
+                fua,
+                buf,
+                origin,
+                token,
+            },
+        ));
+    }
+    let mut whole = whole;
+    if single {
+        if let Some((_, m)) = msgs.first_mut() {
+            m.buf = whole.take();
+        }
+    }
+    io.buf = whole;
+    PENDING.with(|p| {
+        p.borrow_mut().insert(
+            token,
+            Pending {
+                io,
+                left: msgs.len() as u32,
+                status: IoStatus::Success,
+                split: !single,
+            },
+        )
+    });
+    for (r, m) in msgs {
+        send_to(r, move || owner_receive(m));
     }
 }
 
-/// Back on the receiving reactor: complete the user I/O.
-fn finish_token(token: u64, status: IoStatus, buf: Option<DmaBuf>) {
-    let io = PENDING.with(|p| p.borrow_mut().remove(&token));
-    if let Some(mut io) = io {
-        io.buf = buf;
-        io.complete(status);
+/// Run `f` on reactor `r`: by message, or deferred when `r` is this
+/// reactor (never re-entering the caller).
+fn send_to(r: u32, f: impl FnOnce() + Send + 'static) {
+    if reactor::current() == Some(r) {
+        reactor::defer(f);
+    } else {
+        reactor::send(r, f);
     }
 }
 
-fn reply(origin: u32, token: u64, status: IoStatus, buf: Option<DmaBuf>) {
-    if reactor::current() == Some(origin) {
-        reactor::defer(move || finish_token(token, status, buf));
-    } else {
-        reactor::send(origin, move || finish_token(token, status, buf));
+/// Back on the receiving reactor: one part is done; complete the user I/O
+/// after the last.
+fn finish_part(p: Part, status: IoStatus, buf: Option<DmaBuf>) {
+    let done = PENDING.with(|pend| {
+        let mut pend = pend.borrow_mut();
+        let e = pend.get_mut(&p.token)?;
+        if e.split {
+            let bs = e.io.bdev().map_or(512, |b| b.block_size()) as u64;
+            let (t, first) = (e.io.io_type, e.io.offset_blocks);
+            if let (Some(b), Some(dst)) = (buf, e.io.buf.as_mut()) {
+                if t == IoType::Read && status.is_success() {
+                    let at = ((p.offset - first) * bs) as usize;
+                    let len = b.len().min(dst.len() - at);
+                    dst.as_mut_slice()[at..at + len].copy_from_slice(&b.as_slice()[..len]);
+                }
+            }
+        } else if buf.is_some() {
+            e.io.buf = buf;
+        }
+        if !status.is_success() {
+            e.status = status;
+        }
+        e.left -= 1;
+        if e.left == 0 {
+            pend.remove(&p.token)
+        } else {
+            None
+        }
+    });
+    if let Some(e) = done {
+        e.io.complete(e.status);
     }
+}
+
+fn reply(origin: u32, part: Part, status: IoStatus, buf: Option<DmaBuf>) {
+    send_to(origin, move || finish_part(part, status, buf));
 }
 
 /// Reset: the destination and source are reset, and the reset completes
@@ -520,8 +669,10 @@ fn reply(origin: u32, token: u64, status: IoStatus, buf: Option<DmaBuf>) {
 fn reset(sh: Arc<Shared>, dst: IoChannel, io: Box<BdevIo>) {
     reactor::spawn_local(async move {
         let id = sh.id;
-        // Pause background copies and wait for the owner to drain.
-        oneshot::run_on(sh.owner, move || owner_quiesce(id, true)).await;
+        // Pause background copies and wait for every owner to drain.
+        for &r in &sh.owners {
+            oneshot::run_on(r, move || owner_quiesce(id, true)).await;
+        }
         let st = util::submit(&dst, IoType::Reset, 0, 0, None, false)
             .await
             .status;
@@ -531,7 +682,9 @@ fn reset(sh: Arc<Shared>, dst: IoChannel, io: Box<BdevIo>) {
                 let _ = util::submit(&src, IoType::Reset, 0, 0, None, false).await;
             }
         }
-        oneshot::run_on(sh.owner, move || owner_quiesce(id, false)).await;
+        for &r in &sh.owners {
+            oneshot::run_on(r, move || owner_quiesce(id, false)).await;
+        }
         io.complete(st);
     });
 }
@@ -547,8 +700,40 @@ struct OwnerReq {
     buf: Option<DmaBuf>,
 }
 
+impl OwnerReq {
+    fn part(&self) -> Part {
+        Part {
+            token: self.token,
+            offset: self.offset,
+        }
+    }
+}
+
+/// Who waits for a commit round.
+enum Waiter {
+    /// A router's `Commit` (its owner reactor and commit id).
+    Router { reactor: u32, commit: CommitId },
+    /// A user flush.
+    Flush { origin: u32, token: u64 },
+}
+
+/// One per clone, on its home reactor: serialises commits. A round
+/// snapshots the dirty units, flushes the destination, writes the units and
+/// flushes the metadata; requests arriving during a round wait for the
+/// next one (their bits may have missed the snapshot).
+#[derive(Default)]
+struct Committer {
+    in_flight: bool,
+    current: Vec<Waiter>,
+    next: Vec<Waiter>,
+    releasing: bool,
+}
+
 struct Owner {
     sh: Arc<Shared>,
+    /// Index in `Shared::owners`.
+    idx: usize,
+    committer: Option<Committer>,
     router: Option<Router>,
     src: Option<IoChannel>,
     dst: IoChannel,
@@ -576,7 +761,7 @@ fn owner_of(id: u64) -> Option<Rc<RefCell<Owner>>> {
 
 fn owner_receive(msg: UserMsg) {
     let Some(rc) = owner_of(msg.clone) else {
-        return reply(msg.origin, msg.token, IoStatus::Failed, msg.buf);
+        return reply(msg.origin, msg.part(), IoStatus::Failed, msg.buf);
     };
     let Ok(mut guard) = rc.try_borrow_mut() else {
         return reactor::defer(move || owner_receive(msg));
@@ -613,7 +798,7 @@ fn owner_receive(msg: UserMsg) {
         if let Err(e) = router.submit(req, &mut o.out) {
             tracing::error!(error = %e, "clone router refused a request");
             if let Some(r) = o.reqs.remove(&id) {
-                reply(r.origin, r.token, IoStatus::Failed, r.buf);
+                reply(r.origin, r.part(), IoStatus::Failed, r.buf);
             }
         }
     }
@@ -637,12 +822,12 @@ fn serve_released(rc: &Rc<RefCell<Owner>>, msg: UserMsg) {
                 let b = sh.geo.region_range_blocks(r);
                 (IoType::Unmap, b.start, b.end - b.start)
             }
-            _ => return reply(msg.origin, msg.token, IoStatus::Success, msg.buf),
+            _ => return reply(msg.origin, msg.part(), IoStatus::Success, msg.buf),
         },
     };
-    let (origin, token) = (msg.origin, msg.token);
+    let (origin, part) = (msg.origin, msg.part());
     let mut child = BdevIo::new(t, off, num, msg.buf, move |mut c| {
-        reply(origin, token, c.status, c.buf.take());
+        reply(origin, part, c.status, c.buf.take());
     });
     child.fua = msg.fua;
     dst.submit(child);
@@ -672,12 +857,18 @@ fn drive(rc: &Rc<RefCell<Owner>>) {
         }
     }
     o.publish();
-    let done = o
-        .router
-        .as_ref()
-        .is_some_and(|r| r.is_complete_and_durable() && r.is_idle());
-    if done {
-        o.release_source();
+    if let Some(c) = o.committer.as_mut() {
+        let sh = &o.sh;
+        if !c.releasing
+            && !c.in_flight
+            && sh.map.is_complete()
+            && !sh.map.has_dirty()
+            && sh.mode() == MODE_RW
+        {
+            c.releasing = true;
+            let sh = sh.clone();
+            reactor::spawn_local(release_all(sh));
+        }
     }
 }
 
@@ -722,6 +913,7 @@ impl Owner {
             return;
         };
         let enabled = sh.hydration_enabled.load(Ordering::Relaxed)
+            && sh.mode() == MODE_RW
             && !sh.paused.load(Ordering::Relaxed)
             && !self.stopping
             && !self.quiesced;
@@ -740,7 +932,8 @@ impl Owner {
         let limit = sh.mbytes_per_sec.load(Ordering::Relaxed);
         let region = sh.geo.region_size() as f64;
         if limit > 0 {
-            let bps = limit as f64 * 1048576.0;
+            // Each owner gets an equal share of the clone's limit.
+            let bps = limit as f64 * 1048576.0 / sh.owners.len() as f64;
             let elapsed = now.saturating_sub(self.last_refill) as f64 / 1e9;
             self.last_refill = now;
             // Burst at most 50 ms worth (or one batch), so an idle spell
@@ -762,14 +955,15 @@ impl Owner {
     }
 
     fn publish(&mut self) {
+        let slot = &self.sh.hydrating[self.idx];
         if let Some(r) = &self.router {
-            let st = r.stats();
+            slot.store(r.stats().regions_copying, Ordering::Relaxed);
+            // Modes only get worse; the worst owner's is the clone's.
             self.sh
-                .hydrating
-                .store(st.regions_copying, Ordering::Relaxed);
-            self.sh.mode.store(mode_code(r.mode()), Ordering::Release);
+                .mode
+                .fetch_max(mode_code(r.mode()), Ordering::AcqRel);
         } else {
-            self.sh.hydrating.store(0, Ordering::Relaxed);
+            slot.store(0, Ordering::Relaxed);
         }
     }
 
@@ -782,9 +976,6 @@ impl Owner {
             self.sh.rate_bps.store(rate as u64, Ordering::Relaxed);
         }
         self.rate_mark = (now, bytes);
-        if let Some((r, out)) = self.router_and_out() {
-            r.on_timer(out);
-        }
     }
 
     fn copy_failed(&mut self, what: String) {
@@ -799,21 +990,166 @@ impl Owner {
         }
     }
 
-    /// Every region hydrated and committed, nothing in flight: drop the
-    /// router and the source.
-    fn release_source(&mut self) {
+    /// Drop the router, the source channel and the pollers (completion).
+    fn release_local(&mut self) {
         self.router = None;
         self.src = None;
         self.bufs.clear();
-        self.sh.released.store(true, Ordering::Release);
-        self.sh.hydrating.store(0, Ordering::Relaxed);
-        let sh = self.sh.clone();
-        tracing::info!(clone = %sh.name, "fully hydrated: releasing the source");
-        reactor::send(0, move || {
-            let d = lock(&sh.descs).source.take();
-            drop(d);
-        });
+        self.sh.hydrating[self.idx].store(0, Ordering::Relaxed);
+        // Pollers are dropped outside their own callbacks.
+        let pollers = std::mem::take(&mut self.pollers);
+        reactor::defer(move || drop(pollers));
     }
+}
+
+/// Completion (every region hydrated and committed): from now on all I/O
+/// goes straight to the destination; each owner drops its router once its
+/// in-flight requests are done; then the source claim is released.
+async fn release_all(sh: Arc<Shared>) {
+    sh.released.store(true, Ordering::Release);
+    sh.rate_bps.store(0, Ordering::Relaxed);
+    tracing::info!(clone = %sh.name, "fully hydrated: releasing the source");
+    let id = sh.id;
+    for &r in &sh.owners {
+        oneshot::run_on(r, move || async move {
+            let Some(rc) = owner_of(id) else { return };
+            let t0 = reactor::now_ns();
+            loop {
+                let idle = rc.borrow().router.as_ref().is_none_or(|r| r.is_idle());
+                if idle || reactor::now_ns() - t0 > STOP_TIMEOUT_NS {
+                    break;
+                }
+                reactor::sleep(Duration::from_millis(1)).await;
+            }
+            rc.borrow_mut().release_local();
+        })
+        .await;
+    }
+    let d = lock(&sh.descs).source.take();
+    drop(d);
+}
+
+/// On the home reactor: a commit is wanted by `w`.
+fn committer_request(id: u64, w: Waiter) {
+    let Some(rc) = owner_of(id) else {
+        return answer(id, w, false);
+    };
+    let has = rc.borrow().committer.is_some();
+    if !has {
+        return answer(id, w, false);
+    }
+    if let Some(c) = rc.borrow_mut().committer.as_mut() {
+        c.next.push(w);
+    }
+    start_round(&rc, false);
+}
+
+fn committer_flush(id: u64, origin: u32, token: u64) {
+    committer_request(id, Waiter::Flush { origin, token });
+}
+
+/// Tell a waiter how its commit went.
+fn answer(id: u64, w: Waiter, ok: bool) {
+    match w {
+        Waiter::Router { reactor, commit } => send_to(reactor, move || {
+            let Some(rc) = owner_of(id) else { return };
+            rc.borrow_mut().commit_done(commit, ok);
+            drive(&rc);
+        }),
+        Waiter::Flush { origin, token } => {
+            let st = if ok {
+                IoStatus::Success
+            } else {
+                IoStatus::Failed
+            };
+            reply(origin, Part { token, offset: 0 }, st, None)
+        }
+    }
+}
+
+/// Start a commit round if none is in flight and one is wanted (waiters,
+/// or `periodic` with dirty units).
+fn start_round(rc: &Rc<RefCell<Owner>>, periodic: bool) {
+    let mut o = rc.borrow_mut();
+    let sh = o.sh.clone();
+    let (dst, md) = (o.dst.clone(), o.md.clone());
+    let Some(c) = o.committer.as_mut() else {
+        return;
+    };
+    if c.in_flight || (c.next.is_empty() && !(periodic && sh.map.has_dirty())) {
+        return;
+    }
+    c.in_flight = true;
+    c.current = std::mem::take(&mut c.next);
+    drop(o);
+    // Counted before the snapshot: a router that finds no dirty unit
+    // then knows its bits may be in this round.
+    sh.commits_in_flight.fetch_add(1, Ordering::AcqRel);
+    let dirty = sh.map.take_dirty();
+    let weak = Rc::downgrade(rc);
+    reactor::spawn_local(async move {
+        let ok = if dirty.is_empty() {
+            // Nothing changed: a destination flush, no metadata write.
+            let ok = util::simple(&dst, IoType::Flush, 0, sh.geo.source_blocks())
+                .await
+                .is_ok();
+            if !ok {
+                sh.err_dest.fetch_add(1, Ordering::Relaxed);
+            }
+            ok
+        } else if sh.mode() != MODE_RW {
+            false
+        } else {
+            let units = snapshot_units(&sh, &dirty);
+            commit_units(&dst, &md, &sh, units).await
+        };
+        if !ok && !dirty.is_empty() {
+            // The bits stay in core (reads are right) and dirty: every
+            // later flush needing them fails (dm-clone read-only mode).
+            sh.map.restore_dirty(&dirty);
+            if sh.mode.fetch_max(MODE_RO, Ordering::AcqRel) == MODE_RW {
+                tracing::error!(clone = %sh.name, "metadata commit failed: switching to read-only mode");
+            }
+        }
+        sh.commits_in_flight.fetch_sub(1, Ordering::AcqRel);
+        let Some(rc) = weak.upgrade() else { return };
+        let waiters = {
+            let mut o = rc.borrow_mut();
+            let Some(c) = o.committer.as_mut() else {
+                return;
+            };
+            c.in_flight = false;
+            std::mem::take(&mut c.current)
+        };
+        for w in waiters {
+            answer(sh.id, w, ok);
+        }
+        start_round(&rc, false);
+        drive(&rc);
+    });
+}
+
+/// Images of the dirty units, in whole metadata blocks (a block's other
+/// units are written too; a group past the last unit is padded later).
+fn snapshot_units(sh: &Shared, dirty: &[u32]) -> Vec<UnitImage> {
+    let per = metadata::units_per_block(sh.md_block_size) as u64;
+    let num_units = sh.map.num_units();
+    let mut units = Vec::with_capacity(dirty.len());
+    let mut last_group = u64::MAX;
+    for &u in dirty {
+        let g = u as u64 / per;
+        if g == last_group {
+            continue;
+        }
+        last_group = g;
+        for v in g * per..(g * per + per).min(num_units) {
+            units.push(UnitImage {
+                index: v as u32,
+                words: sh.map.unit_words(v),
+            });
+        }
+    }
+    units
 }
 
 /// Bytes of `blocks` at block size `bs`.
@@ -901,14 +1237,11 @@ fn exec(rc: &Rc<RefCell<Owner>>, o: &mut Owner, c: Command) {
                 drive(&rc);
             });
         }
-        Command::Commit { commit, units } => {
-            let (dst, md, sh, weak) =
-                (o.dst.clone(), o.md.clone(), o.sh.clone(), Rc::downgrade(rc));
-            reactor::spawn_local(async move {
-                let ok = commit_units(&dst, &md, &sh, units).await;
-                let Some(rc) = weak.upgrade() else { return };
-                rc.borrow_mut().commit_done(commit, ok);
-                drive(&rc);
+        Command::Commit { commit, .. } => {
+            // The committer snapshots the units itself.
+            let (id, reactor) = (o.sh.id, reactor::current().unwrap_or(0));
+            send_to(o.sh.home, move || {
+                committer_request(id, Waiter::Router { reactor, commit })
             });
         }
         Command::Complete { req, status } => {
@@ -917,7 +1250,7 @@ fn exec(rc: &Rc<RefCell<Owner>>, o: &mut Owner, c: Command) {
                     Status::Success => IoStatus::Success,
                     Status::Error(_) => IoStatus::Failed,
                 };
-                reply(r.origin, r.token, st, r.buf);
+                reply(r.origin, r.part(), st, r.buf);
             }
         }
     }
@@ -1173,8 +1506,9 @@ async fn commit_units(dst: &IoChannel, md: &IoChannel, sh: &Shared, units: Vec<U
     true
 }
 
-/// Build the owner on this reactor (its channels, pollers).
-fn start_owner(sh: Arc<Shared>, router: Router) -> Result<(), CloneError> {
+/// Build owner `idx` on this reactor (channels, pollers; the committer
+/// too on the home reactor).
+fn start_owner(sh: Arc<Shared>, router: Router, idx: usize) -> Result<(), CloneError> {
     let descs = lock(&sh.descs);
     let (Some(s), Some(d), Some(m)) = (&descs.source, &descs.dest, &descs.md) else {
         return Err(CloneError::Io("base bdev gone during create".into()));
@@ -1182,8 +1516,11 @@ fn start_owner(sh: Arc<Shared>, router: Router) -> Result<(), CloneError> {
     let (src, dst, md) = (s.channel(), d.channel(), m.channel());
     drop(descs);
     let now = reactor::now_ns();
+    let home = reactor::current() == Some(sh.home);
     let rc = Rc::new(RefCell::new(Owner {
         sh: sh.clone(),
+        idx,
+        committer: home.then(Committer::default),
         router: Some(router),
         src: Some(src),
         dst,
@@ -1202,74 +1539,103 @@ fn start_owner(sh: Arc<Shared>, router: Router) -> Result<(), CloneError> {
         pollers: Vec::new(),
     }));
     let w = Rc::downgrade(&rc);
-    let hyd = reactor::poller_register(Duration::from_millis(1), move || {
-        let Some(rc) = w.upgrade() else {
-            return reactor::PollStatus::Idle;
-        };
-        let before = rc.borrow().out.len();
-        drive(&rc);
-        let _ = before;
+    // Completions drive hydration; this poller covers the rate limit's
+    // refill and the error back-off.
+    let hyd = reactor::poller_register(HYDRATION_POLL, move || {
+        if let Some(rc) = w.upgrade() {
+            drive(&rc);
+        }
         reactor::PollStatus::Idle
     });
-    let w = Rc::downgrade(&rc);
-    let timer = reactor::poller_register(COMMIT_PERIOD, move || {
-        let Some(rc) = w.upgrade() else {
-            return reactor::PollStatus::Idle;
-        };
-        rc.borrow_mut().on_timer();
-        drive(&rc);
-        reactor::PollStatus::Busy
-    });
-    rc.borrow_mut().pollers = vec![hyd, timer];
+    let mut pollers = vec![hyd];
+    if home {
+        // Periodic commit and the hydration rate figure.
+        let w = Rc::downgrade(&rc);
+        pollers.push(reactor::poller_register(COMMIT_PERIOD, move || {
+            let Some(rc) = w.upgrade() else {
+                return reactor::PollStatus::Idle;
+            };
+            rc.borrow_mut().on_timer();
+            start_round(&rc, true);
+            drive(&rc);
+            reactor::PollStatus::Busy
+        }));
+    }
+    rc.borrow_mut().pollers = pollers;
     OWNERS.with(|o| o.borrow_mut().insert(sh.id, rc));
     Ok(())
 }
 
-/// Delete: stop background work, let in-flight I/O finish, make a final
-/// commit (a failure is logged, not fatal: the bases may be gone), drop
-/// the owner.
-async fn stop_owner(id: u64) {
-    let Some(rc) = owner_of(id) else { return };
-    rc.borrow_mut().stopping = true;
-    let t0 = reactor::now_ns();
-    let mut committed = false;
-    loop {
-        drive(&rc);
-        let (idle, name) = {
-            let o = rc.borrow();
-            (
-                o.router.as_ref().is_none_or(|r| r.is_idle()),
-                o.sh.name.clone(),
-            )
-        };
-        if idle {
-            if committed {
-                break;
+/// Delete: every owner stops background work and lets its in-flight I/O
+/// finish; the committer makes a final commit (a failure is logged, not
+/// fatal: the bases may be gone); then the owners are dropped.
+async fn stop_all(sh: &Arc<Shared>) {
+    let id = sh.id;
+    for &r in &sh.owners {
+        oneshot::run_on(r, move || async move {
+            let Some(rc) = owner_of(id) else { return };
+            rc.borrow_mut().stopping = true;
+            let t0 = reactor::now_ns();
+            loop {
+                drive(&rc);
+                if rc.borrow().router.as_ref().is_none_or(|r| r.is_idle()) {
+                    return;
+                }
+                if reactor::now_ns() - t0 > STOP_TIMEOUT_NS {
+                    tracing::warn!(clone = %rc.borrow().sh.name, "delete: in-flight I/O did not finish in time");
+                    return;
+                }
+                reactor::sleep(Duration::from_millis(1)).await;
             }
-            committed = true;
-            let started = {
-                let mut o = rc.borrow_mut();
-                o.router_and_out().is_some_and(|(r, out)| r.on_timer(out))
+        })
+        .await;
+    }
+    oneshot::run_on(sh.home, move || async move {
+        let Some(rc) = owner_of(id) else { return };
+        let t0 = reactor::now_ns();
+        let mut started = false;
+        loop {
+            let (busy, dirty, name) = {
+                let o = rc.borrow();
+                let busy = o.committer.as_ref().is_some_and(|c| c.in_flight);
+                (busy, o.sh.map.has_dirty() && o.sh.mode() == MODE_RW, o.sh.name.clone())
             };
-            if !started {
+            if !busy && (started || !dirty) {
                 break;
             }
-            continue;
+            if !busy && !started {
+                started = true;
+                start_round(&rc, true);
+            }
+            if reactor::now_ns() - t0 > STOP_TIMEOUT_NS {
+                tracing::warn!(clone = %name, "delete: the final commit did not finish in time");
+                break;
+            }
+            reactor::sleep(Duration::from_millis(1)).await;
         }
-        if reactor::now_ns() - t0 > STOP_TIMEOUT_NS {
-            tracing::warn!(clone = %name, "delete: in-flight I/O did not finish in time");
-            break;
+        if rc.borrow().sh.mode() != MODE_RW {
+            tracing::warn!(clone = %rc.borrow().sh.name, "final metadata commit not possible; recent hydration will be redone on resume");
         }
-        reactor::sleep(Duration::from_millis(1)).await;
+    })
+    .await;
+    for &r in &sh.owners {
+        oneshot::run_on(r, move || async move {
+            let rc = OWNERS.with(|o| o.borrow_mut().remove(&id));
+            if let Some(rc) = rc {
+                let mut o = rc.borrow_mut();
+                o.pollers.clear();
+                o.router = None;
+                // Commit waiters still queued get an answer.
+                if let Some(c) = o.committer.take() {
+                    drop(o);
+                    for w in c.current.into_iter().chain(c.next) {
+                        answer(id, w, false);
+                    }
+                }
+            }
+        })
+        .await;
     }
-    let mode = rc.borrow().router.as_ref().map(|r| r.mode());
-    if mode == Some(MetadataMode::ReadOnly) {
-        tracing::warn!(clone = %rc.borrow().sh.name, "final metadata commit failed; recent hydration will be redone on resume");
-    }
-    OWNERS.with(|o| o.borrow_mut().remove(&id));
-    let mut o = rc.borrow_mut();
-    o.pollers.clear();
-    o.router = None;
 }
 
 /// Reset support: hold background copies back and wait for the owner to
@@ -1304,6 +1670,22 @@ type SelfRef = Arc<OnceLock<Weak<Bdev>>>;
 
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 static NEXT_OWNER: AtomicU32 = AtomicU32::new(0);
+/// Bitmap words per ownership stripe; 0: automatic (stripes of >= 4 MiB).
+static STRIPE_WORDS: AtomicU64 = AtomicU64::new(0);
+
+/// Tests: stripes of `words` bitmap words (64 regions each) for clones
+/// created from now on; 0 restores the automatic size.
+#[doc(hidden)]
+pub fn set_stripe_words(words: u64) {
+    STRIPE_WORDS.store(words, Ordering::Relaxed);
+}
+
+fn stripe_words(region_size: u64) -> u64 {
+    match STRIPE_WORDS.load(Ordering::Relaxed) {
+        0 => (4u64 << 20).div_ceil(region_size * 64).max(1),
+        w => w,
+    }
+}
 
 fn clone_of(b: &Arc<Bdev>) -> Option<Arc<Shared>> {
     b.ops_as::<CloneBdev>().map(|c| c.0.clone())
@@ -1524,9 +1906,20 @@ pub async fn create(opts: CreateOpts) -> Result<Arc<Bdev>, CloneError> {
         copy_on_read: opts.copy_on_read,
         metadata_units_per_block: metadata::units_per_block(mdbs),
     };
-    let router = Router::new(geo, map.clone(), cfg, MetadataMode::ReadWrite)
-        .map_err(|e| CloneError::Invalid(e.to_string()))?;
-    let owner = NEXT_OWNER.fetch_add(1, Ordering::Relaxed) % reactor::num_reactors().max(1);
+    let n = reactor::num_reactors().max(1);
+    // The committer's reactor rotates over clones.
+    let home = NEXT_OWNER.fetch_add(1, Ordering::Relaxed) % n;
+    let owners: Vec<u32> = (0..n).collect();
+    let stripe_regions = 64 * stripe_words(geo.region_size());
+    let commits_in_flight = Arc::new(AtomicU64::new(0));
+    let mut routers = Vec::with_capacity(owners.len());
+    for i in 0..owners.len() {
+        let mut r = Router::new(geo, map.clone(), cfg.clone(), MetadataMode::ReadWrite)
+            .map_err(|e| CloneError::Invalid(e.to_string()))?;
+        r.set_stripe(stripe_regions, i as u64, owners.len() as u64);
+        r.set_external_commits(commits_in_flight.clone());
+        routers.push(r);
+    }
     let sh = Arc::new(Shared {
         id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
         name: opts.name.clone(),
@@ -1536,7 +1929,11 @@ pub async fn create(opts: CreateOpts) -> Result<Arc<Bdev>, CloneError> {
         uuid,
         geo,
         map,
-        owner,
+        home,
+        hydrating: owners.iter().map(|_| AtomicU64::new(0)).collect(),
+        owners: owners.clone(),
+        stripe_regions,
+        commits_in_flight,
         md_block_size: mdbs,
         md_num_blocks: mb.num_blocks(),
         dest_write_zeroes: db.io_type_supported(IoType::WriteZeroes),
@@ -1549,7 +1946,6 @@ pub async fn create(opts: CreateOpts) -> Result<Arc<Bdev>, CloneError> {
         mbytes_per_sec: AtomicU64::new(opts.hydration_mbytes_per_sec),
         copy_on_read: AtomicBool::new(opts.copy_on_read),
         mode: AtomicU8::new(MODE_RW),
-        hydrating: AtomicU64::new(0),
         err_source: AtomicU64::new(0),
         err_dest: AtomicU64::new(0),
         err_md: AtomicU64::new(0),
@@ -1564,8 +1960,19 @@ pub async fn create(opts: CreateOpts) -> Result<Arc<Bdev>, CloneError> {
         }),
         kick: AtomicBool::new(false),
     });
-    let sh2 = sh.clone();
-    oneshot::run_on(owner, move || async move { start_owner(sh2, router) }).await?;
+    for (i, router) in routers.into_iter().enumerate() {
+        let sh2 = sh.clone();
+        let started = oneshot::run_on(
+            owners[i],
+            move || async move { start_owner(sh2, router, i) },
+        )
+        .await;
+        if let Err(e) = started {
+            stop_all(&sh).await;
+            drop(std::mem::take(&mut *lock(&sh.descs)));
+            return Err(e);
+        }
+    }
     let reg = BdevBuilder::new(opts.name.clone(), PRODUCT_NAME)
         .block_size(geo.block_size())
         .num_blocks(geo.source_blocks())
@@ -1578,8 +1985,7 @@ pub async fn create(opts: CreateOpts) -> Result<Arc<Bdev>, CloneError> {
     let bdev = match reg {
         Ok(b) => b,
         Err(e) => {
-            let id = sh.id;
-            oneshot::run_on(owner, move || stop_owner(id)).await;
+            stop_all(&sh).await;
             drop(std::mem::take(&mut *lock(&sh.descs)));
             return Err(CloneError::from_bdev(e));
         }
@@ -1595,7 +2001,8 @@ pub async fn create(opts: CreateOpts) -> Result<Arc<Bdev>, CloneError> {
         regions = geo.num_regions(),
         hydrated = sh.map.hydrated_count(),
         formatted,
-        owner,
+        home,
+        stripe_regions,
         "clone bdev created"
     );
     Ok(bdev)
@@ -1655,6 +2062,14 @@ pub fn set_hydration(o: &HydrationOpts) -> Result<(), CloneError> {
         }
     }
     sh.kick.store(true, Ordering::Release);
+    let id = sh.id;
+    for &r in &sh.owners {
+        send_to(r, move || {
+            if let Some(rc) = owner_of(id) {
+                drive(&rc);
+            }
+        });
+    }
     tracing::info!(clone = %o.name, ?o, "clone hydration settings changed");
     Ok(())
 }
@@ -1662,4 +2077,11 @@ pub fn set_hydration(o: &HydrationOpts) -> Result<(), CloneError> {
 /// Test and tool access: the clone's shared map (to check hydration).
 pub fn hydrated_regions(name: &str) -> Option<(u64, u64)> {
     find(name).map(|s| (s.map.hydrated_count(), s.geo.num_regions()))
+}
+
+/// Whether region `r` of clone `name` is hydrated (tests, tools).
+pub fn region_hydrated(name: &str, r: u64) -> Option<bool> {
+    find(name)
+        .filter(|s| r < s.geo.num_regions())
+        .map(|s| s.map.is_hydrated(r))
 }

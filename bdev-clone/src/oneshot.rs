@@ -44,7 +44,7 @@ impl<T> Receiver<T> {
 }
 
 /// Run `f` as a task on reactor `r` and await its result.
-pub(crate) async fn run_on<F, Fut, T>(r: u32, f: F) -> T
+pub async fn run_on<F, Fut, T>(r: u32, f: F) -> T
 where
     F: FnOnce() -> Fut + Send + 'static,
     Fut: Future<Output = T> + 'static,

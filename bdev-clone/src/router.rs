@@ -61,6 +61,7 @@
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::ops::Range;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
@@ -359,6 +360,12 @@ pub struct Router {
     commit_waiters: Vec<(ReqId, CommitId)>,
     commits: u64,
     copy_failures: u64,
+    /// Striped ownership: (regions per stripe, this owner's index, owners).
+    /// Background copies only pick regions of this owner's stripes.
+    stripe: Option<(u64, u64, u64)>,
+    /// External commits: one committer per clone snapshots the dirty units
+    /// itself; this counts its rounds in flight.
+    ext_commits: Option<Arc<AtomicU64>>,
 }
 
 impl Router {
@@ -395,7 +402,66 @@ impl Router {
             commit_waiters: Vec::new(),
             commits: 0,
             copy_failures: 0,
+            stripe: None,
+            ext_commits: None,
         })
+    }
+
+    /// Own only the regions of stripes `index`, `index + count`, ... of
+    /// `stripe_regions` regions each (background hydration picks only
+    /// those; the executor routes only their I/O here).
+    pub fn set_stripe(&mut self, stripe_regions: u64, index: u64, count: u64) {
+        if count > 1 && stripe_regions > 0 {
+            self.stripe = Some((stripe_regions, index % count, count));
+            self.cursor = (index % count) * stripe_regions;
+        } else {
+            self.stripe = None;
+        }
+    }
+
+    /// Commits are made by an external committer (several routers over one
+    /// map): `Commit` commands carry no units and take no snapshot (the
+    /// committer snapshots the dirty units itself, right before its
+    /// destination flush, and answers with `commit_done`); `on_timer`
+    /// emits nothing. `in_flight` counts the committer's rounds in flight:
+    /// a flush or FUA write seeing one asks for a commit even with no dirty
+    /// unit left, since its bits may sit in that round's snapshot.
+    pub fn set_external_commits(&mut self, in_flight: Arc<AtomicU64>) {
+        self.ext_commits = Some(in_flight);
+    }
+
+    /// Whether bits may still be on their way to disk elsewhere.
+    fn commit_pending_elsewhere(&self) -> bool {
+        self.ext_commits
+            .as_ref()
+            .is_some_and(|a| a.load(Ordering::Acquire) > 0)
+    }
+
+    fn owned(&self, r: u64) -> bool {
+        match self.stripe {
+            None => true,
+            Some((len, idx, cnt)) => (r / len) % cnt == idx,
+        }
+    }
+
+    /// First region of the next stripe this router owns after region `r`
+    /// (may be past the end).
+    fn next_owned_start(&self, r: u64) -> u64 {
+        match self.stripe {
+            None => r + 1,
+            Some((len, idx, cnt)) => {
+                let ns = r / len + 1;
+                (ns + (idx + cnt - ns % cnt) % cnt) * len
+            }
+        }
+    }
+
+    /// End of the stripe holding `r` (the device end without striping).
+    fn stripe_end(&self, r: u64) -> u64 {
+        match self.stripe {
+            None => u64::MAX,
+            Some((len, _, _)) => (r / len + 1) * len,
+        }
     }
 
     pub fn geometry(&self) -> &Geometry {
@@ -441,7 +507,10 @@ impl Router {
     /// Every region hydrated and that state committed: the clone could
     /// switch to pass-through and release the source.
     pub fn is_complete_and_durable(&self) -> bool {
-        self.map.is_complete() && !self.map.has_dirty() && self.commit.is_none()
+        self.map.is_complete()
+            && !self.map.has_dirty()
+            && self.commit.is_none()
+            && !self.commit_pending_elsewhere()
     }
 
     /// Nothing in flight at all (for suspend / delete).
@@ -717,7 +786,7 @@ impl Router {
     }
 
     fn route_flush(&mut self, id: ReqId, out: &mut Vec<Command>) {
-        if self.map.has_dirty() {
+        if self.map.has_dirty() || self.commit_pending_elsewhere() {
             if self.mode != MetadataMode::ReadWrite {
                 self.fail(id, IoError::ReadOnly);
                 return;
@@ -881,6 +950,9 @@ impl Router {
     /// Periodic commit (every second): commit if something changed and no
     /// commit is in flight. Returns whether a `Commit` was emitted.
     pub fn on_timer(&mut self, out: &mut Vec<Command>) -> bool {
+        if self.ext_commits.is_some() {
+            return false;
+        }
         if self.mode == MetadataMode::ReadWrite && self.commit.is_none() && self.map.has_dirty() {
             self.start_commit(out);
             return true;
@@ -909,7 +981,9 @@ impl Router {
             let Some((r, from_cursor)) = self.pick_candidate() else {
                 break;
             };
-            let cap = (self.next_busy_start(r) - r).min(budget);
+            let cap = (self.next_busy_start(r) - r)
+                .min(budget)
+                .min(self.stripe_end(r) - r);
             let n = self.map.run_of_unhydrated(r, cap).max(1);
             self.start_copy(r..r + n, out);
             started += n;
@@ -938,6 +1012,25 @@ impl Router {
             travelled += (r + n - pos) % n;
             if travelled >= n {
                 return None;
+            }
+            if !self.owned(r) {
+                let mut next = self.next_owned_start(r);
+                if next >= n {
+                    // Wrap to this owner's first stripe.
+                    next = match self.stripe {
+                        Some((len, idx, _)) => idx * len,
+                        None => 0,
+                    };
+                    if next >= n {
+                        return None;
+                    }
+                }
+                travelled += (next + n - r) % n;
+                if travelled >= n {
+                    return None;
+                }
+                pos = next;
+                continue;
             }
             match self.busy_at(r) {
                 None => return Some((r, true)),
@@ -989,7 +1082,11 @@ impl Router {
         debug_assert!(self.commit.is_none());
         let id = self.next_commit;
         self.next_commit += 1;
-        let dirty = self.map.take_dirty();
+        let dirty = if self.ext_commits.is_some() {
+            Vec::new()
+        } else {
+            self.map.take_dirty()
+        };
         let per = self.cfg.metadata_units_per_block.max(1) as u64;
         let num_units = self.map.num_units();
         let mut units = Vec::with_capacity(dirty.len());
@@ -1106,7 +1203,7 @@ impl Router {
             // FUA: the data is on stable media (the write carried FUA);
             // the regions it relies on must be committed too.
             st.phase = Phase::Durability;
-            if self.map.has_dirty() {
+            if self.map.has_dirty() || self.commit_pending_elsewhere() {
                 if self.mode != MetadataMode::ReadWrite {
                     self.fail(req, IoError::ReadOnly);
                 } else {

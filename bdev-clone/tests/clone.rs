@@ -113,3 +113,833 @@ fn end_to_end_hydrates_releases_and_resumes() {
         delete("C0").await.unwrap();
     });
 }
+
+// ---------------------------------------------------------------------------
+// Model-based randomized test
+
+use bdev::Desc;
+use bdev_clone::oneshot::run_on;
+use bdev_clone::HydrationOpts;
+
+/// A small deterministic RNG (xorshift64*), so seeds replay.
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+    fn chance(&mut self, pct: u64) -> bool {
+        self.below(100) < pct
+    }
+}
+
+#[derive(Clone, Debug)]
+enum Op {
+    Read(u64, u64),
+    Write(u64, u64, bool, u64),
+    Zeroes(u64, u64),
+    Discard(u64, u64),
+    Flush,
+}
+
+impl Op {
+    fn range(&self) -> Option<(u64, u64)> {
+        match *self {
+            Op::Read(o, n) | Op::Write(o, n, _, _) | Op::Zeroes(o, n) | Op::Discard(o, n) => {
+                Some((o, n))
+            }
+            Op::Flush => None,
+        }
+    }
+}
+
+/// What every block of the clone must read: its bytes, unless a discard
+/// left it undefined.
+struct Model {
+    data: Vec<u8>,
+    defined: Vec<bool>,
+    bs: u64,
+    region_blocks: u64,
+    blocks: u64,
+}
+
+impl Model {
+    fn apply(&mut self, op: &Op) {
+        let bs = self.bs as usize;
+        match *op {
+            Op::Write(o, n, _, seed) => {
+                let d = pattern((n * self.bs) as usize, seed);
+                self.data[o as usize * bs..(o + n) as usize * bs].copy_from_slice(&d);
+                self.defined[o as usize..(o + n) as usize].fill(true);
+            }
+            Op::Zeroes(o, n) => {
+                self.data[o as usize * bs..(o + n) as usize * bs].fill(0);
+                self.defined[o as usize..(o + n) as usize].fill(true);
+            }
+            Op::Discard(o, n) => {
+                // Whole regions only (the short tail region counts when the
+                // range reaches the end); partial regions keep their data.
+                let rb = self.region_blocks;
+                let start = o.div_ceil(rb) * rb;
+                let end = if o + n == self.blocks {
+                    self.blocks
+                } else {
+                    (o + n) / rb * rb
+                };
+                if end > start {
+                    self.defined[start as usize..end as usize].fill(false);
+                }
+            }
+            Op::Read(..) | Op::Flush => {}
+        }
+    }
+
+    fn check(&self, what: &str, at: u64, got: &[u8]) {
+        let bs = self.bs as usize;
+        for (i, chunk) in got.chunks(bs).enumerate() {
+            let b = at as usize + i;
+            if self.defined[b] {
+                assert!(
+                    chunk == &self.data[b * bs..(b + 1) * bs],
+                    "{what}: block {b} differs from the model"
+                );
+            }
+        }
+    }
+}
+
+async fn do_op(desc: Arc<Desc>, op: Op, bs: u64) -> Option<Vec<u8>> {
+    let ch = desc.channel();
+    match op {
+        Op::Read(o, n) => Some(
+            util::read(&ch, o, n)
+                .await
+                .expect("read")
+                .as_slice()
+                .to_vec(),
+        ),
+        Op::Write(o, n, fua, seed) => {
+            let d = pattern((n * bs) as usize, seed);
+            let mut b = DmaBuf::new(d.len());
+            b.as_mut_slice().copy_from_slice(&d);
+            util::write(&ch, o, b, fua).await.expect("write");
+            None
+        }
+        Op::Zeroes(o, n) => {
+            util::simple(&ch, IoType::WriteZeroes, o, n)
+                .await
+                .expect("write_zeroes");
+            None
+        }
+        Op::Discard(o, n) => {
+            util::simple(&ch, IoType::Unmap, o, n).await.expect("unmap");
+            None
+        }
+        Op::Flush => {
+            util::simple(&ch, IoType::Flush, 0, 1).await.expect("flush");
+            None
+        }
+    }
+}
+
+fn small() -> bool {
+    std::env::var("CLONE_TGT_TEST_SCALE").is_ok_and(|v| v == "small")
+}
+
+async fn model_run(seed: u64, ops: usize) {
+    let mut rng = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
+    let bs = 512u64;
+    let region_kb = [4u32, 8, 16][rng.below(3) as usize];
+    let region_blocks = region_kb as u64 * 1024 / bs;
+    let blocks = 8192 - 4; // a short tail region
+    let (s, d, m, c) = (
+        format!("S{seed}"),
+        format!("D{seed}"),
+        format!("M{seed}"),
+        format!("C{seed}"),
+    );
+    let src_data = pattern((blocks * bs) as usize, seed + 1000);
+    mk_malloc(&s, bs as u32, blocks);
+    write_all(&s, 0, &src_data).await;
+    mk_malloc(&d, bs as u32, 8192);
+    mk_malloc(&m, bs as u32, 64);
+    let mut o = CreateOpts::new(&c, &s, &d, &m);
+    o.region_size_kb = region_kb;
+    o.hydration_threshold = 1 + rng.below(4) as u32;
+    o.hydration_batch_size = 1 + rng.below(3) as u32;
+    o.hydration_mbytes_per_sec = 2;
+    o.no_hydration = rng.chance(30);
+    o.copy_on_read = rng.chance(30);
+    create(o).await.unwrap();
+    let mut model = Model {
+        data: src_data,
+        defined: vec![true; blocks as usize],
+        bs,
+        region_blocks,
+        blocks,
+    };
+    let desc = Arc::new(bdev::open(&c, true, |_| {}).unwrap());
+    let mut done = 0;
+    while done < ops {
+        // A batch of non-overlapping ops, run concurrently on both reactors.
+        let k = 1 + rng.below(6) as usize;
+        let mut batch: Vec<Op> = Vec::new();
+        while batch.len() < k {
+            let len = match rng.below(10) {
+                0..=5 => 1 + rng.below(24),
+                6 | 7 => region_blocks * (1 + rng.below(3)),
+                _ => 1 + rng.below(region_blocks * 4),
+            };
+            let len = len.min(blocks);
+            let mut off = match rng.below(4) {
+                0 => rng.below(blocks / region_blocks) * region_blocks,
+                1 => blocks - len,
+                _ => rng.below(blocks - len + 1),
+            };
+            off = off.min(blocks - len);
+            let op = match rng.below(20) {
+                0..=6 => Op::Read(off, len),
+                7..=12 => Op::Write(off, len, rng.chance(20), rng.next()),
+                13 | 14 => Op::Zeroes(off, len),
+                15..=17 => Op::Discard(off, len),
+                _ => Op::Flush,
+            };
+            let overlaps = op.range().is_some_and(|(o, n)| {
+                batch
+                    .iter()
+                    .any(|b| b.range().is_some_and(|(bo, bn)| o < bo + bn && bo < o + n))
+            });
+            if !overlaps {
+                batch.push(op);
+            }
+        }
+        let handles: Vec<_> = batch
+            .iter()
+            .map(|op| {
+                let (desc, op, r) = (desc.clone(), op.clone(), rng.below(2) as u32);
+                reactor::spawn_local(run_on(r, move || do_op(desc, op, bs)))
+            })
+            .collect();
+        for (op, h) in batch.iter().zip(handles) {
+            if let Some(data) = h.await {
+                let (o, _) = op.range().unwrap();
+                model.check(&format!("seed {seed} {op:?}"), o, &data);
+            }
+        }
+        for op in &batch {
+            model.apply(op);
+        }
+        done += batch.len();
+        if rng.chance(3) {
+            bdev_clone::set_hydration(&HydrationOpts {
+                name: c.clone(),
+                enable: Some(rng.chance(70)),
+                hydration_threshold: Some(rng.below(5) as u32),
+                ..Default::default()
+            })
+            .unwrap();
+        }
+    }
+    drop(desc);
+    let before = bdev_clone::hydrated_regions(&c).unwrap().0;
+    delete(&c).await.unwrap();
+    // Resume on the same metadata, hydrate everything.
+    let mut o = CreateOpts::new(&c, &s, &d, &m);
+    o.region_size_kb = region_kb;
+    o.hydration_threshold = 16;
+    o.hydration_batch_size = 4;
+    create(o).await.unwrap();
+    let (after, total) = bdev_clone::hydrated_regions(&c).unwrap();
+    assert!(
+        after >= before,
+        "seed {seed}: resume lost hydrated regions ({after} < {before})"
+    );
+    model.check(
+        &format!("seed {seed} resumed"),
+        0,
+        &read_all(&c, 0, blocks).await,
+    );
+    wait_for("full hydration", 30, || st(&c, "source_released") == true).await;
+    assert_eq!(bdev_clone::hydrated_regions(&c).unwrap().0, total);
+    model.check(
+        &format!("seed {seed} dest"),
+        0,
+        &read_all(&d, 0, blocks).await,
+    );
+    model.check(
+        &format!("seed {seed} final"),
+        0,
+        &read_all(&c, 0, blocks).await,
+    );
+    delete(&c).await.unwrap();
+    for b in [&s, &d, &m] {
+        bdev::unregister(b).await.unwrap();
+    }
+}
+
+#[test]
+fn model_based_random_io_with_hydration_and_resume() {
+    let (seeds, ops) = if small() { (4u64, 150) } else { (10, 400) };
+    run_on_reactor(0x3, move || async move {
+        // Stripes of 64 regions: requests span both owners.
+        bdev_clone::module::set_stripe_words(1);
+        for seed in 1..=seeds {
+            model_run(seed, ops).await;
+        }
+        bdev_clone::module::set_stripe_words(0);
+    });
+}
+
+// ---------------------------------------------------------------------------
+// dm-clone's bug classes and create/open errors
+
+use bdev::modules::{delay, error as errbdev, null, uring};
+
+async fn flush(name: &str) -> Result<(), bdev::IoStatus> {
+    let d = bdev::open(name, true, |_| {}).unwrap();
+    util::simple(&d.channel(), IoType::Flush, 0, 1).await
+}
+
+/// dm-clone §2: a discard of a region with a copy in flight must not let
+/// the late copy land over data written after the discard.
+#[test]
+fn discard_waits_for_in_flight_hydration() {
+    run_on_reactor(0x3, || async {
+        let src_data = pattern(64 * 512, 7);
+        mk_malloc("dS", 512, 64);
+        write_all("dS", 0, &src_data).await;
+        // Source reads take 100 ms: the copy of region 0 stays in flight.
+        delay::create(delay::CreateParams {
+            name: "dSd".into(),
+            base_bdev_name: "dS".into(),
+            avg_read_latency: 100_000,
+            p99_read_latency: 100_000,
+            avg_write_latency: 0,
+            p99_write_latency: 0,
+            uuid: None,
+        })
+        .unwrap();
+        mk_malloc("dD", 512, 64);
+        mk_malloc("dM", 512, 64);
+        create(CreateOpts::new("dC", "dSd", "dD", "dM"))
+            .await
+            .unwrap();
+        wait_for("copy in flight", 5, || st("dC", "hydrating_regions") == 1).await;
+        assert_eq!(bdev_clone::region_hydrated("dC", 0), Some(false));
+        let d = bdev::open("dC", true, |_| {}).unwrap();
+        let ch = d.channel();
+        util::simple(&ch, IoType::Unmap, 0, 8).await.unwrap();
+        let w = pattern(8 * 512, 99);
+        write_all("dC", 0, &w).await;
+        // Let every copy finish, then region 0 must hold the write.
+        reactor::sleep(Duration::from_millis(250)).await;
+        assert_eq!(read_all("dC", 0, 8).await, w);
+        assert_eq!(read_all("dD", 0, 8).await, w);
+        drop(d);
+        delete("dC").await.unwrap();
+    });
+}
+
+/// A flush with nothing changed writes no metadata; one after a
+/// hydration writes it.
+#[test]
+fn flush_with_nothing_changed_writes_no_metadata() {
+    run_on_reactor(0x1, || async {
+        mk_malloc("fS", 512, 256);
+        mk_malloc("fD", 512, 256);
+        let md = mk_malloc("fM", 512, 64);
+        let mut o = CreateOpts::new("fC", "fS", "fD", "fM");
+        o.no_hydration = true;
+        create(o).await.unwrap();
+        write_all("fC", 8, &pattern(8 * 512, 1)).await;
+        let w0 = md.iostat().write.ops;
+        flush("fC").await.unwrap();
+        let w1 = md.iostat().write.ops;
+        assert!(w1 > w0, "a flush after a hydration commits metadata");
+        flush("fC").await.unwrap();
+        flush("fC").await.unwrap();
+        // Writes to hydrated regions change no metadata either.
+        write_all("fC", 8, &pattern(8 * 512, 2)).await;
+        flush("fC").await.unwrap();
+        assert_eq!(
+            md.iostat().write.ops,
+            w1,
+            "no metadata write without change"
+        );
+        delete("fC").await.unwrap();
+    });
+}
+
+/// The destination is flushed before the metadata is written: when that
+/// flush fails, no metadata is written and the clone turns read-only.
+#[test]
+fn destination_flush_precedes_metadata_write() {
+    run_on_reactor(0x1, || async {
+        mk_malloc("oS", 512, 256);
+        mk_malloc("oD", 512, 256);
+        errbdev::create("oD", None).unwrap();
+        let md = mk_malloc("oM", 512, 64);
+        let mut o = CreateOpts::new("oC", "oS", "EE_oD", "oM");
+        o.no_hydration = true;
+        create(o).await.unwrap();
+        write_all("oC", 0, &pattern(8 * 512, 3)).await;
+        errbdev::inject_error(&errbdev::InjectParams {
+            name: "EE_oD".into(),
+            io_type: errbdev::InjectIoType::Flush,
+            error_type: errbdev::ErrorType::Failure,
+            num: 1,
+            queue_depth: 0,
+            corrupt_offset: 0,
+            corrupt_value: 0,
+            nvme_sct: 0,
+            nvme_sc: 0,
+        })
+        .unwrap();
+        let w0 = md.iostat().write.ops;
+        assert!(flush("oC").await.is_err(), "the flush fails");
+        assert_eq!(
+            md.iostat().write.ops,
+            w0,
+            "no metadata write after a failed destination flush"
+        );
+        assert_eq!(st("oC", "state"), "read_only");
+        assert_eq!(st("oC", "metadata")["mode"], "ro");
+        // Reads still work; writes to hydrated regions too.
+        write_all("oC", 0, &pattern(8 * 512, 4)).await;
+        assert_eq!(read_all("oC", 0, 8).await, pattern(8 * 512, 4));
+        // Delete is quiet even though its final commit cannot happen.
+        delete("oC").await.unwrap();
+    });
+}
+
+#[test]
+fn create_errors_change_nothing() {
+    run_on_reactor(0x1, || async {
+        let s = mk_malloc("eS", 512, 2048);
+        let d = mk_malloc("eD", 512, 2048);
+        let m = mk_malloc("eM", 512, 64);
+        mk_malloc("eSmall", 512, 1024);
+        mk_malloc("e4k", 4096, 256);
+        let errno = |r: Result<Arc<Bdev>, bdev_clone::CloneError>| r.unwrap_err().errno();
+        let o = || CreateOpts::new("eC", "eS", "eD", "eM");
+        for kb in [0u32, 2, 3, 12, 2_097_152] {
+            let mut x = o();
+            x.region_size_kb = kb;
+            assert_eq!(errno(create(x).await), libc::EINVAL, "region_size_kb {kb}");
+        }
+        assert_eq!(
+            errno(create(CreateOpts::new("eC", "nope", "eD", "eM")).await),
+            libc::ENODEV
+        );
+        assert_eq!(
+            errno(create(CreateOpts::new("eS", "eS", "eD", "eM")).await),
+            libc::EEXIST
+        );
+        assert_eq!(
+            errno(create(CreateOpts::new("eC", "eS", "eSmall", "eM")).await),
+            libc::EINVAL
+        );
+        assert_eq!(
+            errno(create(CreateOpts::new("eC", "eS", "e4k", "eM")).await),
+            libc::EINVAL
+        );
+        // Metadata too small names the bytes needed.
+        let mut x = o();
+        x.metadata_bdev_name = "eSmall".into();
+        x.dest_bdev_name = "eD".into();
+        mk_malloc("eTiny", 512, 8);
+        x.metadata_bdev_name = "eTiny".into();
+        let e = create(x).await.unwrap_err();
+        assert_eq!(e.errno(), libc::EINVAL);
+        assert!(e.to_string().contains("needs 12288 bytes"), "{e}");
+        // Nothing is claimed or registered after those failures.
+        for b in [&s, &d, &m] {
+            assert_eq!(b.claim_type(), None, "{} left claimed", b.name());
+        }
+        assert!(bdev::get("eC").is_none());
+        // Region bounds: 4 KiB and 1 GiB work (1 GiB: one short region).
+        for kb in [4u32, 1_048_576] {
+            let mut x = o();
+            x.region_size_kb = kb;
+            x.uuid = Some(uuid::Uuid::from_u128(kb as u128));
+            // A fresh metadata bdev each time.
+            let mname = format!("eM{kb}");
+            mk_malloc(&mname, 512, 64);
+            x.metadata_bdev_name = mname;
+            create(x).await.unwrap();
+            delete("eC").await.unwrap();
+        }
+        // A claimed base: -EBUSY, and the other claims are released.
+        create(o()).await.unwrap();
+        mk_malloc("eD2", 512, 2048);
+        mk_malloc("eM2", 512, 64);
+        assert_eq!(
+            errno(create(CreateOpts::new("eC2", "eS", "eD2", "eM")).await),
+            libc::EBUSY
+        );
+        let d2 = bdev::get("eD2").unwrap();
+        assert_eq!(d2.claim_type(), None);
+        // The source may be shared read-only by two clones.
+        create(CreateOpts::new("eC2", "eS", "eD2", "eM2"))
+            .await
+            .unwrap();
+        delete("eC2").await.unwrap();
+        delete("eC").await.unwrap();
+        assert_eq!(delete("eC").await.unwrap_err().errno(), libc::ENODEV);
+    });
+}
+
+#[test]
+fn reopen_with_other_geometry_or_clone_fails() {
+    run_on_reactor(0x1, || async {
+        mk_malloc("gS", 512, 2048);
+        mk_malloc("gS2", 512, 1024);
+        mk_malloc("gD", 512, 2048);
+        let m = mk_malloc("gM", 512, 64);
+        let u = uuid::Uuid::from_u128(42);
+        let mut o = CreateOpts::new("gC", "gS", "gD", "gM");
+        o.uuid = Some(u);
+        o.no_hydration = true;
+        create(o.clone()).await.unwrap();
+        write_all("gC", 0, &pattern(4096, 1)).await;
+        delete("gC").await.unwrap();
+        let before = read_all("gM", 0, 64).await;
+        let mut x = o.clone();
+        x.region_size_kb = 8;
+        let e = create(x).await.unwrap_err();
+        assert_eq!(e.errno(), libc::EINVAL);
+        assert!(e.to_string().contains("differs: region_size"), "{e}");
+        let mut x = o.clone();
+        x.source_bdev_name = "gS2".into();
+        let e = create(x).await.unwrap_err();
+        assert!(e.to_string().contains("source blocks"), "{e}");
+        let mut x = o.clone();
+        x.uuid = Some(uuid::Uuid::from_u128(43));
+        let e = create(x).await.unwrap_err();
+        assert!(e.to_string().contains("belongs to clone"), "{e}");
+        assert_eq!(
+            read_all("gM", 0, 64).await,
+            before,
+            "a refused open writes nothing"
+        );
+        assert_eq!(m.claim_type(), None);
+        create(o).await.unwrap();
+        assert_eq!(st("gC", "hydrated_regions"), 1);
+        delete("gC").await.unwrap();
+    });
+}
+
+/// 64-bit arithmetic: more than 2^31 regions, block offsets past 2^32,
+/// byte offsets past 8 TiB, on a null source and sparse files.
+#[test]
+fn huge_geometry_beyond_2_31_regions() {
+    let dir = tempfile::tempdir().unwrap();
+    let dpath = dir.path().join("dest");
+    let mpath = dir.path().join("md");
+    let size: u64 = 12 << 40; // 12 TiB: 3 * 2^30 regions of 4 KiB
+    std::fs::File::create(&dpath)
+        .unwrap()
+        .set_len(size)
+        .unwrap();
+    let need = bdev_clone::metadata::required_bytes(size / 4096);
+    std::fs::File::create(&mpath)
+        .unwrap()
+        .set_len(need)
+        .unwrap();
+    let (dp, mp) = (
+        dpath.to_str().unwrap().to_string(),
+        mpath.to_str().unwrap().to_string(),
+    );
+    run_on_reactor(0x1, move || async move {
+        null::create(null::CreateParams::new("hS", 512, size / 512)).unwrap();
+        for (n, p) in [("hD", &dp), ("hM", &mp)] {
+            let mut o = uring::FileBdevOpts::new(uring::Flavor::Uring, n, p.as_str());
+            o.block_size = 512;
+            uring::create(o).unwrap();
+        }
+        let mut o = CreateOpts::new("hC", "hS", "hD", "hM");
+        o.no_hydration = true;
+        let t0 = std::time::Instant::now();
+        create(o.clone()).await.unwrap();
+        let create_ms = t0.elapsed().as_millis();
+        let n = st("hC", "num_regions").as_u64().unwrap();
+        assert_eq!(n, 3 << 30);
+        assert!(n > 1 << 31);
+        // A whole region past 2^31 and a partial write in another.
+        let r1 = n - 2;
+        let r2 = (1u64 << 31) + 12345;
+        let w1 = pattern(4096, 5);
+        write_all("hC", r1 * 8, &w1).await;
+        let w2 = pattern(1024, 6);
+        write_all("hC", r2 * 8 + 3, &w2).await;
+        let mut e2 = vec![0u8; 4096];
+        e2[1536..2560].copy_from_slice(&w2);
+        assert_eq!(read_all("hC", r1 * 8, 8).await, w1);
+        assert_eq!(read_all("hC", r2 * 8, 8).await, e2);
+        assert_eq!(read_all("hD", r2 * 8, 8).await, e2);
+        assert_eq!(bdev_clone::region_hydrated("hC", r1), Some(true));
+        assert_eq!(bdev_clone::region_hydrated("hC", r2), Some(true));
+        assert_eq!(bdev_clone::region_hydrated("hC", r2 - 1), Some(false));
+        assert_eq!(st("hC", "hydrated_regions"), 2);
+        // The tail region reaches the device end.
+        write_all("hC", size / 512 - 1, &pattern(512, 8)).await;
+        delete("hC").await.unwrap();
+        let t0 = std::time::Instant::now();
+        create(o).await.unwrap();
+        let resume_ms = t0.elapsed().as_millis();
+        assert_eq!(st("hC", "hydrated_regions"), 3);
+        assert_eq!(bdev_clone::region_hydrated("hC", r2), Some(true));
+        assert_eq!(bdev_clone::region_hydrated("hC", n - 1), Some(true));
+        assert_eq!(read_all("hC", r2 * 8, 8).await, e2);
+        eprintln!("12 TiB / 4 KiB regions: create {create_ms} ms, resume {resume_ms} ms");
+        delete("hC").await.unwrap();
+    });
+}
+
+// ---------------------------------------------------------------------------
+// Rate limit, errors, hot-remove, reset, power cut
+
+fn inject(name: &str, io_type: errbdev::InjectIoType, num: u32) {
+    errbdev::inject_error(&errbdev::InjectParams {
+        name: name.into(),
+        io_type,
+        error_type: errbdev::ErrorType::Failure,
+        num,
+        queue_depth: 0,
+        corrupt_offset: 0,
+        corrupt_value: 0,
+        nvme_sct: 0,
+        nvme_sc: 0,
+    })
+    .unwrap();
+}
+
+#[test]
+fn hydration_rate_limit_is_precise() {
+    let rate = run_on_reactor(0x1, || async {
+        let mib = 24u64;
+        mk_malloc("rS", 4096, mib * 256);
+        mk_malloc("rD", 4096, mib * 256);
+        mk_malloc("rM", 4096, 64);
+        let mut o = CreateOpts::new("rC", "rS", "rD", "rM");
+        o.region_size_kb = 64;
+        o.hydration_threshold = 4;
+        o.hydration_batch_size = 2;
+        o.hydration_mbytes_per_sec = 8;
+        create(o).await.unwrap();
+        let region = 64 * 1024u64;
+        reactor::sleep(Duration::from_millis(300)).await;
+        let (h0, _) = bdev_clone::hydrated_regions("rC").unwrap();
+        let t0 = std::time::Instant::now();
+        reactor::sleep(Duration::from_millis(1500)).await;
+        let (h1, total) = bdev_clone::hydrated_regions("rC").unwrap();
+        let secs = t0.elapsed().as_secs_f64();
+        assert!(
+            h1 < total,
+            "finished early: the window is not a steady state"
+        );
+        let reported = st("rC", "progress")["bytes_per_sec"].as_u64().unwrap();
+        delete("rC").await.unwrap();
+        let rate = ((h1 - h0) * region) as f64 / secs / 1048576.0;
+        let reported = reported as f64 / 1048576.0;
+        eprintln!("limit 8 MiB/s: measured {rate:.3} MiB/s, status says {reported:.3} MiB/s");
+        assert!(
+            (6.0..=10.0).contains(&reported),
+            "status bytes_per_sec {reported}"
+        );
+        rate
+    });
+    assert!(
+        (7.6..=8.8).contains(&rate),
+        "limit 8 MiB/s, measured {rate:.2} MiB/s"
+    );
+}
+
+/// Source read errors: user reads needing the source fail, others work;
+/// hydration backs off, pauses after repeated failures with the error in
+/// status, and `enable` resumes it.
+#[test]
+fn source_errors_back_off_then_pause_and_resume() {
+    run_on_reactor(0x1, || async {
+        let data = pattern(128 * 512, 9);
+        mk_malloc("xS", 512, 128);
+        write_all("xS", 0, &data).await;
+        errbdev::create("xS", None).unwrap();
+        mk_malloc("xD", 512, 128);
+        mk_malloc("xM", 512, 64);
+        let mut o = CreateOpts::new("xC", "EE_xS", "xD", "xM");
+        o.no_hydration = true;
+        create(o).await.unwrap();
+        write_all("xC", 0, &pattern(8 * 512, 1)).await; // region 0 hydrated
+        inject("EE_xS", errbdev::InjectIoType::Read, 1000);
+        let d = bdev::open("xC", false, |_| {}).unwrap();
+        assert!(
+            util::read(&d.channel(), 8, 8).await.is_err(),
+            "cold read fails"
+        );
+        assert_eq!(
+            util::read(&d.channel(), 0, 8).await.unwrap().as_slice(),
+            &pattern(8 * 512, 1)[..]
+        );
+        drop(d);
+        bdev_clone::set_hydration(&HydrationOpts {
+            name: "xC".into(),
+            enable: Some(true),
+            ..Default::default()
+        })
+        .unwrap();
+        let t0 = std::time::Instant::now();
+        wait_for("pause after repeated failures", 10, || {
+            st("xC", "state") == "paused"
+        })
+        .await;
+        let took = t0.elapsed();
+        // 10 + 20 + ... + 640 ms of back-off before the 8th failure.
+        assert!(
+            took >= Duration::from_millis(1200),
+            "paused after only {took:?}"
+        );
+        assert!(st("xC", "errors")["source_read"].as_u64().unwrap() >= 8);
+        assert!(st("xC", "last_error")
+            .as_str()
+            .unwrap()
+            .contains("source read"));
+        assert_eq!(st("xC", "hydration_enabled"), true);
+        inject("EE_xS", errbdev::InjectIoType::Clear, 0);
+        bdev_clone::set_hydration(&HydrationOpts {
+            name: "xC".into(),
+            enable: Some(true),
+            hydration_threshold: Some(8),
+            ..Default::default()
+        })
+        .unwrap();
+        wait_for("hydration after resume", 10, || {
+            st("xC", "source_released") == true
+        })
+        .await;
+        let mut expect = data.clone();
+        expect[..4096].copy_from_slice(&pattern(8 * 512, 1));
+        assert_eq!(read_all("xD", 0, 128).await, expect);
+        delete("xC").await.unwrap();
+    });
+}
+
+#[test]
+fn hot_remove_of_a_base_unregisters_the_clone() {
+    run_on_reactor(0x1, || async {
+        for (i, victim) in ["src", "dest", "md"].iter().enumerate() {
+            let (s, d, m, c) = (
+                format!("hs{i}"),
+                format!("hd{i}"),
+                format!("hm{i}"),
+                format!("hc{i}"),
+            );
+            mk_malloc(&s, 512, 64);
+            mk_malloc(&d, 512, 64);
+            mk_malloc(&m, 512, 64);
+            let mut o = CreateOpts::new(&c, &s, &d, &m);
+            o.no_hydration = true;
+            create(o).await.unwrap();
+            let gone = match *victim {
+                "src" => s.clone(),
+                "dest" => d.clone(),
+                _ => m.clone(),
+            };
+            bdev::unregister(&gone).await.unwrap();
+            wait_for("clone unregistered", 5, || bdev::get(&c).is_none()).await;
+        }
+        // After completion the source may go: nothing happens.
+        mk_malloc("hsX", 512, 64);
+        mk_malloc("hdX", 512, 64);
+        mk_malloc("hmX", 512, 64);
+        let mut o = CreateOpts::new("hcX", "hsX", "hdX", "hmX");
+        o.hydration_threshold = 8;
+        create(o).await.unwrap();
+        wait_for("release", 10, || st("hcX", "source_released") == true).await;
+        assert_eq!(bdev::get("hsX").unwrap().claim_type(), None);
+        bdev::unregister("hsX").await.unwrap();
+        reactor::sleep(Duration::from_millis(20)).await;
+        assert!(bdev::get("hcX").is_some());
+        write_all("hcX", 3, &pattern(512, 3)).await;
+        assert_eq!(read_all("hcX", 3, 1).await, pattern(512, 3));
+        delete("hcX").await.unwrap();
+    });
+}
+
+#[test]
+fn reset_completes_while_hydrating() {
+    run_on_reactor(0x3, || async {
+        let data = pattern(2048 * 512, 4);
+        mk_malloc("zS", 512, 2048);
+        write_all("zS", 0, &data).await;
+        mk_malloc("zD", 512, 2048);
+        mk_malloc("zM", 512, 64);
+        let mut o = CreateOpts::new("zC", "zS", "zD", "zM");
+        o.hydration_mbytes_per_sec = 1;
+        o.hydration_threshold = 2;
+        create(o).await.unwrap();
+        let d = bdev::open("zC", true, |_| {}).unwrap();
+        reactor::sleep(Duration::from_millis(50)).await;
+        util::simple(&d.channel(), IoType::Reset, 0, 0)
+            .await
+            .unwrap();
+        assert_eq!(read_all("zC", 0, 2048).await, data);
+        bdev_clone::set_hydration(&HydrationOpts {
+            name: "zC".into(),
+            hydration_mbytes_per_sec: Some(0),
+            ..Default::default()
+        })
+        .unwrap();
+        wait_for("hydration after reset", 10, || {
+            st("zC", "source_released") == true
+        })
+        .await;
+        assert_eq!(read_all("zD", 0, 2048).await, data);
+        drop(d);
+        delete("zC").await.unwrap();
+    });
+}
+
+/// A power cut: destination and metadata fail every I/O from some instant;
+/// delete is quiet; with working bases again, create resumes what was
+/// committed.
+#[test]
+fn delete_after_power_cut_then_resume() {
+    run_on_reactor(0x1, || async {
+        let data = pattern(256 * 512, 5);
+        mk_malloc("pS", 512, 256);
+        write_all("pS", 0, &data).await;
+        mk_malloc("pD", 512, 256);
+        mk_malloc("pM", 512, 64);
+        errbdev::create("pD", None).unwrap();
+        errbdev::create("pM", None).unwrap();
+        let mut o = CreateOpts::new("pC", "pS", "EE_pD", "EE_pM");
+        o.no_hydration = true;
+        create(o.clone()).await.unwrap();
+        let w = pattern(16 * 512, 6);
+        write_all("pC", 0, &w).await;
+        flush("pC").await.unwrap();
+        write_all("pC", 64, &w).await; // not flushed
+        inject("EE_pD", errbdev::InjectIoType::All, u32::MAX);
+        inject("EE_pM", errbdev::InjectIoType::All, u32::MAX);
+        assert!(flush("pC").await.is_err());
+        delete("pC").await.unwrap();
+        inject("EE_pD", errbdev::InjectIoType::Clear, 0);
+        inject("EE_pM", errbdev::InjectIoType::Clear, 0);
+        create(o).await.unwrap();
+        // The flushed write survived; the rest reads as source or as the
+        // later write, never garbage.
+        assert_eq!(read_all("pC", 0, 16).await, w);
+        let got = read_all("pC", 64, 16).await;
+        assert!(
+            got == w || got == data[64 * 512..80 * 512],
+            "region 64.. is garbage"
+        );
+        delete("pC").await.unwrap();
+    });
+}

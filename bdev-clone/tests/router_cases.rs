@@ -939,3 +939,72 @@ fn metadata_failing_during_a_commit_fails_requests_waiting_for_the_next() {
     );
     assert!(r.is_idle());
 }
+
+/// Striped ownership: two routers over one map each copy only their own
+/// stripes, batches never cross a stripe, and together they cover all.
+#[test]
+fn striped_routers_copy_only_their_stripes() {
+    let g = geo(1000 * 8 + 3); // 1001 regions, a short tail
+    let map = Arc::new(RegionMap::new(g.num_regions()));
+    let cfg = RouterConfig {
+        hydration_threshold: 1000,
+        hydration_batch_size: 50,
+        ..RouterConfig::default()
+    };
+    let mut seen = vec![0u8; g.num_regions() as usize];
+    for idx in 0..2u64 {
+        let mut r = Router::new(g, map.clone(), cfg.clone(), MetadataMode::ReadWrite).unwrap();
+        r.set_stripe(64, idx, 2);
+        let mut out = Vec::new();
+        r.next_background(&mut out);
+        for c in &out {
+            if let Command::StartCopy { regions, .. } = c {
+                assert_eq!(
+                    regions.start / 64,
+                    (regions.end - 1) / 64,
+                    "{regions:?} crosses a stripe"
+                );
+                for x in regions.clone() {
+                    assert_eq!((x / 64) % 2, idx, "region {x} copied by owner {idx}");
+                    seen[x as usize] += 1;
+                }
+            }
+        }
+    }
+    assert!(
+        seen.iter().all(|&n| n == 1),
+        "every region copied exactly once"
+    );
+}
+
+/// External commits: no snapshot in the router, and a flush asks for a
+/// commit while the committer has a round in flight.
+#[test]
+fn external_commits_take_no_snapshot() {
+    let g = geo(64);
+    let map = Arc::new(RegionMap::new(g.num_regions()));
+    let busy = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let mut r = Router::new(g, map.clone(), quiet(), MetadataMode::ReadWrite).unwrap();
+    r.set_external_commits(busy.clone());
+    map.set(3);
+    let mut out = Vec::new();
+    assert!(
+        !r.on_timer(&mut out),
+        "the committer's timer commits, not the router's"
+    );
+    r.submit(Request::flush(1), &mut out).unwrap();
+    let units = out.iter().find_map(|c| match c {
+        Command::Commit { units, .. } => Some(units.len()),
+        _ => None,
+    });
+    assert_eq!(units, Some(0));
+    assert!(map.has_dirty(), "the dirty units stay for the committer");
+    // Nothing dirty but a round in flight: still a commit.
+    map.take_dirty();
+    busy.store(1, std::sync::atomic::Ordering::Release);
+    let mut out2 = Vec::new();
+    r.submit(Request::flush(2), &mut out2).unwrap();
+    assert!(
+        !out2.iter().any(|c| matches!(c, Command::FlushDest { .. })) || r.stats().commit_in_flight
+    );
+}
