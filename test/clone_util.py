@@ -171,6 +171,13 @@ def wl_factory(request, workdir):
         t.kill()
 
 
+@pytest.fixture(params=["0x1", "0x3"], ids=["1reactor", "2reactors"])
+def mask(request):
+    """Reactor mask: the clone stripes region ownership over reactors, so
+    the I/O tests run on one and on two."""
+    return request.param
+
+
 # ---------------------------------------------------------------------------
 # clone RPCs
 

@@ -12,7 +12,7 @@ import pytest
 from conftest import RawConn
 from clone_util import (BS, UUID_DST, UUID_MD, UUID_SRC, classify, clone_create, clone_status,
                         describe, make_stamped_file, make_zero_file, md_required_bytes,
-                        md_writes, stamp, uring, wait_for, wait_hydrated, wl_factory)  # noqa: F401
+                        md_writes, stamp, uring, wait_for, wait_hydrated, wl_factory, mask)  # noqa: F401
 
 GIB = 1 << 30
 
@@ -180,8 +180,8 @@ class Stack:
 
 
 @pytest.fixture
-def commit_stack(wl_factory, datadir):
-    t = wl_factory()
+def commit_stack(wl_factory, datadir, mask):
+    t = wl_factory(mask=mask)
     st = Stack(t, datadir)
     clone_create(t, no_hydration=True)           # 4 KiB regions = 1 block
     # Let the create's own metadata writes (format) and a first periodic
@@ -235,10 +235,10 @@ def test_commit_periodically(commit_stack):
 # ConsistencyTests
 
 
-def test_pattern_stomp(wl_factory, datadir):
+def test_pattern_stomp(wl_factory, datadir, mask):
     """Stamps on the source read back through the clone; stamps on the clone
     never reach the source; both hold through hydration and after it."""
-    t = wl_factory()
+    t = wl_factory(mask=mask)
     rng = random.Random(1234)
     # 20 random 4 KiB patterns on the source
     on_source = {rng.randrange(1024): 500 + i for i in range(20)}
@@ -265,8 +265,8 @@ def test_pattern_stomp(wl_factory, datadir):
     st.check_image(st.dst_path.read_bytes(), "the destination file after shutdown")
 
 
-def test_hydrated_destination_equals_source(wl_factory, datadir):
-    t = wl_factory()
+def test_hydrated_destination_equals_source(wl_factory, datadir, mask):
+    t = wl_factory(mask=mask)
     st = Stack(t, datadir, blocks=2048 + 3, delay_us=100)   # a partial tail region
     clone_create(t, region_size_kb=32, hydration_threshold=8, hydration_batch_size=4)
     s = wait_hydrated(t, timeout=60)
@@ -299,8 +299,8 @@ def whole_region_blocks(off, n):
 
 
 @pytest.mark.parametrize("passdown", [True, False])
-def test_partial_region_discards(wl_factory, datadir, passdown):
-    t = wl_factory()
+def test_partial_region_discards(wl_factory, datadir, mask, passdown):
+    t = wl_factory(mask=mask)
     st = Stack(t, datadir, blocks=256)
     clone_create(t, region_size_kb=16, no_hydration=True, no_discard_passdown=not passdown)
     # a hydrated area too: regions 16..31 written whole on the clone
@@ -358,11 +358,11 @@ def _replies(conn, n):
     return got
 
 
-def test_discard_and_overwrite_during_write_hydration(wl_factory, datadir):
+def test_discard_and_overwrite_during_write_hydration(wl_factory, datadir, mask):
     """A partial write to a cold region starts its copy (slow source); a
     discard and a whole-region write of that region arrive meanwhile. The
     whole-region write's blocks must never go back to the source's data."""
-    t = wl_factory()
+    t = wl_factory(mask=mask)
     st = Stack(t, datadir, blocks=256, delay_us=100_000)
     clone_create(t, region_size_kb=16, no_hydration=True)
     regions = list(range(0, 40, 2))
@@ -405,11 +405,11 @@ def test_discard_and_overwrite_during_write_hydration(wl_factory, datadir):
     st.check_source_unchanged()
 
 
-def test_discard_and_overwrite_during_background_hydration(wl_factory, datadir):
+def test_discard_and_overwrite_during_background_hydration(wl_factory, datadir, mask):
     """Background hydration copying the first regions from a slow source;
     those regions are discarded and overwritten whole meanwhile: the copy
     must not land after the overwrite."""
-    t = wl_factory()
+    t = wl_factory(mask=mask)
     st = Stack(t, datadir, blocks=64, delay_us=150_000)
     clone_create(t, region_size_kb=16, hydration_threshold=4, hydration_batch_size=1)
     wait_for(lambda: ((lambda s: (s["hydrating_regions"] > 0, s))(clone_status(t))), 5,

@@ -14,7 +14,7 @@ destination and metadata of a clone inside `clone_workload`.
 import pytest
 from clone_util import (BS, UUID_DST, UUID_MD, UUID_SRC, classify, clone_create, clone_status,
                         make_stamped_file, make_zero_file, uring, wait_for, wait_hydrated,
-                        wl_factory)  # noqa: F401
+                        wl_factory, mask)  # noqa: F401
 from spdk.rpc.client import JSONRPCException
 
 BLOCKS = 256
@@ -56,8 +56,8 @@ def io_fails(fn, *args, **kw):
 
 
 @pytest.fixture
-def es(wl_factory, datadir):
-    t = wl_factory()
+def es(wl_factory, datadir, mask):
+    t = wl_factory(mask=mask)
     return ErrStack(t, datadir)
 
 
