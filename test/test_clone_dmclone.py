@@ -439,3 +439,53 @@ def test_commit_on_fua(commit_stack):
     st.expect[30] = 2
     assert md_writes(t) == settled, "a FUA write with nothing changed wrote metadata"
     st.check_clone()
+
+
+# ---------------------------------------------------------------------------
+# copy-on-read and the hydration rate limit
+
+
+def test_copy_on_read(wl_factory, datadir, mask):
+    """Copy-on-read hydrates the regions read ahead of the background cursor
+    (router.rs: "queues the cold regions read for hydration ahead of the
+    background cursor"); without it, reads leave regions to the cursor."""
+    t = wl_factory(mask=mask)
+    st = Stack(t, datadir, blocks=256, delay_us=50_000)     # 64 regions, 20 copies/s
+    clone_create(t, region_size_kb=16, copy_on_read=True)
+    far = [60, 61, 55]                                     # the cursor starts at 0
+    for r in far:
+        data = t.read("Clone0", r * REGION, REGION)
+        assert [classify(data[i * BS:(i + 1) * BS], r * REGION + i)
+                for i in range(REGION)] == [0] * REGION
+
+    def far_copied():
+        dst = st.dst_path.read_bytes()
+        return all(dst[r * REGION * BS:(r + 1) * REGION * BS] ==
+                   st.src_image[r * REGION * BS:(r + 1) * REGION * BS] for r in far), None
+    wait_for(far_copied, 1.5, "the regions read to be copied (the cursor needs ~3 s)")
+    s = clone_status(t)
+    assert s["hydrated_regions"] < 40, "copy-on-read regions came only with the cursor: %s" % s
+    t.rpc("bdev_clone_set_hydration", name="Clone0", hydration_threshold=16)
+    wait_hydrated(t, timeout=30)
+    t.stop()
+    assert st.dst_path.read_bytes() == st.src_image
+
+
+def test_hydration_rate_limit(wl_factory, datadir):
+    t = wl_factory()
+    Stack(t, datadir, blocks=4096)                  # 16 MiB
+    clone_create(t, region_size_kb=64, hydration_threshold=8, hydration_batch_size=4,
+                 hydration_mbytes_per_sec=4)
+    t0 = time.monotonic()
+    time.sleep(1.5)
+    s = clone_status(t)
+    elapsed = time.monotonic() - t0
+    done = s["hydrated_regions"] * 64 * 1024
+    limit = 4 * 1024 * 1024 * elapsed
+    assert done <= limit + 2 * 1024 * 1024, \
+        "%d bytes hydrated in %.1f s at 4 MB/s" % (done, elapsed)
+    assert done >= limit / 4, "%d bytes hydrated in %.1f s at 4 MB/s: far too slow" % (
+        done, elapsed)
+    assert 0 < s["progress"]["bytes_per_sec"] <= 8 * 1024 * 1024, s["progress"]
+    t.rpc("bdev_clone_set_hydration", name="Clone0", hydration_mbytes_per_sec=0)
+    wait_hydrated(t, timeout=30)
