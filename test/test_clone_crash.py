@@ -241,3 +241,35 @@ def test_model_check_catches_bad_blocks(wl_factory, datadir):
     (d / "bad.img").write_bytes(bytes(data))
     with pytest.raises(AssertionError, match="block 3: found garbage"):
         check_destination(d / "bad.img", journal, 7)
+
+
+def test_kill9_during_create_and_format(wl_factory, datadir):
+    """kill -9 within the first milliseconds, while the --json config
+    creates the clone and formats its blank metadata: the restart must come
+    up (formatting again or resuming), never refuse its own metadata."""
+    d = datadir
+    rng = random.Random(BASE_SEED)
+    src = make_stamped_file(d / "src.img", BLOCKS)
+    make_zero_file(d / "dst.img", BLOCKS * BS)
+    cfg = clone_config(d / "clone.json", d, 4)
+    outcomes = []
+    for i in range(scale(6, 20)):
+        make_zero_file(d / "md.img", 1 << 20)          # blank again
+        mask = rng.choice(["0x1", "0x3"])
+        t = wl_factory("--json", cfg, tgt=True, wait=False, mask=mask)
+        time.sleep(rng.uniform(0.0, 0.02))
+        kill9(t)
+        md = (d / "md.img").read_bytes()
+        outcomes.append("blank" if md[:8192].count(0) == 8192 else "formatted")
+        t = wl_factory("--json", cfg, tgt=True, mask=mask)
+        s = wait_clone(t)
+        assert s["metadata"]["mode"] == "rw", (outcomes, s)
+        kill9(t)
+    print("metadata after each early kill: %s" % outcomes)
+    t = wl_factory("--json", cfg, tgt=True)
+    wait_clone(t)
+    t.rpc("bdev_clone_set_hydration", name="Clone0", hydration_threshold=32,
+          hydration_batch_size=8)
+    wait_hydrated(t, timeout=90)
+    t.stop()
+    assert (d / "dst.img").read_bytes() == src.read_bytes(), outcomes
