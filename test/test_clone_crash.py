@@ -170,15 +170,25 @@ def test_kill9_workload_then_resume(wl_factory, datadir, rnd):
     mask = rng.choice(["0x1", "0x3"])
     what = "seed %d, -m %s, region %d KiB, %s" % (seed, mask, region_kb, opts)
 
-    # 1. the workload, hosting the clone, killed -9 at a random time
+    # 1. the workload, hosting the clone, killed -9 at a random time; in
+    # some rounds set_hydration is toggled meanwhile through its RPC server
+    toggle = rng.random() < 0.4
+    what += ", set_hydration toggled" if toggle else ""
     wl = wl_factory("--json", cfg, "--bdev", "Clone0", "--journal", journal_path,
                     "--seed", seed, "--region-blocks", region_kb * 1024 // BS,
                     "--queue-depth", rng.choice([1, 4, 8]),
-                    "--think-us", rng.choice([300, 1000, 3000]), rpc_server=False, wait=False,
-                    mask=mask)
+                    "--think-us", rng.choice([300, 1000, 3000]), rpc_server=toggle,
+                    wait=toggle, mask=mask)
     wait_for(lambda: (journal_path.exists() and journal_path.stat().st_size > 0, None), 15,
              "the workload to start (journal %s)" % journal_path)
-    time.sleep(rng.uniform(0.05, scale(1.0, 2.0)))
+    deadline = time.monotonic() + rng.uniform(0.05, scale(1.0, 2.0))
+    while toggle and time.monotonic() < deadline:
+        opt = rng.choice([{"enable": False}, {"enable": True}, {"enable": True},
+                          {"hydration_threshold": rng.randrange(0, 5)},
+                          {"hydration_batch_size": rng.randrange(1, 5)}])
+        assert wl.rpc("bdev_clone_set_hydration", name="Clone0", **opt) is True
+        time.sleep(rng.uniform(0.01, 0.15))
+    time.sleep(max(0.0, deadline - time.monotonic()))
     assert wl.running(), "the workload exited by itself (%s):\n%s" % (wl.proc.poll(), wl.log())
     kill9(wl)
     journal = Journal(journal_path.read_text())
@@ -199,7 +209,7 @@ def test_kill9_workload_then_resume(wl_factory, datadir, rnd):
         kill9(tgt)
         tgt = wl_factory("--json", cfg, tgt=True, mask=mask)
         wait_clone(tgt)
-    tgt.rpc("bdev_clone_set_hydration", name="Clone0", hydration_threshold=32,
+    tgt.rpc("bdev_clone_set_hydration", name="Clone0", enable=True, hydration_threshold=32,
             hydration_batch_size=4)
     s = wait_hydrated(tgt, timeout=90)
     assert all(v == 0 for v in s["errors"].values()), s
