@@ -455,6 +455,9 @@ impl ChannelOps for CloneChannel {
             IoType::Flush => IoKind::Flush,
         };
         let fast = match kind {
+            // A destination without write_zeroes gets zero writes from
+            // the owner.
+            IoKind::WriteZeroes if !sh.dest_write_zeroes => false,
             IoKind::Read | IoKind::Write | IoKind::WriteZeroes => {
                 released
                     || (!io.fua
@@ -813,6 +816,20 @@ fn serve_released(rc: &Rc<RefCell<Owner>>, msg: UserMsg) {
     let dst = o.dst.clone();
     let sh = o.sh.clone();
     drop(o);
+    if msg.kind == IoKind::WriteZeroes && !sh.dest_write_zeroes {
+        let (origin, part) = (msg.origin, msg.part());
+        let blocks = msg.offset..msg.offset + msg.num;
+        reactor::spawn_local(async move {
+            let ok = write_zeroes(&dst, &sh, blocks).await;
+            let st = if ok {
+                IoStatus::Success
+            } else {
+                IoStatus::Failed
+            };
+            reply(origin, part, st, None);
+        });
+        return;
+    }
     let (t, off, num) = match msg.kind {
         IoKind::Read => (IoType::Read, msg.offset, msg.num),
         IoKind::Write => (IoType::Write, msg.offset, msg.num),

@@ -910,11 +910,13 @@ fn reset_completes_while_hydrating() {
 /// committed.
 #[test]
 fn delete_after_power_cut_then_resume() {
-    run_on_reactor(0x1, || async {
-        let data = pattern(256 * 512, 5);
-        mk_malloc("pS", 512, 256);
+    run_on_reactor(0x3, || async {
+        // Two owners (stripes of 64 regions = 512 blocks), one committer.
+        bdev_clone::module::set_stripe_words(1);
+        let data = pattern(2048 * 512, 5);
+        mk_malloc("pS", 512, 2048);
         write_all("pS", 0, &data).await;
-        mk_malloc("pD", 512, 256);
+        mk_malloc("pD", 512, 2048);
         mk_malloc("pM", 512, 64);
         errbdev::create("pD", None).unwrap();
         errbdev::create("pM", None).unwrap();
@@ -923,7 +925,21 @@ fn delete_after_power_cut_then_resume() {
         create(o.clone()).await.unwrap();
         let w = pattern(16 * 512, 6);
         write_all("pC", 0, &w).await;
+        write_all("pC", 512, &w).await; // the other owner's stripe
         flush("pC").await.unwrap();
+        let desc = Arc::new(bdev::open("pC", true, |_| {}).unwrap());
+        // Partial FUA writes (no flush after them) in both stripes, from the
+        // other reactor: durable once acknowledged.
+        for at in [1000u64, 1500] {
+            let d = desc.clone();
+            run_on(1, move || async move {
+                let mut b = DmaBuf::new(512);
+                b.as_mut_slice().copy_from_slice(&pattern(512, at));
+                util::write(&d.channel(), at, b, true).await.unwrap();
+            })
+            .await;
+        }
+        drop(desc);
         write_all("pC", 64, &w).await; // not flushed
         inject("EE_pD", errbdev::InjectIoType::All, u32::MAX);
         inject("EE_pM", errbdev::InjectIoType::All, u32::MAX);
@@ -935,11 +951,144 @@ fn delete_after_power_cut_then_resume() {
         // The flushed write survived; the rest reads as source or as the
         // later write, never garbage.
         assert_eq!(read_all("pC", 0, 16).await, w);
+        assert_eq!(read_all("pC", 512, 16).await, w);
+        for at in [1000u64, 1500] {
+            assert_eq!(
+                read_all("pC", at, 1).await,
+                pattern(512, at),
+                "FUA write at {at}"
+            );
+            assert_eq!(bdev_clone::region_hydrated("pC", at / 8), Some(true));
+        }
         let got = read_all("pC", 64, 16).await;
         assert!(
             got == w || got == data[64 * 512..80 * 512],
             "region 64.. is garbage"
         );
         delete("pC").await.unwrap();
+        bdev_clone::module::set_stripe_words(0);
+    });
+}
+
+/// Copy-on-read hydrates what is read ahead of the cursor; the saved
+/// config re-creates the clone with its current settings.
+#[test]
+fn copy_on_read_and_saved_config() {
+    run_on_reactor(0x1, || async {
+        mk_malloc("cS", 512, 4096);
+        mk_malloc("cD", 512, 4096);
+        mk_malloc("cM", 512, 64);
+        let mut o = CreateOpts::new("cC", "cS", "cD", "cM");
+        o.copy_on_read = true;
+        o.hydration_mbytes_per_sec = 1; // the cursor crawls
+        let c = create(o).await.unwrap();
+        let far = 400u64;
+        assert_eq!(bdev_clone::region_hydrated("cC", far), Some(false));
+        read_all("cC", far * 8 + 1, 2).await;
+        wait_for("copy-on-read", 5, || {
+            bdev_clone::region_hydrated("cC", far) == Some(true)
+        })
+        .await;
+        bdev_clone::set_hydration(&HydrationOpts {
+            name: "cC".into(),
+            hydration_batch_size: Some(3),
+            ..Default::default()
+        })
+        .unwrap();
+        let cfg = c.ops().write_config_json(&c).unwrap();
+        assert_eq!(cfg["method"], "bdev_clone_create");
+        let p: CreateOpts = serde_json::from_value(cfg["params"].clone()).unwrap();
+        assert_eq!(
+            (
+                p.name.as_str(),
+                p.source_bdev_name.as_str(),
+                p.dest_bdev_name.as_str()
+            ),
+            ("cC", "cS", "cD")
+        );
+        assert_eq!(p.metadata_bdev_name, "cM");
+        assert!(p.copy_on_read && !p.no_hydration && !p.no_discard_passdown);
+        assert_eq!((p.hydration_batch_size, p.hydration_mbytes_per_sec), (3, 1));
+        assert_eq!(p.uuid, Some(c.uuid()));
+        let info = c.ops().dump_info_json(&c);
+        assert_eq!(info["clone"]["name"], "cC");
+        delete("cC").await.unwrap();
+        // Replaying the saved params resumes.
+        create(p).await.unwrap();
+        assert_eq!(bdev_clone::region_hydrated("cC", far), Some(true));
+        delete("cC").await.unwrap();
+    });
+}
+
+/// All-zero source data becomes write_zeroes on the destination (here
+/// every plain write to the destination would fail), in ≤ 1 MiB chunks of
+/// large regions.
+#[test]
+fn zero_source_chunks_become_write_zeroes() {
+    run_on_reactor(0x1, || async {
+        let blocks = 16 * 2048; // 16 MiB
+        null::create(null::CreateParams::new("wS", 512, blocks)).unwrap();
+        mk_malloc("wD", 512, blocks);
+        write_all("wD", 0, &pattern(1 << 20, 3)).await; // stale data
+        errbdev::create("wD", None).unwrap();
+        mk_malloc("wM", 512, 64);
+        let mut o = CreateOpts::new("wC", "wS", "EE_wD", "wM");
+        o.region_size_kb = 4096;
+        o.hydration_threshold = 2;
+        create(o).await.unwrap();
+        inject("EE_wD", errbdev::InjectIoType::Write, u32::MAX);
+        wait_for("hydration", 10, || st("wC", "source_released") == true).await;
+        assert_eq!(st("wC", "errors")["dest_write"], 0);
+        assert!(read_all("wD", 0, 2048).await.iter().all(|&b| b == 0));
+        delete("wC").await.unwrap();
+    });
+}
+
+/// A destination without write_zeroes (aio without fallocate) gets zero
+/// writes instead, before and after completion.
+#[test]
+fn write_zeroes_on_a_destination_without_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("dest");
+    std::fs::File::create(&path)
+        .unwrap()
+        .set_len(1 << 20)
+        .unwrap();
+    let p = path.to_str().unwrap().to_string();
+    run_on_reactor(0x1, move || async move {
+        let data = pattern(2048 * 512, 8);
+        mk_malloc("nS", 512, 2048);
+        write_all("nS", 0, &data).await;
+        let mut o = uring::FileBdevOpts::new(uring::Flavor::Aio, "nD", p.as_str());
+        o.block_size = 512;
+        let d = uring::create(o).unwrap();
+        assert!(!d.io_type_supported(IoType::WriteZeroes));
+        mk_malloc("nM", 512, 64);
+        let mut o = CreateOpts::new("nC", "nS", "nD", "nM");
+        o.no_hydration = true;
+        create(o).await.unwrap();
+        let desc = bdev::open("nC", true, |_| {}).unwrap();
+        let ch = desc.channel();
+        // Cold partial, then the same region hydrated, then after release.
+        util::simple(&ch, IoType::WriteZeroes, 3, 2).await.unwrap();
+        util::simple(&ch, IoType::WriteZeroes, 5, 1).await.unwrap();
+        let mut expect = data.clone();
+        expect[3 * 512..6 * 512].fill(0);
+        assert_eq!(read_all("nC", 0, 16).await, expect[..16 * 512]);
+        bdev_clone::set_hydration(&HydrationOpts {
+            name: "nC".into(),
+            enable: Some(true),
+            hydration_threshold: Some(16),
+            ..Default::default()
+        })
+        .unwrap();
+        wait_for("release", 10, || st("nC", "source_released") == true).await;
+        util::simple(&ch, IoType::WriteZeroes, 100, 50)
+            .await
+            .unwrap();
+        expect[100 * 512..150 * 512].fill(0);
+        assert_eq!(read_all("nC", 0, 2048).await, expect);
+        drop(desc);
+        delete("nC").await.unwrap();
     });
 }
