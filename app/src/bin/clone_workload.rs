@@ -25,7 +25,7 @@ use std::future::Future;
 use std::io::Write;
 use std::path::PathBuf;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -510,19 +510,31 @@ async fn run_workload(cli: RunArgs) -> i32 {
     // with its own descriptor, opened here and closed here (as bdevperf).
     let nr = reactor::num_reactors().max(1);
     let running = Arc::new(AtomicUsize::new(cli.queue_depth.max(1) as usize));
+    // The bdev going away (deleted, or a base removed) stops the workers so
+    // their descriptors close and the unregister can finish.
+    let removed = Arc::new(AtomicBool::new(false));
     for i in 0..cli.queue_depth.max(1) {
-        let desc = match bdev::open(&cli.bdev, true, |_| {}) {
+        let flag = removed.clone();
+        let desc = match bdev::open(&cli.bdev, true, move |ev| {
+            if ev == bdev::BdevEvent::Remove {
+                flag.store(true, Ordering::Release);
+            }
+        }) {
             Ok(d) => d,
             Err(e) => {
                 eprintln!("clone_workload: cannot open {}: {e}", cli.bdev);
                 return 1;
             }
         };
-        let (spec, st, running) = (spec.clone(), st.clone(), running.clone());
+        let (spec, st, running, removed) =
+            (spec.clone(), st.clone(), running.clone(), removed.clone());
         reactor::send(i % nr, move || {
             reactor::spawn_local(async move {
                 let ch = desc.channel();
-                while !app::shutdown_requested() && run_one(&ch, &spec, &st).await {}
+                while !app::shutdown_requested()
+                    && !removed.load(Ordering::Acquire)
+                    && run_one(&ch, &spec, &st).await
+                {}
                 drop(ch);
                 reactor::send(0, move || drop(desc));
                 running.fetch_sub(1, Ordering::AcqRel);
