@@ -798,6 +798,7 @@ fn owner_receive(msg: UserMsg) {
                 buf: msg.buf,
             },
         );
+        sync_mode(&o.sh, router);
         if let Err(e) = router.submit(req, &mut o.out) {
             tracing::error!(error = %e, "clone router refused a request");
             if let Some(r) = o.reqs.remove(&id) {
@@ -929,6 +930,7 @@ impl Owner {
         let Some(router) = self.router.as_mut() else {
             return;
         };
+        sync_mode(&sh, router);
         let enabled = sh.hydration_enabled.load(Ordering::Relaxed)
             && sh.mode() == MODE_RW
             && !sh.paused.load(Ordering::Relaxed)
@@ -1066,6 +1068,18 @@ fn committer_flush(id: u64, origin: u32, token: u64) {
 }
 
 /// Tell a waiter how its commit went.
+/// Bring a router's metadata mode down to the clone's: a commit that
+/// failed in the committer (answering only flushes) leaves the routers
+/// read-write otherwise, and they would go on recording hydrations that can
+/// never be committed.
+fn sync_mode(sh: &Shared, router: &mut Router) {
+    match sh.mode() {
+        MODE_RW => {}
+        MODE_RO => router.set_read_only(),
+        _ => router.set_failed(),
+    }
+}
+
 fn answer(id: u64, w: Waiter, ok: bool) {
     match w {
         Waiter::Router { reactor, commit } => send_to(reactor, move || {
