@@ -132,6 +132,31 @@ def test_metadata_write_error_goes_read_only(es):
     t.stop()
 
 
+def test_metadata_unreadable_after_failed_commit_goes_failed(es):
+    """dm-clone: after a failed commit the metadata is reopened; when even
+    that fails, fail mode: every I/O fails and the status says so."""
+    t = es.t
+    es.create(no_hydration=True)
+    t.write_stamps("Clone0", 3, 0, REGION)
+    t.flush("Clone0")
+    es.inject("Md", "write", num=1000)
+    es.inject("Md", "read", num=1000)
+    t.write_stamps("Clone0", 4, 4 * REGION, REGION)  # region 4: needs a commit
+    io_fails(t.flush, "Clone0")
+    s = wait_for(lambda: ((lambda s: (s["metadata"]["mode"] == "fail", s))(clone_status(t))), 5,
+                 "metadata mode fail")
+    assert s["state"] == "failed", s
+    assert "metadata unusable" in (s["last_error"] or ""), s
+    # fail mode: reads and writes fail, even of committed regions
+    io_fails(t.read, "Clone0", 0, 1)
+    io_fails(t.write_stamps, "Clone0", 5, 0, 1)
+    # and it never leaves fail mode, even when the metadata works again
+    es.clear("Md")
+    io_fails(t.read, "Clone0", 0, 1)
+    assert clone_status(t)["state"] == "failed"
+    t.stop()
+
+
 def test_commit_flushes_destination_before_metadata(es):
     """The durability order (docs/metadata.md "Commit"): the destination is
     flushed before any bitmap unit is written. A failed destination flush
