@@ -142,7 +142,7 @@ fi
 # ---------------------------------------------------------------------------
 banner "3/5 cargo build --release --workspace --bins"
 cargo build --release --workspace --bins || die "cargo build"
-for b in clone_tgt bdevperf; do
+for b in clone_tgt bdevperf clonectl clone_workload; do
     [[ -x "target/release/$b" ]] || die "target/release/$b was not built"
 done
 

@@ -222,9 +222,9 @@ pub fn register_all_methods() {
     register_framework_methods();
     bdev::rpc::register_methods();
     bdev::modules::register_methods();
+    bdev_clone::register_rpcs();
     nvmf::register_methods();
     nvmf::host::register_methods();
-    bdev_clone::register_rpcs();
 }
 
 /// Block SIGINT/SIGTERM in every thread and handle them on one thread

@@ -798,6 +798,7 @@ fn owner_receive(msg: UserMsg) {
                 buf: msg.buf,
             },
         );
+        sync_mode(&o.sh, router);
         if let Err(e) = router.submit(req, &mut o.out) {
             tracing::error!(error = %e, "clone router refused a request");
             if let Some(r) = o.reqs.remove(&id) {
@@ -929,6 +930,7 @@ impl Owner {
         let Some(router) = self.router.as_mut() else {
             return;
         };
+        sync_mode(&sh, router);
         let enabled = sh.hydration_enabled.load(Ordering::Relaxed)
             && sh.mode() == MODE_RW
             && !sh.paused.load(Ordering::Relaxed)
@@ -1066,6 +1068,18 @@ fn committer_flush(id: u64, origin: u32, token: u64) {
 }
 
 /// Tell a waiter how its commit went.
+/// Bring a router's metadata mode down to the clone's: a commit that
+/// failed in the committer (answering only flushes) leaves the routers
+/// read-write otherwise, and they would go on recording hydrations that can
+/// never be committed.
+fn sync_mode(sh: &Shared, router: &mut Router) {
+    match sh.mode() {
+        MODE_RW => {}
+        MODE_RO => router.set_read_only(),
+        _ => router.set_failed(),
+    }
+}
+
 fn answer(id: u64, w: Waiter, ok: bool) {
     match w {
         Waiter::Router { reactor, commit } => send_to(reactor, move || {
@@ -1126,6 +1140,14 @@ fn start_round(rc: &Rc<RefCell<Owner>>, periodic: bool) {
             sh.map.restore_dirty(&dirty);
             if sh.mode.fetch_max(MODE_RO, Ordering::AcqRel) == MODE_RW {
                 tracing::error!(clone = %sh.name, "metadata commit failed: switching to read-only mode");
+                // dm-clone's abort: reopen the last committed metadata; if
+                // even that fails the metadata is unusable and the clone
+                // goes to fail mode (every I/O fails; never left again).
+                if let Err(why) = recheck_metadata(&md, &sh).await {
+                    sh.mode.fetch_max(MODE_FAILED, Ordering::AcqRel);
+                    sh.set_last_error(format!("metadata unusable after a failed commit: {why}"));
+                    tracing::error!(clone = %sh.name, %why, "metadata unusable: switching to fail mode");
+                }
             }
         }
         sh.commits_in_flight.fetch_sub(1, Ordering::AcqRel);
@@ -1144,6 +1166,24 @@ fn start_round(rc: &Rc<RefCell<Owner>>, periodic: bool) {
         start_round(&rc, false);
         drive(&rc);
     });
+}
+
+/// Read the committed superblock back and check it is still this clone's
+/// (dm-clone reopens its metadata after a failed commit).
+async fn recheck_metadata(md: &IoChannel, sh: &Shared) -> Result<(), String> {
+    let mdbs = sh.md_block_size as u64;
+    let sb = util::read(md, 0, BITMAP_OFFSET / mdbs)
+        .await
+        .map_err(|s| format!("superblock read failed ({s:?})"))?;
+    let fb = FORMAT_BLOCK_SIZE as usize;
+    match metadata::decode_superblock(&sb.as_slice()[..fb], &sb.as_slice()[fb..2 * fb]) {
+        Ok(SuperState::Valid { sb, .. }) => {
+            metadata::check_geometry(&sb, &sh.geo).map_err(|e| e.to_string())?;
+            metadata::check_uuid(&sb, sh.uuid).map_err(|e| e.to_string())
+        }
+        Ok(SuperState::Blank) => Err("the superblock is gone (all zero)".into()),
+        Err(e) => Err(e.to_string()),
+    }
 }
 
 /// Images of the dirty units, in whole metadata blocks (a block's other

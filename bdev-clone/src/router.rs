@@ -486,6 +486,13 @@ impl Router {
     pub fn set_failed(&mut self) {
         self.mode = MetadataMode::Failed;
     }
+    /// The metadata went read-only elsewhere (a commit made by the external
+    /// committer failed): record no new hydration from now on.
+    pub fn set_read_only(&mut self) {
+        if self.mode == MetadataMode::ReadWrite {
+            self.mode = MetadataMode::ReadOnly;
+        }
+    }
     /// Background hydration cursor (next region the hydrator looks at).
     pub fn cursor(&self) -> u64 {
         self.cursor

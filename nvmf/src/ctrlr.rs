@@ -211,11 +211,7 @@ pub fn identify_ns(ns: &target::Namespace, opts: &TransportOpts) -> Vec<u8> {
     put64(&mut b, NCAP, n);
     put64(&mut b, NUSE, n);
     b[NMIC] = 1;
-    if ns.bdev.io_type_supported(bdev::IoType::WriteZeroes) {
-        // Deallocated blocks read as zeroes only when unmap is backed by
-        // write-zeroes semantics; claim nothing we cannot keep.
-        b[DLFEAT] = 0;
-    }
+    // DLFEAT stays 0: what deallocated blocks read as depends on the bdev.
     if ns.read_only {
         b[NSATTR] = 1;
     }
