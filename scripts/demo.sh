@@ -1,25 +1,23 @@
 #!/usr/bin/env bash
 # The main job on local files, nothing to set up beyond the Rust toolchain:
 # a writable clone of a slow "remote" source, usable the moment it exists,
-# hydrated onto a local file in the background, then checked block by block.
+# exported over NVMe/TCP, hydrated onto a local file in the background,
+# resumed after a restart, then checked block by block.
 #
 #   1. build (release); SPDK's rpc.py (spdk-rpc) into .venv
 #   2. a source file of random data (DEMO_SIZE_MB, default 1024), served by
 #      io_uring behind a delay bdev with a remote disk's latencies; a
 #      destination file and a metadata file (uring bdevs)
 #   3. clone_tgt; the clone created with spdk-rpc --plugin clone_rpc_plugin;
-#      clonectl status; the stack saved with spdk-rpc save_config
-#   4. usable at once: bdevperf -w verify on the clone from that saved config
-#      while it is still hydrating (clonectl asks bdevperf's RPC socket)
-#   5. clone_tgt again from the config: the clone resumes where it was;
-#      clonectl status --watch until it is hydrated; clean shutdown
+#      exported with SPDK's nvmf_* RPCs on 127.0.0.1
+#   4. usable at once: bdevperf, as an NVMe/TCP host (bdev_nvme_attach_
+#      controller), runs -w verify on the clone over the network while
+#      clone_tgt hydrates it; clonectl status meanwhile
+#   5. clone_tgt stopped mid-hydration and started again from its saved
+#      config: the clone resumes where it was; clonectl status --watch until
+#      hydrated and the source released; clean shutdown
 #   6. the destination must equal the source, except the blocks bdevperf wrote
 #      through the clone, which must hold exactly bdevperf's pattern for them
-#
-# Why bdevperf runs between two clone_tgt runs: clone_tgt has no I/O front
-# end besides NVMe-oF yet, and two processes cannot drive the same files at
-# once. The saved config hands the very same stack (clone included) over to
-# bdevperf, as a host would reach it right after creation, and back.
 #
 # Env: DEMO_SIZE_MB (1024), DEMO_SECONDS (verify run, 5), DEMO_KEEP=1 keeps
 # the work directory, DEMO_LATENCY_US (source read latency, 2000),
@@ -117,24 +115,42 @@ QOS=$(((BLOCKS / 10 * 2 / SECS) / 1000 * 1000))
 set -x
 "${RPC[@]}" bdev_set_qos_limit Clone0 --rw-ios-per-sec "$QOS"
 { set +x; } 2>/dev/null
+NQN=nqn.2016-06.io.spdk:clone0
+PORT=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+step "exporting Clone0 over NVMe/TCP (SPDK's nvmf_* RPCs) on 127.0.0.1:$PORT"
+set -x
+"${RPC[@]}" nvmf_create_transport -t tcp >/dev/null
+"${RPC[@]}" nvmf_create_subsystem "$NQN" -a -s CLONE0 -d clone-tgt >/dev/null
+"${RPC[@]}" nvmf_subsystem_add_ns "$NQN" Clone0 >/dev/null
+"${RPC[@]}" nvmf_subsystem_add_listener "$NQN" -t tcp -a 127.0.0.1 -s "$PORT" >/dev/null
+{ set +x; } 2>/dev/null
+
+step "usable at once: bdevperf as an NVMe/TCP host, -w verify on the clone while it hydrates (${SECS} s, QD16, 4 KiB, at most $QOS IOPS)"
+cat >"$WORK/host.json" <<EOF
+{"subsystems": [{"subsystem": "bdev", "config": [
+  {"method": "bdev_nvme_attach_controller",
+   "params": {"name": "Nvme0", "trtype": "tcp", "adrfam": "ipv4", "traddr": "127.0.0.1",
+              "trsvcid": "$PORT", "subnqn": "$NQN"}}]}]}
+EOF
+echo "bdevperf --json host.json: bdev_nvme_attach_controller -b Nvme0 -t tcp -a 127.0.0.1 -s $PORT -n $NQN -> Nvme0n1"
+"$ROOT/target/release/bdevperf" --json "$WORK/host.json" -r "$PERF_SOCK" --interrupt-mode -m 0x1 \
+    --log-level warn -T Nvme0n1 -q 16 -o 4096 -w verify -t "$SECS" >"$WORK/bdevperf.log" 2>&1 &
+PERF=$!
+sleep "$(python3 -c "print(max(0.5, $SECS / 2))")"
+echo "meanwhile, in clone_tgt (clonectl status):"
+"$CLONECTL" -s "$SOCK" status || true
+wait "$PERF" || { cat "$WORK/bdevperf.log"; echo "bdevperf verify FAILED"; exit 1; }
+PERF=""
+grep -E "^\s*(Job|Nvme0n1|Total)" "$WORK/bdevperf.log" || cat "$WORK/bdevperf.log"
+VERIFY_IOPS=$(awk '/^ *Total/ {print $3}' "$WORK/bdevperf.log")
+
+step "stopping clone_tgt while it hydrates (its config saved first)"
+"$CLONECTL" -s "$SOCK" status
 "${RPC[@]}" save_config >"$WORK/config.json"
 "${RPC[@]}" spdk_kill_instance SIGTERM
 wait "$TGT" || { echo "clone_tgt exited with an error"; exit 1; }
 TGT=""
-echo "config saved (bdev_clone_create replays after its bases); clone_tgt stopped cleanly"
-
-step "usable at once: bdevperf -w verify on Clone0 from the saved config (${SECS} s, QD16, 4 KiB, at most $QOS IOPS)"
-"$ROOT/target/release/bdevperf" --json "$WORK/config.json" -r "$PERF_SOCK" --interrupt-mode -m 0x1 \
-    --log-level warn -T Clone0 -q 16 -o 4096 -w verify -t "$SECS" >"$WORK/bdevperf.log" 2>&1 &
-PERF=$!
-wait_sock "$PERF_SOCK" "$PERF" || { cat "$WORK/bdevperf.log"; echo "bdevperf did not start"; exit 1; }
-sleep "$(python3 -c "print(max(0.5, $SECS / 2))")"
-echo "meanwhile, in bdevperf (clonectl -s bdevperf's socket status):"
-"$CLONECTL" -s "$PERF_SOCK" status || true
-wait "$PERF" || { cat "$WORK/bdevperf.log"; echo "bdevperf verify FAILED"; exit 1; }
-PERF=""
-grep -E "^\s*(Job|Clone0|Total)" "$WORK/bdevperf.log" || cat "$WORK/bdevperf.log"
-VERIFY_IOPS=$(awk '/^ *Total/ {print $3}' "$WORK/bdevperf.log")
+echo "config saved (bdev_clone_create after its bases, then the nvmf export); clone_tgt stopped cleanly"
 
 step "clone_tgt again from the saved config: the clone resumes and hydrates"
 T_RESUME=$(now)
@@ -152,7 +168,7 @@ T_HYDRATED=$(now)
 wait "$TGT" || { echo "clone_tgt exited with an error"; exit 1; }
 TGT=""
 
-step "checking: destination == source, except the blocks bdevperf wrote through the clone"
+step "checking: destination == source, except the blocks bdevperf wrote through the clone over NVMe/TCP"
 python3 - "$WORK/source.img" "$WORK/dest.img" "$WORK/status.json" >"$WORK/check.out" <<'PY'
 import json, mmap, struct, sys
 
@@ -211,7 +227,6 @@ CREATE_MS=$(python3 -c "print('%.1f' % ((float('$T_CREATED') - float('$T_CREATE'
 HYD_S=$(elapsed "$T_RESUME" "$T_HYDRATED")
 echo "clone of a ${SIZE_MB} MiB remote-like source (${LAT_US} us reads), ${REGION_KB} KiB regions, hydration limited to ${RATE} MiB/s"
 echo "  create (spdk-rpc round trip included): ${CREATE_MS} ms; usable at once"
-echo "  bdevperf verify on the unhydrated clone: ${VERIFY_IOPS} IOPS (QoS cap $QOS) for ${SECS} s, no miscompare"
-echo "  resume after restart, then hydration to 100 %: ${HYD_S} s"
-echo "  (hydration ran in clone_tgt, in bdevperf, and again in clone_tgt: each picked up the saved map)"
+echo "  bdevperf verify over NVMe/TCP while hydrating: ${VERIFY_IOPS} IOPS (QoS cap $QOS) for ${SECS} s, no miscompare"
+echo "  restart from the saved config, resume, hydration to 100 % and source released: ${HYD_S} s"
 echo "DEMO OK: the destination holds the source plus exactly the writes made through the clone"
