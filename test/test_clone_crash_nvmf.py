@@ -248,7 +248,7 @@ class Worker(threading.Thread):
         r = self.rng.random()
         m = self.model
         if r < 0.55:
-            lba, n = self.span(BLOCKS_PER_REGION + 4)
+            lba, n = self.span(min(BLOCKS_PER_REGION + 4, MAX_IO_BLOCKS))    # within MDTS
             seq = self.next_seq()
             data = b"".join(stamp(lba + i, seq, WRITE_KIND) for i in range(n))
             op = m.issue(range(lba, lba + n), ("W", seq))
