@@ -13,7 +13,11 @@ both clones reach `hydrated` + `source_released: true` with the guest still
 connected, the source bdevs are deleted, the guest keeps reading, rewriting and
 checking, and after the release namespace 1 reads exactly as expected, takes
 more writes and another fio verify. After a clean shutdown, the destination
-file of clone 1 equals the source with exactly the guest's writes applied."""
+file of clone 1 equals the source with exactly the guest's writes applied.
+
+A second test kills clone_tgt with SIGKILL under the Linux host's reads of a
+hydrating clone and restarts it from its saved config: the host reconnects by
+itself, no read fails or differs, the clone resumes and hydrates."""
 
 import hashlib
 import os
@@ -224,3 +228,122 @@ def test_clone_over_nvmf_linux_host(tgt2, datadir):
     print("\n".join(l for l in out.splitlines() if l.startswith(("###", "I/O rounds"))))
     print("timeline (event, s, hydrated regions of clone 1 / guest I/O rounds):", timeline,
           "total %.1f s" % took)
+
+
+@pytest.mark.skipif(not HARNESS.exists(), reason="linux-guest harness not found at ../shared/vm")
+def test_linux_host_rides_out_kill9_of_the_target(request, workdir, datadir):
+    """The Linux host keeps reading a hydrating clone (every read compared)
+    while clone_tgt is killed with SIGKILL and restarted from its saved config:
+    nvme-tcp reconnects, the reads in flight are retried, the flushed writes are
+    there, the clone resumes hydrating from its metadata and finishes; the
+    destination is then the source plus exactly the host's writes."""
+    started = []
+    request.node._clone_targets = started
+
+    def start(args=(), sock=None):
+        t = TwoReactorTarget(workdir, args=args, sock=sock, name="tgt%d" % len(started))
+        started.append(t)
+        return t.start()
+
+    try:
+        _rides_out_kill9(start, workdir, datadir)
+    finally:
+        for t in reversed(started):
+            t.kill()
+
+
+def _rides_out_kill9(start, workdir, datadir):
+    size = 64 * MiB
+    src_data = os.urandom(size)
+    src, dst, meta = datadir / "src.img", datadir / "dst.img", datadir / "meta.img"
+    src.write_bytes(src_data)
+    for f, n in ((dst, size), (meta, MiB)):
+        with open(f, "wb") as fh:
+            fh.truncate(n)
+    share = datadir / "share"
+    share.mkdir()
+    writes = [("p1.bin", 3 * MiB, 192 * 1024), ("p2.bin", 7 * MiB + 8192, 4096),
+              ("p3.bin", 20 * MiB - 512, 1024)]
+    for name, _, length in writes:
+        (share / name).write_bytes(os.urandom(length))
+    (share / "writes.txt").write_text("".join("%s %d\n" % (n, off) for n, off, _ in writes))
+    image = bytearray(src_data)
+    for name, off, length in writes:
+        image[off:off + length] = (share / name).read_bytes()
+
+    port = free_port()
+    tgt = start()
+    tgt.rpc("bdev_uring_create", name="SrcFile", filename=str(src), block_size=BS)
+    tgt.rpc("bdev_delay_create", name="Src", base_bdev_name="SrcFile", avg_read_latency=500,
+            p99_read_latency=1000, avg_write_latency=500, p99_write_latency=1000)
+    tgt.rpc("bdev_uring_create", name="Dst", filename=str(dst), block_size=BS)
+    tgt.rpc("bdev_uring_create", name="Meta", filename=str(meta), block_size=BS)
+    tgt.rpc("bdev_clone_create", name="Clone0", source_bdev_name="Src", dest_bdev_name="Dst",
+            metadata_bdev_name="Meta", region_size_kb=REGION_KB, hydration_mbytes_per_sec=1)
+    tgt.rpc("nvmf_create_transport", trtype="TCP")
+    tgt.rpc("nvmf_create_subsystem", nqn=NQN, allow_any_host=True, serial_number="CLONENVMF0002",
+            model_number="clone-tgt kill test")
+    tgt.rpc("nvmf_subsystem_add_ns", nqn=NQN, namespace={"bdev_name": "Clone0"})
+    tgt.rpc("nvmf_subsystem_add_listener", nqn=NQN,
+            listen_address={"trtype": "TCP", "traddr": ADDR, "trsvcid": str(port)})
+    cfg = workdir / "config.json"
+    cfg.write_text(tgt.cli("save_config").stdout)
+
+    argv = [str(HARNESS), "run", "--timeout", "600", "--share", str(share),
+            str(ROOT / "test" / "guest" / "clone_nvmf_kill.sh"), str(port), NQN,
+            hashlib.sha256(src_data).hexdigest()]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            stdin=subprocess.DEVNULL)
+    try:
+        if not wait_file(share / "written", proc, 300):
+            pytest.fail("guest ended before its writes:\n%s" % guest_output(proc)[-15000:])
+        reads = share / "reads"
+        wait_file(reads, proc, 60)
+        before = int(reads.read_text() or 0)
+        deadline = time.monotonic() + 30
+        while int(reads.read_text() or 0) < before + 2:     # reads are going on
+            assert time.monotonic() < deadline and proc.poll() is None, "guest reads stalled"
+            time.sleep(0.05)
+        st = status(tgt, "Clone0")
+        assert st["state"] == "hydrating" and 0 < st["hydrated_regions"] < st["num_regions"], st
+        at_kill = st["hydrated_regions"]
+        os.kill(tgt.pid, 9)
+        tgt.wait_exit()
+        tgt = start(("--json", cfg), sock=tgt.sock)
+        st2 = status(tgt, "Clone0")
+        assert st2["state"] == "hydrating" and st2["hydrated_regions"] > 0, st2
+        (share / "restarted").write_text("")
+
+        # The host reconnects by itself and its reads go on; then let hydration finish.
+        deadline = time.monotonic() + 60
+        while not tgt.rpc("nvmf_subsystem_get_controllers", nqn=NQN):
+            assert time.monotonic() < deadline and proc.poll() is None, "the host did not reconnect"
+            time.sleep(0.1)
+        tgt.rpc("bdev_clone_set_hydration", name="Clone0", hydration_mbytes_per_sec=0)
+        deadline = time.monotonic() + 120
+        while True:
+            st = status(tgt, "Clone0")
+            if st["state"] == "hydrated" and st["source_released"]:
+                break
+            assert st["state"] in ("hydrating", "hydrated") and time.monotonic() < deadline, st
+            time.sleep(0.1)
+        (share / "released").write_text("")
+        out, _ = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    fails = re.findall(r"CHECK-FAIL .*", out)
+    oks = re.findall(r"CHECK-OK (\S+)", out)
+    assert proc.returncode == 0 and not fails, "guest exit %d, failed checks %s\n%s" % (
+        proc.returncode, fails, out[-15000:])
+    for must in ("connect", "sha-source", "reads-across-kill", "saw-reconnect",
+                 "sha-after-restart", "sha-after-release", "disconnect", "dmesg-no-io-error"):
+        assert must in oks, "check %s did not run\n%s" % (must, out[-15000:])
+    tgt.stop()
+    assert "panicked" not in tgt.log()
+    with open(dst, "rb") as f:
+        assert f.read(size) == bytes(image), "destination != source + the host's writes"
+    print("\n".join(l for l in out.splitlines() if l.startswith(("###", "reads:"))))
+    print("hydrated regions at the kill %d, after the restart %d" % (
+        at_kill, st2["hydrated_regions"]))
