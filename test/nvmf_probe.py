@@ -250,6 +250,19 @@ class Conn:
         return self.cmd(0x01, nsid, (slba & 0xFFFFFFFF, slba >> 32, cdw12, 0, 0, 0),
                         write=data, icd_max=icd_max, check=check)
 
+    def flush(self, nsid, check=True):
+        """NVM Flush (opcode 00h)."""
+        return self.cmd(0x00, nsid, check=check)
+
+    def deallocate(self, nsid, ranges, check=True):
+        """Dataset Management (opcode 09h) with the Deallocate attribute (AD, CDW11 bit 2)
+        over `ranges` [(slba, nlb)]: 16-byte range descriptors (context attributes, length
+        in blocks, starting LBA), NR = count - 1 in CDW10."""
+        assert 1 <= len(ranges) <= 256
+        data = b"".join(struct.pack("<IIQ", 0, nlb, slba) for slba, nlb in ranges)
+        return self.cmd(0x09, nsid, (len(ranges) - 1, 1 << 2, 0, 0, 0, 0), write=data,
+                        check=check)
+
     def expect_term(self):
         """Read until a C2HTermReq arrives; return (fes, fei); then expect EOF."""
         p = self.recv_pdu()

@@ -3,6 +3,7 @@
 
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use ::rpc::{register_typed, DecodeError, RpcError, RUNTIME};
 use serde::Deserialize;
@@ -530,7 +531,32 @@ fn listen_addr(a: &ListenAddress) -> Result<ListenAddr, RpcError> {
     })
 }
 
-fn add_listener(p: Listener) -> Result<bool, RpcError> {
+/// How long `nvmf_subsystem_add_listener` keeps retrying a bind refused with
+/// EADDRINUSE. A killed clone_tgt's listening socket outlives the process by
+/// 10-20 ms (the kernel tears down its io_uring, which holds the pending
+/// Accept, asynchronously), so a restart right after a crash would otherwise
+/// fail its `--json` config load. A port really held by someone else still
+/// fails, a second later.
+const LISTEN_RETRY: Duration = Duration::from_secs(1);
+
+async fn listen_retrying(a: &ListenAddr) -> std::io::Result<crate::tcp::ListenerHandle> {
+    let deadline = Instant::now() + LISTEN_RETRY;
+    let mut warned = false;
+    loop {
+        match crate::tcp::listen(a) {
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && Instant::now() < deadline => {
+                if !warned {
+                    tracing::warn!(addr = %a, "address in use; retrying for up to {LISTEN_RETRY:?}");
+                    warned = true;
+                }
+                reactor::sleep(Duration::from_millis(10)).await;
+            }
+            r => return r,
+        }
+    }
+}
+
+async fn add_listener(p: Listener) -> Result<bool, RpcError> {
     let Some(s) = target::find_subsystem(&p.nqn) else {
         return Err(no_subsystem(&p.nqn));
     };
@@ -547,15 +573,42 @@ fn add_listener(p: Listener) -> Result<bool, RpcError> {
         tracing::error!(addr = %a, "listener already exists");
         return Err(invalid());
     }
+    let cannot_listen = |e: std::io::Error| {
+        tracing::error!(addr = %a, error = %e, "cannot listen");
+        invalid()
+    };
+    // Bind before taking the target lock: the bind may wait (see LISTEN_RETRY).
+    let served = target::tgt().listeners.contains_key(&a);
+    let mut fresh = if served {
+        None
+    } else {
+        Some(listen_retrying(&a).await.map_err(cannot_listen)?)
+    };
+    if fresh.is_some() {
+        // Other RPCs may have run while the bind waited.
+        let same = target::find_subsystem(&p.nqn).is_some_and(|s2| Arc::ptr_eq(&s, &s2));
+        if !same || s.listens_on(&a) {
+            if let Some(h) = fresh.take() {
+                h.stop();
+            }
+            tracing::error!(addr = %a, nqn = %p.nqn, "subsystem deleted or listener added meanwhile");
+            return Err(invalid());
+        }
+    }
     {
         let mut t = target::tgt();
         if let Some((_, n)) = t.listeners.get_mut(&a) {
             *n += 1;
+            if let Some(h) = fresh.take() {
+                // another subsystem's call bound the address meanwhile
+                h.stop();
+            }
         } else {
-            let h = crate::tcp::listen(&a).map_err(|e| {
-                tracing::error!(addr = %a, error = %e, "cannot listen");
-                invalid()
-            })?;
+            let h = match fresh.take() {
+                Some(h) => h,
+                // released meanwhile: bind now (no wait under the lock)
+                None => crate::tcp::listen(&a).map_err(cannot_listen)?,
+            };
             t.listeners.insert(a.clone(), (h, 1));
         }
         if !t.port_ids.contains_key(&a) {
@@ -916,7 +969,7 @@ pub fn register_methods() {
         "nvmf_subsystem_add_listener",
         RUNTIME,
         DecodeError::InvalidParams,
-        |p: Listener| async move { add_listener(p) },
+        |p: Listener| async move { add_listener(p).await },
     );
     register_typed(
         "nvmf_subsystem_remove_listener",
