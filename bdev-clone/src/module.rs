@@ -58,8 +58,7 @@ const BACKOFF_MAX_NS: u64 = 1_000_000_000;
 /// Consecutive failed copies after which hydration pauses.
 const MAX_FAIL_STREAK: u32 = 8;
 /// Hydration poller period (rate-limit refill, back-off expiry).
-/// Short, so that a rate-limited hydration starts a few copies at a time.
-const HYDRATION_POLL: Duration = Duration::from_micros(500);
+const HYDRATION_POLL: Duration = Duration::from_millis(2);
 /// Periodic commit.
 const COMMIT_PERIOD: Duration = Duration::from_secs(1);
 /// How long delete waits for in-flight work before giving up on it.
@@ -959,7 +958,6 @@ impl Owner {
         }
         let limit = sh.mbytes_per_sec.load(Ordering::Relaxed);
         let region = sh.geo.region_size() as f64;
-        let mut max = u64::MAX;
         if limit > 0 {
             // Each owner gets an equal share of the clone's limit.
             let bps = limit as f64 * 1048576.0 / sh.owners.len() as f64;
@@ -973,16 +971,11 @@ impl Owner {
             if self.tokens <= 0.0 {
                 return;
             }
-            // Start only what the tokens pay for (at least one batch, so
-            // copies keep their size), so that copies and their
-            // completions come a few at a time, between user I/O, rather
-            // than a threshold's worth at once followed by a long wait.
-            max = ((self.tokens / region) as u64).max(cfg.hydration_batch_size);
         } else {
             self.last_refill = now;
             self.tokens = 0.0;
         }
-        let started = router.next_background_upto(&mut self.out, max);
+        let started = router.next_background(&mut self.out);
         if limit > 0 {
             self.tokens -= started as f64 * region;
         }

@@ -975,25 +975,16 @@ impl Router {
     /// fewer than `hydration_threshold` regions are being copied. Returns
     /// the number of regions started.
     pub fn next_background(&mut self, out: &mut Vec<Command>) -> u64 {
-        self.next_background_upto(out, u64::MAX)
-    }
-
-    /// [`Router::next_background`] starting at most `max` regions (at
-    /// least one when any may start): a rate limiter spreads its copies
-    /// over time rather than starting a threshold's worth at once.
-    pub fn next_background_upto(&mut self, out: &mut Vec<Command>, max: u64) -> u64 {
         if !self.cfg.hydration_enabled || self.mode != MetadataMode::ReadWrite {
             return 0;
         }
-        let max = max.max(1);
         let mut started = 0;
-        while self.regions_copying < self.cfg.hydration_threshold && started < max {
+        while self.regions_copying < self.cfg.hydration_threshold {
             let budget = self
                 .cfg
                 .hydration_batch_size
                 .max(1)
-                .min(self.cfg.hydration_threshold - self.regions_copying)
-                .min(max - started);
+                .min(self.cfg.hydration_threshold - self.regions_copying);
             let Some((r, from_cursor)) = self.pick_candidate() else {
                 break;
             };

@@ -1008,38 +1008,3 @@ fn external_commits_take_no_snapshot() {
         !out2.iter().any(|c| matches!(c, Command::FlushDest { .. })) || r.stats().commit_in_flight
     );
 }
-
-#[test]
-fn background_upto_starts_at_most_max_regions() {
-    // What a rate limiter asks for: a few regions at a time, whole
-    // batches kept where the cap allows, never more than the threshold.
-    let cfg = RouterConfig {
-        hydration_threshold: 8,
-        hydration_batch_size: 3,
-        ..RouterConfig::default()
-    };
-    let g = geo(8 * 20);
-    let map = Arc::new(RegionMap::new(20));
-    let mut r = Router::new(g, map, cfg, MetadataMode::ReadWrite).unwrap();
-    let mut out = Vec::new();
-    let copies = |out: &Vec<Command>| -> Vec<_> {
-        out.iter()
-            .filter_map(|c| match c {
-                Command::StartCopy { regions, .. } => Some(regions.clone()),
-                _ => None,
-            })
-            .collect()
-    };
-    assert_eq!(r.next_background_upto(&mut out, 4), 4);
-    assert_eq!(copies(&out), vec![0..3, 3..4]);
-    out.clear();
-    // Zero still starts one region (the caller had tokens).
-    assert_eq!(r.next_background_upto(&mut out, 0), 1);
-    assert_eq!(copies(&out), vec![4..5]);
-    out.clear();
-    // The threshold still caps: 5 in flight, 3 more allowed.
-    assert_eq!(r.next_background_upto(&mut out, 100), 3);
-    assert_eq!(r.stats().regions_copying, 8);
-    out.clear();
-    assert_eq!(r.next_background_upto(&mut out, 100), 0);
-}
