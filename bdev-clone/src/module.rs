@@ -490,14 +490,22 @@ fn forward(sh: &Arc<Shared>, dst: &IoChannel, mut parent: Box<BdevIo>) {
         parent.num_blocks,
         parent.fua,
     );
-    let sh2 = sh.clone();
-    let mut child = BdevIo::new(t, off, num, buf, move |mut child| {
-        parent.buf = child.buf.take();
-        if !child.status.is_success() && t != IoType::Read {
-            sh2.err_dest.fetch_add(1, Ordering::Relaxed);
-        }
-        parent.complete(child.status);
-    });
+    let mut child = if t == IoType::Read {
+        // Reads count no destination error: no reference to take.
+        BdevIo::new(t, off, num, buf, move |mut child| {
+            parent.buf = child.buf.take();
+            parent.complete(child.status);
+        })
+    } else {
+        let sh2 = sh.clone();
+        BdevIo::new(t, off, num, buf, move |mut child| {
+            parent.buf = child.buf.take();
+            if !child.status.is_success() {
+                sh2.err_dest.fetch_add(1, Ordering::Relaxed);
+            }
+            parent.complete(child.status);
+        })
+    };
     child.fua = fua;
     dst.submit(child);
 }
