@@ -23,8 +23,8 @@ use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::Duration;
 
 use bdev::{
-    util, Bdev, BdevBuilder, BdevEvent, BdevIo, BdevOps, BoxFuture, ChannelOps, ClaimType, Desc,
-    IoChannel, IoStatus, IoType,
+    util, Bdev, BdevBuilder, BdevIo, BdevOps, BoxFuture, ChannelOps, ClaimType, Desc, IoChannel,
+    IoStatus, IoType,
 };
 use reactor::DmaBuf;
 use serde::Deserialize;
@@ -1179,19 +1179,26 @@ fn start_round(rc: &Rc<RefCell<Owner>>, periodic: bool) {
 /// Read the committed superblock back and check it is still this clone's
 /// (dm-clone reopens its metadata after a failed commit).
 async fn recheck_metadata(md: &IoChannel, sh: &Shared) -> Result<(), String> {
-    let mdbs = sh.md_block_size as u64;
-    let sb = util::read(md, 0, BITMAP_OFFSET / mdbs)
-        .await
-        .map_err(|s| format!("superblock read failed ({s:?})"))?;
-    let fb = FORMAT_BLOCK_SIZE as usize;
-    match metadata::decode_superblock(&sb.as_slice()[..fb], &sb.as_slice()[fb..2 * fb]) {
-        Ok(SuperState::Valid { sb, .. }) => {
+    match read_superblock(md).await.map_err(|e| e.to_string())? {
+        SuperState::Valid { sb, .. } => {
             metadata::check_geometry(&sb, &sh.geo).map_err(|e| e.to_string())?;
             metadata::check_uuid(&sb, sh.uuid).map_err(|e| e.to_string())
         }
-        Ok(SuperState::Blank) => Err("the superblock is gone (all zero)".into()),
-        Err(e) => Err(e.to_string()),
+        SuperState::Blank => Err("the superblock is gone (all zero)".into()),
     }
+}
+
+/// Read and decode both superblock slots.
+async fn read_superblock(md: &IoChannel) -> Result<SuperState, CloneError> {
+    let mdbs = md.bdev().block_size() as u64;
+    let sb = util::read(md, 0, BITMAP_OFFSET / mdbs)
+        .await
+        .map_err(|s| io_err("metadata superblock read", s))?;
+    let fb = FORMAT_BLOCK_SIZE as usize;
+    Ok(metadata::decode_superblock(
+        &sb.as_slice()[..fb],
+        &sb.as_slice()[fb..2 * fb],
+    )?)
 }
 
 /// Images of the dirty units, in whole metadata blocks (a block's other
@@ -1762,36 +1769,14 @@ fn find(name: &str) -> Option<Arc<Shared>> {
         .and_then(|b| clone_of(&b))
 }
 
-/// A base event callback: unregister the clone when a base goes away.
-/// The source's removal after completion never arrives (its descriptor is
-/// closed by then).
-fn remove_propagator(
-    role: &'static str,
-) -> (
-    Arc<OnceLock<Weak<Bdev>>>,
-    impl Fn(BdevEvent) + Send + Sync + 'static,
-) {
-    let me: Arc<OnceLock<Weak<Bdev>>> = Arc::default();
-    let me2 = me.clone();
-    let cb = move |ev: BdevEvent| {
-        if ev != BdevEvent::Remove {
-            return;
-        }
-        let Some(b) = me2.get().and_then(Weak::upgrade) else {
-            return;
-        };
-        tracing::warn!(clone = %b.name(), role, "base bdev removed; unregistering the clone");
-        reactor::spawn_on(0, move || async move { bdev::unregister_bdev(&b).await });
-    };
-    (me, cb)
-}
-
 fn open_claim(
     name: &str,
     ty: ClaimType,
     role: &'static str,
 ) -> Result<(Desc, SelfRef), CloneError> {
-    let (me, cb) = remove_propagator(role);
+    // The source's removal after completion never arrives: its descriptor
+    // is closed by then.
+    let (me, cb) = bdev::remove_propagator(role);
     let mut d = bdev::open(name, false, cb).map_err(CloneError::from_bdev)?;
     d.claim(ty, MODULE_NAME).map_err(CloneError::from_bdev)?;
     Ok((d, me))
@@ -1810,11 +1795,7 @@ async fn open_metadata(
     map: &RegionMap,
 ) -> Result<bool, CloneError> {
     let mdbs = md.bdev().block_size() as u64;
-    let sb = util::read(md, 0, BITMAP_OFFSET / mdbs)
-        .await
-        .map_err(|s| io_err("metadata superblock read", s))?;
-    let fb = FORMAT_BLOCK_SIZE as usize;
-    let state = metadata::decode_superblock(&sb.as_slice()[..fb], &sb.as_slice()[fb..2 * fb])?;
+    let state = read_superblock(md).await?;
     let bitmap_bytes = metadata::required_bytes(geo.num_regions()) - BITMAP_OFFSET;
     match state {
         SuperState::Blank => {

@@ -22,7 +22,7 @@ pub mod util;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::Duration;
 
 pub use channel::{for_each_channel, IoChannel};
@@ -738,3 +738,29 @@ pub fn downgrade(b: &Arc<Bdev>) -> Weak<Bdev> {
 
 #[cfg(test)]
 mod tests;
+
+/// A base event callback that unregisters the stacked bdev `me` (once set)
+/// when the base goes away, so hot-remove propagates up the stack. `what`
+/// names the stacked module (or the base's role) in the log.
+pub fn remove_propagator(
+    what: &'static str,
+) -> (
+    Arc<OnceLock<Weak<Bdev>>>,
+    impl Fn(BdevEvent) + Send + Sync + 'static,
+) {
+    let me: Arc<OnceLock<Weak<Bdev>>> = Arc::default();
+    let me2 = me.clone();
+    let cb = move |ev: BdevEvent| {
+        if ev != BdevEvent::Remove {
+            return;
+        }
+        let Some(b) = me2.get().and_then(Weak::upgrade) else {
+            return;
+        };
+        tracing::warn!(bdev = %b.name(), what, "base bdev removed; unregistering");
+        // Events arrive while the base's unregister runs; ours must not
+        // run inside it (it waits for this descriptor to close).
+        reactor::spawn_on(0, move || async move { unregister_bdev(&b).await });
+    };
+    (me, cb)
+}

@@ -18,7 +18,7 @@ use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use ::rpc::{register_typed, DecodeError, RpcError, RUNTIME};
@@ -28,8 +28,8 @@ use serde_json::{json, Value};
 use uuid::Uuid;
 
 use crate::{
-    Bdev, BdevBuilder, BdevError, BdevEvent, BdevIo, BdevOps, BoxFuture, ChannelOps, ClaimType,
-    Desc, IoChannel, IoStatus, IoType,
+    Bdev, BdevBuilder, BdevError, BdevIo, BdevOps, BoxFuture, ChannelOps, ClaimType, Desc,
+    IoChannel, IoStatus, IoType,
 };
 
 pub const MODULE_NAME: &str = "delay";
@@ -346,31 +346,6 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// A base event callback that unregisters the stacked bdev `me` (once set)
-/// when the base goes away, so hot-remove propagates up the stack.
-pub(crate) fn remove_propagator(
-    module: &'static str,
-) -> (
-    Arc<OnceLock<Weak<Bdev>>>,
-    impl Fn(BdevEvent) + Send + Sync + 'static,
-) {
-    let me: Arc<OnceLock<Weak<Bdev>>> = Arc::default();
-    let me2 = me.clone();
-    let cb = move |ev: BdevEvent| {
-        if ev != BdevEvent::Remove {
-            return;
-        }
-        let Some(b) = me2.get().and_then(Weak::upgrade) else {
-            return;
-        };
-        tracing::info!(bdev = %b.name(), module, "base bdev removed; unregistering");
-        // Events arrive while the base's unregister runs; ours must not
-        // run inside it (it waits for this descriptor to close).
-        reactor::spawn_on(0, move || async move { crate::unregister_bdev(&b).await });
-    };
-    (me, cb)
-}
-
 // ---------------------------------------------------------------------------
 // Create / delete / update
 
@@ -397,7 +372,7 @@ pub fn create(p: CreateParams) -> Result<Arc<Bdev>, BdevError> {
     if crate::get(&p.name).is_some() {
         return Err(BdevError::Exists(p.name));
     }
-    let (me, event_cb) = remove_propagator(MODULE_NAME);
+    let (me, event_cb) = crate::remove_propagator(MODULE_NAME);
     let mut desc = crate::open(&p.base_bdev_name, true, event_cb)?;
     desc.claim(ClaimType::ExclusiveWrite, MODULE_NAME)?;
     let base = desc.bdev().clone();

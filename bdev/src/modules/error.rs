@@ -27,7 +27,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use uuid::Uuid;
 
-use super::delay::remove_propagator;
+use crate::remove_propagator;
 use crate::{
     Bdev, BdevBuilder, BdevError, BdevIo, BdevOps, BoxFuture, ChannelOps, ClaimType, Desc,
     IoChannel, IoStatus, IoType,
