@@ -33,7 +33,10 @@ use uuid::Uuid;
 
 use crate::error::CloneError;
 use crate::geometry::Geometry;
-use crate::metadata::{self, SuperState, Superblock, BITMAP_OFFSET, FORMAT_BLOCK_SIZE, UNIT_SIZE};
+use crate::metadata::{
+    self, MetadataError, SuperState, Superblock, UnitKey, BITMAP_OFFSET, FORMAT_BLOCK_SIZE,
+    UNIT_SIZE,
+};
 use crate::oneshot;
 use crate::region_map::{units_for, RegionMap};
 use crate::router::{
@@ -43,10 +46,6 @@ use crate::router::{
 
 pub const MODULE_NAME: &str = "clone";
 pub const PRODUCT_NAME: &str = "clone";
-
-/// Namespace of the default clone uuid: UUIDv5(namespace, source uuid), so
-/// a replayed config finds its metadata again.
-const NAMESPACE_UUID: Uuid = Uuid::from_u128(0x6c0e_5b1e_3f7a_4c1d_9a2b_8e4f_0d3c_7a11);
 
 /// Largest single I/O of a hydration copy or a metadata load.
 const CHUNK_BYTES: u64 = 1 << 20;
@@ -95,6 +94,10 @@ pub struct CreateOpts {
     pub copy_on_read: bool,
     #[serde(default)]
     pub uuid: Option<Uuid>,
+    /// Format the metadata whatever it holds (the operator's way out of
+    /// damaged metadata). Never written by `save_config`.
+    #[serde(default)]
+    pub force_format: bool,
 }
 
 impl CreateOpts {
@@ -117,6 +120,7 @@ impl CreateOpts {
             hydration_mbytes_per_sec: 0,
             copy_on_read: false,
             uuid: None,
+            force_format: false,
         }
     }
 }
@@ -1035,7 +1039,9 @@ impl Owner {
 async fn release_all(sh: Arc<Shared>) {
     sh.released.store(true, Ordering::Release);
     sh.rate_bps.store(0, Ordering::Relaxed);
-    tracing::info!(clone = %sh.name, "fully hydrated: releasing the source");
+    if lock(&sh.descs).source.is_some() {
+        tracing::info!(clone = %sh.name, "fully hydrated: releasing the source");
+    }
     let id = sh.id;
     for &r in &sh.owners {
         oneshot::run_on(r, move || async move {
@@ -1556,7 +1562,7 @@ async fn commit_units(dst: &IoChannel, md: &IoChannel, sh: &Shared, units: Vec<U
         let count = (j - i).div_ceil(per) * per;
         let mut buf = DmaBuf::zeroed(count * UNIT_SIZE);
         for (k, u) in units[i..j].iter().enumerate() {
-            let img = metadata::encode_unit_words(u.index, &u.words);
+            let img = metadata::encode_unit_words(&sh.uuid, u.index, &u.words);
             buf.as_mut_slice()[k * UNIT_SIZE..(k + 1) * UNIT_SIZE].copy_from_slice(&img);
         }
         let off = metadata::unit_offset(first) / mdbs as u64;
@@ -1582,10 +1588,12 @@ async fn commit_units(dst: &IoChannel, md: &IoChannel, sh: &Shared, units: Vec<U
 /// too on the home reactor).
 fn start_owner(sh: Arc<Shared>, router: Router, idx: usize) -> Result<(), CloneError> {
     let descs = lock(&sh.descs);
-    let (Some(s), Some(d), Some(m)) = (&descs.source, &descs.dest, &descs.md) else {
+    let (Some(d), Some(m)) = (&descs.dest, &descs.md) else {
         return Err(CloneError::Io("base bdev gone during create".into()));
     };
-    let (src, dst, md) = (s.channel(), d.channel(), m.channel());
+    // No source: a fully hydrated clone restarted without it.
+    let src = descs.source.as_ref().map(|s| s.channel());
+    let (dst, md) = (d.channel(), m.channel());
     drop(descs);
     let now = reactor::now_ns();
     let home = reactor::current() == Some(sh.home);
@@ -1594,7 +1602,7 @@ fn start_owner(sh: Arc<Shared>, router: Router, idx: usize) -> Result<(), CloneE
         idx,
         committer: home.then(Committer::default),
         router: Some(router),
-        src: Some(src),
+        src,
         dst,
         md,
         reqs: HashMap::new(),
@@ -1786,85 +1794,243 @@ fn io_err(what: &str, st: IoStatus) -> CloneError {
     CloneError::Io(format!("{what} failed ({})", st.name()))
 }
 
-/// Read the superblocks; format a blank device; otherwise check it and
-/// load the bitmap into `map`.
+/// Read the metadata area after the superblocks (`bytes` of it) in large
+/// I/Os, handing each piece and its first unit to `f`.
+async fn read_bitmap_area(
+    md: &IoChannel,
+    bytes: u64,
+    mut f: impl FnMut(u64, &[u8]),
+) -> Result<(), CloneError> {
+    let mdbs = md.bdev().block_size() as u64;
+    let total = bytes.div_ceil(mdbs) * mdbs;
+    let mut at = 0u64;
+    while at < total {
+        let n = MD_IO_BYTES.min(total - at);
+        let b = util::read(md, (BITMAP_OFFSET + at) / mdbs, n / mdbs)
+            .await
+            .map_err(|s| io_err("metadata bitmap read", s))?;
+        f(at / UNIT_SIZE as u64, b.as_slice());
+        at += n;
+    }
+    Ok(())
+}
+
+/// What the bitmap area of a device without a valid superblock holds, for
+/// the refusal (", 12 bitmap units hold hydrated regions"); empty when it
+/// is all zero.
+async fn describe_bitmap_area(md: &IoChannel, num_regions: u64) -> Result<String, CloneError> {
+    let units = units_for(num_regions);
+    let (mut nonzero, mut with_bits) = (0u64, 0u64);
+    read_bitmap_area(md, units * UNIT_SIZE as u64, |first, b| {
+        let keep = ((units - first.min(units)) as usize * UNIT_SIZE).min(b.len());
+        let (n, w) = metadata::scan_units(&b[..keep]);
+        nonzero += n;
+        with_bits += w;
+    })
+    .await?;
+    Ok(match (nonzero, with_bits) {
+        (0, _) => String::new(),
+        (n, 0) => format!(", {n} bitmap units are not blank (none holds a hydrated region)"),
+        (_, w) => format!(", {w} bitmap units hold hydrated regions"),
+    })
+}
+
+/// A metadata write an open decided on, made only once the create can no
+/// longer fail for another reason.
+enum Repair {
+    /// Version 1 metadata: rewrite every unit as version 2, then both
+    /// superblock slots.
+    Upgrade { sb: Superblock, slot: u32 },
+    /// One slot is stale or damaged: write the current copy there.
+    Heal { sb: Superblock, slot: u32 },
+}
+
+/// The outcome of reading a clone's metadata.
+enum Opened {
+    /// Blank, an interrupted format, or `force_format`: format with this
+    /// uuid.
+    Format(Uuid),
+    /// A clone's metadata, loaded into the map.
+    Loaded { uuid: Uuid, repair: Option<Repair> },
+}
+
+/// Read a clone's metadata without writing anything: decide whether to
+/// format (blank device, interrupted format, `force`), or check the
+/// superblock against the clone and load the bitmap into `map`. Anything
+/// else is refused, naming the damage.
 async fn open_metadata(
     md: &IoChannel,
     geo: &Geometry,
-    uuid: Uuid,
+    state: Result<SuperState, CloneError>,
+    want: Option<Uuid>,
+    force: bool,
     map: &RegionMap,
-) -> Result<bool, CloneError> {
-    let mdbs = md.bdev().block_size() as u64;
-    let state = read_superblock(md).await?;
-    let bitmap_bytes = metadata::required_bytes(geo.num_regions()) - BITMAP_OFFSET;
-    match state {
-        SuperState::Blank => {
-            format_metadata(md, geo, uuid, bitmap_bytes).await?;
-            Ok(true)
-        }
-        SuperState::Valid { sb, .. } => {
-            metadata::check_geometry(&sb, geo)?;
-            metadata::check_uuid(&sb, uuid)?;
-            let units_bytes = units_for(geo.num_regions()) * UNIT_SIZE as u64;
-            let total = units_bytes.div_ceil(mdbs) * mdbs;
-            let mut at = 0u64;
-            while at < total {
-                let n = MD_IO_BYTES.min(total - at);
-                let b = util::read(md, (BITMAP_OFFSET + at) / mdbs, n / mdbs)
-                    .await
-                    .map_err(|s| io_err("metadata bitmap read", s))?;
-                metadata::load_units(map, at / UNIT_SIZE as u64, b.as_slice())?;
-                at += n;
-            }
-            Ok(false)
-        }
+) -> Result<Opened, CloneError> {
+    if force {
+        return Ok(Opened::Format(want.unwrap_or_else(Uuid::new_v4)));
     }
+    let (sb, slot, both) = match state {
+        Err(CloneError::Metadata(MetadataError::CorruptSuperblock { slot0, slot1, .. })) => {
+            let units = describe_bitmap_area(md, geo.num_regions()).await?;
+            return Err(MetadataError::CorruptSuperblock {
+                slot0,
+                slot1,
+                units,
+            }
+            .into());
+        }
+        Err(e) => return Err(e),
+        Ok(SuperState::Blank) => {
+            // Blank only if nothing at all is written: a clone whose two
+            // superblock blocks were lost is not formatted over.
+            let units = describe_bitmap_area(md, geo.num_regions()).await?;
+            if !units.is_empty() {
+                return Err(MetadataError::CorruptSuperblock {
+                    slot0: "all zero".into(),
+                    slot1: "all zero".into(),
+                    units,
+                }
+                .into());
+            }
+            return Ok(Opened::Format(want.unwrap_or_else(Uuid::new_v4)));
+        }
+        Ok(SuperState::Valid { sb, slot, both }) => (sb, slot, both),
+    };
+    if sb.flags & metadata::FLAG_FORMATTING != 0 {
+        // A format that never finished: no clone ever ran on it.
+        return Ok(Opened::Format(want.unwrap_or(sb.uuid)));
+    }
+    metadata::check_geometry(&sb, geo)?;
+    if let Some(u) = want {
+        metadata::check_uuid(&sb, u)?;
+    }
+    let key = UnitKey::of(&sb);
+    let mut damage = metadata::UnitDamage::default();
+    read_bitmap_area(md, sb.bitmap_units * UNIT_SIZE as u64, |first, b| {
+        metadata::load_units(map, first, b, &key, &mut damage)
+    })
+    .await?;
+    damage.into_error(map.num_units())?;
+    let repair = if sb.version == metadata::VERSION_1 {
+        Some(Repair::Upgrade {
+            sb: sb.clone(),
+            slot,
+        })
+    } else if !both {
+        Some(Repair::Heal {
+            sb: sb.clone(),
+            slot: 1 - slot,
+        })
+    } else {
+        None
+    };
+    Ok(Opened::Loaded {
+        uuid: sb.uuid,
+        repair,
+    })
 }
 
+/// Write `sb` to each of `slots` in turn, flushing after each, so a torn
+/// write damages one copy at most.
+async fn write_superblock(
+    md: &IoChannel,
+    sb: &Superblock,
+    slots: &[u32],
+) -> Result<(), CloneError> {
+    let mdbs = md.bdev().block_size() as u64;
+    let nblocks_dev = md.bdev().num_blocks();
+    for &slot in slots {
+        let img = metadata::encode_superblock(sb, slot);
+        let mut buf = DmaBuf::new(img.len());
+        buf.as_mut_slice().copy_from_slice(&img);
+        util::write(md, metadata::superblock_offset(slot) / mdbs, buf, false)
+            .await
+            .map_err(|s| io_err("metadata superblock write", s))?;
+        util::simple(md, IoType::Flush, 0, nblocks_dev)
+            .await
+            .map_err(|s| io_err("metadata flush", s))?;
+    }
+    Ok(())
+}
+
+/// Write every unit of `map` (version 2, bound to `uuid`) and flush.
+async fn write_all_units(md: &IoChannel, uuid: &Uuid, map: &RegionMap) -> Result<(), CloneError> {
+    let mdbs = md.bdev().block_size() as u64;
+    let units = map.num_units();
+    let per_io = MD_IO_BYTES / UNIT_SIZE as u64;
+    let mut buf = Some(DmaBuf::zeroed(MD_IO_BYTES as usize));
+    let mut first = 0u64;
+    while first < units {
+        let n = per_io.min(units - first);
+        let bytes = (n * UNIT_SIZE as u64).div_ceil(mdbs) * mdbs;
+        let mut b = buf
+            .take()
+            .unwrap_or_else(|| DmaBuf::zeroed(MD_IO_BYTES as usize));
+        let s = &mut b.as_mut_slice()[..bytes as usize];
+        // The tail of a last partial block: zero units, never read.
+        s.fill(0);
+        for i in 0..n {
+            let img = metadata::encode_unit(uuid, (first + i) as u32, map);
+            s[i as usize * UNIT_SIZE..][..UNIT_SIZE].copy_from_slice(&img);
+        }
+        let off = metadata::unit_offset(first) / mdbs;
+        let mut io = util::submit(md, IoType::Write, off, bytes / mdbs, Some(b), false).await;
+        if !io.status.is_success() {
+            return Err(io_err("metadata bitmap write", io.status));
+        }
+        buf = io.buf.take();
+        first += n;
+    }
+    util::simple(md, IoType::Flush, 0, md.bdev().num_blocks())
+        .await
+        .map_err(|s| io_err("metadata flush", s))?;
+    Ok(())
+}
+
+/// Format: a superblock saying "formatting" in both slots, every unit
+/// (empty, bound to the uuid), then the real superblock in both slots. A
+/// crash at any point leaves either a formatting superblock (formatted
+/// again on the next create) or a complete format.
 async fn format_metadata(
     md: &IoChannel,
     geo: &Geometry,
     uuid: Uuid,
-    bitmap_bytes: u64,
+    map: &RegionMap,
 ) -> Result<(), CloneError> {
-    let mdbs = md.bdev().block_size() as u64;
-    let first = BITMAP_OFFSET / mdbs;
-    let nblocks = bitmap_bytes / mdbs;
-    // Zero the bitmap (old data may linger past blocks 0-1): one cheap
-    // write_zeroes where the bdev has it, else large zero writes.
-    if md.bdev().io_type_supported(IoType::WriteZeroes) {
-        util::simple(md, IoType::WriteZeroes, first, nblocks)
-            .await
-            .map_err(|s| io_err("metadata write_zeroes", s))?;
-    } else {
-        let chunk = (MD_IO_BYTES / mdbs).min(nblocks.max(1));
-        let mut buf = Some(DmaBuf::zeroed((chunk * mdbs) as usize));
-        let mut at = 0;
-        while at < nblocks {
-            let n = chunk.min(nblocks - at);
-            let mut io = util::submit(md, IoType::Write, first + at, n, buf.take(), false).await;
-            if !io.status.is_success() {
-                return Err(io_err("metadata zeroing", io.status));
-            }
-            buf = io.buf.take();
-            at += n;
+    let mut sb = Superblock::new(uuid, geo);
+    sb.flags = metadata::FLAG_FORMATTING;
+    write_superblock(md, &sb, &[0, 1]).await?;
+    write_all_units(md, &uuid, map).await?;
+    let done = Superblock {
+        flags: 0,
+        ..sb.next()
+    };
+    write_superblock(md, &done, &[1, 0]).await
+}
+
+/// Carry out an open's [`Repair`].
+async fn repair_metadata(
+    md: &IoChannel,
+    map: &RegionMap,
+    repair: Repair,
+    name: &str,
+) -> Result<(), CloneError> {
+    match repair {
+        Repair::Upgrade { sb, slot } => {
+            tracing::info!(clone = %name, "upgrading metadata from version 1 to {}", metadata::VERSION);
+            write_all_units(md, &sb.uuid, map).await?;
+            let new = Superblock {
+                version: metadata::VERSION,
+                ..sb.next()
+            };
+            // The slot not holding the version 1 copy first.
+            write_superblock(md, &new, &[1 - slot, slot]).await
+        }
+        Repair::Heal { sb, slot } => {
+            tracing::warn!(clone = %name, slot, "metadata superblock slot {slot} was stale or damaged: rewritten");
+            write_superblock(md, &sb, &[slot]).await
         }
     }
-    let nblocks_dev = md.bdev().num_blocks();
-    util::simple(md, IoType::Flush, 0, nblocks_dev)
-        .await
-        .map_err(|s| io_err("metadata flush", s))?;
-    let sb = Superblock::new(uuid, geo);
-    let img = metadata::encode_superblock(&sb, 0);
-    let mut buf = DmaBuf::new(img.len());
-    buf.as_mut_slice().copy_from_slice(&img);
-    util::write(md, 0, buf, false)
-        .await
-        .map_err(|s| io_err("metadata superblock write", s))?;
-    util::simple(md, IoType::Flush, 0, nblocks_dev)
-        .await
-        .map_err(|s| io_err("metadata flush", s))?;
-    Ok(())
 }
 
 /// Create a clone (reactor 0). On failure nothing is left: no claim, no
@@ -1883,8 +2049,10 @@ pub async fn create(opts: CreateOpts) -> Result<Arc<Bdev>, CloneError> {
             opts.region_size_kb
         )));
     }
+    // The source may be missing only for a clone whose metadata says it
+    // is fully hydrated (checked below).
+    let source_present = bdev::get(&opts.source_bdev_name).is_some();
     for (what, n) in [
-        ("source", &opts.source_bdev_name),
         ("destination", &opts.dest_bdev_name),
         ("metadata", &opts.metadata_bdev_name),
     ] {
@@ -1892,6 +2060,13 @@ pub async fn create(opts: CreateOpts) -> Result<Arc<Bdev>, CloneError> {
             tracing::debug!(role = what, bdev = %n, "clone create: missing base bdev");
             return Err(CloneError::NoSuchBdev(n.clone()));
         }
+    }
+    let no_source = |why: String| CloneError::NoSource {
+        name: opts.source_bdev_name.clone(),
+        why,
+    };
+    if !source_present && opts.force_format {
+        return Err(no_source("force_format needs the source".into()));
     }
     let names = [
         &opts.source_bdev_name,
@@ -1903,11 +2078,15 @@ pub async fn create(opts: CreateOpts) -> Result<Arc<Bdev>, CloneError> {
             "source, destination and metadata must be three different bdevs".into(),
         ));
     }
-    let (src, src_me) = open_claim(
-        &opts.source_bdev_name,
-        ClaimType::ReadManyWriteNone,
-        "source",
-    )?;
+    let src = if source_present {
+        Some(open_claim(
+            &opts.source_bdev_name,
+            ClaimType::ReadManyWriteNone,
+            "source",
+        )?)
+    } else {
+        None
+    };
     let (dst, dst_me) = open_claim(
         &opts.dest_bdev_name,
         ClaimType::ExclusiveWrite,
@@ -1918,14 +2097,7 @@ pub async fn create(opts: CreateOpts) -> Result<Arc<Bdev>, CloneError> {
         ClaimType::ExclusiveWrite,
         "metadata",
     )?;
-    let (sb, db, mb) = (src.bdev().clone(), dst.bdev().clone(), md.bdev().clone());
-    let geo = Geometry::new(
-        sb.num_blocks(),
-        sb.block_size(),
-        db.num_blocks(),
-        db.block_size(),
-        region_size,
-    )?;
+    let (db, mb) = (dst.bdev().clone(), md.bdev().clone());
     let mdbs = mb.block_size();
     if mdbs == 0
         || !mdbs.is_power_of_two()
@@ -1936,14 +2108,63 @@ pub async fn create(opts: CreateOpts) -> Result<Arc<Bdev>, CloneError> {
             "metadata bdev block size {mdbs} is not supported (512 to 4096, a power of two)"
         )));
     }
-    metadata::check_size(mb.size_bytes(), geo.num_regions())?;
-    let uuid = opts
-        .uuid
-        .unwrap_or_else(|| Uuid::new_v5(&NAMESPACE_UUID, sb.uuid().as_bytes()));
-    let map = Arc::new(RegionMap::new(geo.num_regions()));
     let md_ch = md.channel();
-    let formatted = open_metadata(&md_ch, &geo, uuid, &map).await?;
+    let state = read_superblock(&md_ch).await;
+    // The source's size and block size, from the source or, without it,
+    // from the superblock.
+    let (src_blocks, src_bs, src_align) = match &src {
+        Some((s, _)) => (
+            s.bdev().num_blocks(),
+            s.bdev().block_size(),
+            s.bdev().required_alignment(),
+        ),
+        None => match &state {
+            Ok(SuperState::Valid { sb, .. }) if sb.flags & metadata::FLAG_FORMATTING == 0 => {
+                (sb.source_blocks, sb.block_size, 0)
+            }
+            Ok(_) => return Err(no_source("the metadata holds no clone".into())),
+            Err(e) => return Err(no_source(format!("the metadata is unusable: {e}"))),
+        },
+    };
+    let geo = Geometry::new(
+        src_blocks,
+        src_bs,
+        db.num_blocks(),
+        db.block_size(),
+        region_size,
+    )?;
+    metadata::check_size(mb.size_bytes(), geo.num_regions())?;
+    let map = Arc::new(RegionMap::new(geo.num_regions()));
+    let opened = open_metadata(&md_ch, &geo, state, opts.uuid, opts.force_format, &map).await?;
+    if src.is_none() && !map.is_complete() {
+        return Err(no_source(format!(
+            "the metadata shows {} of {} regions hydrated; only a fully hydrated clone runs without its source",
+            map.hydrated_count(),
+            geo.num_regions()
+        )));
+    }
+    // Every check passed: from here on the metadata may be written.
+    let (uuid, formatted) = match opened {
+        Opened::Format(uuid) => {
+            if opts.force_format {
+                tracing::warn!(clone = %opts.name, %uuid, "force_format: formatting the metadata; every region reads from the source again");
+            }
+            format_metadata(&md_ch, &geo, uuid, &map).await?;
+            (uuid, true)
+        }
+        Opened::Loaded { uuid, repair } => {
+            if let Some(r) = repair {
+                repair_metadata(&md_ch, &map, r, &opts.name).await?;
+            }
+            (uuid, false)
+        }
+    };
     drop(md_ch);
+    let released = src.is_none();
+    let (src, src_me) = match src {
+        Some((d, me)) => (Some(d), Some(me)),
+        None => (None, None),
+    };
     let cfg = RouterConfig {
         hydration_threshold: opts.hydration_threshold as u64,
         hydration_batch_size: opts.hydration_batch_size.max(1) as u64,
@@ -1969,7 +2190,7 @@ pub async fn create(opts: CreateOpts) -> Result<Arc<Bdev>, CloneError> {
     let sh = Arc::new(Shared {
         id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
         name: opts.name.clone(),
-        source_name: sb.name().to_string(),
+        source_name: opts.source_bdev_name.clone(),
         dest_name: db.name().to_string(),
         md_name: mb.name().to_string(),
         uuid,
@@ -1997,10 +2218,10 @@ pub async fn create(opts: CreateOpts) -> Result<Arc<Bdev>, CloneError> {
         err_md: AtomicU64::new(0),
         hydrated_bytes: AtomicU64::new(0),
         rate_bps: AtomicU64::new(0),
-        released: AtomicBool::new(false),
+        released: AtomicBool::new(released),
         last_error: Mutex::new(None),
         descs: Mutex::new(Descs {
-            source: Some(src),
+            source: src,
             dest: Some(dst),
             md: Some(md),
         }),
@@ -2024,7 +2245,7 @@ pub async fn create(opts: CreateOpts) -> Result<Arc<Bdev>, CloneError> {
         .num_blocks(geo.source_blocks())
         .uuid(Some(uuid))
         .write_cache(true)
-        .required_alignment(db.required_alignment().max(sb.required_alignment()))
+        .required_alignment(db.required_alignment().max(src_align))
         .optimal_io_boundary(0)
         .physical_block_size(db.physical_block_size())
         .register(CloneBdev(sh.clone()));
@@ -2036,7 +2257,7 @@ pub async fn create(opts: CreateOpts) -> Result<Arc<Bdev>, CloneError> {
             return Err(CloneError::from_bdev(e));
         }
     };
-    for me in [src_me, dst_me, md_me] {
+    for me in [src_me, Some(dst_me), Some(md_me)].into_iter().flatten() {
         let _ = me.set(Arc::downgrade(&bdev));
     }
     tracing::info!(
@@ -2047,6 +2268,7 @@ pub async fn create(opts: CreateOpts) -> Result<Arc<Bdev>, CloneError> {
         regions = geo.num_regions(),
         hydrated = sh.map.hydrated_count(),
         formatted,
+        source_released = released,
         home,
         stripe_regions,
         "clone bdev created"
