@@ -413,7 +413,9 @@ fn randomized_metadata_damage_never_sources_over_a_write() {
                 Err(e) => failures.push(e),
             }
         }
-        eprintln!("{seeds} seeds: {up} came up with every write, {refused} refused naming the damage");
+        eprintln!(
+            "{seeds} seeds: {up} came up with every write, {refused} refused naming the damage"
+        );
         assert!(failures.is_empty(), "{}", failures.join("\n"));
         // Both outcomes occur (a zeroed slot comes up, a zeroed unit is refused).
         assert!(up > 0 && refused > 0, "up {up}, refused {refused}");
