@@ -62,7 +62,8 @@ def spdk_rpc_plugin_initialize(subparsers):
                                               hydration_batch_size=args.hydration_batch_size,
                                               hydration_mbytes_per_sec=args.hydration_mbytes_per_sec,
                                               copy_on_read=args.copy_on_read,
-                                              uuid=args.uuid))
+                                              uuid=args.uuid,
+                                              force_format=args.force_format))
 
     p = subparsers.add_parser('bdev_clone_create',
                               help='Create a clone bdev: a writable copy of a read-only source, '
@@ -82,7 +83,11 @@ def spdk_rpc_plugin_initialize(subparsers):
     _add_hydration_tuning(p)
     p.add_argument('--copy-on-read', action='store_true', default=None,
                    help='Also write data read from the source to the destination')
-    p.add_argument('-u', '--uuid', help='UUID of the clone bdev (default: derived from the source)')
+    p.add_argument('-u', '--uuid', help='UUID of the clone bdev (default: the one in its metadata, '
+                                        'or a random one when the metadata is formatted)')
+    p.add_argument('--force-format', action='store_true', default=None,
+                   help='Format the metadata even though it holds a clone or is damaged: every '
+                        'region reads from the source again (the destination\'s data is dropped)')
     p.set_defaults(func=bdev_clone_create)
 
     def bdev_clone_delete(args):

@@ -348,15 +348,20 @@ def test_create_options(tgt, stack):
     # the metadata now belongs to UUID_CLONE: another uuid is refused, naming both
     tgt.rpc("bdev_clone_delete", name="Clone0")
     md = stack.md_bytes()
-    code, msg = create_err(tgt, region_size_kb=16)
-    assert code == -22 and UUID_CLONE in msg, msg
+    code, msg = create_err(tgt, region_size_kb=16, uuid=UUID_SRC)
+    assert code == -22 and UUID_CLONE in msg and UUID_SRC in msg, msg
     assert stack.md_bytes() == md
+    # without a uuid the clone takes the metadata's
+    clone_create(tgt, region_size_kb=16, no_hydration=True)
+    assert clone_status(tgt)["uuid"] == UUID_CLONE
 
 
 def test_uuid_default_stable(tgt, stack):
-    """Without a uuid, the clone's is derived from the source's: the same each time."""
+    """Without a uuid, the clone's is random at format time and kept in its
+    metadata: the same at each re-create, never the source's."""
     clone_create(tgt, no_hydration=True)
     first = clone_status(tgt)["uuid"]
+    assert first != UUID_SRC
     tgt.rpc("bdev_clone_delete", name="Clone0")
     clone_create(tgt, no_hydration=True)
     assert clone_status(tgt)["uuid"] == first

@@ -82,12 +82,14 @@ def test_plugin_create_every_option():
                   "--dest-bdev-name", "D", "--metadata-bdev-name", "M", "-r", "64",
                   "--no-hydration", "--no-discard-passdown", "--hydration-threshold", "0",
                   "--hydration-batch-size", "8", "--hydration-mbytes-per-sec", "100",
-                  "--copy-on-read", "-u", "8e1f8a39-6f3c-4b1e-9d7a-3c1f5b2a9e10")
+                  "--copy-on-read", "-u", "8e1f8a39-6f3c-4b1e-9d7a-3c1f5b2a9e10",
+                  "--force-format")
     assert req["params"] == {
         "name": "C", "source_bdev_name": "S", "dest_bdev_name": "D", "metadata_bdev_name": "M",
         "region_size_kb": 64, "no_hydration": True, "no_discard_passdown": True,
         "hydration_threshold": 0, "hydration_batch_size": 8, "hydration_mbytes_per_sec": 100,
-        "copy_on_read": True, "uuid": "8e1f8a39-6f3c-4b1e-9d7a-3c1f5b2a9e10"}
+        "copy_on_read": True, "uuid": "8e1f8a39-6f3c-4b1e-9d7a-3c1f5b2a9e10",
+        "force_format": True}
 
 
 def test_plugin_other_requests():
