@@ -2161,6 +2161,11 @@ pub async fn create(opts: CreateOpts) -> Result<Arc<Bdev>, CloneError> {
     };
     drop(md_ch);
     let released = src.is_none();
+    // The source's own name (not an alias); without it, the name given.
+    let source_name = match &src {
+        Some((d, _)) => d.bdev().name().to_string(),
+        None => opts.source_bdev_name.clone(),
+    };
     let (src, src_me) = match src {
         Some((d, me)) => (Some(d), Some(me)),
         None => (None, None),
@@ -2190,7 +2195,7 @@ pub async fn create(opts: CreateOpts) -> Result<Arc<Bdev>, CloneError> {
     let sh = Arc::new(Shared {
         id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
         name: opts.name.clone(),
-        source_name: opts.source_bdev_name.clone(),
+        source_name,
         dest_name: db.name().to_string(),
         md_name: mb.name().to_string(),
         uuid,

@@ -2,53 +2,19 @@
 //! opening and is upgraded in place; `force_format` is the operator's way
 //! out of damaged metadata; an interrupted format is formatted again.
 
-use std::sync::Arc;
-
-use bdev::modules::malloc;
-use bdev::util::{self, run_on_reactor};
-use bdev::Bdev;
+use bdev::util::run_on_reactor;
 use bdev_clone::metadata::{self, SuperState, Superblock, UnitKey, UNIT_SIZE, VERSION, VERSION_1};
 use bdev_clone::region_map::WORDS_PER_UNIT;
 use bdev_clone::{create, delete, CreateOpts, Geometry};
-use reactor::DmaBuf;
 use uuid::Uuid;
+
+mod bases;
+use bases::{mk_malloc, pattern, read_all, write_all};
 
 const BS: u64 = 512;
 /// 4 MiB of 512-byte blocks, 4 KiB regions: 1024 regions, one unit.
 const BLOCKS: u64 = 8192;
 const REGION_BLOCKS: u64 = 8;
-
-fn mk_malloc(name: &str, bs: u32, blocks: u64) -> Arc<Bdev> {
-    malloc::create(malloc::CreateParams::new(name, bs, blocks)).unwrap()
-}
-
-fn pattern(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
-
-async fn write_all(name: &str, at: u64, data: &[u8]) {
-    let d = bdev::open(name, true, |_| {}).unwrap();
-    let mut b = DmaBuf::new(data.len());
-    b.as_mut_slice().copy_from_slice(data);
-    util::write(&d.channel(), at, b, false).await.unwrap();
-}
-
-async fn read_all(name: &str, at: u64, blocks: u64) -> Vec<u8> {
-    let d = bdev::open(name, false, |_| {}).unwrap();
-    util::read(&d.channel(), at, blocks)
-        .await
-        .unwrap()
-        .as_slice()
-        .to_vec()
-}
 
 fn geo() -> Geometry {
     Geometry::new(BLOCKS, BS as u32, BLOCKS, BS as u32, REGION_BLOCKS * BS).unwrap()

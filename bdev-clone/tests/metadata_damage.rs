@@ -7,52 +7,17 @@
 //! These use only `create`/`delete` and the bases' bytes, so they also run
 //! against the code before the fix (where they fail).
 
-use std::sync::Arc;
-
-use bdev::modules::malloc;
 use bdev::util::{self, run_on_reactor};
-use bdev::{Bdev, IoType};
+use bdev::IoType;
 use bdev_clone::{create, delete, status, CreateOpts};
-use reactor::DmaBuf;
+
+mod bases;
+use bases::{mk_malloc, pattern, read_all, write_all, Rng};
 use uuid::Uuid;
 
 const BS: u64 = 512;
 /// 1 MiB source of 512-byte blocks, 4 KiB regions: 256 regions.
 const BLOCKS: u64 = 2048;
-
-fn mk_malloc(name: &str, bs: u32, blocks: u64) -> Arc<Bdev> {
-    malloc::create(malloc::CreateParams::new(name, bs, blocks)).unwrap()
-}
-
-fn pattern(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
-
-async fn write_all(name: &str, at: u64, data: &[u8]) {
-    let d = bdev::open(name, true, |_| {}).unwrap();
-    let ch = d.channel();
-    let mut b = DmaBuf::new(data.len());
-    b.as_mut_slice().copy_from_slice(data);
-    util::write(&ch, at, b, false).await.unwrap();
-}
-
-async fn read_all(name: &str, at: u64, blocks: u64) -> Vec<u8> {
-    let d = bdev::open(name, false, |_| {}).unwrap();
-    let ch = d.channel();
-    util::read(&ch, at, blocks)
-        .await
-        .unwrap()
-        .as_slice()
-        .to_vec()
-}
 
 async fn flush(name: &str) {
     let d = bdev::open(name, true, |_| {}).unwrap();
@@ -63,20 +28,6 @@ async fn flush(name: &str) {
 
 fn st(name: &str, key: &str) -> serde_json::Value {
     status(name).unwrap()[key].clone()
-}
-
-/// A small deterministic RNG (xorshift64*), so seeds replay.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
 }
 
 /// A source (pattern `src_seed`), destination and metadata (blocks of
