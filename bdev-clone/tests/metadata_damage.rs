@@ -350,9 +350,9 @@ async fn check_restart(
 #[test]
 fn randomized_metadata_damage_never_sources_over_a_write() {
     let seeds: u64 = if std::env::var("CI").is_ok_and(|v| v == "true") {
-        40
+        100
     } else {
-        120
+        400
     };
     run_on_reactor(0x1, move || async move {
         let (mut up, mut refused) = (0, 0);
