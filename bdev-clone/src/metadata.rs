@@ -75,7 +75,7 @@ pub enum MetadataError {
     },
     #[error("metadata damaged: superblock slots disagree: slot 0 is {slot0}; slot 1 is {slot1}")]
     SlotsDisagree { slot0: String, slot1: String },
-    #[error("metadata superblock in slot {slot} has version {found}; this build supports version {VERSION}")]
+    #[error("metadata superblock in slot {slot} has version {found}; this build reads versions {VERSION_1} and {VERSION}")]
     UnsupportedVersion { slot: u32, found: u32 },
     #[error("metadata superblock in slot {slot} has unknown flags {flags:#x}")]
     UnsupportedFlags { slot: u32, flags: u32 },
