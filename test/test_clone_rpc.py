@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import EEXIST, ENODEV, RawConn
+from conftest import EEXIST, ENODEV, RawConn, concurrent_rpc
 from clone_util import (BS, STATES, STATUS_FIELDS, UUID_CLONE, UUID_DST, UUID_MD, UUID_SRC,
                         claimed, clone_create, clone_status, make_stamped_file, make_zero_file,
                         md_required_bytes, uring, wait_clone, wait_for, wait_hydrated,
@@ -598,37 +598,12 @@ def test_huge_threshold_keeps_the_target_responsive(tgt, datadir, threshold, bat
 # concurrent deletes: exactly one answers true
 
 
-def concurrent(tgt, n, method, **params):
-    """n clients send `method` at once; [(result or None, error code or None)]."""
-    import threading
-    from spdk.rpc.client import JSONRPCClient, JSONRPCException
-    from conftest import RPC_TIMEOUT, parse_rpc_error
-    clients = [JSONRPCClient(str(tgt.sock), timeout=RPC_TIMEOUT) for _ in range(n)]
-    out = [None] * n
-    go = threading.Barrier(n)
-
-    def run(i):
-        go.wait()
-        try:
-            out[i] = (clients[i].call(method, params), None)
-        except JSONRPCException as e:
-            out[i] = (None, parse_rpc_error(e)[0])
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(RPC_TIMEOUT + 5)
-    for c in clients:
-        c.close()
-    return out
-
-
 def test_concurrent_deletes_of_one_clone(tgt, datadir):
     """Issue #8 defect 7: every concurrent bdev_clone_delete answered true."""
     Stack(tgt, datadir, delay_us=2000)
     clone_create(tgt, hydration_threshold=4)
     wait_state(tgt, "hydrating", timeout=10)
-    got = concurrent(tgt, 4, "bdev_clone_delete", name="Clone0")
+    got = concurrent_rpc(tgt, 4, "bdev_clone_delete", name="Clone0")
     assert sorted(got, key=str) == sorted([(True, None)] + [(None, -19)] * 3, key=str), got
     assert tgt.rpc("bdev_clone_get_bdevs") == []
     assert claimed(tgt, "Src") is False
