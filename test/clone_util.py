@@ -33,7 +33,7 @@ STATUS_FIELDS = (
     "name", "uuid", "source_bdev_name", "dest_bdev_name", "metadata_bdev_name",
     "region_size_kb", "num_regions", "hydrated_regions", "hydrating_regions",
     "hydration_enabled", "discard_passdown", "copy_on_read", "hydration_threshold",
-    "hydration_batch_size", "hydration_mbytes_per_sec", "state", "progress",
+    "hydration_batch_size", "hydration_mbytes_per_sec", "state", "paused_reason", "progress",
     "source_released", "errors", "metadata",
 )
 STATES = ("hydrating", "paused", "hydrated", "read_only", "failed")

@@ -280,6 +280,8 @@ def check_status(s, name="Clone0", num_regions=SRC_BLOCKS):
     assert 0 <= s["hydrated_regions"] <= s["num_regions"]
     assert s["hydrating_regions"] >= 0
     assert s["state"] in STATES, s["state"]
+    assert (s["paused_reason"] is None) == (s["state"] != "paused"), s
+    assert s["paused_reason"] in (None, "user", "source_errors", "dest_errors"), s
     for k in ("hydration_enabled", "discard_passdown", "copy_on_read", "source_released"):
         assert isinstance(s[k], bool), k
     for k in ("hydration_threshold", "hydration_batch_size", "hydration_mbytes_per_sec"):

@@ -1142,7 +1142,9 @@ impl Owner {
     fn copy_succeeded(&mut self) {
         self.fail_streak = 0;
         self.probe_wait = PROBE_MIN_NS;
-        if self.sh.paused.swap(PAUSE_NONE, Ordering::AcqRel) != PAUSE_NONE {
+        if self.sh.paused.load(Ordering::Relaxed) != PAUSE_NONE
+            && self.sh.paused.swap(PAUSE_NONE, Ordering::AcqRel) != PAUSE_NONE
+        {
             self.backoff_until = 0;
             *lock(&self.sh.last_error) = None;
             tracing::info!(clone = %self.sh.name, "a copy succeeded: hydration resumed");
@@ -1403,6 +1405,7 @@ fn exec(rc: &Rc<RefCell<Owner>>, o: &mut Owner, c: Command) {
             });
         }
         Command::StartCopy { copy, blocks, .. } => {
+            let probe = std::mem::take(&mut o.probe_pending);
             let Some(src) = o.src.clone() else {
                 return o.copy_done(copy, false);
             };
@@ -1416,7 +1419,6 @@ fn exec(rc: &Rc<RefCell<Owner>>, o: &mut Owner, c: Command) {
                 }
                 _ => DmaBuf::new(chunk),
             };
-            let probe = std::mem::take(&mut o.probe_pending);
             o.copies_in_flight += 1;
             o.copy_buf_bytes += chunk as u64;
             let (dst, sh, weak) = (o.dst.clone(), o.sh.clone(), Rc::downgrade(rc));
