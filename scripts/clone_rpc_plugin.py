@@ -40,11 +40,13 @@ def _non_negative(text):
 
 def _add_hydration_tuning(p):
     p.add_argument('--hydration-threshold', type=_non_negative, metavar='N',
-                   help='Regions copied in flight at once (0 pauses background copying; default 1)')
+                   help='Regions copied in flight at once (0 pauses background copying; default 1; '
+                        'any value: each reactor keeps at most 256 copies and 64 MiB of copy '
+                        'buffers in flight)')
     p.add_argument('--hydration-batch-size', type=_non_negative, metavar='N',
-                   help='Contiguous regions per copy (default 1)')
+                   help='Contiguous regions per copy: 1 to 65536 (default 1)')
     p.add_argument('--hydration-mbytes-per-sec', type=_non_negative, metavar='N',
-                   help='Background copy rate limit in MB/s (0 = unlimited, the default)')
+                   help='Background copy rate limit in MiB/s: 0 (unlimited, the default) to 1048576')
 
 
 def spdk_rpc_plugin_initialize(subparsers):

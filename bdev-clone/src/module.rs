@@ -56,6 +56,22 @@ const BACKOFF_MIN_NS: u64 = 10_000_000;
 const BACKOFF_MAX_NS: u64 = 1_000_000_000;
 /// Consecutive failed copies after which hydration pauses.
 const MAX_FAIL_STREAK: u32 = 8;
+/// While paused by errors, one probe copy after this long, doubling up to
+/// the maximum; a probe that succeeds resumes hydration.
+const PROBE_MIN_NS: u64 = 1_000_000_000;
+const PROBE_MAX_NS: u64 = 30_000_000_000;
+/// Whatever `hydration_threshold` says, an owner keeps at most this many
+/// background copies in flight, with at most this many bytes of copy
+/// buffers, and starts at most this many per pass: memory and the work of
+/// one reactor iteration stay bounded for any accepted value.
+const MAX_COPIES_IN_FLIGHT: u64 = 256;
+const MAX_COPY_BUF_BYTES: u64 = 64 << 20;
+const MAX_COPY_STARTS_PER_PASS: u64 = 32;
+/// Largest `hydration_batch_size` (regions per copy): bounds the bitmap
+/// scan and update of one copy.
+pub const MAX_BATCH_SIZE: u32 = 65_536;
+/// Largest `hydration_mbytes_per_sec` (1 TiB/s; 0 = unlimited).
+pub const MAX_MBYTES_PER_SEC: u64 = 1 << 20;
 /// Hydration poller period (rate-limit refill, back-off expiry).
 const HYDRATION_POLL: Duration = Duration::from_millis(2);
 /// Periodic commit.
@@ -125,6 +141,22 @@ impl CreateOpts {
     }
 }
 
+/// Refuse tunables outside their ranges (-22, naming the range); the
+/// threshold takes any u32 (the in-flight caps above bound its effect).
+fn check_tunables(batch: Option<u32>, mbytes_per_sec: Option<u64>) -> Result<(), CloneError> {
+    if let Some(b) = batch.filter(|b| !(1..=MAX_BATCH_SIZE).contains(b)) {
+        return Err(CloneError::Invalid(format!(
+            "hydration_batch_size {b} is out of range: 1 to {MAX_BATCH_SIZE} regions"
+        )));
+    }
+    if let Some(m) = mbytes_per_sec.filter(|&m| m > MAX_MBYTES_PER_SEC) {
+        return Err(CloneError::Invalid(format!(
+            "hydration_mbytes_per_sec {m} is out of range: 0 (unlimited) to {MAX_MBYTES_PER_SEC}"
+        )));
+    }
+    Ok(())
+}
+
 /// Runtime changes of `bdev_clone_set_hydration`.
 #[derive(Clone, Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -134,6 +166,17 @@ pub struct HydrationOpts {
     pub hydration_threshold: Option<u32>,
     pub hydration_batch_size: Option<u32>,
     pub hydration_mbytes_per_sec: Option<u64>,
+}
+
+const PAUSE_NONE: u8 = 0;
+const PAUSE_SOURCE: u8 = 1;
+const PAUSE_DEST: u8 = 2;
+
+/// Which base a failed copy failed on.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum CopyFault {
+    Source,
+    Dest,
 }
 
 const MODE_RW: u8 = 0;
@@ -178,8 +221,10 @@ pub(crate) struct Shared {
     dest_unmap: bool,
     discard_passdown: bool,
     hydration_enabled: AtomicBool,
-    /// Hydration stopped itself after repeated copy failures.
-    paused: AtomicBool,
+    /// Hydration stopped itself after repeated copy failures
+    /// (`PAUSE_NONE`, `PAUSE_SOURCE` or `PAUSE_DEST`); it probes and
+    /// resumes by itself.
+    paused: AtomicU8,
     threshold: AtomicU32,
     batch: AtomicU32,
     mbytes_per_sec: AtomicU64,
@@ -224,13 +269,23 @@ impl Shared {
             MODE_FAILED => "failed",
             MODE_RO => "read_only",
             _ if self.map.is_complete() => "hydrated",
-            _ if !self.hydration_enabled.load(Ordering::Relaxed)
-                || self.paused.load(Ordering::Relaxed)
-                || self.threshold.load(Ordering::Relaxed) == 0 =>
-            {
-                "paused"
-            }
+            _ if self.paused_reason().is_some() => "paused",
             _ => "hydrating",
+        }
+    }
+
+    /// Why hydration is paused, when it is: `user` (disabled or threshold
+    /// 0) before the errors, which hydration leaves by itself.
+    fn paused_reason(&self) -> Option<&'static str> {
+        if !self.hydration_enabled.load(Ordering::Relaxed)
+            || self.threshold.load(Ordering::Relaxed) == 0
+        {
+            return Some("user");
+        }
+        match self.paused.load(Ordering::Relaxed) {
+            PAUSE_SOURCE => Some("source_errors"),
+            PAUSE_DEST => Some("dest_errors"),
+            _ => None,
         }
     }
 
@@ -305,7 +360,12 @@ impl Shared {
             json!(self.hydration_enabled.load(Ordering::Relaxed)),
         );
         m.insert("discard_passdown".into(), json!(self.discard_passdown));
-        m.insert("state".into(), json!(self.state()));
+        let state = self.state();
+        m.insert("state".into(), json!(state));
+        m.insert(
+            "paused_reason".into(),
+            json!((state == "paused").then(|| self.paused_reason()).flatten()),
+        );
         m.insert(
             "progress".into(),
             json!({"percent": percent, "bytes_per_sec": rate, "eta_sec": eta}),
@@ -763,6 +823,13 @@ struct Owner {
     last_refill: u64,
     fail_streak: u32,
     backoff_until: u64,
+    /// Copies in flight and their buffer bytes (the caps above).
+    copies_in_flight: u64,
+    copy_buf_bytes: u64,
+    /// The next `StartCopy` executed is a probe (paused by errors).
+    probe_pending: bool,
+    /// The wait before the next probe.
+    probe_wait: u64,
     /// Background work held back (delete, reset).
     stopping: bool,
     quiesced: bool,
@@ -871,8 +938,15 @@ fn drive(rc: &Rc<RefCell<Owner>>) {
         return reactor::defer(move || drive(&rc));
     };
     let o = &mut *guard;
+    // One pump per pass: it starts a bounded number of copies, and the
+    // next completion or poll starts more, so one pass never runs long.
+    let mut pumped = false;
     loop {
         if o.out.is_empty() {
+            if pumped {
+                break;
+            }
+            pumped = true;
             o.pump();
             if o.out.is_empty() {
                 break;
@@ -932,20 +1006,24 @@ impl Owner {
         }
     }
 
-    /// Start background copies if hydration may run now.
+    /// Start background copies if hydration may run now: at most
+    /// `MAX_COPY_STARTS_PER_PASS`, within the in-flight caps; while paused
+    /// by errors, one probe copy when its back-off has expired.
     fn pump(&mut self) {
         let sh = self.sh.clone();
-        if sh.kick.swap(false, Ordering::AcqRel) && !sh.paused.load(Ordering::Acquire) {
+        if sh.kick.swap(false, Ordering::AcqRel) && sh.paused.load(Ordering::Acquire) == PAUSE_NONE
+        {
             self.fail_streak = 0;
             self.backoff_until = 0;
+            self.probe_wait = PROBE_MIN_NS;
         }
         let Some(router) = self.router.as_mut() else {
             return;
         };
         sync_mode(&sh, router);
+        let paused = sh.paused.load(Ordering::Relaxed) != PAUSE_NONE;
         let enabled = sh.hydration_enabled.load(Ordering::Relaxed)
             && sh.mode() == MODE_RW
-            && !sh.paused.load(Ordering::Relaxed)
             && !self.stopping
             && !self.quiesced;
         let cfg = router.config_mut();
@@ -960,8 +1038,25 @@ impl Owner {
         if now < self.backoff_until {
             return;
         }
+        let region = sh.geo.region_size();
+        let per_copy = CHUNK_BYTES
+            .min(cfg.hydration_batch_size.saturating_mul(region))
+            .max(1);
+        let mut room = MAX_COPIES_IN_FLIGHT
+            .saturating_sub(self.copies_in_flight)
+            .min(MAX_COPY_BUF_BYTES.saturating_sub(self.copy_buf_bytes) / per_copy)
+            .min(MAX_COPY_STARTS_PER_PASS);
+        if paused {
+            if self.probe_pending || self.copies_in_flight > 0 {
+                return;
+            }
+            room = room.min(1);
+        }
+        if room == 0 {
+            return;
+        }
         let limit = sh.mbytes_per_sec.load(Ordering::Relaxed);
-        let region = sh.geo.region_size() as f64;
+        let region = region as f64;
         if limit > 0 {
             // Each owner gets an equal share of the clone's limit.
             let bps = limit as f64 * 1048576.0 / sh.owners.len() as f64;
@@ -979,9 +1074,14 @@ impl Owner {
             self.last_refill = now;
             self.tokens = 0.0;
         }
-        let started = router.next_background(&mut self.out);
+        let started = router.next_background_max(&mut self.out, room);
         if limit > 0 {
             self.tokens -= started as f64 * region;
+        }
+        if paused && started > 0 {
+            self.probe_pending = true;
+            // The next probe waits for this one's outcome and back-off.
+            self.backoff_until = now + self.probe_wait;
         }
     }
 
@@ -1009,15 +1109,49 @@ impl Owner {
         self.rate_mark = (now, bytes);
     }
 
-    fn copy_failed(&mut self, what: String) {
-        self.fail_streak += 1;
-        let shift = (self.fail_streak - 1).min(20);
-        let wait = (BACKOFF_MIN_NS << shift).min(BACKOFF_MAX_NS);
-        self.backoff_until = reactor::now_ns() + wait;
+    fn copy_failed(&mut self, fault: CopyFault, what: String, probe: bool) {
+        self.fail_streak = self.fail_streak.saturating_add(1);
+        let reason = match fault {
+            CopyFault::Source => PAUSE_SOURCE,
+            CopyFault::Dest => PAUSE_DEST,
+        };
+        let now = reactor::now_ns();
         tracing::warn!(clone = %self.sh.name, streak = self.fail_streak, "hydration copy failed: {what}");
         self.sh.set_last_error(what);
-        if self.fail_streak >= MAX_FAIL_STREAK && !self.sh.paused.swap(true, Ordering::AcqRel) {
-            tracing::error!(clone = %self.sh.name, "hydration paused after {} failed copies in a row", self.fail_streak);
+        if self.sh.paused.load(Ordering::Acquire) != PAUSE_NONE {
+            if probe {
+                self.sh.paused.store(reason, Ordering::Release);
+                self.probe_wait = (self.probe_wait * 2).min(PROBE_MAX_NS);
+                self.backoff_until = now + self.probe_wait;
+            }
+            return;
+        }
+        let shift = (self.fail_streak - 1).min(20);
+        let wait = (BACKOFF_MIN_NS << shift).min(BACKOFF_MAX_NS);
+        self.backoff_until = now + wait;
+        if self.fail_streak >= MAX_FAIL_STREAK
+            && self
+                .sh
+                .paused
+                .compare_exchange(PAUSE_NONE, reason, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+        {
+            self.probe_wait = PROBE_MIN_NS;
+            self.backoff_until = now + self.probe_wait;
+            tracing::error!(clone = %self.sh.name, "hydration paused after {} failed copies in a row; probing every {}-{} s", self.fail_streak, PROBE_MIN_NS / 1_000_000_000, PROBE_MAX_NS / 1_000_000_000);
+        }
+    }
+
+    /// A copy succeeded: the streak ends, and a pause by errors too.
+    fn copy_succeeded(&mut self) {
+        self.fail_streak = 0;
+        self.probe_wait = PROBE_MIN_NS;
+        if self.sh.paused.load(Ordering::Relaxed) != PAUSE_NONE
+            && self.sh.paused.swap(PAUSE_NONE, Ordering::AcqRel) != PAUSE_NONE
+        {
+            self.backoff_until = 0;
+            *lock(&self.sh.last_error) = None;
+            tracing::info!(clone = %self.sh.name, "a copy succeeded: hydration resumed");
         }
     }
 
@@ -1277,6 +1411,7 @@ fn exec(rc: &Rc<RefCell<Owner>>, o: &mut Owner, c: Command) {
             });
         }
         Command::StartCopy { copy, blocks, .. } => {
+            let probe = std::mem::take(&mut o.probe_pending);
             let Some(src) = o.src.clone() else {
                 return o.copy_done(copy, false);
             };
@@ -1290,24 +1425,28 @@ fn exec(rc: &Rc<RefCell<Owner>>, o: &mut Owner, c: Command) {
                 }
                 _ => DmaBuf::new(chunk),
             };
+            o.copies_in_flight += 1;
+            o.copy_buf_bytes += chunk as u64;
             let (dst, sh, weak) = (o.dst.clone(), o.sh.clone(), Rc::downgrade(rc));
             reactor::spawn_local(async move {
                 let (res, buf) = copy_blocks(&src, &dst, &sh, blocks.clone(), buf).await;
                 let Some(rc) = weak.upgrade() else { return };
                 {
                     let mut o = rc.borrow_mut();
+                    o.copies_in_flight -= 1;
+                    o.copy_buf_bytes -= chunk as u64;
                     if o.bufs.len() < 64 {
                         o.bufs.push(buf);
                     }
                     match res {
                         Ok(()) => {
-                            o.fail_streak = 0;
+                            o.copy_succeeded();
                             let n = bytes(&blocks, sh.geo.block_size()) as u64;
                             sh.hydrated_bytes.fetch_add(n, Ordering::Relaxed);
                             o.copy_done(copy, true);
                         }
-                        Err(e) => {
-                            o.copy_failed(e);
+                        Err((fault, e)) => {
+                            o.copy_failed(fault, e, probe);
                             o.copy_done(copy, false);
                         }
                     }
@@ -1499,14 +1638,14 @@ async fn copy_blocks(
     sh: &Shared,
     blocks: Range<u64>,
     buf: DmaBuf,
-) -> (Result<(), String>, DmaBuf) {
+) -> (Result<(), (CopyFault, String)>, DmaBuf) {
     let bs = sh.geo.block_size() as u64;
     let chunk = (buf.len() as u64 / bs).max(1);
     let mut buf = Some(buf);
     let mut at = blocks.start;
-    let fail = |what: &str, at: u64, buf: Option<DmaBuf>| {
+    let fail = |fault: CopyFault, what: &str, at: u64, buf: Option<DmaBuf>| {
         (
-            Err(format!("{what} at block {at} failed")),
+            Err((fault, format!("{what} at block {at} failed"))),
             buf.unwrap_or_else(|| DmaBuf::new(0)),
         )
     };
@@ -1516,7 +1655,7 @@ async fn copy_blocks(
         buf = io.buf.take();
         if !io.status.is_success() {
             sh.err_source.fetch_add(1, Ordering::Relaxed);
-            return fail("source read", at, buf);
+            return fail(CopyFault::Source, "source read", at, buf);
         }
         let len = (n * bs) as usize;
         let zero =
@@ -1531,7 +1670,7 @@ async fn copy_blocks(
         }
         if !io.status.is_success() {
             sh.err_dest.fetch_add(1, Ordering::Relaxed);
-            return fail("destination write", at, buf);
+            return fail(CopyFault::Dest, "destination write", at, buf);
         }
         at += n;
     }
@@ -1613,6 +1752,10 @@ fn start_owner(sh: Arc<Shared>, router: Router, idx: usize) -> Result<(), CloneE
         last_refill: now,
         fail_streak: 0,
         backoff_until: 0,
+        copies_in_flight: 0,
+        copy_buf_bytes: 0,
+        probe_pending: false,
+        probe_wait: PROBE_MIN_NS,
         stopping: false,
         quiesced: false,
         rate_mark: (now, 0),
@@ -2042,6 +2185,10 @@ pub async fn create(opts: CreateOpts) -> Result<Arc<Bdev>, CloneError> {
     if bdev::get(&opts.name).is_some() {
         return Err(CloneError::Exists(opts.name));
     }
+    check_tunables(
+        Some(opts.hydration_batch_size),
+        Some(opts.hydration_mbytes_per_sec),
+    )?;
     let region_size = opts.region_size_kb as u64 * 1024;
     if !opts.region_size_kb.is_power_of_two() || !(4..=1_048_576).contains(&opts.region_size_kb) {
         return Err(CloneError::Invalid(format!(
@@ -2212,7 +2359,7 @@ pub async fn create(opts: CreateOpts) -> Result<Arc<Bdev>, CloneError> {
         dest_unmap: db.io_type_supported(IoType::Unmap),
         discard_passdown: !opts.no_discard_passdown,
         hydration_enabled: AtomicBool::new(!opts.no_hydration),
-        paused: AtomicBool::new(false),
+        paused: AtomicU8::new(PAUSE_NONE),
         threshold: AtomicU32::new(opts.hydration_threshold),
         batch: AtomicU32::new(opts.hydration_batch_size.max(1)),
         mbytes_per_sec: AtomicU64::new(opts.hydration_mbytes_per_sec),
@@ -2312,11 +2459,7 @@ pub fn set_hydration(o: &HydrationOpts) -> Result<(), CloneError> {
         return Err(CloneError::NoOptions);
     }
     let sh = find(&o.name).ok_or_else(|| CloneError::NoSuchClone(o.name.clone()))?;
-    if o.hydration_batch_size == Some(0) {
-        return Err(CloneError::Invalid(
-            "hydration_batch_size must be at least 1".into(),
-        ));
-    }
+    check_tunables(o.hydration_batch_size, o.hydration_mbytes_per_sec)?;
     if let Some(t) = o.hydration_threshold {
         sh.threshold.store(t, Ordering::Relaxed);
     }
@@ -2329,8 +2472,8 @@ pub fn set_hydration(o: &HydrationOpts) -> Result<(), CloneError> {
     if let Some(e) = o.enable {
         sh.hydration_enabled.store(e, Ordering::Relaxed);
         if e {
-            // Enabling resumes hydration paused by errors.
-            sh.paused.store(false, Ordering::Release);
+            // Enabling resumes hydration paused by errors at once.
+            sh.paused.store(PAUSE_NONE, Ordering::Release);
             *lock(&sh.last_error) = None;
         }
     }
