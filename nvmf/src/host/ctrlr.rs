@@ -22,9 +22,10 @@ use reactor::{PollStatus, Poller};
 use uuid::Uuid;
 
 use super::qpair::{QpParams, Qpair};
-use super::sock::{resolve, with_timeout};
+use super::sock::resolve;
 use super::HostError;
 use crate::spec::{self, id_ctrl, id_ns, Cqe, Sqe};
+use reactor::with_timeout;
 
 /// I/O state shared by every reactor (values of [`Shared::state`]).
 pub const ST_CONNECTED: u8 = 0;

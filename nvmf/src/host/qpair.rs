@@ -23,7 +23,7 @@ use std::time::Duration;
 use bdev::{BdevIo, IoStatus, IoType};
 use reactor::{PollStatus, Poller};
 
-use super::sock::{with_timeout, Sock, Xfer};
+use super::sock::{Sock, Xfer};
 use super::wire;
 use super::HostError;
 use crate::pdu::off;
@@ -32,6 +32,7 @@ use crate::pdu::{
     R2t, CH_LEN, TERM_MAX_DATA,
 };
 use crate::spec::{self, ConnectCmd, ConnectData, Cqe, Sgl, Sqe};
+use reactor::with_timeout;
 
 const NONE: u32 = u32::MAX;
 const RX_BUF: usize = 128 * 1024;
@@ -87,7 +88,7 @@ struct Req {
     /// Offset of this command's data in the parent's buffer.
     buf_off: usize,
     /// A DSM range (its data lives here, not in the I/O buffer).
-    dsm: [u8; 16],
+    dsm: [u8; spec::dsm::RANGE_SIZE],
     use_dsm: bool,
     /// A data digest mismatch was seen on this command's payload.
     bad_digest: bool,
@@ -583,10 +584,8 @@ async fn icreq_exchange(sock: &Sock, hdgst: bool, ddgst: bool) -> Result<wire::G
 
 async fn wait(sock: &Sock, ev: i16) {
     if reactor::is_interrupt_mode() {
-        let e =
-            reactor::uring::op::PollAdd::new(reactor::uring::ty::Fd(sock.fd()), ev as u32).build();
-        // SAFETY: no memory referenced; the fd outlives this await.
-        unsafe { reactor::uring::run(e) }.await;
+        // The socket (and its fd) outlives this await.
+        reactor::net::wait_fd(sock.fd(), ev as u32).await;
     } else {
         reactor::yield_now().await;
     }
@@ -706,14 +705,17 @@ impl Inner {
                 sqe.cdw12 = (n - 1) as u32;
             }
             spec::nvm::DATASET_MANAGEMENT => {
-                sqe.cdw10 = 0; // one range
-                sqe.cdw11 = 1 << 2; // AD: deallocate
-                r.dsm = [0; 16];
-                r.dsm[4..8].copy_from_slice(&(n as u32).to_le_bytes());
-                r.dsm[8..16].copy_from_slice(&slba.to_le_bytes());
+                sqe.cdw10 = spec::dsm::cdw10(1);
+                sqe.cdw11 = spec::dsm::ATTR_DEALLOCATE;
+                r.dsm = spec::dsm::Range {
+                    attributes: 0,
+                    nlb: n as u32,
+                    slba,
+                }
+                .encode();
                 r.use_dsm = true;
                 r.out = true;
-                r.len = 16;
+                r.len = spec::dsm::RANGE_SIZE as u32;
             }
             _ => {}
         }
