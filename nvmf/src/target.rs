@@ -15,11 +15,7 @@ use uuid::Uuid;
 
 use crate::spec::{aen, DISCOVERY_NQN};
 
-pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    // State is updated field by field; a panic elsewhere cannot leave it
-    // torn in a way that matters more than refusing service would.
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
+pub(crate) use reactor::sync::lock;
 
 /// What the target asks of its transport, as SPDK's
 /// `spdk_nvmf_transport_ops`: the target owns subsystems and controllers,

@@ -75,7 +75,7 @@ struct Conns {
 
 impl Conns {
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, ConnEntry>> {
-        self.live.lock().unwrap_or_else(|e| e.into_inner())
+        reactor::sync::lock(&self.live)
     }
 }
 
