@@ -178,14 +178,29 @@ class Target:
                 try:
                     s.settimeout(1.0)
                     s.connect(str(self.sock))
-                    return self
                 except OSError:
-                    pass
+                    time.sleep(0.02)
+                    continue
                 finally:
                     s.close()
+                self._wait_json_loaded(deadline)
+                return self
             time.sleep(0.02)
         pytest.fail("clone_tgt did not accept connections on %s within %.0f s:\n%s"
                     % (self.sock, timeout, self.log()), pytrace=False)
+
+    def _wait_json_loaded(self, deadline):
+        """With --json the RPC socket is served while the config still
+        loads (as spdk_tgt does): wait for the load to end, so a test's
+        first RPC sees the configured bdevs. A failed load is the test's
+        to see (no wait beyond the process's exit or the deadline)."""
+        if self.argv[0] != str(TGT_BIN) or not {"--json", "-c"} & set(self.extra_args):
+            return   # only clone_tgt says "clone_tgt started"
+        while time.monotonic() < deadline and self.proc.poll() is None:
+            log = self.log()
+            if "clone_tgt started" in log or "loading --json config failed" in log:
+                return
+            time.sleep(0.02)
 
     def wait_exit(self, timeout=STOP_TIMEOUT):
         try:
