@@ -72,10 +72,10 @@ fn read_write(
     max_xfer: u32,
     done: impl Fn(Box<BdevIo>) + 'static,
 ) -> Submitted {
-    let (slba, nlb) = (sqe.slba(), sqe.nlb() as u64);
-    if let Err(st) = check_range(ns, slba, nlb) {
-        return Submitted::Now(st);
-    }
+    let (slba, nlb) = match lba_range(sqe, ns) {
+        Ok(r) => r,
+        Err(st) => return Submitted::Now(st),
+    };
     let need = nlb * ns.block_size as u64;
     if need > data_len as u64 {
         return Submitted::Now(Status::generic(sc::DATA_SGL_LENGTH_INVALID));
@@ -102,10 +102,10 @@ fn write_zeroes(
     ch: &IoChannel,
     done: impl Fn(Box<BdevIo>) + 'static,
 ) -> Submitted {
-    let (slba, nlb) = (sqe.slba(), sqe.nlb() as u64);
-    if let Err(st) = check_range(ns, slba, nlb) {
-        return Submitted::Now(st);
-    }
+    let (slba, nlb) = match lba_range(sqe, ns) {
+        Ok(r) => r,
+        Err(st) => return Submitted::Now(st),
+    };
     let bytes = nlb * ns.block_size as u64;
     if ns.bdev.io_type_supported(IoType::WriteZeroes) {
         ch.write_zeroes(slba, nlb, done);
@@ -156,6 +156,13 @@ fn deallocate(
         ch.unmap(r.slba, r.nlb as u64, done.clone());
     }
     Submitted::Pending(ranges.len() as u32)
+}
+
+/// The command's starting LBA and block count, checked against the namespace.
+fn lba_range(sqe: &Sqe, ns: &Namespace) -> Result<(u64, u64), Status> {
+    let (slba, nlb) = (sqe.slba(), sqe.nlb() as u64);
+    check_range(ns, slba, nlb)?;
+    Ok((slba, nlb))
 }
 
 /// The range `[slba, slba + nlb)` lies within the namespace.
