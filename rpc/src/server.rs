@@ -12,7 +12,7 @@
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Write};
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -82,7 +82,7 @@ struct Conns {
 
 impl Conns {
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, ConnEntry>> {
-        self.live.lock().unwrap_or_else(|e| e.into_inner())
+        reactor::sync::lock(&self.live)
     }
 }
 
