@@ -18,6 +18,8 @@ use serde::Deserialize;
 
 /// `SPDK_DEFAULT_RPC_ADDR`.
 pub const DEFAULT_RPC_SOCKET: &str = "/var/tmp/spdk.sock";
+/// How long a clean shutdown waits for replies to requests already received.
+const RPC_DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum AppError {
@@ -366,6 +368,7 @@ async fn app_main(spec: AppSpec, main: Option<MainFn>) -> i32 {
     // Clean shutdown: no new RPCs, then bdevs newest first (each flushes
     // and releases its bases), then the socket and its lock go.
     if let Some(s) = server {
+        s.drain(RPC_DRAIN_TIMEOUT).await;
         s.shutdown();
     }
     nvmf::shutdown();
