@@ -23,6 +23,6 @@ pub use dma::DmaBuf;
 pub use executor::{sleep, spawn_local, spawn_on, yield_now, JoinHandle};
 pub use runtime::{
     cancel_timer, core_id, current, defer, is_interrupt_mode, now_ns, num_reactors,
-    poller_register, send, set_timer, start, stop, stopping, Config, Error, PollStatus, Poller,
-    Runtime, TimerId,
+    poller_register, refresh_tick, send, set_timer, start, stop, stopping, tick_ns, Config, Error,
+    PollStatus, Poller, Runtime, TimerId,
 };

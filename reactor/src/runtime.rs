@@ -146,6 +146,8 @@ pub(crate) struct Local {
 
 thread_local! {
     static LOCAL: RefCell<Option<Rc<Local>>> = const { RefCell::new(None) };
+    /// This reactor's clock, read once per loop iteration (0 off-reactor).
+    static TICK: Cell<u64> = const { Cell::new(0) };
 }
 
 pub(crate) fn with_local<R>(f: impl FnOnce(&Rc<Local>) -> R) -> R {
@@ -173,6 +175,31 @@ pub fn now_ns() -> u64 {
     // SAFETY: clock_gettime writes only into the timespec we pass.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// The time at the start of this reactor's loop iteration (CLOCK_MONOTONIC
+/// ns, as [`now_ns`]; refreshed also after a sleep): one clock read per
+/// iteration instead of per I/O, for I/O statistics, QoS and latencies that
+/// tolerate being one iteration old (SPDK caches its ticks per poll the
+/// same way). Off a reactor it is [`now_ns`]. Never earlier than a previous
+/// call on the same thread.
+#[inline]
+pub fn tick_ns() -> u64 {
+    let t = TICK.with(|t| t.get());
+    if t == 0 {
+        now_ns()
+    } else {
+        t
+    }
+}
+
+/// Read the clock into [`tick_ns`] now (the loop does it every iteration;
+/// code that waited in between, e.g. a blocking wait, may refresh early).
+#[inline]
+pub fn refresh_tick() -> u64 {
+    let t = now_ns();
+    TICK.with(|c| c.set(t));
+    t
 }
 
 /// Index of the calling reactor (0-based), or `None` off-reactor.
@@ -449,6 +476,7 @@ pub fn start(cfg: Config, main: impl FnOnce() + Send + 'static) -> Result<Runtim
                 local.timer_fns.borrow_mut().clear();
                 local.deferred.borrow_mut().clear();
                 LOCAL.with(|l| *l.borrow_mut() = None);
+                TICK.with(|t| t.set(0));
             })
             .map_err(Error::Spawn)?;
         threads.push(t);
@@ -469,6 +497,7 @@ fn run_loop(l: &Rc<Local>) {
     let mb = &l.shared.mailboxes[l.index as usize];
     loop {
         let mut busy = false;
+        refresh_tick();
 
         for _ in 0..MSG_BATCH {
             match mb.queue.pop() {
@@ -525,8 +554,8 @@ fn run_pollers(l: &Rc<Local>) -> bool {
     if n == 0 {
         return false;
     }
-    // Only timed pollers need the clock; read it at most once.
-    let mut now: Option<u64> = None;
+    // Timed pollers compare with the iteration's clock.
+    let now = tick_ns();
     for i in 0..n {
         let (f, gen) = {
             let mut pollers = l.pollers.borrow_mut();
@@ -535,7 +564,6 @@ fn run_pollers(l: &Rc<Local>) -> bool {
                 continue;
             }
             if slot.period_ns > 0 {
-                let now = *now.get_or_insert_with(now_ns);
                 if now < slot.next_ns {
                     continue;
                 }
