@@ -120,6 +120,8 @@ pub(crate) const MAX_FRAMES: usize = 4;
 const CACHE_MAX: usize = 4096;
 
 thread_local! {
+    // Boxes, not values: a descriptor is handed around as its box.
+    #[allow(clippy::vec_box)]
     static CACHE: RefCell<Vec<Box<BdevIo>>> = const { RefCell::new(Vec::new()) };
 }
 
@@ -269,7 +271,7 @@ impl BdevIo {
         self.status = IoStatus::Pending;
         self.driver_ctx = 0;
         self.submit_ns = 0;
-        let _ = CACHE.with(|c| {
+        CACHE.with(|c| {
             if let Ok(mut c) = c.try_borrow_mut() {
                 if c.len() < CACHE_MAX {
                     c.push(self);

@@ -16,11 +16,13 @@
 
 pub mod dma;
 mod executor;
+mod msg;
 mod runtime;
 pub mod uring;
 
 pub use dma::DmaBuf;
 pub use executor::{sleep, spawn_local, spawn_on, yield_now, JoinHandle};
+pub use msg::INLINE_WORDS;
 pub use runtime::{
     cancel_timer, core_id, current, defer, is_interrupt_mode, now_ns, num_reactors,
     poller_register, refresh_tick, send, set_timer, start, stop, stopping, tick_ns, Config, Error,

@@ -13,10 +13,12 @@ use std::time::Duration;
 use crossbeam_queue::SegQueue;
 
 use crate::executor::Executor;
+use crate::msg::{SendSlot, Slot};
 use crate::uring::Ring;
 
-/// A message run on another reactor.
-type Msg = Box<dyn FnOnce() + Send>;
+/// A message run on another reactor: a fixed slot, no allocation for a
+/// small closure (see `msg`).
+type Msg = SendSlot;
 
 /// What a poller reports, as SPDK's `SPDK_POLLER_BUSY` / `SPDK_POLLER_IDLE`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -133,7 +135,7 @@ struct TimerEntry {
 pub(crate) struct Local {
     pub(crate) index: u32,
     pub(crate) shared: Arc<Shared>,
-    deferred: RefCell<VecDeque<Box<dyn FnOnce()>>>,
+    deferred: RefCell<VecDeque<Slot>>,
     pollers: RefCell<Vec<PollerSlot>>,
     free_pollers: RefCell<Vec<usize>>,
     poller_gen: Cell<u64>,
@@ -235,14 +237,14 @@ pub fn is_interrupt_mode() -> bool {
 /// Callable from any thread while the runtime runs.
 pub fn send(reactor: u32, f: impl FnOnce() + Send + 'static) {
     match try_local() {
-        Some(l) => l.shared.send(reactor, Box::new(f)),
-        None => global().send(reactor, Box::new(f)),
+        Some(l) => l.shared.send(reactor, SendSlot::new(f)),
+        None => global().send(reactor, SendSlot::new(f)),
     }
 }
 
 /// Run `f` on this reactor at its next loop iteration (no atomics).
 pub fn defer(f: impl FnOnce() + 'static) {
-    with_local(|l| l.deferred.borrow_mut().push_back(Box::new(f)));
+    with_local(|l| l.deferred.borrow_mut().push_back(Slot::new(f)));
 }
 
 /// Handle to a registered poller. Dropping it unregisters the poller;
@@ -487,7 +489,7 @@ pub fn start(cfg: Config, main: impl FnOnce() + Send + 'static) -> Result<Runtim
         Runtime { threads }.join();
         return Err(e);
     }
-    shared.send(0, Box::new(main));
+    shared.send(0, SendSlot::new(main));
     Ok(Runtime { threads })
 }
 
@@ -503,7 +505,7 @@ fn run_loop(l: &Rc<Local>) {
             match mb.queue.pop() {
                 Some(m) => {
                     busy = true;
-                    m();
+                    m.run();
                 }
                 None => break,
             }
@@ -515,7 +517,7 @@ fn run_loop(l: &Rc<Local>) {
             match f {
                 Some(f) => {
                     busy = true;
-                    f();
+                    f.run();
                 }
                 None => break,
             }
