@@ -7,8 +7,11 @@ run (run through scripts/bench.sh, or directly after `cargo build --release`):
      measured once: 1.39-1.56 M randread, 1.40-1.43 M randwrite)
   2. the same on a delay bdev with zero latencies over that malloc bdev (the
      simplest stacked bdev, as SPDK's passthru: 0.85 / 0.90 of raw there)
-  3. the same on a hydrated clone (source released) whose destination is
-     that malloc bdev                                           aim >= 0.95x
+  3. the same on a hydrated clone whose destination is that malloc bdev
+                                                                aim >= 0.95x
+  4. (argument `p99`) 4 KiB randread p99 on a hydrated clone while another
+     clone hydrates on the same reactor, vs idle: bench_clone.py's (c)
+                                                                aim <= 1.3x
 
 Every row alternates its two sides BENCH_REPEAT times (3) and takes the
 median, so drift on a shared machine hits both. Figures only: nothing here
@@ -69,6 +72,7 @@ def hydrated_clone_config(work):
 
 
 def main():
+    with_p99 = "p99" in sys.argv[1:]
     work = Path(os.environ.get("BENCH_DIR") or tempfile.mkdtemp(prefix="dp-bench-", dir="/var/tmp"))
     work.mkdir(parents=True, exist_ok=True)
     other = os.environ.get("BENCH_BIN_DIR")
@@ -108,6 +112,15 @@ def main():
                 a, o = bc.median(runs[("this build", s)]), bc.median(runs[("other build", s)])
                 rows.append(("this build vs other build: %s %s" % (s, w), "%.0f" % a, "%.0f" % o,
                              a / o, "> 1"))
+    if with_p99:
+        shm_root = "/dev/shm" if os.path.isdir("/dev/shm") else str(work)
+        shm = Path(tempfile.mkdtemp(prefix="dp-bench-", dir=shm_root))
+        try:
+            bc.bench_c(work, shm)
+        finally:
+            shutil.rmtree(shm, ignore_errors=True)
+        name, fig, base, ratio, _ = bc.rows[-1]
+        rows.append((name, fig, base, ratio, "<= 1.3"))
     bc.say("\n| benchmark | figure | baseline (same run) | ratio | aim |")
     bc.say("|---|---|---|---|---|")
     for name, fig, base, ratio, aim in rows:

@@ -593,7 +593,8 @@ fn run_timers(l: &Rc<Local>) -> bool {
     if l.timers.borrow().is_empty() {
         return false;
     }
-    let now = now_ns();
+    // What the timers do sees a clock no earlier than their deadline.
+    let now = refresh_tick();
     loop {
         let seq = {
             let mut heap = l.timers.borrow_mut();
