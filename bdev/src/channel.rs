@@ -44,6 +44,9 @@ thread_local! {
     static CHANNELS: RefCell<HashMap<u64, Weak<ChannelInner>>> = RefCell::new(HashMap::new());
     static SUBMIT_DEPTH: Cell<u32> = const { Cell::new(0) };
     static DEFERRED: RefCell<VecDeque<Box<BdevIo>>> = const { RefCell::new(VecDeque::new()) };
+    /// A `drain_deferred` is queued or running: at most one per iteration,
+    /// so what a completion defers waits for the next iteration.
+    static DRAIN_QUEUED: Cell<bool> = const { Cell::new(false) };
 }
 
 /// A reactor's handle for submitting I/O to one bdev. Cheap to clone;
@@ -84,14 +87,10 @@ fn fail_early(mut io: Box<BdevIo>, status: IoStatus) {
 
 /// Finish `io` at the next loop iteration.
 fn defer_io(io: Box<BdevIo>) {
-    DEFERRED.with(|d| {
-        let mut d = d.borrow_mut();
-        let was_empty = d.is_empty();
-        d.push_back(io);
-        if was_empty {
-            reactor::defer(drain_deferred);
-        }
-    });
+    DEFERRED.with(|d| d.borrow_mut().push_back(io));
+    if !DRAIN_QUEUED.replace(true) {
+        reactor::defer(drain_deferred);
+    }
 }
 
 impl IoChannel {
@@ -337,8 +336,12 @@ fn drain_deferred() {
             None => break,
         }
     }
+    // Queued once more only now: a completion above that deferred an I/O
+    // did not queue a second drain into this same iteration.
     if DEFERRED.with(|d| !d.borrow().is_empty()) {
         reactor::defer(drain_deferred);
+    } else {
+        DRAIN_QUEUED.set(false);
     }
 }
 

@@ -180,8 +180,9 @@ pub fn now_ns() -> u64 {
 }
 
 /// The time at the start of this reactor's loop iteration (CLOCK_MONOTONIC
-/// ns, as [`now_ns`]; refreshed also after a sleep): one clock read per
-/// iteration instead of per I/O, for I/O statistics, QoS and latencies that
+/// ns, as [`now_ns`]; read again after messages ran and before timers, so
+/// an I/O never completes at the tick it was submitted at): about one clock
+/// read per iteration instead of two per I/O, for I/O statistics, QoS and latencies that
 /// tolerate being one iteration old (SPDK caches its ticks per poll the
 /// same way). Off a reactor it is [`now_ns`]. Never earlier than a previous
 /// call on the same thread.
@@ -509,6 +510,11 @@ fn run_loop(l: &Rc<Local>) {
                 }
                 None => break,
             }
+        }
+        if busy {
+            // What messages submitted may complete in the deferred work
+            // below: it must see a later clock than they did.
+            refresh_tick();
         }
 
         let n = l.deferred.borrow().len();
