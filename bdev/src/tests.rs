@@ -338,17 +338,8 @@ fn forwarded_io_completes_exactly_once_through_a_stack() {
         let ee = error::create("FM", None).unwrap();
         delay0("FD1", "EE_FM", 0);
         let top = delay0("FD2", "FD1", 50);
-        let inject = |io_type, error_type, num| error::InjectParams {
-            name: "EE_FM".into(),
-            io_type,
-            error_type,
-            num,
-            queue_depth: 0,
-            corrupt_offset: 0,
-            corrupt_value: 0,
-            nvme_sct: 0,
-            nvme_sc: 0,
-        };
+        let inject =
+            |io_type, error_type, num| error::InjectParams::new("EE_FM", io_type, error_type, num);
         error::inject_error(&inject(
             error::InjectIoType::Write,
             error::ErrorType::NoMem,

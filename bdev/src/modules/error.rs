@@ -108,6 +108,24 @@ fn one() -> u32 {
     1
 }
 
+impl InjectParams {
+    /// `num` injections of `error_type` on `io_type` I/O of bdev `name`,
+    /// every other setting at its default.
+    pub fn new(name: &str, io_type: InjectIoType, error_type: ErrorType, num: u32) -> Self {
+        InjectParams {
+            name: name.into(),
+            io_type,
+            error_type,
+            num,
+            queue_depth: 0,
+            corrupt_offset: 0,
+            corrupt_value: 0,
+            nvme_sct: 0,
+            nvme_sc: 0,
+        }
+    }
+}
+
 /// What to do with one I/O.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Hit {
@@ -474,17 +492,7 @@ mod tests {
     }
 
     fn inject(name: &str, io_type: InjectIoType, error_type: ErrorType, num: u32) -> InjectParams {
-        InjectParams {
-            name: name.into(),
-            io_type,
-            error_type,
-            num,
-            queue_depth: 0,
-            corrupt_offset: 0,
-            corrupt_value: 0,
-            nvme_sct: 0,
-            nvme_sc: 0,
-        }
+        InjectParams::new(name, io_type, error_type, num)
     }
 
     fn pattern(len: usize, seed: u8) -> DmaBuf {
