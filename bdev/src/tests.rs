@@ -308,10 +308,10 @@ async fn run_all(ch: &IoChannel, ty: IoType, n: usize, fill: bool) -> Seen {
     }
     // Late double completions would land here.
     reactor::sleep(std::time::Duration::from_millis(20)).await;
-    Rc::try_unwrap(seen)
-        .ok()
-        .expect("tally still shared")
-        .into_inner()
+    let Ok(seen) = Rc::try_unwrap(seen) else {
+        panic!("tally still shared");
+    };
+    seen.into_inner()
 }
 
 fn delay0(name: &str, base: &str, us: u64) -> Arc<Bdev> {
@@ -443,7 +443,9 @@ fn inline_completions_come_back_a_loop_iteration_later() {
         }
         fn again(mut io: Box<BdevIo>) {
             let arg = io.cb_arg.take().expect("chain");
-            let c = arg.clone().downcast::<Chain>().ok().expect("chain");
+            let Ok(c) = arg.clone().downcast::<Chain>() else {
+                panic!("the chain's I/O carries the chain");
+            };
             if reactor::tick_ns() == io.cb_ctx {
                 c.same_tick.set(c.same_tick.get() + 1);
             }
