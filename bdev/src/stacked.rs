@@ -15,6 +15,8 @@
 use std::future::Future;
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 
+use reactor::sync::lock;
+
 use crate::{
     util, Bdev, BdevBuilder, BdevError, BdevIo, BdevOps, ClaimType, Desc, IoChannel, IoStatus,
     IoType,
@@ -132,8 +134,4 @@ where
         drain(bdev).await;
         io.complete(status);
     });
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }

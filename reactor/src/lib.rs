@@ -9,6 +9,9 @@
 //!   sleeps in `io_uring_enter` until a completion, a message (eventfd) or
 //!   its next timer.
 //! * I/O and metadata buffers come from [`dma`], a hugepage-backed pool.
+//! * Socket helpers shared by the network front ends are in [`net`];
+//!   poison-tolerant locks, one-shot handoffs and [`run_on`] / [`call_on`]
+//!   (await work done on another reactor) in [`sync`].
 //!
 //! Thread affinity: everything that is not `Send` (pollers, timers, tasks,
 //! io_uring callbacks) runs on the reactor that created it and must be
@@ -17,14 +20,17 @@
 pub mod dma;
 mod executor;
 mod msg;
+pub mod net;
 mod runtime;
+pub mod sync;
 pub mod uring;
 
 pub use dma::DmaBuf;
-pub use executor::{sleep, spawn_local, spawn_on, yield_now, JoinHandle};
+pub use executor::{sleep, spawn_local, spawn_on, with_timeout, yield_now, JoinHandle};
 pub use msg::INLINE_WORDS;
 pub use runtime::{
     cancel_timer, core_id, current, defer, is_interrupt_mode, now_ns, num_reactors,
     poller_register, refresh_tick, send, set_timer, start, stop, stopping, tick_ns, Config, Error,
     PollStatus, Poller, Runtime, TimerId,
 };
+pub use sync::{call_on, run_on};
