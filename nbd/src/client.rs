@@ -130,7 +130,7 @@ enum Waiter {
 thread_local! {
     static PENDING: RefCell<HashMap<u64, Waiter>> = RefCell::new(HashMap::new());
     static NEXT_TOKEN: Cell<u64> = const { Cell::new(1) };
-    static CONNS: RefCell<HashMap<(u64, usize), Rc<RefCell<Conn>>>> = RefCell::new(HashMap::new());
+    static CONNS: RefCell<HashMap<(u64, usize), ConnRc>> = RefCell::new(HashMap::new());
 }
 
 fn park(w: Waiter) -> u64 {

@@ -45,7 +45,7 @@ pub fn server_stream(data: &[u8]) {
             assert!(e != 0);
         } else if r.ty != CMD_FLUSH {
             // Accepted: aligned and inside the export.
-            assert!(r.offset % bs == 0 && (r.length as u64) % bs == 0);
+            assert!(r.offset.is_multiple_of(bs) && (r.length as u64).is_multiple_of(bs));
             assert!(r.offset + r.length as u64 <= size);
         }
         if r.ty == CMD_WRITE {

@@ -563,7 +563,7 @@ pub fn decode_chunk(ty: u16, d: &[u8]) -> Result<Chunk, ProtoError> {
             })
         }
         REPLY_TYPE_BLOCK_STATUS => {
-            if d.len() < 12 || (d.len() - 4) % 8 != 0 {
+            if d.len() < 12 || !(d.len() - 4).is_multiple_of(8) {
                 return Err(ProtoError::Invalid(format!(
                     "NBD_REPLY_TYPE_BLOCK_STATUS of {} bytes",
                     d.len()

@@ -669,7 +669,7 @@ fn check(r: &Request, s: &Session, size: u64, bs: u64) -> Option<u32> {
     if end.is_none_or(|e| e > size) {
         return Some(if write { ENOSPC } else { EINVAL });
     }
-    if r.offset % bs != 0 || r.length as u64 % bs != 0 {
+    if !r.offset.is_multiple_of(bs) || !(r.length as u64).is_multiple_of(bs) {
         return Some(EINVAL);
     }
     None
