@@ -14,9 +14,7 @@
 //!   closes the connection.
 
 use std::cell::RefCell;
-use std::net::{SocketAddr, TcpListener, ToSocketAddrs};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
 use std::rc::{Rc, Weak};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
@@ -25,6 +23,7 @@ use std::task::{Poll, Waker};
 use std::time::Duration;
 
 use bdev::{BdevIo, IoChannel, IoType};
+use reactor::net;
 use reactor::{DmaBuf, Poller};
 use serde_json::{json, Value};
 
@@ -120,16 +119,11 @@ pub fn start(listen: &str) -> Result<(), NbdError> {
     }
     let (fd, unix): (OwnedFd, Option<PathBuf>) = if listen.starts_with('/') {
         let p = PathBuf::from(listen);
-        if listen.len() > 107 {
-            return Err(NbdError::Invalid(format!(
-                "socket path '{listen}' is longer than 107 bytes"
-            )));
-        }
         if p.exists() {
             // A socket left by a process that died: nobody answers on it.
             use std::os::unix::fs::FileTypeExt;
             let is_sock = std::fs::metadata(&p).is_ok_and(|m| m.file_type().is_socket());
-            if is_sock && std::os::unix::net::UnixStream::connect(&p).is_err() {
+            if is_sock && net::connect_unix(&p).is_err() {
                 let _ = std::fs::remove_file(&p);
             } else {
                 return Err(NbdError::Exists(format!(
@@ -137,27 +131,21 @@ pub fn start(listen: &str) -> Result<(), NbdError> {
                 )));
             }
         }
-        let l = UnixListener::bind(&p)
-            .map_err(|e| NbdError::Invalid(format!("cannot listen on '{listen}': {e}")))?;
-        l.set_nonblocking(true)
-            .map_err(|e| NbdError::Io(e.to_string()))?;
-        (l.into(), Some(p))
+        let fd = net::listen_unix(&p, 128).map_err(|e| NbdError::Invalid(e.to_string()))?;
+        (fd, Some(p))
     } else {
-        let addr: SocketAddr = listen
-            .to_socket_addrs()
-            .map_err(|e| {
-                NbdError::Invalid(format!(
-                    "listen '{listen}' is neither HOST:PORT nor an absolute socket path: {e}"
-                ))
-            })?
-            .next()
-            .ok_or_else(|| NbdError::Invalid(format!("'{listen}' resolves to no address")))?;
-        let l = TcpListener::bind(addr)
+        let (host, port) = listen.rsplit_once(':').ok_or_else(|| {
+            NbdError::Invalid(format!(
+                "listen '{listen}' is neither HOST:PORT nor an absolute socket path"
+            ))
+        })?;
+        let addr = net::resolve(host, port)
+            .map_err(|e| NbdError::Invalid(format!("listen '{listen}': {e}")))?;
+        let fd = net::listen_tcp(addr)
             .map_err(|e| NbdError::Invalid(format!("cannot listen on {addr}: {e}")))?;
-        l.set_nonblocking(true)
-            .map_err(|e| NbdError::Io(e.to_string()))?;
-        (l.into(), None)
+        (fd, None)
     };
+    net::set_nonblocking(&fd, true).map_err(|e| NbdError::Io(e.to_string()))?;
     let name = listen.to_string();
     let poller =
         reactor::poller_register(Duration::from_millis(2), move || accept_some(&fd, &name));
