@@ -467,3 +467,17 @@ def _multi_conn(t, servers, nbd_dir):
     run("qemu-io", "-f", "raw", "-c", "write -P 0x7e 0 8M", "-c", "read -P 0x7e 0 8M", uri)
     # Straight from nbdkit: the data is there.
     run("qemu-io", "-f", "raw", "-r", "-c", "read -P 0x7e 0 8M", kit.uri())
+
+
+def test_requests_split_at_the_servers_maximum(tgt, servers, nbd_dir):
+    """nbdkit refuses requests over 64 KiB (blocksize-policy filter): 4 MiB
+    reads and writes through the NBD bdev are split to fit."""
+    kit = nbdkit(servers, nbd_dir, "bp", ["memory", "16M", "blocksize-maximum=65536",
+                                          "blocksize-error-policy=error"],
+                 filters=["blocksize-policy"])
+    tgt.rpc("bdev_nbd_create", name="Mem", uri=kit.uri(), block_size=BS)
+    assert tgt.bdev("Mem")["driver_specific"]["nbd"]["max_payload"] == 65536
+    uri = export(tgt, nbd_dir, "Mem")
+    run("qemu-io", "-f", "raw", "-c", "write -P 0x3c 4M 4M", "-c", "read -P 0x3c 4M 4M", uri)
+    run("qemu-io", "-f", "raw", "-r", "-c", "read -P 0x3c 4M 4M", "-c", "read -P 0 0 4M",
+        kit.uri())
