@@ -77,9 +77,13 @@ fn client_against_server_and_reconnect() {
         let z = bdev::open("NZ", false, |_| {}).map_err(|e| e.to_string())?;
         let zch = z.channel();
         assert!(z.bdev().has_block_status());
-        let st = block_status(&zch, 10, 100).await?;
+        let st = util::block_status(&zch, 10, 100)
+            .await
+            .map_err(|s| format!("{s:?}"))?;
         assert_eq!(st, vec![bdev::BlockExtent::hole(100)]);
-        let st = block_status(&nch, 0, 8192).await?;
+        let st = util::block_status(&nch, 0, 8192)
+            .await
+            .map_err(|s| format!("{s:?}"))?;
         assert_eq!(st, vec![bdev::BlockExtent::data(8192)]);
         drop(zch);
         drop(z);
@@ -117,21 +121,4 @@ fn client_against_server_and_reconnect() {
     });
     let _ = std::fs::remove_dir_all(&dir);
     r.unwrap();
-}
-
-async fn block_status(
-    ch: &bdev::IoChannel,
-    off: u64,
-    n: u64,
-) -> Result<Vec<bdev::BlockExtent>, String> {
-    let slot = std::rc::Rc::new(std::cell::RefCell::new(None));
-    let s2 = slot.clone();
-    ch.block_status(off, n, move |r| *s2.borrow_mut() = Some(r));
-    for _ in 0..1000 {
-        if let Some(r) = slot.borrow_mut().take() {
-            return r.map_err(|s| format!("block status: {s:?}"));
-        }
-        reactor::sleep(Duration::from_millis(5)).await;
-    }
-    Err("block status never answered".into())
 }

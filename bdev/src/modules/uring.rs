@@ -1160,6 +1160,39 @@ mod tests {
     }
 
     #[test]
+    fn block_status_from_seek_data_and_seek_hole() {
+        // 1 MiB sparse file with data at 256..320 KiB only.
+        let Some(f) = tmpfile_in("/var/tmp", 1 << 20) else {
+            return;
+        };
+        f.as_file().write_all_at(&[0xab; 65536], 256 << 10).unwrap();
+        let path = path_of(&f);
+        run_on_reactor(0x1, move || async move {
+            let b = create(opts(Flavor::Uring, "BS", &path)).unwrap();
+            assert!(b.has_block_status());
+            let desc = crate::open("BS", false, |_| {}).unwrap();
+            let ch = desc.channel();
+            let bs = b.block_size() as u64;
+            let (data0, data1) = ((256 << 10) / bs, (320 << 10) / bs);
+            let all = util::block_status(&ch, 0, b.num_blocks()).await.unwrap();
+            let mut at = 0;
+            for e in &all {
+                let expect_data = at >= data0 && at < data1;
+                if e.hole {
+                    assert!(!expect_data && e.zero, "{all:?}");
+                    assert!(at + e.num_blocks <= data0 || at >= data1, "{all:?}");
+                }
+                at += e.num_blocks;
+            }
+            assert_eq!(at, b.num_blocks(), "{all:?}");
+            assert!(all.iter().any(|e| e.hole), "{all:?}");
+            // The data itself is never reported as a hole.
+            let mid = util::block_status(&ch, data0, data1 - data0).await.unwrap();
+            assert!(mid.iter().all(|e| !e.hole), "{mid:?}");
+        });
+    }
+
+    #[test]
     fn nowait_and_fua_writes() {
         let Some(f) = tmpfile_in("/var/tmp", 1 << 20) else {
             return;
