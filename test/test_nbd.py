@@ -253,6 +253,18 @@ def test_server_rpcs_and_tools(tgt, servers, nbd_dir):
     assert not sock.exists()
     code, _ = tgt.rpc_err("nbd_server_stop")
     assert code == -19
+    # TCP: stopping releases the port (a restart binds it again at once).
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    for _ in range(2):
+        assert tgt.rpc("nbd_server_start", listen="127.0.0.1:%d" % port) is True
+        tgt.rpc("bdev_null_create", name="T0", num_blocks=16, block_size=BS)
+        tgt.rpc("nbd_export_add", bdev_name="T0")
+        assert "export-size" in run("nbdinfo", "--json", "nbd://127.0.0.1:%d/T0" % port).stdout
+        tgt.rpc("nbd_export_remove", name="T0")
+        tgt.rpc("bdev_null_delete", name="T0")
+        assert tgt.rpc("nbd_server_stop") is True
 
 
 def _recv_exact(s, n):
@@ -481,3 +493,32 @@ def test_requests_split_at_the_servers_maximum(tgt, servers, nbd_dir):
     run("qemu-io", "-f", "raw", "-c", "write -P 0x3c 4M 4M", "-c", "read -P 0x3c 4M 4M", uri)
     run("qemu-io", "-f", "raw", "-r", "-c", "read -P 0x3c 4M 4M", "-c", "read -P 0 0 4M",
         kit.uri())
+
+
+def _dry(*args):
+    cp = subprocess.run([str(SPDK_RPC), "-s", "/nonexistent.sock", "--dry-run", "--plugin",
+                         "nbd_rpc_plugin"] + [str(a) for a in args], env=PLUGIN_ENV,
+                        capture_output=True, text=True, timeout=30)
+    assert cp.returncode == 0, cp.stderr
+    return json.loads(cp.stdout[len("Request:\n"):])
+
+
+def test_plugin_sends_only_given_params():
+    assert _dry("bdev_nbd_create", "-b", "S", "-u", "nbd://h/e") == {
+        "jsonrpc": "2.0", "method": "bdev_nbd_create", "id": 1,
+        "params": {"name": "S", "uri": "nbd://h/e"}}
+    p = _dry("bdev_nbd_create", "-b", "S", "-u", "nbd://h/e", "-r", "-c", "4", "--block-size",
+             "4096", "--connect-timeout-ms", "100", "--io-timeout-ms", "0",
+             "--reconnect-delay-ms", "50", "--fast-io-fail-timeout-ms", "0")["params"]
+    assert p == {"name": "S", "uri": "nbd://h/e", "read_only": True, "connections": 4,
+                 "block_size": 4096, "connect_timeout_ms": 100, "io_timeout_ms": 0,
+                 "reconnect_delay_ms": 50, "fast_io_fail_timeout_ms": 0}
+    assert _dry("bdev_nbd_delete", "-b", "S")["params"] == {"name": "S"}
+    assert _dry("nbd_server_start", "-l", "127.0.0.1:10809")["params"] == {
+        "listen": "127.0.0.1:10809"}
+    assert "params" not in _dry("nbd_server_stop")
+    assert _dry("nbd_export_add", "-b", "C", "-n", "c", "-w")["params"] == {
+        "bdev_name": "C", "name": "c", "writable": True}
+    assert _dry("nbd_export_add", "-b", "C")["params"] == {"bdev_name": "C"}
+    assert _dry("nbd_export_remove", "-n", "c")["params"] == {"name": "c"}
+    assert "params" not in _dry("nbd_get_exports")

@@ -14,7 +14,7 @@
 //!   closes the connection.
 
 use std::cell::RefCell;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::path::PathBuf;
 use std::rc::{Rc, Weak};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
@@ -24,7 +24,7 @@ use std::time::Duration;
 
 use bdev::{BdevIo, IoChannel, IoType};
 use reactor::net;
-use reactor::{DmaBuf, Poller};
+use reactor::DmaBuf;
 use serde_json::{json, Value};
 
 use crate::proto::*;
@@ -62,16 +62,11 @@ impl Export {
 struct Listener {
     listen: String,
     unix: Option<PathBuf>,
-    /// The accept poller, on reactor 0 (dropped to stop).
-    poller: Option<SendPoller>,
+    /// The listening socket, owned by its accept task on reactor 0, which
+    /// closes it once `stop` is set and the socket shut down.
+    fd: RawFd,
+    stop: Arc<AtomicBool>,
 }
-
-/// The accept poller lives on reactor 0 and is only touched there (the
-/// registry is read from RPCs, which run on reactor 0 too).
-struct SendPoller(#[allow(dead_code)] Poller);
-// SAFETY: created, used and dropped on reactor 0 only (see above); the
-// mutex around the registry never hands it to another thread.
-unsafe impl Send for SendPoller {}
 
 #[derive(Default)]
 struct Registry {
@@ -146,21 +141,39 @@ pub fn start(listen: &str) -> Result<(), NbdError> {
         (fd, None)
     };
     net::set_nonblocking(&fd, true).map_err(|e| NbdError::Io(e.to_string()))?;
-    let name = listen.to_string();
-    let poller =
-        reactor::poller_register(Duration::from_millis(2), move || accept_some(&fd, &name));
+    let stop = Arc::new(AtomicBool::new(false));
     reg().listeners.push(Listener {
         listen: listen.to_string(),
         unix,
-        poller: Some(SendPoller(poller)),
+        fd: fd.as_raw_fd(),
+        stop: stop.clone(),
     });
+    reactor::spawn_local(accept_loop(fd, listen.to_string(), stop));
     tracing::info!(listen, "NBD server listening");
     Ok(())
 }
 
-fn accept_some(fd: &OwnedFd, listen: &str) -> reactor::PollStatus {
+/// Accept while the listening socket is readable; sleep on its readiness
+/// (io_uring poll) otherwise. Ends when stopped (the socket is shut down,
+/// which completes the poll) and closes the socket.
+async fn accept_loop(fd: OwnedFd, listen: String, stop: Arc<AtomicBool>) {
+    loop {
+        net::wait_fd(fd.as_raw_fd(), libc::POLLIN as u32).await;
+        if stop.load(Ordering::Acquire) {
+            break;
+        }
+        if !accept_some(&fd, &listen) {
+            // Nothing came (a failed accept): do not spin on an error.
+            reactor::sleep(Duration::from_millis(10)).await;
+        }
+    }
+    tracing::info!(listen, "NBD listener closed");
+}
+
+/// Accept what is pending; whether anything was.
+fn accept_some(fd: &OwnedFd, listen: &str) -> bool {
     let mut busy = false;
-    for _ in 0..16 {
+    loop {
         match nix::sys::socket::accept4(
             fd.as_raw_fd(),
             nix::sys::socket::SockFlag::SOCK_CLOEXEC | nix::sys::socket::SockFlag::SOCK_NONBLOCK,
@@ -180,17 +193,13 @@ fn accept_some(fd: &OwnedFd, listen: &str) -> reactor::PollStatus {
                     reactor::spawn_local(serve(Sock::from_fd(fd), listen));
                 });
             }
-            Err(nix::errno::Errno::EAGAIN) => break,
+            Err(nix::errno::Errno::EAGAIN) => return true,
+            Err(nix::errno::Errno::EINTR) | Err(nix::errno::Errno::ECONNABORTED) => {}
             Err(e) => {
                 tracing::warn!(listen, error = %e, "NBD accept failed");
-                break;
+                return busy;
             }
         }
-    }
-    if busy {
-        reactor::PollStatus::Busy
-    } else {
-        reactor::PollStatus::Idle
     }
 }
 
@@ -202,7 +211,13 @@ pub async fn stop() -> Result<(), NbdError> {
         return Err(NbdError::NotFound("the NBD server is not running".into()));
     }
     for l in ls {
-        drop(l.poller);
+        l.stop.store(true, Ordering::Release);
+        // SAFETY: the accept task, on this reactor (0, where RPCs run),
+        // owns the fd and closes it only after its poll completes and it
+        // sees `stop`; it cannot run before this shutdown, which completes
+        // that poll.
+        let fd = unsafe { BorrowedFd::borrow_raw(l.fd) };
+        net::shutdown(&fd);
         if let Some(p) = l.unix {
             let _ = std::fs::remove_file(p);
         }
@@ -664,6 +679,10 @@ fn check(r: &Request, s: &Session, size: u64, bs: u64) -> Option<u32> {
 }
 
 async fn transmission(sock: &Rc<Sock>, s: Session) {
+    if s.export.removed.load(Ordering::Acquire) {
+        // Removed while this client was still negotiating.
+        return;
+    }
     let ch: Option<IoChannel> = s
         .export
         .desc
