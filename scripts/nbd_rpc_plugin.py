@@ -14,37 +14,15 @@ apply otherwise. (SPDK's nbd_start_disk/nbd_stop_disk map a bdev to a kernel
 
 import argparse
 
-from spdk.rpc import cmd_parser
-
-
-def _printer(name):
-    def show(args, result):
-        if not getattr(args, 'dry_run', False):
-            getattr(cmd_parser, name)(result)
-    return show
-
-
-print_json = _printer('print_json')
-print_dict = _printer('print_dict')
+# The printers (silent under --dry-run) and integer checks are the clone
+# plugin's; both plugins live in scripts/, on the same PYTHONPATH.
+from clone_rpc_plugin import _non_negative, print_dict, print_json
 
 
 def _positive(text):
-    try:
-        value = int(text, 0)
-    except ValueError:
-        raise argparse.ArgumentTypeError("invalid integer: %r" % text)
-    if value <= 0:
+    value = _non_negative(text)
+    if value == 0:
         raise argparse.ArgumentTypeError("must be positive: %s" % text)
-    return value
-
-
-def _non_negative(text):
-    try:
-        value = int(text, 0)
-    except ValueError:
-        raise argparse.ArgumentTypeError("invalid integer: %r" % text)
-    if value < 0:
-        raise argparse.ArgumentTypeError("must not be negative: %s" % text)
     return value
 
 

@@ -103,11 +103,7 @@ static EXIT_CODE: AtomicI32 = AtomicI32::new(0);
 /// Begin a clean shutdown (any thread).
 pub fn request_shutdown() {
     SHUTDOWN.store(true, Ordering::SeqCst);
-    if let Some(w) = SHUTDOWN_WAKER
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .take()
-    {
+    if let Some(w) = reactor::sync::lock(&SHUTDOWN_WAKER).take() {
         w.wake();
     }
 }
@@ -122,7 +118,7 @@ pub fn shutdown_signal() -> impl Future<Output = ()> {
     impl Future for S {
         type Output = ();
         fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-            let mut w = SHUTDOWN_WAKER.lock().unwrap_or_else(|e| e.into_inner());
+            let mut w = reactor::sync::lock(&SHUTDOWN_WAKER);
             if SHUTDOWN.load(Ordering::SeqCst) {
                 return Poll::Ready(());
             }

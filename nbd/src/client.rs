@@ -34,8 +34,8 @@ use crate::handshake::{handshake, Negotiated};
 use crate::proto::{self, *};
 use crate::sock::{with_timeout, Sock};
 use crate::uri::{Endpoint, NbdUri};
-use crate::xr::{on_reactor, send_to};
 use crate::NbdError;
+use reactor::sync::call_on;
 
 pub const MODULE_NAME: &str = "nbd";
 pub const PRODUCT_NAME: &str = "NBD disk";
@@ -170,6 +170,16 @@ fn reply(req: Req, st: IoStatus, ext: Vec<BlockExtent>) {
         origin, token, buf, ..
     } = req;
     send_to(origin, move || finish(token, st, buf, ext));
+}
+
+/// Run `f` on reactor `r`: by message, or deferred when `r` is this one
+/// (never inside the caller).
+fn send_to(r: u32, f: impl FnOnce() + Send + 'static) {
+    if reactor::current() == Some(r) {
+        reactor::defer(f);
+    } else {
+        reactor::send(r, f);
+    }
 }
 
 fn dispatch(sh: &Arc<Shared>, req: Req) {
@@ -342,7 +352,7 @@ async fn stop_all(sh: &Arc<Shared>) {
     sh.deleted.store(true, Ordering::Release);
     for i in 0..sh.nconns {
         let id = sh.id;
-        on_reactor(sh.reactor_of(i), move || async move { conn_delete(id, i) }).await;
+        call_on(sh.reactor_of(i), move || conn_delete(id, i)).await;
     }
     tracing::info!(bdev = %sh.opts.name, "NBD client stopped");
 }
@@ -1062,10 +1072,7 @@ pub async fn create(o: ClientOpts) -> Result<String, NbdError> {
     for (i, (s, n)) in socks.into_iter().enumerate() {
         let fd = s.into_fd();
         let sh2 = sh.clone();
-        on_reactor(sh.reactor_of(i), move || async move {
-            conn_start(sh2, i, fd, n)
-        })
-        .await;
+        call_on(sh.reactor_of(i), move || conn_start(sh2, i, fd, n)).await;
     }
     let reg = BdevBuilder::new(o.name.clone(), PRODUCT_NAME)
         .block_size(o.block_size)

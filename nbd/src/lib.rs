@@ -16,7 +16,6 @@ pub mod rpc;
 pub mod server;
 pub mod sock;
 pub mod uri;
-mod xr;
 
 /// Errors of the NBD module, each with the errno its RPC reports.
 #[derive(Debug, Clone, thiserror::Error)]

@@ -29,8 +29,8 @@ use serde_json::{json, Value};
 
 use crate::proto::*;
 use crate::sock::Sock;
-use crate::xr::on_reactor;
 use crate::NbdError;
+use reactor::sync::{call_on, lock};
 
 /// Requests in flight per connection before the server stops reading.
 pub const MAX_INFLIGHT: u32 = 64;
@@ -83,7 +83,7 @@ static REGISTRY: Mutex<Registry> = Mutex::new(Registry {
 static NEXT_CONN: AtomicU64 = AtomicU64::new(1);
 
 fn reg() -> std::sync::MutexGuard<'static, Registry> {
-    REGISTRY.lock().unwrap_or_else(|e| e.into_inner())
+    lock(&REGISTRY)
 }
 
 fn find_export(name: &str) -> Option<Arc<Export>> {
@@ -133,6 +133,9 @@ pub fn start(listen: &str) -> Result<(), NbdError> {
             NbdError::Invalid(format!(
                 "listen '{listen}' is neither HOST:PORT nor an absolute socket path"
             ))
+        })?;
+        let port: u16 = port.parse().map_err(|_| {
+            NbdError::Invalid(format!("listen '{listen}': '{port}' is not a port number"))
         })?;
         let addr = net::resolve(host, port)
             .map_err(|e| NbdError::Invalid(format!("listen '{listen}': {e}")))?;
@@ -290,7 +293,7 @@ pub async fn export_remove(name: &str) -> Result<(), NbdError> {
     while e.conns.load(Ordering::Acquire) > 0 {
         reactor::sleep(Duration::from_millis(1)).await;
     }
-    drop(e.desc.lock().unwrap_or_else(|p| p.into_inner()).take());
+    drop(lock(&e.desc).take());
     tracing::info!(export = %name, "NBD export removed");
     Ok(())
 }
@@ -340,7 +343,7 @@ thread_local! {
 async fn close_conns(export: Option<String>) {
     for r in 0..reactor::num_reactors() {
         let ex = export.clone();
-        on_reactor(r, move || async move {
+        call_on(r, move || {
             CONNS.with(|c| {
                 for e in c.borrow().iter() {
                     if ex.is_none() || e.export == ex {
@@ -349,7 +352,7 @@ async fn close_conns(export: Option<String>) {
                         }
                     }
                 }
-            });
+            })
         })
         .await;
     }
@@ -439,9 +442,7 @@ fn transmission_flags(e: &Export, structured: bool) -> u16 {
 }
 
 fn export_geometry(e: &Export) -> Option<(u64, u32)> {
-    e.desc
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
+    lock(&e.desc)
         .as_ref()
         .map(|d| (d.bdev().size_bytes(), d.bdev().block_size()))
 }
@@ -683,13 +684,7 @@ async fn transmission(sock: &Rc<Sock>, s: Session) {
         // Removed while this client was still negotiating.
         return;
     }
-    let ch: Option<IoChannel> = s
-        .export
-        .desc
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .as_ref()
-        .map(|d| d.channel());
+    let ch: Option<IoChannel> = lock(&s.export.desc).as_ref().map(|d| d.channel());
     let Some(ch) = ch else { return };
     let (size, bs) = (ch.bdev().size_bytes(), ch.bdev().block_size() as u64);
     let out: OutRc = Rc::default();

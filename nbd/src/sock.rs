@@ -36,7 +36,7 @@ impl Sock {
                 Ok(Sock::from_fd(s.into()))
             }
             Endpoint::Tcp { host, port } => {
-                let addr = net::resolve(host, &port.to_string()).map_err(|e| e.to_string())?;
+                let addr = net::resolve(host, *port).map_err(|e| e.to_string())?;
                 let fd = net::connect_tcp(addr, timeout)
                     .await
                     .map_err(|e| e.to_string())?;

@@ -275,9 +275,7 @@ mod tests {
 
     #[test]
     fn tasks_sleep_and_join() {
-        let _g = crate::runtime::tests::SERIAL
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
+        let _g = crate::sync::lock(&crate::runtime::tests::SERIAL);
         let (tx, rx) = mpsc::channel();
         let cfg = Config {
             core_mask: 0x1,

@@ -12,7 +12,7 @@
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Write};
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -23,7 +23,8 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use nix::fcntl::{Flock, FlockArg};
-use nix::sys::socket::{self, AddressFamily, Backlog, MsgFlags, SockFlag, SockType, UnixAddr};
+use nix::sys::socket::{self, MsgFlags};
+use reactor::net::{self, UnixListenError};
 use serde_json::Value;
 
 use crate::error::RpcError;
@@ -74,7 +75,7 @@ struct Conns {
 
 impl Conns {
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, ConnEntry>> {
-        self.live.lock().unwrap_or_else(|e| e.into_inner())
+        reactor::sync::lock(&self.live)
     }
 }
 
@@ -98,24 +99,10 @@ fn lock_path_for(path: &Path) -> PathBuf {
 }
 
 fn bind_listen(path: &Path) -> Result<UnixListener, ServerError> {
-    let listen_err = |e: nix::Error| ServerError::Listen {
-        path: path.to_path_buf(),
-        source: io::Error::from(e),
-    };
-    let addr = UnixAddr::new(path).map_err(|e| match e {
-        nix::Error::ENAMETOOLONG => ServerError::PathTooLong(path.to_path_buf()),
-        e => listen_err(e),
+    let fd = net::listen_unix(path, LISTEN_BACKLOG).map_err(|e| match e {
+        UnixListenError::PathTooLong(p) => ServerError::PathTooLong(p),
+        UnixListenError::Io(path, source) => ServerError::Listen { path, source },
     })?;
-    let fd: OwnedFd = socket::socket(
-        AddressFamily::Unix,
-        SockType::Stream,
-        SockFlag::SOCK_CLOEXEC,
-        None,
-    )
-    .map_err(listen_err)?;
-    socket::bind(fd.as_raw_fd(), &addr).map_err(listen_err)?;
-    let backlog = Backlog::new(LISTEN_BACKLOG).unwrap_or(Backlog::MAXCONN);
-    socket::listen(&fd, backlog).map_err(listen_err)?;
     let listener = UnixListener::from(fd);
     // Non-blocking so accept() after poll() cannot hang if the peer vanished.
     listener
