@@ -1,95 +1,76 @@
-//! Stable-toolchain stand-in for the cargo-fuzz targets: replay the
-//! committed corpus (nbd/fuzz/corpus/<target>/) through the same entry
-//! points, then a few seconds of random and mutated inputs.
+//! Stable-toolchain stand-in for the cargo-fuzz targets (`nbd/fuzz/`):
+//! replay the committed corpus (`nbd/fuzz/corpus/<target>/`) through the
+//! same entry points, then proptest's random and mutated inputs.
 
 use std::path::Path;
-use std::time::{Duration, Instant};
+
+use proptest::prelude::*;
 
 fn corpus(target: &str) -> Vec<Vec<u8>> {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("fuzz/corpus")
         .join(target);
-    let mut out = Vec::new();
-    for e in std::fs::read_dir(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display())) {
-        let p = e.expect("dir entry").path();
-        out.push(std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display())));
-    }
-    assert!(
-        out.len() >= 5,
-        "corpus {target} has only {} inputs",
-        out.len()
-    );
+    let mut out: Vec<Vec<u8>> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .map(|e| std::fs::read(e.expect("dir entry").path()).expect("corpus file"))
+        .collect();
+    out.sort();
+    assert!(out.len() >= 5, "corpus {target} has {} inputs", out.len());
     out
 }
 
-/// xorshift64*: deterministic, seeded from the clock and printed so a
-/// failure can be replayed with NBD_FUZZ_SEED.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-}
-
-fn run(target: &str, f: fn(&[u8])) {
+/// A corpus input with some bytes replaced and maybe cut short.
+fn mutated(target: &'static str) -> impl Strategy<Value = Vec<u8>> {
     let seeds = corpus(target);
-    for s in &seeds {
-        f(s);
-    }
-    let seed = std::env::var("NBD_FUZZ_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            Instant::now().elapsed().as_nanos() as u64
-                ^ 0x9E37_79B9_7F4A_7C15
-                ^ std::process::id() as u64
-        });
-    eprintln!("{target}: NBD_FUZZ_SEED={seed}");
-    let mut rng = Rng(seed | 1);
-    let secs = std::env::var("NBD_FUZZ_SECS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(3);
-    let end = Instant::now() + Duration::from_secs(secs);
-    let mut n = 0u64;
-    while Instant::now() < end {
-        let mut input = if rng.next().is_multiple_of(4) {
-            let len = (rng.next() % 600) as usize;
-            (0..len).map(|_| rng.next() as u8).collect::<Vec<u8>>()
-        } else {
-            seeds[(rng.next() as usize) % seeds.len()].clone()
-        };
-        // Mutate: flip bytes, truncate, splice.
-        for _ in 0..(rng.next() % 8) {
-            if input.is_empty() {
-                break;
-            }
-            let i = (rng.next() as usize) % input.len();
-            match rng.next() % 4 {
-                0 => input[i] ^= 1 << (rng.next() % 8),
-                1 => input[i] = rng.next() as u8,
-                2 => input.truncate(i),
-                _ => {
-                    let b = input[i..].to_vec();
-                    input.extend_from_slice(&b[..b.len().min(64)]);
+    (
+        0..seeds.len(),
+        prop::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 0..8),
+        any::<prop::sample::Index>(),
+    )
+        .prop_map(move |(i, edits, cut)| {
+            let mut v = seeds[i].clone();
+            for (at, b) in edits {
+                if !v.is_empty() {
+                    let k = at.index(v.len());
+                    v[k] = b;
                 }
             }
-        }
-        f(&input);
-        n += 1;
+            let keep = cut.index(v.len() + 1);
+            v.truncate(keep.max(v.len() / 2));
+            v
+        })
+}
+
+#[test]
+fn corpus_replays() {
+    for s in corpus("server_stream") {
+        nbd::fuzz::server_stream(&s);
     }
-    eprintln!("{target}: {n} inputs");
+    for s in corpus("client_stream") {
+        nbd::fuzz::client_stream(&s);
+    }
 }
 
-#[test]
-fn server_stream_corpus_and_random() {
-    run("server_stream", nbd::fuzz::server_stream);
-}
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(2000))]
 
-#[test]
-fn client_stream_corpus_and_random() {
-    run("client_stream", nbd::fuzz::client_stream);
+    #[test]
+    fn server_stream_random(data in prop::collection::vec(any::<u8>(), 0..600)) {
+        nbd::fuzz::server_stream(&data);
+    }
+
+    #[test]
+    fn server_stream_mutated(data in mutated("server_stream")) {
+        nbd::fuzz::server_stream(&data);
+    }
+
+    #[test]
+    fn client_stream_random(data in prop::collection::vec(any::<u8>(), 0..600)) {
+        nbd::fuzz::client_stream(&data);
+    }
+
+    #[test]
+    fn client_stream_mutated(data in mutated("client_stream")) {
+        nbd::fuzz::client_stream(&data);
+    }
 }
