@@ -88,7 +88,7 @@ class Qmp:
         return r["return"]
 
 
-def clone_side(d, src_uri):
+def clone_side(d, src_uri, load=True):
     sock = d / "spdk.sock"
     logf = open(d / "clone_tgt.log", "wb")
     p = subprocess.Popen([str(TGT), "--interrupt-mode", "-m", "0x1", "--no-huge", "-r", str(sock)],
@@ -112,10 +112,12 @@ def clone_side(d, src_uri):
                                      "hydration_batch_size": 4})
         c.call("nbd_export_add", {"bdev_name": "Clone0", "writable": True})
         uri = "nbd+unix:///Clone0?socket=%s" % exp
-        during = fio(uri)
+        during = fio(uri) if load else None
         while c.call("bdev_clone_get_bdevs", {"name": "Clone0"})[0]["state"] != "hydrated":
             time.sleep(0.05)
         hydr = time.monotonic() - t0
+        if not load:
+            return hydr
         after_r = fio(uri)
         after_w = fio(uri, rw="randwrite")
         c.call("spdk_kill_instance", {"sig_name": "SIGTERM"})
@@ -128,7 +130,7 @@ def clone_side(d, src_uri):
         logf.close()
 
 
-def qemu_side(d, src_sock):
+def qemu_side(d, src_sock, load=True):
     ov = d / "overlay.qcow2"
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(ov), str(SIZE_MB * MB)],
                    check=True)
@@ -151,10 +153,12 @@ def qemu_side(d, src_sock):
         t0 = time.monotonic()
         q.cmd("block-stream", **{"job-id": "s0", "device": "ov"})
         uri = "nbd+unix:///clone?socket=%s" % exp
-        during = fio(uri)
+        during = fio(uri) if load else None
         while any(j["device"] == "s0" for j in q.cmd("query-block-jobs")):
             time.sleep(0.05)
         hydr = time.monotonic() - t0
+        if not load:
+            return hydr
         after_r = fio(uri)
         after_w = fio(uri, rw="randwrite")
         q.cmd("quit")
@@ -183,9 +187,15 @@ def main():
                                stderr=subprocess.DEVNULL)
         wait_sock(ssock, kit, "nbdkit")
         src_uri = "nbd+unix:///?socket=%s" % ssock
-        log("clone_tgt ...")
+        log("clone_tgt, idle hydration ...")
+        c_idle = clone_side(d, src_uri, load=False)
+        log("qemu-storage-daemon, idle hydration ...")
+        q_idle = qemu_side(d, ssock, load=False)
+        for f in ("clone-dst.raw", "overlay.qcow2", "qsd.sock", "qmp.sock", "clone.sock", "spdk.sock"):
+            (d / f).unlink(missing_ok=True)
+        log("clone_tgt, with fio ...")
         c = clone_side(d, src_uri)
-        log("qemu-storage-daemon ...")
+        log("qemu-storage-daemon, with fio ...")
         q = qemu_side(d, ssock)
         log("raw file ...")
         raw_r = fio(filename=c[4])
@@ -196,7 +206,8 @@ def main():
         print("| | clone_tgt (NBD client → clone → NBD export) | qemu-storage-daemon (qcow2 + block-stream) | raw file (fio io_uring, O_DIRECT) |")
         print("|---|---|---|---|")
         print("| randread during hydration | %s | %s | — |" % (f(c[0]), f(q[0])))
-        print("| hydration time | %.1f s | %.1f s | — |" % (c[1], q[1]))
+        print("| hydration time, idle | %.1f s | %.1f s | — |" % (c_idle, q_idle))
+        print("| hydration time, with the randread run | %.1f s | %.1f s | — |" % (c[1], q[1]))
         print("| randread, hydrated | %s | %s | %s |" % (f(c[2]), f(q[2]), f(raw_r)))
         print("| randwrite, hydrated | %s | %s | %s |" % (f(c[3]), f(q[3]), f(raw_w)))
     finally:

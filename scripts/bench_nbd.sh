@@ -4,7 +4,7 @@
 # and `delay` filters; both hydrate it, both are exported over NBD and read
 # with the same `fio --ioengine=nbd` (scripts/bench_nbd.py has the details):
 #   - 4 KiB randread QD16 during hydration (IOPS, p99)
-#   - hydration time
+#   - hydration time, idle and with that fio run
 #   - 4 KiB randread / randwrite QD16 once hydrated, and fio on a raw file
 # Env: BENCH_NBD_MB (512), BENCH_NBD_RATE (nbdkit rate= in bits/s, 400M),
 # BENCH_NBD_DELAY (nbdkit rdelay=, 1ms), BENCH_SECONDS (5), BENCH_DIR.
