@@ -40,11 +40,13 @@ def _non_negative(text):
 
 def _add_hydration_tuning(p):
     p.add_argument('--hydration-threshold', type=_non_negative, metavar='N',
-                   help='Regions copied in flight at once (0 pauses background copying; default 1)')
+                   help='Regions copied in flight at once (0 pauses background copying; default 1; '
+                        'any value: each reactor keeps at most 256 copies and 64 MiB of copy '
+                        'buffers in flight)')
     p.add_argument('--hydration-batch-size', type=_non_negative, metavar='N',
-                   help='Contiguous regions per copy (default 1)')
+                   help='Contiguous regions per copy: 1 to 65536 (default 1)')
     p.add_argument('--hydration-mbytes-per-sec', type=_non_negative, metavar='N',
-                   help='Background copy rate limit in MB/s (0 = unlimited, the default)')
+                   help='Background copy rate limit in MiB/s: 0 (unlimited, the default) to 1048576')
 
 
 def spdk_rpc_plugin_initialize(subparsers):
@@ -62,7 +64,8 @@ def spdk_rpc_plugin_initialize(subparsers):
                                               hydration_batch_size=args.hydration_batch_size,
                                               hydration_mbytes_per_sec=args.hydration_mbytes_per_sec,
                                               copy_on_read=args.copy_on_read,
-                                              uuid=args.uuid))
+                                              uuid=args.uuid,
+                                              force_format=args.force_format))
 
     p = subparsers.add_parser('bdev_clone_create',
                               help='Create a clone bdev: a writable copy of a read-only source, '
@@ -82,7 +85,11 @@ def spdk_rpc_plugin_initialize(subparsers):
     _add_hydration_tuning(p)
     p.add_argument('--copy-on-read', action='store_true', default=None,
                    help='Also write data read from the source to the destination')
-    p.add_argument('-u', '--uuid', help='UUID of the clone bdev (default: derived from the source)')
+    p.add_argument('-u', '--uuid', help='UUID of the clone bdev (default: the one in its metadata, '
+                                        'or a random one when the metadata is formatted)')
+    p.add_argument('--force-format', action='store_true', default=None,
+                   help='Format the metadata even though it holds a clone or is damaged: every '
+                        'region reads from the source again (the destination\'s data is dropped)')
     p.set_defaults(func=bdev_clone_create)
 
     def bdev_clone_delete(args):

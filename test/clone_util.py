@@ -13,6 +13,7 @@
 import json
 import os
 import struct
+import subprocess
 import time
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from spdk.rpc.client import JSONRPCException
 from conftest import BIN_DIR, SMALL, Target, require_binaries
 
 WORKLOAD_BIN = BIN_DIR / "clone_workload"
+CLONECTL = BIN_DIR / "clonectl"
 
 BS = 4096
 MAGIC = b"CWSTAMP1"
@@ -31,7 +33,7 @@ STATUS_FIELDS = (
     "name", "uuid", "source_bdev_name", "dest_bdev_name", "metadata_bdev_name",
     "region_size_kb", "num_regions", "hydrated_regions", "hydrating_regions",
     "hydration_enabled", "discard_passdown", "copy_on_read", "hydration_threshold",
-    "hydration_batch_size", "hydration_mbytes_per_sec", "state", "progress",
+    "hydration_batch_size", "hydration_mbytes_per_sec", "state", "paused_reason", "progress",
     "source_released", "errors", "metadata",
 )
 STATES = ("hydrating", "paused", "hydrated", "read_only", "failed")
@@ -267,3 +269,11 @@ def wait_file_exists(path, timeout=10):
             return True
         time.sleep(0.02)
     return False
+
+
+def clonectl(sock, *args, timeout=60):
+    """Run the real `clonectl -s SOCK ARGS...`; returns CompletedProcess."""
+    require_binaries(CLONECTL)
+    cmd = [str(CLONECTL), "-s", str(sock)] + [str(a) for a in args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                          stdin=subprocess.DEVNULL, env=dict(os.environ, NO_COLOR="1"))

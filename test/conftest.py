@@ -110,6 +110,30 @@ def parse_rpc_error(exc):
     return err["code"], err["message"]
 
 
+def concurrent_rpc(tgt, n, method, **params):
+    """n clients send `method` at once, each on its own connection;
+    returns [(result, None) or (None, error code)] in client order."""
+    import threading
+    clients = [JSONRPCClient(str(tgt.sock), timeout=RPC_TIMEOUT) for _ in range(n)]
+    out = [None] * n
+    go = threading.Barrier(n)
+
+    def run(i):
+        go.wait()
+        try:
+            out[i] = (clients[i].call(method, params), None)
+        except JSONRPCException as e:
+            out[i] = (None, parse_rpc_error(e)[0])
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(RPC_TIMEOUT + 5)
+    for c in clients:
+        c.close()
+    return out
+
+
 def short_tmpdir(prefix="ctgt-"):
     """A short directory (AF_UNIX paths are limited to 107 bytes)."""
     return Path(tempfile.mkdtemp(prefix=prefix, dir="/var/tmp" if os.path.isdir("/var/tmp") else None))

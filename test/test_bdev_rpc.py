@@ -8,7 +8,7 @@ import uuid
 
 import pytest
 
-from conftest import DECODE_FAILED, EEXIST, EINVAL, ENODEV, RawConn, cannot_run
+from conftest import DECODE_FAILED, EEXIST, EINVAL, ENODEV, RawConn, cannot_run, concurrent_rpc
 
 IO_TYPES = ["read", "write", "unmap", "flush", "reset", "nvme_admin", "nvme_io", "nvme_io_md",
             "write_zeroes", "zcopy", "get_zone_info", "zone_management", "zone_append", "compare",
@@ -647,3 +647,34 @@ def test_manual_examine(tgt_factory):
     assert cfg[0]["params"]["bdev_auto_examine"] is False
     assert {"method": "bdev_examine", "params": {"name": "Malloc0"}} in cfg, cfg
     assert cfg[-1]["method"] == "bdev_wait_for_examine"
+
+
+# --- concurrent deletes ------------------------------------------------------------
+
+LAT = dict(avg_read_latency=1, p99_read_latency=1, avg_write_latency=1, p99_write_latency=1)
+
+
+@pytest.mark.parametrize("module", ["malloc", "uring", "aio", "delay", "error"])
+def test_concurrent_deletes_one_true_the_others_enodev(tgt, datadir, module):
+    """Issue #8 defect 7, for every delete RPC: of concurrent deletes of one
+    bdev exactly one answers true, the others -19. A delay bdev stacked on
+    top holds a descriptor, so the first delete waits while the others run."""
+    tgt.rpc("bdev_malloc_create", name="Base0", num_blocks=256, block_size=4096)
+    if module == "malloc":
+        victim, delete = "Base0", "bdev_malloc_delete"
+    elif module in ("uring", "aio"):
+        path = datadir / "f.img"
+        path.write_bytes(b"\0" * (1 << 20))
+        victim, delete = "F0", "bdev_%s_delete" % module
+        tgt.rpc("bdev_%s_create" % module, name=victim, filename=str(path), block_size=4096)
+    elif module == "delay":
+        victim, delete = "D0", "bdev_delay_delete"
+        tgt.rpc("bdev_delay_create", name=victim, base_bdev_name="Base0", **LAT)
+    else:
+        victim, delete = "EE_Base0", "bdev_error_delete"
+        tgt.rpc("bdev_error_create", base_name="Base0")
+    tgt.rpc("bdev_delay_create", name="Top", base_bdev_name=victim, **LAT)
+    got = concurrent_rpc(tgt, 4, delete, name=victim)
+    assert sorted(got, key=str) == sorted([(True, None)] + [(None, -19)] * 3, key=str), got
+    names = tgt.bdevs()
+    assert victim not in names and "Top" not in names, names

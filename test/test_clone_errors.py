@@ -8,11 +8,15 @@ destination and metadata of a clone inside `clone_workload`.
   still reads the source;
 * a metadata write error switches the clone to read-only metadata: the
   flush that needed the commit fails, reads still work, writes that would
-  need a hydration fail, the status says so.
+  need a hydration fail, the status says so;
+* hydration paused by repeated source or destination errors says why
+  (`paused_reason`), makes `clonectl status` exit 4, keeps probing and
+  resumes by itself when the base works again.
 """
 
 import pytest
 from clone_util import (BS, UUID_DST, UUID_MD, UUID_SRC, classify, clone_create, clone_status,
+                        clonectl,
                         make_stamped_file, make_zero_file, uring, wait_for, wait_hydrated,
                         wl_factory, mask)  # noqa: F401
 from spdk.rpc.client import JSONRPCException
@@ -176,3 +180,38 @@ def test_commit_flushes_destination_before_metadata(es):
         "bitmap units were written although the destination flush before them failed"
     s = clone_status(t)
     assert s["errors"]["metadata"] >= 1 or s["metadata"]["mode"] != "rw", s
+
+
+def wait_status(t, pred, what, timeout=60):
+    return wait_for(lambda: ((lambda s: (pred(s), s))(clone_status(t))), timeout, what)
+
+
+@pytest.mark.parametrize("base,io_type,reason", [("Src", "read", "source_errors"),
+                                                 ("Dst", "write", "dest_errors")])
+def test_hydration_paused_by_errors_resumes_by_itself(es, base, io_type, reason):
+    """Issue #8: after 8 failed copies hydration paused until someone ran
+    set_hydration --enable. Now it says why, probes with back-off and
+    resumes when the base is back; clonectl exits 4 meanwhile."""
+    t = es.t
+    es.create(no_hydration=True)
+    s = clone_status(t)
+    assert (s["state"], s["paused_reason"]) == ("paused", "user"), s
+    assert clonectl(t.sock, "status").returncode == 0, "a user pause is no failure"
+    es.inject(base, io_type, num=1 << 30)
+    t.rpc("bdev_clone_set_hydration", name="Clone0", enable=True, hydration_threshold=4)
+    s = wait_status(t, lambda s: s["state"] == "paused", "paused by %s" % reason)
+    assert s["paused_reason"] == reason and s["hydration_enabled"] is True, s
+    cp = clonectl(t.sock, "status")
+    assert cp.returncode == 4, (cp.returncode, cp.stdout, cp.stderr)
+    assert "paused:" + reason in cp.stdout and "Clone0" in cp.stderr, cp.stdout + cp.stderr
+    # it keeps probing (one copy at a time, with back-off) while paused
+    key = "source_read" if base == "Src" else "dest_write"
+    n = s["errors"][key]
+    s = wait_status(t, lambda s: s["errors"][key] > n, "a probe copy while paused")
+    assert s["state"] == "paused" and s["paused_reason"] == reason, s
+    es.clear(base)
+    s = wait_hydrated(t, timeout=120)
+    assert s["paused_reason"] is None and s["last_error"] is None, s
+    assert clonectl(t.sock, "status").returncode == 0
+    t.stop()
+    assert (es.src.parent / "dst.img").read_bytes() == es.src_image

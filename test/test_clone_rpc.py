@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import EEXIST, ENODEV, RawConn
+from conftest import EEXIST, ENODEV, RawConn, concurrent_rpc
 from clone_util import (BS, STATES, STATUS_FIELDS, UUID_CLONE, UUID_DST, UUID_MD, UUID_SRC,
                         claimed, clone_create, clone_status, make_stamped_file, make_zero_file,
                         md_required_bytes, uring, wait_clone, wait_for, wait_hydrated,
@@ -280,6 +280,8 @@ def check_status(s, name="Clone0", num_regions=SRC_BLOCKS):
     assert 0 <= s["hydrated_regions"] <= s["num_regions"]
     assert s["hydrating_regions"] >= 0
     assert s["state"] in STATES, s["state"]
+    assert (s["paused_reason"] is None) == (s["state"] != "paused"), s
+    assert s["paused_reason"] in (None, "user", "source_errors", "dest_errors"), s
     for k in ("hydration_enabled", "discard_passdown", "copy_on_read", "source_released"):
         assert isinstance(s[k], bool), k
     for k in ("hydration_threshold", "hydration_batch_size", "hydration_mbytes_per_sec"):
@@ -348,15 +350,20 @@ def test_create_options(tgt, stack):
     # the metadata now belongs to UUID_CLONE: another uuid is refused, naming both
     tgt.rpc("bdev_clone_delete", name="Clone0")
     md = stack.md_bytes()
-    code, msg = create_err(tgt, region_size_kb=16)
-    assert code == -22 and UUID_CLONE in msg, msg
+    code, msg = create_err(tgt, region_size_kb=16, uuid=UUID_SRC)
+    assert code == -22 and UUID_CLONE in msg and UUID_SRC in msg, msg
     assert stack.md_bytes() == md
+    # without a uuid the clone takes the metadata's
+    clone_create(tgt, region_size_kb=16, no_hydration=True)
+    assert clone_status(tgt)["uuid"] == UUID_CLONE
 
 
 def test_uuid_default_stable(tgt, stack):
-    """Without a uuid, the clone's is derived from the source's: the same each time."""
+    """Without a uuid, the clone's is random at format time and kept in its
+    metadata: the same at each re-create, never the source's."""
     clone_create(tgt, no_hydration=True)
     first = clone_status(tgt)["uuid"]
+    assert first != UUID_SRC
     tgt.rpc("bdev_clone_delete", name="Clone0")
     clone_create(tgt, no_hydration=True)
     assert clone_status(tgt)["uuid"] == first
@@ -523,3 +530,87 @@ def test_source_removal_while_hydrating(tgt, datadir):
             p99_read_latency=0, avg_write_latency=0, p99_write_latency=0)
     clone_create(tgt, hydration_threshold=32)
     wait_hydrated(tgt, timeout=60)
+
+
+# ---------------------------------------------------------------------------
+# tunables: any accepted value is safe, the others are refused with the range
+
+U32_MAX = (1 << 32) - 1
+
+
+@pytest.mark.parametrize("param,value,rng", [
+    ("hydration_batch_size", 0, "1 to 65536"),
+    ("hydration_batch_size", 65537, "1 to 65536"),
+    ("hydration_batch_size", U32_MAX, "1 to 65536"),
+    ("hydration_mbytes_per_sec", 1048577, "0 (unlimited) to 1048576"),
+    ("hydration_mbytes_per_sec", (1 << 64) - 1, "0 (unlimited) to 1048576"),
+])
+def test_tunable_out_of_range_refused(tgt, stack, param, value, rng):
+    before = snapshot(tgt, stack)
+    code, msg = create_err(tgt, **{param: value})
+    assert code == -22 and param in msg and rng in msg, msg
+    assert_nothing_left(tgt, stack, before)
+    clone_create(tgt, no_hydration=True)
+    s0 = clone_status(tgt)
+    code, msg = tgt.rpc_err("bdev_clone_set_hydration", name="Clone0", enable=True,
+                            **{param: value})
+    assert code == -22 and param in msg and rng in msg, msg
+    s1 = clone_status(tgt)
+    for k in ("hydration_enabled", "hydration_threshold", "hydration_batch_size",
+              "hydration_mbytes_per_sec", "state"):
+        assert s1[k] == s0[k], "a refused set_hydration changed %s" % k
+
+
+def vm_hwm_mib(pid):
+    with open("/proc/%d/status" % pid) as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) // 1024
+    raise AssertionError("no VmHWM for pid %d" % pid)
+
+
+@pytest.mark.parametrize("threshold,batch", [(U32_MAX, 1), (U32_MAX, 65536)])
+def test_huge_threshold_keeps_the_target_responsive(tgt, datadir, threshold, batch):
+    """Issue #8 defect 4: threshold 4294967295 (or 16384) on a 256 MiB clone
+    of 4 KiB regions started every copy at once: RPCs timed out for minutes
+    and RSS grew by hundreds of MiB. Copies in flight are capped whatever
+    the threshold, so RPCs keep answering (within the client's timeout),
+    memory stays bounded and hydration completes."""
+    blocks = (256 << 20) // BS
+    src = make_stamped_file(datadir / "src.img", blocks)
+    tgt.rpc("bdev_uring_create", **uring(src, "Src", UUID_SRC))
+    tgt.rpc("bdev_uring_create", **uring(make_zero_file(datadir / "dst.img", blocks * BS),
+                                         "Dst", UUID_DST))
+    tgt.rpc("bdev_uring_create", **uring(make_zero_file(datadir / "md.img", MD_BYTES),
+                                         "Md", UUID_MD))
+    base = vm_hwm_mib(tgt.pid)
+    clone_create(tgt, hydration_threshold=threshold, hydration_batch_size=batch)
+    s = clone_status(tgt)
+    assert s["hydration_threshold"] == threshold
+    while s["state"] != "hydrated":
+        # Every call must answer within the client's timeout (RPC_TIMEOUT).
+        tgt.rpc("bdev_get_bdevs", name="Dst")
+        s = clone_status(tgt)
+        assert s["state"] in ("hydrating", "hydrated"), s
+        time.sleep(0.05)
+    grew = vm_hwm_mib(tgt.pid) - base
+    # 64 MiB of copy buffers per owner at most, plus reused buffers.
+    assert grew < 160, "RSS grew by %d MiB while hydrating" % grew
+    tgt.rpc("bdev_clone_delete", name="Clone0")
+    tgt.stop()
+    assert (datadir / "dst.img").read_bytes() == src.read_bytes()
+
+
+# ---------------------------------------------------------------------------
+# concurrent deletes: exactly one answers true
+
+
+def test_concurrent_deletes_of_one_clone(tgt, datadir):
+    """Issue #8 defect 7: every concurrent bdev_clone_delete answered true."""
+    Stack(tgt, datadir, delay_us=2000)
+    clone_create(tgt, hydration_threshold=4)
+    wait_state(tgt, "hydrating", timeout=10)
+    got = concurrent_rpc(tgt, 4, "bdev_clone_delete", name="Clone0")
+    assert sorted(got, key=str) == sorted([(True, None)] + [(None, -19)] * 3, key=str), got
+    assert tgt.rpc("bdev_clone_get_bdevs") == []
+    assert claimed(tgt, "Src") is False

@@ -9,9 +9,9 @@ import time
 
 import pytest
 
-from conftest import BIN_DIR, ROOT, SMALL, SPDK_RPC, require_binaries
+from conftest import ROOT, SMALL, SPDK_RPC, require_binaries
+from clone_util import CLONECTL, clonectl
 
-CLONECTL = BIN_DIR / "clonectl"
 PLUGIN_ENV = dict(os.environ, PYTHONPATH=str(ROOT / "scripts"), NO_COLOR="1")
 MB = 1 << 20
 
@@ -35,13 +35,6 @@ def dry_run(*args):
     assert cp.returncode == 0, cp.stderr
     assert cp.stdout.startswith("Request:\n"), cp.stdout
     return json.loads(cp.stdout[len("Request:\n"):])
-
-
-def clonectl(sock, *args, timeout=60):
-    require_binaries(CLONECTL)
-    cmd = [str(CLONECTL), "-s", str(sock)] + [str(a) for a in args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
-                          stdin=subprocess.DEVNULL, env=dict(os.environ, NO_COLOR="1"))
 
 
 def make_bases(tgt, mb=8, source_latency_us=None):
@@ -82,12 +75,14 @@ def test_plugin_create_every_option():
                   "--dest-bdev-name", "D", "--metadata-bdev-name", "M", "-r", "64",
                   "--no-hydration", "--no-discard-passdown", "--hydration-threshold", "0",
                   "--hydration-batch-size", "8", "--hydration-mbytes-per-sec", "100",
-                  "--copy-on-read", "-u", "8e1f8a39-6f3c-4b1e-9d7a-3c1f5b2a9e10")
+                  "--copy-on-read", "-u", "8e1f8a39-6f3c-4b1e-9d7a-3c1f5b2a9e10",
+                  "--force-format")
     assert req["params"] == {
         "name": "C", "source_bdev_name": "S", "dest_bdev_name": "D", "metadata_bdev_name": "M",
         "region_size_kb": 64, "no_hydration": True, "no_discard_passdown": True,
         "hydration_threshold": 0, "hydration_batch_size": 8, "hydration_mbytes_per_sec": 100,
-        "copy_on_read": True, "uuid": "8e1f8a39-6f3c-4b1e-9d7a-3c1f5b2a9e10"}
+        "copy_on_read": True, "uuid": "8e1f8a39-6f3c-4b1e-9d7a-3c1f5b2a9e10",
+        "force_format": True}
 
 
 def test_plugin_other_requests():
@@ -221,6 +216,34 @@ def test_clonectl_table_and_json(tgt):
     row = clonectl(tgt.sock, "status", "Clone0").stdout.splitlines()[1].split()
     assert row[:4] == ["Clone0", "hydrated", "2048/2048", "100.0%"], row
     assert row[5] == "-"
+
+
+def test_clonectl_prints_any_name(tgt):
+    """Issue #8 defect 5: a clone name of 65,536 bytes or more made
+    `clonectl status` panic (exit 101) for every clone. Any name the target
+    accepts prints: long, unicode, control characters escaped."""
+    source = make_bases(tgt)
+    long_name = "L" * 70000
+    odd = "odd\x1b[2J\t\u00fc\U0001F600\\"
+    tgt.rpc("bdev_clone_create", name=long_name, source_bdev_name=source, dest_bdev_name="Dst0",
+            metadata_bdev_name="Meta0", no_hydration=True)
+    for b in ("Src1", "Dst1"):
+        tgt.rpc("bdev_malloc_create", name=b, num_blocks=256, block_size=4096)
+    tgt.rpc("bdev_malloc_create", name="Meta1", num_blocks=64, block_size=4096)
+    tgt.rpc("bdev_clone_create", name=odd, source_bdev_name="Src1", dest_bdev_name="Dst1",
+            metadata_bdev_name="Meta1", no_hydration=True)
+    shown_odd = "odd\\u{1b}[2J\\t\u00fc\U0001F600\\\\"
+    r = clonectl(tgt.sock, "status")
+    assert r.returncode == 0, (r.returncode, r.stderr[-2000:])
+    lines = r.stdout.splitlines()
+    assert lines[1].split()[:2] == [long_name, "paused"], lines[1][-200:]
+    assert lines[2].split()[:2] == [shown_odd, "paused"], lines[2]
+    assert "\x1b" not in r.stdout and "\t" not in r.stdout
+    # the columns line up (padding counts characters) however long the names
+    assert lines[0].index("STATE") == lines[1].index("paused") == lines[2].index("paused")
+    for name in (long_name, odd):
+        r = clonectl(tgt.sock, "status", name, "--json")
+        assert r.returncode == 0 and json.loads(r.stdout)[0]["name"] == name
 
 
 def test_clonectl_clear_errors(tgt, workdir):

@@ -1,10 +1,14 @@
 """Framework RPCs, init states, shutdown and the socket lock (rpc-contract.md §1.1, §1.4, §1.6, §2.1)."""
 
+import grp
 import json
 import os
 import re
 import signal
+import stat
 import time
+
+import pytest
 
 from conftest import MSG_RUNTIME_ONLY, MSG_STARTUP_ONLY, RawConn
 
@@ -277,3 +281,45 @@ def test_no_rpc_server(tgt_factory):
 def test_socket_in_missing_directory(tgt_factory, workdir):
     t = tgt_factory(sock=workdir / "no" / "such" / "dir" / "spdk.sock", wait=False)
     assert t.wait_exit(timeout=10) != 0, t.log()
+
+
+# --- the socket's access --------------------------------------------------------
+
+def start_under_umask(tgt_factory, mask, *args, name="tgt"):
+    old = os.umask(mask)
+    try:
+        return tgt_factory(*args, name=name)
+    finally:
+        os.umask(old)
+
+
+@pytest.mark.parametrize("mask", [0o000, 0o022, 0o077])
+def test_rpc_socket_is_owner_only_whatever_the_umask(tgt_factory, mask):
+    """Issue #8 defect 6: the socket's mode followed the umask (0777 under
+    umask 000: any local user could drive the target)."""
+    t = start_under_umask(tgt_factory, mask)
+    st = os.stat(t.sock)
+    assert stat.S_ISSOCK(st.st_mode)
+    assert stat.S_IMODE(st.st_mode) == 0o600, oct(st.st_mode)
+    assert st.st_uid == os.geteuid()
+    assert t.rpc("spdk_get_version")["fields"]["major"] == 26
+
+
+def test_rpc_socket_group(tgt_factory):
+    gid = max(os.getgroups() or [os.getegid()])
+    group = grp.getgrgid(gid).gr_name
+    t = start_under_umask(tgt_factory, 0o077, "--rpc-socket-group", group)
+    st = os.stat(t.sock)
+    assert stat.S_IMODE(st.st_mode) == 0o660 and st.st_gid == gid, (oct(st.st_mode), st.st_gid)
+    assert t.rpc("spdk_get_version")["fields"]["major"] == 26
+    t.stop()
+    t = start_under_umask(tgt_factory, 0o022, "--rpc-socket-group", str(gid), name="bygid")
+    st = os.stat(t.sock)
+    assert stat.S_IMODE(st.st_mode) == 0o660 and st.st_gid == gid, (oct(st.st_mode), st.st_gid)
+
+
+def test_rpc_socket_unknown_group(tgt_factory):
+    t = tgt_factory("--rpc-socket-group", "no-such-group-xyz", wait=False)
+    assert t.wait_exit(timeout=10) != 0
+    assert "--rpc-socket-group \"no-such-group-xyz\": no such group" in t.log(), t.log()
+    assert not t.sock.exists()

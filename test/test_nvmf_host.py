@@ -9,7 +9,8 @@ import time
 
 import pytest
 
-from conftest import (PERF_SECS, SMALL, parse_rpc_error, run_bdevperf, write_bdev_config)
+from conftest import (PERF_SECS, SMALL, concurrent_rpc, parse_rpc_error, run_bdevperf,
+                      write_bdev_config)
 from spdk.rpc.client import JSONRPCException
 
 NQN = "nqn.2016-06.io.spdk:cnode1"
@@ -101,6 +102,17 @@ def test_attach_identify_get_detach(tgt_factory, workdir, target):
     while target.rpc("nvmf_subsystem_get_controllers", nqn=NQN) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert target.rpc("nvmf_subsystem_get_controllers", nqn=NQN) == []
+
+
+def test_concurrent_detaches_one_true_the_others_enodev(tgt_factory, workdir, target):
+    """Issue #8 defect 7 for bdev_nvme_detach_controller: a detach that
+    found the controller already being detached answered true too."""
+    host = tgt_factory(name="host", sock=workdir / "host.sock")
+    host.rpc("bdev_nvme_attach_controller", **attach_params(target.port))
+    got = concurrent_rpc(host, 4, "bdev_nvme_detach_controller", name="Nvme0")
+    assert sorted(got, key=str) == sorted([(True, None)] + [(None, -19)] * 3, key=str), got
+    assert host.rpc("bdev_nvme_get_controllers") == []
+    assert "Nvme0n1" not in host.bdevs()
 
 
 def test_attach_errors(tgt_factory, workdir, target):

@@ -51,6 +51,21 @@ pub struct CommonOpts {
     /// Log level filter (error, warn, info, debug, trace); RUST_LOG also works
     #[arg(long = "log-level", default_value = "info")]
     pub log_level: String,
+    /// Let this group (name or gid) use the RPC socket: mode 0660 with that
+    /// owner group instead of the default owner-only 0600
+    #[arg(long = "rpc-socket-group", value_name = "GROUP")]
+    pub rpc_socket_group: Option<String>,
+}
+
+/// The gid of `--rpc-socket-group`: a group name, or a number.
+fn resolve_group(g: &str) -> Result<u32, String> {
+    match nix::unistd::Group::from_name(g) {
+        Ok(Some(grp)) => Ok(grp.gid.as_raw()),
+        Ok(None) => g
+            .parse::<u32>()
+            .map_err(|_| format!("--rpc-socket-group {g:?}: no such group")),
+        Err(e) => Err(format!("--rpc-socket-group {g:?}: cannot look it up: {e}")),
+    }
 }
 
 /// Parse SPDK's `-m`: `0x3`, `3` (hex) or `[0,2-3]`.
@@ -290,8 +305,16 @@ pub fn run(spec: AppSpec, main: Option<MainFn>) -> Result<i32, AppError> {
 async fn app_main(spec: AppSpec, main: Option<MainFn>) -> i32 {
     register_all_methods();
     rpc::set_state(STARTUP);
+    let group = match spec.common.rpc_socket_group.as_deref().map(resolve_group) {
+        None => None,
+        Some(Ok(gid)) => Some(gid),
+        Some(Err(e)) => {
+            tracing::error!("{e}");
+            return 1;
+        }
+    };
     let server = match &spec.rpc_socket {
-        Some(path) => match rpc::Server::listen(path) {
+        Some(path) => match rpc::Server::listen_with_group(path, group) {
             Ok(s) => Some(s),
             Err(e) => {
                 tracing::error!(error = %e, "cannot start the RPC server");

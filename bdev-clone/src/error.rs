@@ -9,6 +9,9 @@ pub enum CloneError {
     /// A named bdev does not exist (-19).
     #[error("bdev '{0}' does not exist")]
     NoSuchBdev(String),
+    /// The source is missing and the clone cannot run without it (-19).
+    #[error("bdev '{name}' does not exist and the clone needs it: {why}")]
+    NoSource { name: String, why: String },
     /// No clone by that name (-19).
     #[error("clone bdev '{0}' does not exist")]
     NoSuchClone(String),
@@ -37,7 +40,9 @@ impl CloneError {
     /// Positive errno (the RPC replies with its negation).
     pub fn errno(&self) -> i32 {
         match self {
-            CloneError::NoSuchBdev(_) | CloneError::NoSuchClone(_) => libc::ENODEV,
+            CloneError::NoSuchBdev(_)
+            | CloneError::NoSource { .. }
+            | CloneError::NoSuchClone(_) => libc::ENODEV,
             CloneError::Exists(_) => libc::EEXIST,
             CloneError::Invalid(_)
             | CloneError::Geometry(_)

@@ -23,10 +23,19 @@ use crate::region_map::{units_for, RegionMap, REGIONS_PER_UNIT, WORDS_PER_UNIT};
 pub const FORMAT_BLOCK_SIZE: u64 = 4096;
 /// Magic at byte 0 of a superblock.
 pub const MAGIC: [u8; 8] = *b"CLNTGTMD";
-/// The only version this code reads and writes.
-pub const VERSION: u32 = 1;
-/// Flags this version understands (none yet); other bits are refused.
-pub const KNOWN_FLAGS: u32 = 0;
+/// The version this code writes. Version 1 (no seeded unit checksums, one
+/// superblock slot written) is still read, and upgraded on open.
+pub const VERSION: u32 = 2;
+/// The first format: still opened, then rewritten as [`VERSION`].
+pub const VERSION_1: u32 = 1;
+/// Superblock flag: formatting began and has not finished. Nothing was
+/// ever hydrated under such a superblock, so it is formatted again.
+pub const FLAG_FORMATTING: u32 = 1;
+/// Flags this version understands; other bits are refused.
+pub const KNOWN_FLAGS: u32 = FLAG_FORMATTING;
+/// Prefix of a version 2 unit's checksum input (then the clone's uuid,
+/// then the unit's bytes 4..512, which hold its index).
+const UNIT_SEED: &[u8; 8] = b"CLNTGTU2";
 /// Byte offset of the bitmap (after the two superblock slots).
 pub const BITMAP_OFFSET: u64 = 2 * FORMAT_BLOCK_SIZE;
 /// Size of one bitmap unit: one sector, the atomic write granularity.
@@ -56,9 +65,17 @@ const SB_CRC: usize = FORMAT_BLOCK_SIZE as usize - 4;
 /// Errors reading, validating or sizing metadata.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum MetadataError {
-    #[error("metadata is corrupt: no valid superblock (slot 0: {slot0}; slot 1: {slot1})")]
-    CorruptSuperblock { slot0: String, slot1: String },
-    #[error("metadata superblock in slot {slot} has version {found}; this build supports version {VERSION}")]
+    #[error("metadata damaged: superblock slots 0 and 1 unreadable (slot 0: {slot0}; slot 1: {slot1}){units}")]
+    CorruptSuperblock {
+        slot0: String,
+        slot1: String,
+        /// What the bitmap area holds (filled in by the opener), e.g.
+        /// ", 12 bitmap units hold hydrated regions".
+        units: String,
+    },
+    #[error("metadata damaged: superblock slots disagree: slot 0 is {slot0}; slot 1 is {slot1}")]
+    SlotsDisagree { slot0: String, slot1: String },
+    #[error("metadata superblock in slot {slot} has version {found}; this build reads versions {VERSION_1} and {VERSION}")]
     UnsupportedVersion { slot: u32, found: u32 },
     #[error("metadata superblock in slot {slot} has unknown flags {flags:#x}")]
     UnsupportedFlags { slot: u32, flags: u32 },
@@ -80,8 +97,14 @@ pub enum MetadataError {
         need: u64,
         num_regions: u64,
     },
-    #[error("metadata is corrupt: bitmap unit {unit}: {reason}")]
+    #[error("metadata damaged: bitmap unit {unit}: {reason}")]
     CorruptUnit { unit: u64, reason: String },
+    #[error("metadata damaged: {count} of {total} bitmap units unusable ({detail})")]
+    DamagedUnits {
+        count: u64,
+        total: u64,
+        detail: String,
+    },
     #[error("metadata buffer too short: {what} needs {need} bytes, got {got}")]
     ShortBuffer {
         what: &'static str,
@@ -212,10 +235,17 @@ impl Superblock {
 /// What the two superblock slots hold.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum SuperState {
-    /// Both slots all-zero: a blank device, to be formatted.
+    /// Both slots all-zero: a blank device, to be formatted (if the
+    /// bitmap area is all zero too; the opener checks).
     Blank,
-    /// The newest valid superblock and the slot it was read from.
-    Valid { sb: Superblock, slot: u32 },
+    /// The newest valid superblock, the slot it was read from, and whether
+    /// the other slot holds the same copy (both current: one lost block
+    /// loses nothing; otherwise the opener rewrites the other slot).
+    Valid {
+        sb: Superblock,
+        slot: u32,
+        both: bool,
+    },
 }
 
 impl SuperState {
@@ -291,7 +321,7 @@ fn decode_slot(b: &[u8], slot: u32) -> Result<Slot, MetadataError> {
     }
     // Magic and checksum hold: from here on the copy is what a writer meant.
     let version = get_u32(b, SB_VERSION);
-    if version != VERSION {
+    if version != VERSION && version != VERSION_1 {
         return Err(MetadataError::UnsupportedVersion {
             slot,
             found: version,
@@ -304,7 +334,8 @@ fn decode_slot(b: &[u8], slot: u32) -> Result<Slot, MetadataError> {
         )));
     }
     let flags = get_u32(b, SB_FLAGS);
-    if flags & !KNOWN_FLAGS != 0 {
+    let known = if version == VERSION_1 { 0 } else { KNOWN_FLAGS };
+    if flags & !known != 0 {
         return Err(MetadataError::UnsupportedFlags { slot, flags });
     }
     if b[SB_FIELDS_END..SB_CRC].iter().any(|&x| x != 0) {
@@ -329,11 +360,24 @@ fn decode_slot(b: &[u8], slot: u32) -> Result<Slot, MetadataError> {
     Ok(Slot::Valid(sb))
 }
 
+fn describe_sb(sb: &Superblock) -> String {
+    format!(
+        "clone {} (version {}, sequence {}, {})",
+        sb.uuid,
+        sb.version,
+        sb.sequence,
+        geometry_summary(sb.region_size, sb.block_size, sb.source_blocks)
+    )
+}
+
 /// Read the two superblock slots (bytes 0..4096 and 4096..8192).
 ///
-/// * Both all-zero: `Blank` (format the device).
+/// * Both all-zero: `Blank` (the opener formats the device only if its
+///   bitmap area is all zero too).
 /// * Otherwise the valid slot with the highest sequence wins; a torn or
-///   missing copy in the other slot is fine.
+///   missing copy in the other slot is fine (the opener rewrites it).
+/// * Two valid copies of different clones or geometries: refused (one of
+///   them was put there from elsewhere; which one cannot be told).
 /// * Neither valid: `CorruptSuperblock`, naming what is wrong with each.
 /// * A copy with good magic and checksum but an unknown version or flags is
 ///   refused outright (a newer writer made it).
@@ -348,17 +392,45 @@ pub fn decode_superblock(block0: &[u8], block1: &[u8]) -> Result<SuperState, Met
     match (s0, s1) {
         (Slot::Zero, Slot::Zero) => Ok(SuperState::Blank),
         (Slot::Valid(a), Slot::Valid(b)) => {
+            let same_clone = a.uuid == b.uuid
+                && a.source_blocks == b.source_blocks
+                && a.block_size == b.block_size
+                && a.region_size == b.region_size;
+            if !same_clone {
+                return Err(MetadataError::SlotsDisagree {
+                    slot0: describe_sb(&a),
+                    slot1: describe_sb(&b),
+                });
+            }
+            let both = a == b;
             if b.sequence > a.sequence {
-                Ok(SuperState::Valid { sb: b, slot: 1 })
+                Ok(SuperState::Valid {
+                    sb: b,
+                    slot: 1,
+                    both,
+                })
             } else {
-                Ok(SuperState::Valid { sb: a, slot: 0 })
+                Ok(SuperState::Valid {
+                    sb: a,
+                    slot: 0,
+                    both,
+                })
             }
         }
-        (Slot::Valid(a), _) => Ok(SuperState::Valid { sb: a, slot: 0 }),
-        (_, Slot::Valid(b)) => Ok(SuperState::Valid { sb: b, slot: 1 }),
+        (Slot::Valid(a), _) => Ok(SuperState::Valid {
+            sb: a,
+            slot: 0,
+            both: false,
+        }),
+        (_, Slot::Valid(b)) => Ok(SuperState::Valid {
+            sb: b,
+            slot: 1,
+            both: false,
+        }),
         (a, b) => Err(MetadataError::CorruptSuperblock {
             slot0: describe(&a),
             slot1: describe(&b),
+            units: String::new(),
         }),
     }
 }
@@ -405,15 +477,47 @@ pub fn check_uuid(sb: &Superblock, expected: Uuid) -> Result<(), MetadataError> 
     Ok(())
 }
 
-/// Encode bitmap unit `unit_index` from its words:
-/// `[crc32c u32][unit_index u32][63 words LE]`, the crc over bytes 4..512.
-pub fn encode_unit_words(unit_index: u32, words: &[u64; WORDS_PER_UNIT]) -> [u8; UNIT_SIZE] {
+/// Checksum of a version 2 unit: CRC-32C of `CLNTGTU2`, the clone's uuid
+/// and bytes 4..512 (the index and the words). Bound to the clone, so a
+/// unit of another clone does not validate; to its index, so a unit found
+/// at another position is named as misplaced.
+fn unit_crc(uuid: &Uuid, b: &[u8]) -> u32 {
+    let seed = crc32c::crc32c_append(crc32c::crc32c(UNIT_SEED), uuid.as_bytes());
+    crc32c::crc32c_append(seed, &b[4..UNIT_SIZE])
+}
+
+/// Checksum of a version 1 unit: CRC-32C of bytes 4..512 only.
+fn unit_crc_v1(b: &[u8]) -> u32 {
+    crc32c::crc32c(&b[4..UNIT_SIZE])
+}
+
+fn encode_words(unit_index: u32, words: &[u64; WORDS_PER_UNIT]) -> [u8; UNIT_SIZE] {
     let mut b = [0u8; UNIT_SIZE];
     put_u32(&mut b, 4, unit_index);
     for (i, w) in words.iter().enumerate() {
         put_u64(&mut b, 8 + 8 * i, *w);
     }
-    let crc = crc32c::crc32c(&b[4..]);
+    b
+}
+
+/// Encode bitmap unit `unit_index` of clone `uuid` from its words:
+/// `[crc u32][unit_index u32][63 words LE]` (version 2, see [`unit_crc`]).
+pub fn encode_unit_words(
+    uuid: &Uuid,
+    unit_index: u32,
+    words: &[u64; WORDS_PER_UNIT],
+) -> [u8; UNIT_SIZE] {
+    let mut b = encode_words(unit_index, words);
+    let crc = unit_crc(uuid, &b);
+    put_u32(&mut b, 0, crc);
+    b
+}
+
+/// A version 1 unit (the crc over bytes 4..512 alone): what clones made
+/// before version 2 hold; for the compatibility tests.
+pub fn encode_unit_words_v1(unit_index: u32, words: &[u64; WORDS_PER_UNIT]) -> [u8; UNIT_SIZE] {
+    let mut b = encode_words(unit_index, words);
+    let crc = unit_crc_v1(&b);
     put_u32(&mut b, 0, crc);
     b
 }
@@ -421,16 +525,38 @@ pub fn encode_unit_words(unit_index: u32, words: &[u64; WORDS_PER_UNIT]) -> [u8;
 /// Encode unit `unit_index` from the live map. Only for a map nobody is
 /// setting bits in; a commit encodes the snapshot the router took
 /// (`router::UnitImage`), see docs/metadata.md "Commit".
-pub fn encode_unit(unit_index: u32, map: &RegionMap) -> [u8; UNIT_SIZE] {
-    encode_unit_words(unit_index, &map.unit_words(unit_index as u64))
+pub fn encode_unit(uuid: &Uuid, unit_index: u32, map: &RegionMap) -> [u8; UNIT_SIZE] {
+    encode_unit_words(uuid, unit_index, &map.unit_words(unit_index as u64))
 }
 
-/// Decode a unit read from [`unit_offset`]`(expected_index)`. An all-zero
-/// unit (never written) is all-cold; a bad checksum or a wrong index is
-/// corruption, never silently cold.
+/// How units are checked: the clone's uuid and the superblock's version.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct UnitKey {
+    pub uuid: Uuid,
+    pub version: u32,
+}
+
+impl UnitKey {
+    pub fn of(sb: &Superblock) -> UnitKey {
+        UnitKey {
+            uuid: sb.uuid,
+            version: sb.version,
+        }
+    }
+}
+
+/// Decode a unit read from [`unit_offset`]`(expected_index)`.
+///
+/// Version 2: every unit was written at format time, so an all-zero unit
+/// is damage (zeroed), as is a checksum that does not match this clone's
+/// uuid (damaged, or another clone's unit) or an index that is not the
+/// unit's position (misplaced). Version 1 (and units an interrupted
+/// upgrade rewrote): an all-zero unit was never written and is all-cold;
+/// either checksum is accepted.
 pub fn decode_unit(
     bytes: &[u8],
     expected_index: u32,
+    key: &UnitKey,
 ) -> Result<[u64; WORDS_PER_UNIT], MetadataError> {
     if bytes.len() < UNIT_SIZE {
         return Err(MetadataError::ShortBuffer {
@@ -440,23 +566,33 @@ pub fn decode_unit(
         });
     }
     let b = &bytes[..UNIT_SIZE];
+    let bad = |reason: String| MetadataError::CorruptUnit {
+        unit: expected_index as u64,
+        reason,
+    };
     let mut words = [0u64; WORDS_PER_UNIT];
     if b.iter().all(|&x| x == 0) {
-        return Ok(words);
+        if key.version == VERSION_1 {
+            return Ok(words);
+        }
+        return Err(bad("all zero (zeroed: a formatted unit never is)".into()));
     }
     let crc = get_u32(b, 0);
-    if crc32c::crc32c(&b[4..]) != crc {
-        return Err(MetadataError::CorruptUnit {
-            unit: expected_index as u64,
-            reason: "bad checksum".into(),
-        });
+    let ok = crc == unit_crc(&key.uuid, b) || (key.version == VERSION_1 && crc == unit_crc_v1(b));
+    if !ok {
+        let why = if crc == unit_crc_v1(b) {
+            "a version 1 unit in version 2 metadata".to_string()
+        } else {
+            format!(
+                "checksum does not match clone {} (damaged, or another clone's unit)",
+                key.uuid
+            )
+        };
+        return Err(bad(why));
     }
     let index = get_u32(b, 4);
     if index != expected_index {
-        return Err(MetadataError::CorruptUnit {
-            unit: expected_index as u64,
-            reason: format!("holds unit {index}"),
-        });
+        return Err(bad(format!("holds unit {index} (misplaced)")));
     }
     for (i, w) in words.iter_mut().enumerate() {
         *w = get_u64(b, 8 + 8 * i);
@@ -464,23 +600,98 @@ pub fn decode_unit(
     Ok(words)
 }
 
+/// Damaged units found while loading the bitmap: all are counted, the
+/// first few named.
+#[derive(Clone, Debug, Default)]
+pub struct UnitDamage {
+    pub count: u64,
+    pub named: Vec<(u64, String)>,
+}
+
+impl UnitDamage {
+    const NAMED: usize = 4;
+
+    fn add(&mut self, unit: u64, e: MetadataError) {
+        self.count += 1;
+        if self.named.len() < Self::NAMED {
+            let reason = match e {
+                MetadataError::CorruptUnit { reason, .. } => reason,
+                other => other.to_string(),
+            };
+            self.named.push((unit, reason));
+        }
+    }
+
+    /// The error for `total` units, if any was damaged.
+    pub fn into_error(self, total: u64) -> Result<(), MetadataError> {
+        if self.count == 0 {
+            return Ok(());
+        }
+        let mut detail: Vec<String> = self
+            .named
+            .iter()
+            .map(|(u, r)| format!("unit {u}: {r}"))
+            .collect();
+        if self.count > self.named.len() as u64 {
+            detail.push(format!("{} more", self.count - self.named.len() as u64));
+        }
+        Err(MetadataError::DamagedUnits {
+            count: self.count,
+            total,
+            detail: detail.join("; "),
+        })
+    }
+}
+
 /// Decode a run of consecutive units starting at `first_unit` from `bytes`
-/// (as read from `unit_offset(first_unit)`) into `map`. Bits past the last
-/// region are corruption.
-pub fn load_units(map: &RegionMap, first_unit: u64, bytes: &[u8]) -> Result<(), MetadataError> {
+/// (as read from `unit_offset(first_unit)`) into `map`; damaged units
+/// (including bits past the last region) go to `damage` and load nothing.
+pub fn load_units(
+    map: &RegionMap,
+    first_unit: u64,
+    bytes: &[u8],
+    key: &UnitKey,
+    damage: &mut UnitDamage,
+) {
     for (i, chunk) in bytes.chunks(UNIT_SIZE).enumerate() {
         let unit = first_unit + i as u64;
         if unit >= map.num_units() {
             break;
         }
-        let words = decode_unit(chunk, unit as u32)?;
-        map.load_unit(unit, &words)
-            .map_err(|e| MetadataError::CorruptUnit {
-                unit,
-                reason: e.to_string(),
-            })?;
+        let loaded = decode_unit(chunk, unit as u32, key).and_then(|words| {
+            map.load_unit(unit, &words)
+                .map_err(|e| MetadataError::CorruptUnit {
+                    unit,
+                    reason: e.to_string(),
+                })
+        });
+        if let Err(e) = loaded {
+            damage.add(unit, e);
+        }
     }
-    Ok(())
+}
+
+/// Load the whole bitmap area (`bitmap_units × 512` bytes from byte 8192)
+/// in one call; the error names the damage.
+pub fn load_bitmap(map: &RegionMap, bytes: &[u8], key: &UnitKey) -> Result<(), MetadataError> {
+    let mut damage = UnitDamage::default();
+    load_units(map, 0, bytes, key, &mut damage);
+    damage.into_error(map.num_units())
+}
+
+/// What a bitmap area without a superblock holds: units that are not all
+/// zero, and of those, units with any region bit set.
+pub fn scan_units(bytes: &[u8]) -> (u64, u64) {
+    let (mut nonzero, mut with_bits) = (0, 0);
+    for u in bytes.chunks(UNIT_SIZE) {
+        if u.iter().any(|&x| x != 0) {
+            nonzero += 1;
+            if u.len() > 8 && u[8..].iter().any(|&x| x != 0) {
+                with_bits += 1;
+            }
+        }
+    }
+    (nonzero, with_bits)
 }
 
 /// Group sorted unit indices into runs of whole metadata blocks:
@@ -569,10 +780,30 @@ mod tests {
             st,
             SuperState::Valid {
                 sb: sb.clone(),
-                slot: 0
+                slot: 0,
+                both: false
             }
         );
         assert_eq!(st.slot_to_write(), 1);
+        // Both slots current.
+        let b1 = encode_superblock(&sb, 1);
+        assert_eq!(
+            decode_superblock(&b0, &b1).unwrap(),
+            SuperState::Valid {
+                sb: sb.clone(),
+                slot: 0,
+                both: true
+            }
+        );
+        // Either one lost: the other still holds the clone.
+        assert_eq!(
+            decode_superblock(&zero, &b1).unwrap(),
+            SuperState::Valid {
+                sb: sb.clone(),
+                slot: 1,
+                both: false
+            }
+        );
 
         // The next write goes to slot 1 with a higher sequence and wins.
         let sb2 = sb.next();
@@ -582,7 +813,8 @@ mod tests {
             st,
             SuperState::Valid {
                 sb: sb2.clone(),
-                slot: 1
+                slot: 1,
+                both: false
             }
         );
         assert_eq!(st.slot_to_write(), 0);
@@ -595,15 +827,35 @@ mod tests {
             decode_superblock(&torn, &b1).unwrap(),
             SuperState::Valid {
                 sb: sb2.clone(),
-                slot: 1
+                slot: 1,
+                both: false
             }
         );
         // A copy written for slot 1 found in block 0 is not trusted.
         let misplaced = encode_superblock(&sb3, 1);
         assert_eq!(
             decode_superblock(&misplaced, &b1).unwrap(),
-            SuperState::Valid { sb: sb2, slot: 1 }
+            SuperState::Valid {
+                sb: sb2.clone(),
+                slot: 1,
+                both: false
+            }
         );
+        // Two valid copies of different clones: refused, naming both.
+        let other = Superblock::new(Uuid::from_u128(9), &g);
+        let e = decode_superblock(&encode_superblock(&other, 0), &b1).unwrap_err();
+        assert!(matches!(e, MetadataError::SlotsDisagree { .. }), "{e}");
+        let msg = e.to_string();
+        assert!(
+            msg.contains(&Uuid::from_u128(9).to_string()) && msg.contains(&uuid().to_string()),
+            "{msg}"
+        );
+        // A version 1 copy and its version 2 upgrade (interrupted): the
+        // newer wins.
+        let mut v1 = Superblock::new(uuid(), &g);
+        v1.version = VERSION_1;
+        let st = decode_superblock(&encode_superblock(&v1, 0), &b1).unwrap();
+        assert!(matches!(st, SuperState::Valid { slot: 1, .. }), "{st:?}");
     }
 
     #[test]
@@ -615,7 +867,7 @@ mod tests {
         let e = decode_superblock(&junk, &zero).unwrap_err();
         assert_eq!(
             e.to_string(),
-            "metadata is corrupt: no valid superblock (slot 0: bad magic; slot 1: all zero)"
+            "metadata damaged: superblock slots 0 and 1 unreadable (slot 0: bad magic; slot 1: all zero)"
         );
         let mut bad = encode_superblock(&Superblock::new(uuid(), &g), 0);
         bad[SB_SEQUENCE] ^= 1;
@@ -628,15 +880,22 @@ mod tests {
 
         // A newer version is refused even if the other slot is valid.
         let mut v2 = Superblock::new(uuid(), &g);
-        v2.version = 2;
+        v2.version = 3;
         let b = encode_superblock(&v2, 1);
         let ok = encode_superblock(&Superblock::new(uuid(), &g), 0);
         assert_eq!(
             decode_superblock(&ok, &b).unwrap_err(),
-            MetadataError::UnsupportedVersion { slot: 1, found: 2 }
+            MetadataError::UnsupportedVersion { slot: 1, found: 3 }
         );
         let mut fl = Superblock::new(uuid(), &g);
         fl.flags = 4;
+        let mut v1f = Superblock::new(uuid(), &g);
+        v1f.version = VERSION_1;
+        v1f.flags = FLAG_FORMATTING;
+        assert!(matches!(
+            decode_superblock(&encode_superblock(&v1f, 0), &zero),
+            Err(MetadataError::UnsupportedFlags { slot: 0, flags: 1 })
+        ));
         assert!(matches!(
             decode_superblock(&encode_superblock(&fl, 0), &zero),
             Err(MetadataError::UnsupportedFlags { slot: 0, flags: 4 })
@@ -688,67 +947,114 @@ mod tests {
         assert!(check_uuid(&sb, uuid()).is_ok());
     }
 
+    fn key() -> UnitKey {
+        UnitKey {
+            uuid: uuid(),
+            version: VERSION,
+        }
+    }
+
     #[test]
     fn units_round_trip_and_detect_corruption() {
+        let u0 = uuid();
         let map = RegionMap::new(3 * REGIONS_PER_UNIT);
         map.set(0);
         map.set(REGIONS_PER_UNIT + 77);
         map.set(3 * REGIONS_PER_UNIT - 1);
         for u in 0..3u32 {
-            let b = encode_unit(u, &map);
-            assert_eq!(decode_unit(&b, u).unwrap(), map.unit_words(u as u64));
+            let b = encode_unit(&u0, u, &map);
+            assert_eq!(
+                decode_unit(&b, u, &key()).unwrap(),
+                map.unit_words(u as u64)
+            );
         }
-        // An encoded empty unit is not all-zero (crc of zeros is not zero),
-        // and an all-zero (never written) unit decodes as all-cold.
-        let empty = encode_unit_words(0, &[0; WORDS_PER_UNIT]);
+        // An encoded empty unit is not all-zero, and an all-zero unit is
+        // damage in version 2 (all-cold only in version 1).
+        let empty = encode_unit_words(&u0, 0, &[0; WORDS_PER_UNIT]);
         assert!(empty.iter().any(|&x| x != 0));
-        assert_eq!(decode_unit(&[0u8; 512], 5).unwrap(), [0; WORDS_PER_UNIT]);
+        assert_eq!(
+            decode_unit(&[0u8; 512], 5, &key()).unwrap_err().to_string(),
+            "metadata damaged: bitmap unit 5: all zero (zeroed: a formatted unit never is)"
+        );
+        let v1 = UnitKey {
+            version: VERSION_1,
+            ..key()
+        };
+        assert_eq!(
+            decode_unit(&[0u8; 512], 5, &v1).unwrap(),
+            [0; WORDS_PER_UNIT]
+        );
 
-        let good = encode_unit(1, &map);
+        let good = encode_unit(&u0, 1, &map);
         let mut flipped = good;
         flipped[300] ^= 0x10;
-        assert_eq!(
-            decode_unit(&flipped, 1).unwrap_err().to_string(),
-            "metadata is corrupt: bitmap unit 1: bad checksum"
-        );
+        assert!(decode_unit(&flipped, 1, &key())
+            .unwrap_err()
+            .to_string()
+            .starts_with("metadata damaged: bitmap unit 1: checksum does not match clone"));
         // A unit written to the wrong place (misdirected write).
         assert_eq!(
-            decode_unit(&good, 2).unwrap_err().to_string(),
-            "metadata is corrupt: bitmap unit 2: holds unit 1"
+            decode_unit(&good, 2, &key()).unwrap_err().to_string(),
+            "metadata damaged: bitmap unit 2: holds unit 1 (misplaced)"
         );
+        // Another clone's unit, same index and bits.
+        let foreign = encode_unit(&Uuid::from_u128(5), 1, &map);
+        let e = decode_unit(&foreign, 1, &key()).unwrap_err().to_string();
+        assert!(e.contains("another clone's unit"), "{e}");
+        // A version 1 unit: accepted under a version 1 superblock only.
+        let old = encode_unit_words_v1(1, &map.unit_words(1));
+        assert_eq!(decode_unit(&old, 1, &v1).unwrap(), map.unit_words(1));
+        assert!(decode_unit(&old, 1, &key())
+            .unwrap_err()
+            .to_string()
+            .contains("a version 1 unit"));
+        // An interrupted upgrade leaves version 2 units under a version 1
+        // superblock: accepted.
+        assert_eq!(decode_unit(&good, 1, &v1).unwrap(), map.unit_words(1));
         // Bits past the last region.
         let small = RegionMap::new(100);
         let mut w = [0u64; WORDS_PER_UNIT];
         w[1] = 1 << 40;
-        let b = encode_unit_words(0, &w);
+        let b = encode_unit_words(&u0, 0, &w);
         assert!(matches!(
-            load_units(&small, 0, &b),
-            Err(MetadataError::CorruptUnit { unit: 0, .. })
+            load_bitmap(&small, &b, &key()),
+            Err(MetadataError::DamagedUnits {
+                count: 1,
+                total: 1,
+                ..
+            })
         ));
     }
 
     #[test]
-    fn load_units_rebuilds_the_map() {
+    fn load_units_rebuilds_the_map_and_names_every_damaged_unit() {
         let n = 5 * REGIONS_PER_UNIT + 7;
         let map = RegionMap::new(n);
         map.set_range(100..9000);
         map.set(n - 1);
         let mut area = vec![0u8; (map.num_units() as usize) * UNIT_SIZE];
         for u in 0..map.num_units() {
-            if u == 3 {
-                continue; // never written: all-zero
-            }
-            area[u as usize * UNIT_SIZE..][..UNIT_SIZE]
-                .copy_from_slice(&encode_unit(u as u32, &map));
+            area[u as usize * UNIT_SIZE..][..UNIT_SIZE].copy_from_slice(&encode_unit(
+                &uuid(),
+                u as u32,
+                &map,
+            ));
         }
         let back = RegionMap::new(n);
-        load_units(&back, 0, &area).unwrap();
+        load_bitmap(&back, &area, &key()).unwrap();
         for r in 0..n {
-            assert_eq!(
-                back.is_hydrated(r),
-                map.is_hydrated(r) && !(3 * REGIONS_PER_UNIT..4 * REGIONS_PER_UNIT).contains(&r)
-            );
+            assert_eq!(back.is_hydrated(r), map.is_hydrated(r));
         }
+        // Unit 3 zeroed, unit 4 a copy of unit 2: both named.
+        area[3 * UNIT_SIZE..4 * UNIT_SIZE].fill(0);
+        area.copy_within(2 * UNIT_SIZE..3 * UNIT_SIZE, 4 * UNIT_SIZE);
+        let e = load_bitmap(&RegionMap::new(n), &area, &key()).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "metadata damaged: 2 of 6 bitmap units unusable (unit 3: all zero (zeroed: a formatted \
+             unit never is); unit 4: holds unit 2 (misplaced))"
+        );
+        assert_eq!(scan_units(&area), (5, 5));
     }
 
     #[test]
@@ -783,16 +1089,16 @@ mod tests {
             let n = n_units * REGIONS_PER_UNIT - 3;
             let map = RegionMap::new(n);
             for r in old_sets { map.set(r % n); }
-            let old: Vec<[u8; UNIT_SIZE]> = (0..n_units).map(|u| encode_unit(u as u32, &map)).collect();
+            let old: Vec<[u8; UNIT_SIZE]> = (0..n_units).map(|u| encode_unit(&uuid(), u as u32, &map)).collect();
             let old_words: Vec<_> = (0..n_units).map(|u| map.unit_words(u)).collect();
             for r in new_sets { map.set(r % n); } // bits only go 0 -> 1
-            let new: Vec<[u8; UNIT_SIZE]> = (0..n_units).map(|u| encode_unit(u as u32, &map)).collect();
+            let new: Vec<[u8; UNIT_SIZE]> = (0..n_units).map(|u| encode_unit(&uuid(), u as u32, &map)).collect();
             let mut disk = Vec::new();
             for u in 0..n_units as usize {
                 disk.extend_from_slice(if tear[u] { &new[u] } else { &old[u] });
             }
             let back = RegionMap::new(n);
-            load_units(&back, 0, &disk).unwrap();
+            load_bitmap(&back, &disk, &key()).unwrap();
             for r in 0..n {
                 let u = (r / REGIONS_PER_UNIT) as usize;
                 let bit = r % REGIONS_PER_UNIT;

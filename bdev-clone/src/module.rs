@@ -33,7 +33,10 @@ use uuid::Uuid;
 
 use crate::error::CloneError;
 use crate::geometry::Geometry;
-use crate::metadata::{self, SuperState, Superblock, BITMAP_OFFSET, FORMAT_BLOCK_SIZE, UNIT_SIZE};
+use crate::metadata::{
+    self, MetadataError, SuperState, Superblock, UnitKey, BITMAP_OFFSET, FORMAT_BLOCK_SIZE,
+    UNIT_SIZE,
+};
 use crate::oneshot;
 use crate::region_map::{units_for, RegionMap};
 use crate::router::{
@@ -44,10 +47,6 @@ use crate::router::{
 pub const MODULE_NAME: &str = "clone";
 pub const PRODUCT_NAME: &str = "clone";
 
-/// Namespace of the default clone uuid: UUIDv5(namespace, source uuid), so
-/// a replayed config finds its metadata again.
-const NAMESPACE_UUID: Uuid = Uuid::from_u128(0x6c0e_5b1e_3f7a_4c1d_9a2b_8e4f_0d3c_7a11);
-
 /// Largest single I/O of a hydration copy or a metadata load.
 const CHUNK_BYTES: u64 = 1 << 20;
 /// Metadata is read and zeroed in I/Os of this size.
@@ -57,6 +56,22 @@ const BACKOFF_MIN_NS: u64 = 10_000_000;
 const BACKOFF_MAX_NS: u64 = 1_000_000_000;
 /// Consecutive failed copies after which hydration pauses.
 const MAX_FAIL_STREAK: u32 = 8;
+/// While paused by errors, one probe copy after this long, doubling up to
+/// the maximum; a probe that succeeds resumes hydration.
+const PROBE_MIN_NS: u64 = 1_000_000_000;
+const PROBE_MAX_NS: u64 = 30_000_000_000;
+/// Whatever `hydration_threshold` says, an owner keeps at most this many
+/// background copies in flight, with at most this many bytes of copy
+/// buffers, and starts at most this many per pass: memory and the work of
+/// one reactor iteration stay bounded for any accepted value.
+const MAX_COPIES_IN_FLIGHT: u64 = 256;
+const MAX_COPY_BUF_BYTES: u64 = 64 << 20;
+const MAX_COPY_STARTS_PER_PASS: u64 = 32;
+/// Largest `hydration_batch_size` (regions per copy): bounds the bitmap
+/// scan and update of one copy.
+pub const MAX_BATCH_SIZE: u32 = 65_536;
+/// Largest `hydration_mbytes_per_sec` (1 TiB/s; 0 = unlimited).
+pub const MAX_MBYTES_PER_SEC: u64 = 1 << 20;
 /// Hydration poller period (rate-limit refill, back-off expiry).
 const HYDRATION_POLL: Duration = Duration::from_millis(2);
 /// Periodic commit.
@@ -95,6 +110,10 @@ pub struct CreateOpts {
     pub copy_on_read: bool,
     #[serde(default)]
     pub uuid: Option<Uuid>,
+    /// Format the metadata whatever it holds (the operator's way out of
+    /// damaged metadata). Never written by `save_config`.
+    #[serde(default)]
+    pub force_format: bool,
 }
 
 impl CreateOpts {
@@ -117,8 +136,25 @@ impl CreateOpts {
             hydration_mbytes_per_sec: 0,
             copy_on_read: false,
             uuid: None,
+            force_format: false,
         }
     }
+}
+
+/// Refuse tunables outside their ranges (-22, naming the range); the
+/// threshold takes any u32 (the in-flight caps above bound its effect).
+fn check_tunables(batch: Option<u32>, mbytes_per_sec: Option<u64>) -> Result<(), CloneError> {
+    if let Some(b) = batch.filter(|b| !(1..=MAX_BATCH_SIZE).contains(b)) {
+        return Err(CloneError::Invalid(format!(
+            "hydration_batch_size {b} is out of range: 1 to {MAX_BATCH_SIZE} regions"
+        )));
+    }
+    if let Some(m) = mbytes_per_sec.filter(|&m| m > MAX_MBYTES_PER_SEC) {
+        return Err(CloneError::Invalid(format!(
+            "hydration_mbytes_per_sec {m} is out of range: 0 (unlimited) to {MAX_MBYTES_PER_SEC}"
+        )));
+    }
+    Ok(())
 }
 
 /// Runtime changes of `bdev_clone_set_hydration`.
@@ -130,6 +166,17 @@ pub struct HydrationOpts {
     pub hydration_threshold: Option<u32>,
     pub hydration_batch_size: Option<u32>,
     pub hydration_mbytes_per_sec: Option<u64>,
+}
+
+const PAUSE_NONE: u8 = 0;
+const PAUSE_SOURCE: u8 = 1;
+const PAUSE_DEST: u8 = 2;
+
+/// Which base a failed copy failed on.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum CopyFault {
+    Source,
+    Dest,
 }
 
 const MODE_RW: u8 = 0;
@@ -174,8 +221,10 @@ pub(crate) struct Shared {
     dest_unmap: bool,
     discard_passdown: bool,
     hydration_enabled: AtomicBool,
-    /// Hydration stopped itself after repeated copy failures.
-    paused: AtomicBool,
+    /// Hydration stopped itself after repeated copy failures
+    /// (`PAUSE_NONE`, `PAUSE_SOURCE` or `PAUSE_DEST`); it probes and
+    /// resumes by itself.
+    paused: AtomicU8,
     threshold: AtomicU32,
     batch: AtomicU32,
     mbytes_per_sec: AtomicU64,
@@ -220,13 +269,23 @@ impl Shared {
             MODE_FAILED => "failed",
             MODE_RO => "read_only",
             _ if self.map.is_complete() => "hydrated",
-            _ if !self.hydration_enabled.load(Ordering::Relaxed)
-                || self.paused.load(Ordering::Relaxed)
-                || self.threshold.load(Ordering::Relaxed) == 0 =>
-            {
-                "paused"
-            }
+            _ if self.paused_reason().is_some() => "paused",
             _ => "hydrating",
+        }
+    }
+
+    /// Why hydration is paused, when it is: `user` (disabled or threshold
+    /// 0) before the errors, which hydration leaves by itself.
+    fn paused_reason(&self) -> Option<&'static str> {
+        if !self.hydration_enabled.load(Ordering::Relaxed)
+            || self.threshold.load(Ordering::Relaxed) == 0
+        {
+            return Some("user");
+        }
+        match self.paused.load(Ordering::Relaxed) {
+            PAUSE_SOURCE => Some("source_errors"),
+            PAUSE_DEST => Some("dest_errors"),
+            _ => None,
         }
     }
 
@@ -301,7 +360,12 @@ impl Shared {
             json!(self.hydration_enabled.load(Ordering::Relaxed)),
         );
         m.insert("discard_passdown".into(), json!(self.discard_passdown));
-        m.insert("state".into(), json!(self.state()));
+        let state = self.state();
+        m.insert("state".into(), json!(state));
+        m.insert(
+            "paused_reason".into(),
+            json!((state == "paused").then(|| self.paused_reason()).flatten()),
+        );
         m.insert(
             "progress".into(),
             json!({"percent": percent, "bytes_per_sec": rate, "eta_sec": eta}),
@@ -759,6 +823,13 @@ struct Owner {
     last_refill: u64,
     fail_streak: u32,
     backoff_until: u64,
+    /// Copies in flight and their buffer bytes (the caps above).
+    copies_in_flight: u64,
+    copy_buf_bytes: u64,
+    /// The next `StartCopy` executed is a probe (paused by errors).
+    probe_pending: bool,
+    /// The wait before the next probe.
+    probe_wait: u64,
     /// Background work held back (delete, reset).
     stopping: bool,
     quiesced: bool,
@@ -867,8 +938,15 @@ fn drive(rc: &Rc<RefCell<Owner>>) {
         return reactor::defer(move || drive(&rc));
     };
     let o = &mut *guard;
+    // One pump per pass: it starts a bounded number of copies, and the
+    // next completion or poll starts more, so one pass never runs long.
+    let mut pumped = false;
     loop {
         if o.out.is_empty() {
+            if pumped {
+                break;
+            }
+            pumped = true;
             o.pump();
             if o.out.is_empty() {
                 break;
@@ -928,20 +1006,24 @@ impl Owner {
         }
     }
 
-    /// Start background copies if hydration may run now.
+    /// Start background copies if hydration may run now: at most
+    /// `MAX_COPY_STARTS_PER_PASS`, within the in-flight caps; while paused
+    /// by errors, one probe copy when its back-off has expired.
     fn pump(&mut self) {
         let sh = self.sh.clone();
-        if sh.kick.swap(false, Ordering::AcqRel) && !sh.paused.load(Ordering::Acquire) {
+        if sh.kick.swap(false, Ordering::AcqRel) && sh.paused.load(Ordering::Acquire) == PAUSE_NONE
+        {
             self.fail_streak = 0;
             self.backoff_until = 0;
+            self.probe_wait = PROBE_MIN_NS;
         }
         let Some(router) = self.router.as_mut() else {
             return;
         };
         sync_mode(&sh, router);
+        let paused = sh.paused.load(Ordering::Relaxed) != PAUSE_NONE;
         let enabled = sh.hydration_enabled.load(Ordering::Relaxed)
             && sh.mode() == MODE_RW
-            && !sh.paused.load(Ordering::Relaxed)
             && !self.stopping
             && !self.quiesced;
         let cfg = router.config_mut();
@@ -956,8 +1038,25 @@ impl Owner {
         if now < self.backoff_until {
             return;
         }
+        let region = sh.geo.region_size();
+        let per_copy = CHUNK_BYTES
+            .min(cfg.hydration_batch_size.saturating_mul(region))
+            .max(1);
+        let mut room = MAX_COPIES_IN_FLIGHT
+            .saturating_sub(self.copies_in_flight)
+            .min(MAX_COPY_BUF_BYTES.saturating_sub(self.copy_buf_bytes) / per_copy)
+            .min(MAX_COPY_STARTS_PER_PASS);
+        if paused {
+            if self.probe_pending || self.copies_in_flight > 0 {
+                return;
+            }
+            room = room.min(1);
+        }
+        if room == 0 {
+            return;
+        }
         let limit = sh.mbytes_per_sec.load(Ordering::Relaxed);
-        let region = sh.geo.region_size() as f64;
+        let region = region as f64;
         if limit > 0 {
             // Each owner gets an equal share of the clone's limit.
             let bps = limit as f64 * 1048576.0 / sh.owners.len() as f64;
@@ -975,9 +1074,14 @@ impl Owner {
             self.last_refill = now;
             self.tokens = 0.0;
         }
-        let started = router.next_background(&mut self.out);
+        let started = router.next_background_max(&mut self.out, room);
         if limit > 0 {
             self.tokens -= started as f64 * region;
+        }
+        if paused && started > 0 {
+            self.probe_pending = true;
+            // The next probe waits for this one's outcome and back-off.
+            self.backoff_until = now + self.probe_wait;
         }
     }
 
@@ -1005,15 +1109,49 @@ impl Owner {
         self.rate_mark = (now, bytes);
     }
 
-    fn copy_failed(&mut self, what: String) {
-        self.fail_streak += 1;
-        let shift = (self.fail_streak - 1).min(20);
-        let wait = (BACKOFF_MIN_NS << shift).min(BACKOFF_MAX_NS);
-        self.backoff_until = reactor::now_ns() + wait;
+    fn copy_failed(&mut self, fault: CopyFault, what: String, probe: bool) {
+        self.fail_streak = self.fail_streak.saturating_add(1);
+        let reason = match fault {
+            CopyFault::Source => PAUSE_SOURCE,
+            CopyFault::Dest => PAUSE_DEST,
+        };
+        let now = reactor::now_ns();
         tracing::warn!(clone = %self.sh.name, streak = self.fail_streak, "hydration copy failed: {what}");
         self.sh.set_last_error(what);
-        if self.fail_streak >= MAX_FAIL_STREAK && !self.sh.paused.swap(true, Ordering::AcqRel) {
-            tracing::error!(clone = %self.sh.name, "hydration paused after {} failed copies in a row", self.fail_streak);
+        if self.sh.paused.load(Ordering::Acquire) != PAUSE_NONE {
+            if probe {
+                self.sh.paused.store(reason, Ordering::Release);
+                self.probe_wait = (self.probe_wait * 2).min(PROBE_MAX_NS);
+                self.backoff_until = now + self.probe_wait;
+            }
+            return;
+        }
+        let shift = (self.fail_streak - 1).min(20);
+        let wait = (BACKOFF_MIN_NS << shift).min(BACKOFF_MAX_NS);
+        self.backoff_until = now + wait;
+        if self.fail_streak >= MAX_FAIL_STREAK
+            && self
+                .sh
+                .paused
+                .compare_exchange(PAUSE_NONE, reason, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+        {
+            self.probe_wait = PROBE_MIN_NS;
+            self.backoff_until = now + self.probe_wait;
+            tracing::error!(clone = %self.sh.name, "hydration paused after {} failed copies in a row; probing every {}-{} s", self.fail_streak, PROBE_MIN_NS / 1_000_000_000, PROBE_MAX_NS / 1_000_000_000);
+        }
+    }
+
+    /// A copy succeeded: the streak ends, and a pause by errors too.
+    fn copy_succeeded(&mut self) {
+        self.fail_streak = 0;
+        self.probe_wait = PROBE_MIN_NS;
+        if self.sh.paused.load(Ordering::Relaxed) != PAUSE_NONE
+            && self.sh.paused.swap(PAUSE_NONE, Ordering::AcqRel) != PAUSE_NONE
+        {
+            self.backoff_until = 0;
+            *lock(&self.sh.last_error) = None;
+            tracing::info!(clone = %self.sh.name, "a copy succeeded: hydration resumed");
         }
     }
 
@@ -1035,7 +1173,9 @@ impl Owner {
 async fn release_all(sh: Arc<Shared>) {
     sh.released.store(true, Ordering::Release);
     sh.rate_bps.store(0, Ordering::Relaxed);
-    tracing::info!(clone = %sh.name, "fully hydrated: releasing the source");
+    if lock(&sh.descs).source.is_some() {
+        tracing::info!(clone = %sh.name, "fully hydrated: releasing the source");
+    }
     let id = sh.id;
     for &r in &sh.owners {
         oneshot::run_on(r, move || async move {
@@ -1271,6 +1411,7 @@ fn exec(rc: &Rc<RefCell<Owner>>, o: &mut Owner, c: Command) {
             });
         }
         Command::StartCopy { copy, blocks, .. } => {
+            let probe = std::mem::take(&mut o.probe_pending);
             let Some(src) = o.src.clone() else {
                 return o.copy_done(copy, false);
             };
@@ -1284,24 +1425,28 @@ fn exec(rc: &Rc<RefCell<Owner>>, o: &mut Owner, c: Command) {
                 }
                 _ => DmaBuf::new(chunk),
             };
+            o.copies_in_flight += 1;
+            o.copy_buf_bytes += chunk as u64;
             let (dst, sh, weak) = (o.dst.clone(), o.sh.clone(), Rc::downgrade(rc));
             reactor::spawn_local(async move {
                 let (res, buf) = copy_blocks(&src, &dst, &sh, blocks.clone(), buf).await;
                 let Some(rc) = weak.upgrade() else { return };
                 {
                     let mut o = rc.borrow_mut();
+                    o.copies_in_flight -= 1;
+                    o.copy_buf_bytes -= chunk as u64;
                     if o.bufs.len() < 64 {
                         o.bufs.push(buf);
                     }
                     match res {
                         Ok(()) => {
-                            o.fail_streak = 0;
+                            o.copy_succeeded();
                             let n = bytes(&blocks, sh.geo.block_size()) as u64;
                             sh.hydrated_bytes.fetch_add(n, Ordering::Relaxed);
                             o.copy_done(copy, true);
                         }
-                        Err(e) => {
-                            o.copy_failed(e);
+                        Err((fault, e)) => {
+                            o.copy_failed(fault, e, probe);
                             o.copy_done(copy, false);
                         }
                     }
@@ -1493,14 +1638,14 @@ async fn copy_blocks(
     sh: &Shared,
     blocks: Range<u64>,
     buf: DmaBuf,
-) -> (Result<(), String>, DmaBuf) {
+) -> (Result<(), (CopyFault, String)>, DmaBuf) {
     let bs = sh.geo.block_size() as u64;
     let chunk = (buf.len() as u64 / bs).max(1);
     let mut buf = Some(buf);
     let mut at = blocks.start;
-    let fail = |what: &str, at: u64, buf: Option<DmaBuf>| {
+    let fail = |fault: CopyFault, what: &str, at: u64, buf: Option<DmaBuf>| {
         (
-            Err(format!("{what} at block {at} failed")),
+            Err((fault, format!("{what} at block {at} failed"))),
             buf.unwrap_or_else(|| DmaBuf::new(0)),
         )
     };
@@ -1510,7 +1655,7 @@ async fn copy_blocks(
         buf = io.buf.take();
         if !io.status.is_success() {
             sh.err_source.fetch_add(1, Ordering::Relaxed);
-            return fail("source read", at, buf);
+            return fail(CopyFault::Source, "source read", at, buf);
         }
         let len = (n * bs) as usize;
         let zero =
@@ -1525,7 +1670,7 @@ async fn copy_blocks(
         }
         if !io.status.is_success() {
             sh.err_dest.fetch_add(1, Ordering::Relaxed);
-            return fail("destination write", at, buf);
+            return fail(CopyFault::Dest, "destination write", at, buf);
         }
         at += n;
     }
@@ -1556,7 +1701,7 @@ async fn commit_units(dst: &IoChannel, md: &IoChannel, sh: &Shared, units: Vec<U
         let count = (j - i).div_ceil(per) * per;
         let mut buf = DmaBuf::zeroed(count * UNIT_SIZE);
         for (k, u) in units[i..j].iter().enumerate() {
-            let img = metadata::encode_unit_words(u.index, &u.words);
+            let img = metadata::encode_unit_words(&sh.uuid, u.index, &u.words);
             buf.as_mut_slice()[k * UNIT_SIZE..(k + 1) * UNIT_SIZE].copy_from_slice(&img);
         }
         let off = metadata::unit_offset(first) / mdbs as u64;
@@ -1582,10 +1727,12 @@ async fn commit_units(dst: &IoChannel, md: &IoChannel, sh: &Shared, units: Vec<U
 /// too on the home reactor).
 fn start_owner(sh: Arc<Shared>, router: Router, idx: usize) -> Result<(), CloneError> {
     let descs = lock(&sh.descs);
-    let (Some(s), Some(d), Some(m)) = (&descs.source, &descs.dest, &descs.md) else {
+    let (Some(d), Some(m)) = (&descs.dest, &descs.md) else {
         return Err(CloneError::Io("base bdev gone during create".into()));
     };
-    let (src, dst, md) = (s.channel(), d.channel(), m.channel());
+    // No source: a fully hydrated clone restarted without it.
+    let src = descs.source.as_ref().map(|s| s.channel());
+    let (dst, md) = (d.channel(), m.channel());
     drop(descs);
     let now = reactor::now_ns();
     let home = reactor::current() == Some(sh.home);
@@ -1594,7 +1741,7 @@ fn start_owner(sh: Arc<Shared>, router: Router, idx: usize) -> Result<(), CloneE
         idx,
         committer: home.then(Committer::default),
         router: Some(router),
-        src: Some(src),
+        src,
         dst,
         md,
         reqs: HashMap::new(),
@@ -1605,6 +1752,10 @@ fn start_owner(sh: Arc<Shared>, router: Router, idx: usize) -> Result<(), CloneE
         last_refill: now,
         fail_streak: 0,
         backoff_until: 0,
+        copies_in_flight: 0,
+        copy_buf_bytes: 0,
+        probe_pending: false,
+        probe_wait: PROBE_MIN_NS,
         stopping: false,
         quiesced: false,
         rate_mark: (now, 0),
@@ -1786,85 +1937,243 @@ fn io_err(what: &str, st: IoStatus) -> CloneError {
     CloneError::Io(format!("{what} failed ({})", st.name()))
 }
 
-/// Read the superblocks; format a blank device; otherwise check it and
-/// load the bitmap into `map`.
+/// Read the metadata area after the superblocks (`bytes` of it) in large
+/// I/Os, handing each piece and its first unit to `f`.
+async fn read_bitmap_area(
+    md: &IoChannel,
+    bytes: u64,
+    mut f: impl FnMut(u64, &[u8]),
+) -> Result<(), CloneError> {
+    let mdbs = md.bdev().block_size() as u64;
+    let total = bytes.div_ceil(mdbs) * mdbs;
+    let mut at = 0u64;
+    while at < total {
+        let n = MD_IO_BYTES.min(total - at);
+        let b = util::read(md, (BITMAP_OFFSET + at) / mdbs, n / mdbs)
+            .await
+            .map_err(|s| io_err("metadata bitmap read", s))?;
+        f(at / UNIT_SIZE as u64, b.as_slice());
+        at += n;
+    }
+    Ok(())
+}
+
+/// What the bitmap area of a device without a valid superblock holds, for
+/// the refusal (", 12 bitmap units hold hydrated regions"); empty when it
+/// is all zero.
+async fn describe_bitmap_area(md: &IoChannel, num_regions: u64) -> Result<String, CloneError> {
+    let units = units_for(num_regions);
+    let (mut nonzero, mut with_bits) = (0u64, 0u64);
+    read_bitmap_area(md, units * UNIT_SIZE as u64, |first, b| {
+        let keep = ((units - first.min(units)) as usize * UNIT_SIZE).min(b.len());
+        let (n, w) = metadata::scan_units(&b[..keep]);
+        nonzero += n;
+        with_bits += w;
+    })
+    .await?;
+    Ok(match (nonzero, with_bits) {
+        (0, _) => String::new(),
+        (n, 0) => format!(", {n} bitmap units are not blank (none holds a hydrated region)"),
+        (_, w) => format!(", {w} bitmap units hold hydrated regions"),
+    })
+}
+
+/// A metadata write an open decided on, made only once the create can no
+/// longer fail for another reason.
+enum Repair {
+    /// Version 1 metadata: rewrite every unit as version 2, then both
+    /// superblock slots.
+    Upgrade { sb: Superblock, slot: u32 },
+    /// One slot is stale or damaged: write the current copy there.
+    Heal { sb: Superblock, slot: u32 },
+}
+
+/// The outcome of reading a clone's metadata.
+enum Opened {
+    /// Blank, an interrupted format, or `force_format`: format with this
+    /// uuid.
+    Format(Uuid),
+    /// A clone's metadata, loaded into the map.
+    Loaded { uuid: Uuid, repair: Option<Repair> },
+}
+
+/// Read a clone's metadata without writing anything: decide whether to
+/// format (blank device, interrupted format, `force`), or check the
+/// superblock against the clone and load the bitmap into `map`. Anything
+/// else is refused, naming the damage.
 async fn open_metadata(
     md: &IoChannel,
     geo: &Geometry,
-    uuid: Uuid,
+    state: Result<SuperState, CloneError>,
+    want: Option<Uuid>,
+    force: bool,
     map: &RegionMap,
-) -> Result<bool, CloneError> {
-    let mdbs = md.bdev().block_size() as u64;
-    let state = read_superblock(md).await?;
-    let bitmap_bytes = metadata::required_bytes(geo.num_regions()) - BITMAP_OFFSET;
-    match state {
-        SuperState::Blank => {
-            format_metadata(md, geo, uuid, bitmap_bytes).await?;
-            Ok(true)
-        }
-        SuperState::Valid { sb, .. } => {
-            metadata::check_geometry(&sb, geo)?;
-            metadata::check_uuid(&sb, uuid)?;
-            let units_bytes = units_for(geo.num_regions()) * UNIT_SIZE as u64;
-            let total = units_bytes.div_ceil(mdbs) * mdbs;
-            let mut at = 0u64;
-            while at < total {
-                let n = MD_IO_BYTES.min(total - at);
-                let b = util::read(md, (BITMAP_OFFSET + at) / mdbs, n / mdbs)
-                    .await
-                    .map_err(|s| io_err("metadata bitmap read", s))?;
-                metadata::load_units(map, at / UNIT_SIZE as u64, b.as_slice())?;
-                at += n;
-            }
-            Ok(false)
-        }
+) -> Result<Opened, CloneError> {
+    if force {
+        return Ok(Opened::Format(want.unwrap_or_else(Uuid::new_v4)));
     }
+    let (sb, slot, both) = match state {
+        Err(CloneError::Metadata(MetadataError::CorruptSuperblock { slot0, slot1, .. })) => {
+            let units = describe_bitmap_area(md, geo.num_regions()).await?;
+            return Err(MetadataError::CorruptSuperblock {
+                slot0,
+                slot1,
+                units,
+            }
+            .into());
+        }
+        Err(e) => return Err(e),
+        Ok(SuperState::Blank) => {
+            // Blank only if nothing at all is written: a clone whose two
+            // superblock blocks were lost is not formatted over.
+            let units = describe_bitmap_area(md, geo.num_regions()).await?;
+            if !units.is_empty() {
+                return Err(MetadataError::CorruptSuperblock {
+                    slot0: "all zero".into(),
+                    slot1: "all zero".into(),
+                    units,
+                }
+                .into());
+            }
+            return Ok(Opened::Format(want.unwrap_or_else(Uuid::new_v4)));
+        }
+        Ok(SuperState::Valid { sb, slot, both }) => (sb, slot, both),
+    };
+    if sb.flags & metadata::FLAG_FORMATTING != 0 {
+        // A format that never finished: no clone ever ran on it.
+        return Ok(Opened::Format(want.unwrap_or(sb.uuid)));
+    }
+    metadata::check_geometry(&sb, geo)?;
+    if let Some(u) = want {
+        metadata::check_uuid(&sb, u)?;
+    }
+    let key = UnitKey::of(&sb);
+    let mut damage = metadata::UnitDamage::default();
+    read_bitmap_area(md, sb.bitmap_units * UNIT_SIZE as u64, |first, b| {
+        metadata::load_units(map, first, b, &key, &mut damage)
+    })
+    .await?;
+    damage.into_error(map.num_units())?;
+    let repair = if sb.version == metadata::VERSION_1 {
+        Some(Repair::Upgrade {
+            sb: sb.clone(),
+            slot,
+        })
+    } else if !both {
+        Some(Repair::Heal {
+            sb: sb.clone(),
+            slot: 1 - slot,
+        })
+    } else {
+        None
+    };
+    Ok(Opened::Loaded {
+        uuid: sb.uuid,
+        repair,
+    })
 }
 
+/// Write `sb` to each of `slots` in turn, flushing after each, so a torn
+/// write damages one copy at most.
+async fn write_superblock(
+    md: &IoChannel,
+    sb: &Superblock,
+    slots: &[u32],
+) -> Result<(), CloneError> {
+    let mdbs = md.bdev().block_size() as u64;
+    let nblocks_dev = md.bdev().num_blocks();
+    for &slot in slots {
+        let img = metadata::encode_superblock(sb, slot);
+        let mut buf = DmaBuf::new(img.len());
+        buf.as_mut_slice().copy_from_slice(&img);
+        util::write(md, metadata::superblock_offset(slot) / mdbs, buf, false)
+            .await
+            .map_err(|s| io_err("metadata superblock write", s))?;
+        util::simple(md, IoType::Flush, 0, nblocks_dev)
+            .await
+            .map_err(|s| io_err("metadata flush", s))?;
+    }
+    Ok(())
+}
+
+/// Write every unit of `map` (version 2, bound to `uuid`) and flush.
+async fn write_all_units(md: &IoChannel, uuid: &Uuid, map: &RegionMap) -> Result<(), CloneError> {
+    let mdbs = md.bdev().block_size() as u64;
+    let units = map.num_units();
+    let per_io = MD_IO_BYTES / UNIT_SIZE as u64;
+    let mut buf = Some(DmaBuf::zeroed(MD_IO_BYTES as usize));
+    let mut first = 0u64;
+    while first < units {
+        let n = per_io.min(units - first);
+        let bytes = (n * UNIT_SIZE as u64).div_ceil(mdbs) * mdbs;
+        let mut b = buf
+            .take()
+            .unwrap_or_else(|| DmaBuf::zeroed(MD_IO_BYTES as usize));
+        let s = &mut b.as_mut_slice()[..bytes as usize];
+        // The tail of a last partial block: zero units, never read.
+        s.fill(0);
+        for i in 0..n {
+            let img = metadata::encode_unit(uuid, (first + i) as u32, map);
+            s[i as usize * UNIT_SIZE..][..UNIT_SIZE].copy_from_slice(&img);
+        }
+        let off = metadata::unit_offset(first) / mdbs;
+        let mut io = util::submit(md, IoType::Write, off, bytes / mdbs, Some(b), false).await;
+        if !io.status.is_success() {
+            return Err(io_err("metadata bitmap write", io.status));
+        }
+        buf = io.buf.take();
+        first += n;
+    }
+    util::simple(md, IoType::Flush, 0, md.bdev().num_blocks())
+        .await
+        .map_err(|s| io_err("metadata flush", s))?;
+    Ok(())
+}
+
+/// Format: a superblock saying "formatting" in both slots, every unit
+/// (empty, bound to the uuid), then the real superblock in both slots. A
+/// crash at any point leaves either a formatting superblock (formatted
+/// again on the next create) or a complete format.
 async fn format_metadata(
     md: &IoChannel,
     geo: &Geometry,
     uuid: Uuid,
-    bitmap_bytes: u64,
+    map: &RegionMap,
 ) -> Result<(), CloneError> {
-    let mdbs = md.bdev().block_size() as u64;
-    let first = BITMAP_OFFSET / mdbs;
-    let nblocks = bitmap_bytes / mdbs;
-    // Zero the bitmap (old data may linger past blocks 0-1): one cheap
-    // write_zeroes where the bdev has it, else large zero writes.
-    if md.bdev().io_type_supported(IoType::WriteZeroes) {
-        util::simple(md, IoType::WriteZeroes, first, nblocks)
-            .await
-            .map_err(|s| io_err("metadata write_zeroes", s))?;
-    } else {
-        let chunk = (MD_IO_BYTES / mdbs).min(nblocks.max(1));
-        let mut buf = Some(DmaBuf::zeroed((chunk * mdbs) as usize));
-        let mut at = 0;
-        while at < nblocks {
-            let n = chunk.min(nblocks - at);
-            let mut io = util::submit(md, IoType::Write, first + at, n, buf.take(), false).await;
-            if !io.status.is_success() {
-                return Err(io_err("metadata zeroing", io.status));
-            }
-            buf = io.buf.take();
-            at += n;
+    let mut sb = Superblock::new(uuid, geo);
+    sb.flags = metadata::FLAG_FORMATTING;
+    write_superblock(md, &sb, &[0, 1]).await?;
+    write_all_units(md, &uuid, map).await?;
+    let done = Superblock {
+        flags: 0,
+        ..sb.next()
+    };
+    write_superblock(md, &done, &[1, 0]).await
+}
+
+/// Carry out an open's [`Repair`].
+async fn repair_metadata(
+    md: &IoChannel,
+    map: &RegionMap,
+    repair: Repair,
+    name: &str,
+) -> Result<(), CloneError> {
+    match repair {
+        Repair::Upgrade { sb, slot } => {
+            tracing::info!(clone = %name, "upgrading metadata from version 1 to {}", metadata::VERSION);
+            write_all_units(md, &sb.uuid, map).await?;
+            let new = Superblock {
+                version: metadata::VERSION,
+                ..sb.next()
+            };
+            // The slot not holding the version 1 copy first.
+            write_superblock(md, &new, &[1 - slot, slot]).await
+        }
+        Repair::Heal { sb, slot } => {
+            tracing::warn!(clone = %name, slot, "metadata superblock slot {slot} was stale or damaged: rewritten");
+            write_superblock(md, &sb, &[slot]).await
         }
     }
-    let nblocks_dev = md.bdev().num_blocks();
-    util::simple(md, IoType::Flush, 0, nblocks_dev)
-        .await
-        .map_err(|s| io_err("metadata flush", s))?;
-    let sb = Superblock::new(uuid, geo);
-    let img = metadata::encode_superblock(&sb, 0);
-    let mut buf = DmaBuf::new(img.len());
-    buf.as_mut_slice().copy_from_slice(&img);
-    util::write(md, 0, buf, false)
-        .await
-        .map_err(|s| io_err("metadata superblock write", s))?;
-    util::simple(md, IoType::Flush, 0, nblocks_dev)
-        .await
-        .map_err(|s| io_err("metadata flush", s))?;
-    Ok(())
 }
 
 /// Create a clone (reactor 0). On failure nothing is left: no claim, no
@@ -1876,6 +2185,10 @@ pub async fn create(opts: CreateOpts) -> Result<Arc<Bdev>, CloneError> {
     if bdev::get(&opts.name).is_some() {
         return Err(CloneError::Exists(opts.name));
     }
+    check_tunables(
+        Some(opts.hydration_batch_size),
+        Some(opts.hydration_mbytes_per_sec),
+    )?;
     let region_size = opts.region_size_kb as u64 * 1024;
     if !opts.region_size_kb.is_power_of_two() || !(4..=1_048_576).contains(&opts.region_size_kb) {
         return Err(CloneError::Invalid(format!(
@@ -1883,8 +2196,10 @@ pub async fn create(opts: CreateOpts) -> Result<Arc<Bdev>, CloneError> {
             opts.region_size_kb
         )));
     }
+    // The source may be missing only for a clone whose metadata says it
+    // is fully hydrated (checked below).
+    let source_present = bdev::get(&opts.source_bdev_name).is_some();
     for (what, n) in [
-        ("source", &opts.source_bdev_name),
         ("destination", &opts.dest_bdev_name),
         ("metadata", &opts.metadata_bdev_name),
     ] {
@@ -1892,6 +2207,13 @@ pub async fn create(opts: CreateOpts) -> Result<Arc<Bdev>, CloneError> {
             tracing::debug!(role = what, bdev = %n, "clone create: missing base bdev");
             return Err(CloneError::NoSuchBdev(n.clone()));
         }
+    }
+    let no_source = |why: String| CloneError::NoSource {
+        name: opts.source_bdev_name.clone(),
+        why,
+    };
+    if !source_present && opts.force_format {
+        return Err(no_source("force_format needs the source".into()));
     }
     let names = [
         &opts.source_bdev_name,
@@ -1903,11 +2225,15 @@ pub async fn create(opts: CreateOpts) -> Result<Arc<Bdev>, CloneError> {
             "source, destination and metadata must be three different bdevs".into(),
         ));
     }
-    let (src, src_me) = open_claim(
-        &opts.source_bdev_name,
-        ClaimType::ReadManyWriteNone,
-        "source",
-    )?;
+    let src = if source_present {
+        Some(open_claim(
+            &opts.source_bdev_name,
+            ClaimType::ReadManyWriteNone,
+            "source",
+        )?)
+    } else {
+        None
+    };
     let (dst, dst_me) = open_claim(
         &opts.dest_bdev_name,
         ClaimType::ExclusiveWrite,
@@ -1918,14 +2244,7 @@ pub async fn create(opts: CreateOpts) -> Result<Arc<Bdev>, CloneError> {
         ClaimType::ExclusiveWrite,
         "metadata",
     )?;
-    let (sb, db, mb) = (src.bdev().clone(), dst.bdev().clone(), md.bdev().clone());
-    let geo = Geometry::new(
-        sb.num_blocks(),
-        sb.block_size(),
-        db.num_blocks(),
-        db.block_size(),
-        region_size,
-    )?;
+    let (db, mb) = (dst.bdev().clone(), md.bdev().clone());
     let mdbs = mb.block_size();
     if mdbs == 0
         || !mdbs.is_power_of_two()
@@ -1936,14 +2255,68 @@ pub async fn create(opts: CreateOpts) -> Result<Arc<Bdev>, CloneError> {
             "metadata bdev block size {mdbs} is not supported (512 to 4096, a power of two)"
         )));
     }
-    metadata::check_size(mb.size_bytes(), geo.num_regions())?;
-    let uuid = opts
-        .uuid
-        .unwrap_or_else(|| Uuid::new_v5(&NAMESPACE_UUID, sb.uuid().as_bytes()));
-    let map = Arc::new(RegionMap::new(geo.num_regions()));
     let md_ch = md.channel();
-    let formatted = open_metadata(&md_ch, &geo, uuid, &map).await?;
+    let state = read_superblock(&md_ch).await;
+    // The source's size and block size, from the source or, without it,
+    // from the superblock.
+    let (src_blocks, src_bs, src_align) = match &src {
+        Some((s, _)) => (
+            s.bdev().num_blocks(),
+            s.bdev().block_size(),
+            s.bdev().required_alignment(),
+        ),
+        None => match &state {
+            Ok(SuperState::Valid { sb, .. }) if sb.flags & metadata::FLAG_FORMATTING == 0 => {
+                (sb.source_blocks, sb.block_size, 0)
+            }
+            Ok(_) => return Err(no_source("the metadata holds no clone".into())),
+            Err(e) => return Err(no_source(format!("the metadata is unusable: {e}"))),
+        },
+    };
+    let geo = Geometry::new(
+        src_blocks,
+        src_bs,
+        db.num_blocks(),
+        db.block_size(),
+        region_size,
+    )?;
+    metadata::check_size(mb.size_bytes(), geo.num_regions())?;
+    let map = Arc::new(RegionMap::new(geo.num_regions()));
+    let opened = open_metadata(&md_ch, &geo, state, opts.uuid, opts.force_format, &map).await?;
+    if src.is_none() && !map.is_complete() {
+        return Err(no_source(format!(
+            "the metadata shows {} of {} regions hydrated; only a fully hydrated clone runs without its source",
+            map.hydrated_count(),
+            geo.num_regions()
+        )));
+    }
+    // Every check passed: from here on the metadata may be written.
+    let (uuid, formatted) = match opened {
+        Opened::Format(uuid) => {
+            if opts.force_format {
+                tracing::warn!(clone = %opts.name, %uuid, "force_format: formatting the metadata; every region reads from the source again");
+            }
+            format_metadata(&md_ch, &geo, uuid, &map).await?;
+            (uuid, true)
+        }
+        Opened::Loaded { uuid, repair } => {
+            if let Some(r) = repair {
+                repair_metadata(&md_ch, &map, r, &opts.name).await?;
+            }
+            (uuid, false)
+        }
+    };
     drop(md_ch);
+    let released = src.is_none();
+    // The source's own name (not an alias); without it, the name given.
+    let source_name = match &src {
+        Some((d, _)) => d.bdev().name().to_string(),
+        None => opts.source_bdev_name.clone(),
+    };
+    let (src, src_me) = match src {
+        Some((d, me)) => (Some(d), Some(me)),
+        None => (None, None),
+    };
     let cfg = RouterConfig {
         hydration_threshold: opts.hydration_threshold as u64,
         hydration_batch_size: opts.hydration_batch_size.max(1) as u64,
@@ -1969,7 +2342,7 @@ pub async fn create(opts: CreateOpts) -> Result<Arc<Bdev>, CloneError> {
     let sh = Arc::new(Shared {
         id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
         name: opts.name.clone(),
-        source_name: sb.name().to_string(),
+        source_name,
         dest_name: db.name().to_string(),
         md_name: mb.name().to_string(),
         uuid,
@@ -1986,7 +2359,7 @@ pub async fn create(opts: CreateOpts) -> Result<Arc<Bdev>, CloneError> {
         dest_unmap: db.io_type_supported(IoType::Unmap),
         discard_passdown: !opts.no_discard_passdown,
         hydration_enabled: AtomicBool::new(!opts.no_hydration),
-        paused: AtomicBool::new(false),
+        paused: AtomicU8::new(PAUSE_NONE),
         threshold: AtomicU32::new(opts.hydration_threshold),
         batch: AtomicU32::new(opts.hydration_batch_size.max(1)),
         mbytes_per_sec: AtomicU64::new(opts.hydration_mbytes_per_sec),
@@ -1997,10 +2370,10 @@ pub async fn create(opts: CreateOpts) -> Result<Arc<Bdev>, CloneError> {
         err_md: AtomicU64::new(0),
         hydrated_bytes: AtomicU64::new(0),
         rate_bps: AtomicU64::new(0),
-        released: AtomicBool::new(false),
+        released: AtomicBool::new(released),
         last_error: Mutex::new(None),
         descs: Mutex::new(Descs {
-            source: Some(src),
+            source: src,
             dest: Some(dst),
             md: Some(md),
         }),
@@ -2024,7 +2397,7 @@ pub async fn create(opts: CreateOpts) -> Result<Arc<Bdev>, CloneError> {
         .num_blocks(geo.source_blocks())
         .uuid(Some(uuid))
         .write_cache(true)
-        .required_alignment(db.required_alignment().max(sb.required_alignment()))
+        .required_alignment(db.required_alignment().max(src_align))
         .optimal_io_boundary(0)
         .physical_block_size(db.physical_block_size())
         .register(CloneBdev(sh.clone()));
@@ -2036,7 +2409,7 @@ pub async fn create(opts: CreateOpts) -> Result<Arc<Bdev>, CloneError> {
             return Err(CloneError::from_bdev(e));
         }
     };
-    for me in [src_me, dst_me, md_me] {
+    for me in [src_me, Some(dst_me), Some(md_me)].into_iter().flatten() {
         let _ = me.set(Arc::downgrade(&bdev));
     }
     tracing::info!(
@@ -2047,6 +2420,7 @@ pub async fn create(opts: CreateOpts) -> Result<Arc<Bdev>, CloneError> {
         regions = geo.num_regions(),
         hydrated = sh.map.hydrated_count(),
         formatted,
+        source_released = released,
         home,
         stripe_regions,
         "clone bdev created"
@@ -2085,11 +2459,7 @@ pub fn set_hydration(o: &HydrationOpts) -> Result<(), CloneError> {
         return Err(CloneError::NoOptions);
     }
     let sh = find(&o.name).ok_or_else(|| CloneError::NoSuchClone(o.name.clone()))?;
-    if o.hydration_batch_size == Some(0) {
-        return Err(CloneError::Invalid(
-            "hydration_batch_size must be at least 1".into(),
-        ));
-    }
+    check_tunables(o.hydration_batch_size, o.hydration_mbytes_per_sec)?;
     if let Some(t) = o.hydration_threshold {
         sh.threshold.store(t, Ordering::Relaxed);
     }
@@ -2102,8 +2472,8 @@ pub fn set_hydration(o: &HydrationOpts) -> Result<(), CloneError> {
     if let Some(e) = o.enable {
         sh.hydration_enabled.store(e, Ordering::Relaxed);
         if e {
-            // Enabling resumes hydration paused by errors.
-            sh.paused.store(false, Ordering::Release);
+            // Enabling resumes hydration paused by errors at once.
+            sh.paused.store(PAUSE_NONE, Ordering::Release);
             *lock(&sh.last_error) = None;
         }
     }

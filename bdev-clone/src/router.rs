@@ -975,11 +975,19 @@ impl Router {
     /// fewer than `hydration_threshold` regions are being copied. Returns
     /// the number of regions started.
     pub fn next_background(&mut self, out: &mut Vec<Command>) -> u64 {
+        self.next_background_max(out, u64::MAX)
+    }
+
+    /// [`Router::next_background`], starting at most `max_copies` copies:
+    /// the executor bounds the work of one call and its copy buffers in
+    /// flight, whatever the threshold.
+    pub fn next_background_max(&mut self, out: &mut Vec<Command>, max_copies: u64) -> u64 {
         if !self.cfg.hydration_enabled || self.mode != MetadataMode::ReadWrite {
             return 0;
         }
         let mut started = 0;
-        while self.regions_copying < self.cfg.hydration_threshold {
+        let mut copies = 0;
+        while self.regions_copying < self.cfg.hydration_threshold && copies < max_copies {
             let budget = self
                 .cfg
                 .hydration_batch_size
@@ -994,6 +1002,7 @@ impl Router {
             let n = self.map.run_of_unhydrated(r, cap).max(1);
             self.start_copy(r..r + n, out);
             started += n;
+            copies += 1;
             if from_cursor {
                 self.cursor = if r + n >= self.geo.num_regions() {
                     0

@@ -4,45 +4,13 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use bdev::modules::malloc;
 use bdev::util::{self, run_on_reactor};
 use bdev::{Bdev, IoType};
 use bdev_clone::{create, delete, status, CreateOpts};
 use reactor::DmaBuf;
 
-fn mk_malloc(name: &str, bs: u32, blocks: u64) -> Arc<Bdev> {
-    malloc::create(malloc::CreateParams::new(name, bs, blocks)).unwrap()
-}
-
-fn pattern(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
-
-async fn write_all(name: &str, at: u64, data: &[u8]) {
-    let d = bdev::open(name, true, |_| {}).unwrap();
-    let ch = d.channel();
-    let mut b = DmaBuf::new(data.len());
-    b.as_mut_slice().copy_from_slice(data);
-    util::write(&ch, at, b, false).await.unwrap();
-}
-
-async fn read_all(name: &str, at: u64, blocks: u64) -> Vec<u8> {
-    let d = bdev::open(name, false, |_| {}).unwrap();
-    let ch = d.channel();
-    util::read(&ch, at, blocks)
-        .await
-        .unwrap()
-        .as_slice()
-        .to_vec()
-}
+mod bases;
+use bases::{mk_malloc, pattern, read_all, write_all, Rng};
 
 async fn wait_for(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
     let t0 = std::time::Instant::now();
@@ -120,23 +88,6 @@ fn end_to_end_hydrates_releases_and_resumes() {
 use bdev::Desc;
 use bdev_clone::oneshot::run_on;
 use bdev_clone::HydrationOpts;
-
-/// A small deterministic RNG (xorshift64*), so seeds replay.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-    fn chance(&mut self, pct: u64) -> bool {
-        self.below(100) < pct
-    }
-}
 
 #[derive(Clone, Debug)]
 enum Op {

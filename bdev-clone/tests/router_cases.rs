@@ -725,6 +725,30 @@ fn background_respects_threshold_batch_and_busy_regions() {
 }
 
 #[test]
+fn a_huge_threshold_starts_only_as_many_copies_as_allowed() {
+    // Issue #8: threshold u32::MAX started a copy per cold region at once.
+    let cfg = RouterConfig {
+        hydration_threshold: u32::MAX as u64,
+        hydration_batch_size: 1,
+        ..RouterConfig::default()
+    };
+    let map = Arc::new(RegionMap::new(10_000));
+    let mut r = Router::new(geo(8 * 10_000), map, cfg, MetadataMode::ReadWrite).unwrap();
+    let mut out = Vec::new();
+    assert_eq!(r.next_background_max(&mut out, 32), 32);
+    assert_eq!(out.len(), 32);
+    assert_eq!(r.stats().regions_copying, 32);
+    out.clear();
+    // A batch counts as one copy: 5 copies of 7 regions.
+    r.config_mut().hydration_batch_size = 7;
+    assert_eq!(r.next_background_max(&mut out, 5), 35);
+    assert_eq!(out.len(), 5);
+    out.clear();
+    assert_eq!(r.next_background_max(&mut out, 0), 0);
+    assert!(out.is_empty());
+}
+
+#[test]
 fn copy_on_read_hydrates_read_regions_first() {
     let cfg = RouterConfig {
         copy_on_read: true,

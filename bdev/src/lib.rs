@@ -726,23 +726,34 @@ pub async fn unregister(name: &str) -> Result<(), BdevError> {
 }
 
 /// Unregister `name` only if it belongs to `module` (-ENODEV otherwise, as
-/// `spdk_bdev_unregister_by_name`).
+/// `spdk_bdev_unregister_by_name`). Of concurrent calls for one bdev (the
+/// delete RPCs), exactly one succeeds; the others wait until it is gone
+/// and get -ENODEV, so every reply leaves the name free.
 pub async fn unregister_by_name(name: &str, module: &str) -> Result<(), BdevError> {
     match get(name) {
         Some(b) if b.module_name() == module && b.name == name => {
-            unregister_bdev(&b).await;
-            Ok(())
+            if unregister_bdev_first(&b).await {
+                Ok(())
+            } else {
+                Err(BdevError::NotFound(name.to_string()))
+            }
         }
         _ => Err(BdevError::NotFound(name.to_string())),
     }
 }
 
 pub async fn unregister_bdev(bdev: &Arc<Bdev>) {
+    unregister_bdev_first(bdev).await;
+}
+
+/// [`unregister_bdev`]; true for the call that did it, false for one that
+/// found it already going away (and waited for that).
+async fn unregister_bdev_first(bdev: &Arc<Bdev>) -> bool {
     if bdev.removing.swap(true, Ordering::AcqRel) {
         while !bdev.removed.load(Ordering::Acquire) {
             reactor::sleep(Duration::from_millis(1)).await;
         }
-        return;
+        return false;
     }
     tracing::info!(bdev = %bdev.name, "unregistering bdev");
     let cbs: Vec<_> = lock(&bdev.descs)
@@ -764,6 +775,7 @@ pub async fn unregister_bdev(bdev: &Arc<Bdev>) {
     lock(&REGISTRY).bdevs.retain(|b| !Arc::ptr_eq(b, bdev));
     bdev.removed.store(true, Ordering::Release);
     tracing::info!(bdev = %bdev.name, "bdev unregistered");
+    true
 }
 
 /// Unregister every bdev, newest first (clean shutdown).

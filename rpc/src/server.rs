@@ -12,7 +12,7 @@
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Write};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -23,8 +23,9 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use nix::fcntl::{Flock, FlockArg};
-use nix::sys::socket::{self, MsgFlags};
-use reactor::net::{self, UnixListenError};
+use nix::sys::socket::{self, AddressFamily, Backlog, MsgFlags, SockFlag, SockType, UnixAddr};
+use nix::sys::stat::{self, Mode};
+use nix::unistd;
 use serde_json::Value;
 
 use crate::error::RpcError;
@@ -59,6 +60,12 @@ pub enum ServerError {
     },
     #[error("Cannot start RPC server thread: {0}")]
     Thread(#[source] io::Error),
+    #[error("Cannot set the owner group or mode of RPC socket {}: {source}", .path.display())]
+    Access {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
 }
 
 struct ConnEntry {
@@ -98,11 +105,56 @@ fn lock_path_for(path: &Path) -> PathBuf {
     PathBuf::from(s)
 }
 
-fn bind_listen(path: &Path) -> Result<UnixListener, ServerError> {
-    let fd = net::listen_unix(path, LISTEN_BACKLOG).map_err(|e| match e {
-        UnixListenError::PathTooLong(p) => ServerError::PathTooLong(p),
-        UnixListenError::Io(path, source) => ServerError::Listen { path, source },
+/// Bind and listen on `path`, owner-only (0600) whatever the umask, or
+/// 0660 with group `group` when one is given: the socket drives a process
+/// that may open any file, so its mode must not follow the umask.
+fn bind_listen(path: &Path, group: Option<u32>) -> Result<UnixListener, ServerError> {
+    let listen_err = |e: nix::Error| ServerError::Listen {
+        path: path.to_path_buf(),
+        source: io::Error::from(e),
+    };
+    let addr = UnixAddr::new(path).map_err(|e| match e {
+        nix::Error::ENAMETOOLONG => ServerError::PathTooLong(path.to_path_buf()),
+        e => listen_err(e),
     })?;
+    let fd: OwnedFd = socket::socket(
+        AddressFamily::Unix,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .map_err(listen_err)?;
+    // Linux creates the socket file with the socket inode's mode minus the
+    // umask: 0600 here makes it owner-only from the first instant, with no
+    // window in which others could connect (umask is per process, so
+    // changing it would race other threads).
+    stat::fchmod(fd.as_raw_fd(), Mode::from_bits_truncate(0o600)).map_err(listen_err)?;
+    socket::bind(fd.as_raw_fd(), &addr).map_err(listen_err)?;
+    let access_err = |e: nix::Error| {
+        let _ = std::fs::remove_file(path);
+        ServerError::Access {
+            path: path.to_path_buf(),
+            source: io::Error::from(e),
+        }
+    };
+    // Then exactly 0600 (a umask may have taken bits away), or the group
+    // first and only then its access.
+    let mode = match group {
+        Some(gid) => {
+            unistd::chown(path, None, Some(unistd::Gid::from_raw(gid))).map_err(access_err)?;
+            0o660
+        }
+        None => 0o600,
+    };
+    stat::fchmodat(
+        None,
+        path,
+        Mode::from_bits_truncate(mode),
+        stat::FchmodatFlags::FollowSymlink,
+    )
+    .map_err(access_err)?;
+    let backlog = Backlog::new(LISTEN_BACKLOG).unwrap_or(Backlog::MAXCONN);
+    socket::listen(&fd, backlog).map_err(listen_err)?;
     let listener = UnixListener::from(fd);
     // Non-blocking so accept() after poll() cannot hang if the peer vanished.
     listener
@@ -119,6 +171,12 @@ impl Server {
     /// bind, `listen(512)` and serve on background threads. Requests run on
     /// reactor 0, which must be running while clients talk to the server.
     pub fn listen(path: &Path) -> Result<Server, ServerError> {
+        Self::listen_with_group(path, None)
+    }
+
+    /// [`Server::listen`], the socket mode 0660 with owner group `group`
+    /// (a gid) instead of 0600, for a group allowed to drive the target.
+    pub fn listen_with_group(path: &Path, group: Option<u32>) -> Result<Server, ServerError> {
         let lock_path = lock_path_for(path);
         let file = OpenOptions::new()
             .read(true)
@@ -147,7 +205,7 @@ impl Server {
             let _ = std::fs::remove_file(&lock_path);
             e
         };
-        let listener = bind_listen(path).map_err(fail)?;
+        let listener = bind_listen(path, group).map_err(fail)?;
         let (wake_rx, wake) = UnixStream::pair().map_err(|e| fail(ServerError::Thread(e)))?;
 
         let stop = Arc::new(AtomicBool::new(false));

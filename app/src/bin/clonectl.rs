@@ -8,7 +8,13 @@
 //!
 //! Exit status: 0 all well; 1 the target could not be asked (socket missing,
 //! RPC error such as an unknown name; the RPC's error text is printed);
-//! 2 bad arguments; 3 a clone is failed (or its metadata went read-only).
+//! 2 bad arguments; 3 a clone is failed (or its metadata went read-only);
+//! 4 a clone's hydration is paused by errors (`paused_reason`
+//! `source_errors` or `dest_errors`: it resumes by itself when the base
+//! works again). 3 wins over 4.
+//!
+//! Names are shown as the target has them, with control characters and
+//! backslashes escaped (`\u{1b}`, `\n`, `\\`), however long.
 
 use std::io::{self, IsTerminal, Write};
 use std::os::unix::net::UnixStream;
@@ -22,6 +28,7 @@ use serde_json::{json, Value};
 
 const EXIT_ERROR: u8 = 1;
 const EXIT_FAILED_CLONE: u8 = 3;
+const EXIT_PAUSED_BY_ERRORS: u8 = 4;
 /// How long one RPC may take before clonectl gives up on the target.
 const RPC_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -209,7 +216,34 @@ struct Status {
     metadata_mode: String,
     /// What went wrong last, when the target says (`last_error`).
     last_error: Option<String>,
+    /// Why hydration is paused (`user`, `source_errors`, `dest_errors`).
+    paused_reason: Option<String>,
     raw: Value,
+}
+
+/// `s` with control characters and backslashes escaped, so any name the
+/// target accepts prints on one line and cannot drive the terminal.
+fn escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        if c.is_control() || c == '\\' {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// Pad `cell` to `w` characters. By hand: `format!`'s width is limited to
+/// u16 and panics beyond it (a 65,536-byte name).
+fn pad(cell: &str, w: usize, right: bool) -> String {
+    let fill = " ".repeat(w.saturating_sub(cell.chars().count()));
+    if right {
+        fill + cell
+    } else {
+        format!("{cell}{fill}")
+    }
 }
 
 impl Status {
@@ -266,6 +300,10 @@ impl Status {
                 .get("last_error")
                 .and_then(Value::as_str)
                 .map(str::to_string),
+            paused_reason: v
+                .get("paused_reason")
+                .and_then(Value::as_str)
+                .map(str::to_string),
             raw: v.clone(),
         })
     }
@@ -281,6 +319,28 @@ impl Status {
     /// the watch waits for the commit that makes it durable.
     fn is_done(&self) -> bool {
         (self.state == "hydrated" && self.source_released) || self.is_failed()
+    }
+
+    /// Paused by base errors: hydration waits for the base to work again.
+    fn is_paused_by_errors(&self) -> bool {
+        self.state == "paused"
+            && matches!(
+                self.paused_reason.as_deref(),
+                Some("source_errors" | "dest_errors")
+            )
+    }
+
+    /// The name, escaped for a terminal.
+    fn shown_name(&self) -> String {
+        escape(&self.name)
+    }
+
+    /// The state, with the reason of a pause by errors.
+    fn shown_state(&self) -> String {
+        match (&self.paused_reason, self.is_paused_by_errors()) {
+            (Some(r), true) => format!("{}:{r}", self.state),
+            _ => self.state.clone(),
+        }
     }
 
     fn rate(&self) -> String {
@@ -318,8 +378,8 @@ impl Status {
     fn line(&self) -> String {
         format!(
             "{}: {} {:.1}% ({}/{} regions) {} MiB/s ETA {} source released: {} errors: {}",
-            self.name,
-            self.state,
+            self.shown_name(),
+            self.shown_state(),
             self.percent,
             self.hydrated,
             self.total,
@@ -359,8 +419,8 @@ fn print_table(clones: &[Status]) {
         .iter()
         .map(|c| {
             [
-                c.name.clone(),
-                c.state.clone(),
+                c.shown_name(),
+                c.shown_state(),
                 format!("{}/{}", c.hydrated, c.total),
                 format!("{:.1}%", c.percent),
                 c.rate(),
@@ -373,20 +433,14 @@ fn print_table(clones: &[Status]) {
     let mut width = header.map(str::len);
     for r in &rows {
         for (w, cell) in width.iter_mut().zip(r) {
-            *w = (*w).max(cell.len());
+            *w = (*w).max(cell.chars().count());
         }
     }
     let fmt_row = |cells: &[&str]| {
         let mut out = String::new();
         for (i, (cell, w)) in cells.iter().zip(width).enumerate() {
             // Numbers right-aligned, text left-aligned; no trailing blanks.
-            let right = matches!(i, 2..=5);
-            let cell = if right {
-                format!("{cell:>w$}")
-            } else {
-                format!("{cell:<w$}")
-            };
-            out.push_str(&cell);
+            out.push_str(&pad(cell, w, matches!(i, 2..=5)));
             out.push_str("  ");
         }
         out.trim_end().to_string()
@@ -402,23 +456,30 @@ fn print_table(clones: &[Status]) {
 
 fn exit_for(clones: &[Status]) -> ExitCode {
     let failed: Vec<&Status> = clones.iter().filter(|c| c.is_failed()).collect();
-    if failed.is_empty() {
-        return ExitCode::SUCCESS;
-    }
-    for c in failed {
+    let paused: Vec<&Status> = clones
+        .iter()
+        .filter(|c| !c.is_failed() && c.is_paused_by_errors())
+        .collect();
+    for c in failed.iter().chain(&paused) {
         eprintln!(
             "clonectl: {} is {} (metadata {}, errors: {}){}",
-            c.name,
-            c.state,
+            c.shown_name(),
+            c.shown_state(),
             c.metadata_mode,
             c.errors(),
             c.last_error
                 .as_deref()
-                .map(|e| format!(": {e}"))
+                .map(|e| format!(": {}", escape(e)))
                 .unwrap_or_default()
         );
     }
-    ExitCode::from(EXIT_FAILED_CLONE)
+    if !failed.is_empty() {
+        ExitCode::from(EXIT_FAILED_CLONE)
+    } else if !paused.is_empty() {
+        ExitCode::from(EXIT_PAUSED_BY_ERRORS)
+    } else {
+        ExitCode::SUCCESS
+    }
 }
 
 /// Follow progress until every clone of the first answer is done.
@@ -470,13 +531,17 @@ fn watch_bars(
     let style = ProgressStyle::with_template("{prefix} [{bar:40}] {msg}")
         .expect("a valid template")
         .progress_chars("=> ");
-    let width = clones.iter().map(|c| c.name.len()).max().unwrap_or(0);
+    let width = clones
+        .iter()
+        .map(|c| c.shown_name().chars().count())
+        .max()
+        .unwrap_or(0);
     let bars: Vec<ProgressBar> = clones
         .iter()
         .map(|c| {
             let bar = multi.add(ProgressBar::new(c.total.max(1)));
             bar.set_style(style.clone());
-            bar.set_prefix(format!("{:<width$}", c.name));
+            bar.set_prefix(pad(&c.shown_name(), width, false));
             bar
         })
         .collect();
@@ -488,7 +553,7 @@ fn watch_bars(
                 c.percent,
                 c.rate(),
                 c.eta(),
-                c.state,
+                c.shown_state(),
                 if c.errors() == "-" {
                     String::new()
                 } else {
@@ -597,6 +662,37 @@ mod tests {
     fn rejects_objects_missing_what_it_shows() {
         assert!(Status::from_json(&json!({"state": "hydrating"})).is_err());
         assert!(Status::from_json(&json!({"name": "C", "state": "hydrating"})).is_err());
+    }
+
+    #[test]
+    fn any_name_prints_escaped_and_padded() {
+        assert_eq!(
+            escape("a\u{1b}[2J\nb\\c\u{e9}\u{1F600}"),
+            "a\\u{1b}[2J\\nb\\\\c\u{e9}\u{1F600}"
+        );
+        let long = "n".repeat(70_000);
+        assert_eq!(pad(&long, 70_001, false).len(), 70_001);
+        assert_eq!(pad("\u{e9}", 3, true), "  \u{e9}");
+        let s = status(
+            json!({"name": long, "state": "hydrating", "num_regions": 1, "hydrated_regions": 0}),
+        );
+        print_table(&[s]);
+    }
+
+    #[test]
+    fn a_pause_by_errors_exits_4_a_user_pause_0() {
+        let base = json!({"name": "C", "state": "paused", "num_regions": 4, "hydrated_regions": 1});
+        let mut v = base.clone();
+        v["paused_reason"] = json!("source_errors");
+        let s = status(v);
+        assert!(s.is_paused_by_errors() && !s.is_done());
+        assert_eq!(s.shown_state(), "paused:source_errors");
+        assert_eq!(exit_for(&[s]), ExitCode::from(EXIT_PAUSED_BY_ERRORS));
+        let mut v = base;
+        v["paused_reason"] = json!("user");
+        let s = status(v);
+        assert!(!s.is_paused_by_errors());
+        assert_eq!(exit_for(&[s]), ExitCode::SUCCESS);
     }
 
     #[test]

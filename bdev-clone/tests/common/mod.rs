@@ -22,6 +22,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use bdev_clone::metadata::{self, SuperState, Superblock, UNIT_SIZE};
+use bdev_clone::region_map::WORDS_PER_UNIT;
 use bdev_clone::router::{
     Command, IoKind, MetadataMode, ReqId, Request, Router, RouterConfig, Status, UnitImage,
 };
@@ -178,13 +179,20 @@ impl Sim {
     pub fn new(geo: Geometry, cfg: RouterConfig, seed: u64) -> Sim {
         let uuid = Uuid::from_u128(0xC10E_0000_0000_0000_0000_0000_0000_0001);
         let mut md = blank_md(geo.num_regions());
-        // Format: blank -> superblock in slot 0 (the bitmap is already zero).
+        // Format: blank -> every unit (empty), then the superblock in both
+        // slots.
         let st = metadata::decode_superblock(&md[..4096], &md[4096..8192]).unwrap();
         assert_eq!(st, SuperState::Blank);
+        for u in 0..bdev_clone::region_map::units_for(geo.num_regions()) {
+            md[metadata::unit_offset(u) as usize..][..UNIT_SIZE].copy_from_slice(
+                &metadata::encode_unit_words(&uuid, u as u32, &[0; WORDS_PER_UNIT]),
+            );
+        }
         let sb = Superblock::new(uuid, &geo);
-        let slot = st.slot_to_write();
-        md[metadata::superblock_offset(slot) as usize..][..4096]
-            .copy_from_slice(&metadata::encode_superblock(&sb, slot));
+        for slot in [0, 1] {
+            md[metadata::superblock_offset(slot) as usize..][..4096]
+                .copy_from_slice(&metadata::encode_superblock(&sb, slot));
+        }
         let n = geo.source_blocks() as usize;
         let source: Vec<u64> = (0..n as u64).map(source_tag).collect();
         let dest: Vec<u64> = (0..n as u64).map(garbage_tag).collect();
@@ -254,7 +262,12 @@ impl Sim {
         let map = RegionMap::new(geo.num_regions());
         let units = map.num_units() as usize;
         let start = metadata::unit_offset(0) as usize;
-        metadata::load_units(&map, 0, &md[start..start + units * UNIT_SIZE]).expect("bitmap units");
+        metadata::load_bitmap(
+            &map,
+            &md[start..start + units * UNIT_SIZE],
+            &metadata::UnitKey::of(&sb),
+        )
+        .expect("bitmap units");
         map
     }
 
@@ -512,7 +525,7 @@ impl Sim {
             if only_some && self.rng.chance(128) {
                 continue;
             }
-            let bytes = metadata::encode_unit_words(u.index, &u.words);
+            let bytes = metadata::encode_unit_words(&self.uuid, u.index, &u.words);
             self.md_volatile.push((self.md_seq, u.index, bytes));
         }
     }
@@ -851,7 +864,7 @@ impl Sim {
                     ucands
                         .entry(u.index)
                         .or_default()
-                        .push(metadata::encode_unit_words(u.index, &u.words));
+                        .push(metadata::encode_unit_words(&self.uuid, u.index, &u.words));
                 }
             }
         }

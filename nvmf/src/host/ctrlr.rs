@@ -929,7 +929,8 @@ async fn remove_locals(id: u64) {
 pub async fn detach(name: &str) -> Result<(), HostError> {
     let c = find(name).ok_or_else(|| HostError::NotFound(format!("No such controller {name}")))?;
     if c.state.get() == CState::Deleting {
-        return Ok(());
+        // Another detach has it: only that one answers success.
+        return Err(HostError::NotFound(format!("No such controller {name}")));
     }
     c.state.set(CState::Deleting);
     delete(&c, true).await;
