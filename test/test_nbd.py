@@ -121,13 +121,17 @@ def random_image(path, size, holes=()):
     return bytes(data)
 
 
-def stack(t, d, source_uri, size, name="Clone0", source="Src", **clone_opts):
-    """NBD source bdev, file destination, malloc metadata, the clone."""
+def stack(t, d, source_uri, size, name="Clone0", source="Src", dst_fill=None, **clone_opts):
+    """NBD source bdev, file destination (sparse, or filled with the byte
+    `dst_fill`), malloc metadata, the clone."""
     t.rpc("bdev_nbd_create", name=source, uri=source_uri, block_size=BS,
           reconnect_delay_ms=100, fast_io_fail_timeout_ms=500, io_timeout_ms=5000)
     dst = d / ("%s-dst.img" % name)
     with open(dst, "wb") as f:
-        f.truncate(size)
+        if dst_fill is None:
+            f.truncate(size)
+        else:
+            f.write(bytes([dst_fill]) * size)
     t.rpc("bdev_uring_create", filename=str(dst), name="Dst", block_size=BS)
     t.rpc("bdev_malloc_create", name="Md", num_blocks=1024, block_size=BS)
     clone_create(t, name=name, source=source, dest="Dst", md="Md", region_size_kb=64, **clone_opts)
@@ -522,3 +526,35 @@ def test_plugin_sends_only_given_params():
     assert _dry("nbd_export_add", "-b", "C")["params"] == {"bdev_name": "C"}
     assert _dry("nbd_export_remove", "-n", "c")["params"] == {"name": "c"}
     assert "params" not in _dry("nbd_get_exports")
+
+
+def _reads(logfile):
+    """(offset, count) of every Read in an nbdkit log filter file."""
+    out = []
+    for line in Path(logfile).read_text().splitlines():
+        if " Read " not in line or "..." not in line:
+            continue
+        f = dict(kv.split("=", 1) for kv in line.split() if "=" in kv)
+        out.append((int(f["offset"], 0), int(f["count"], 0)))
+    return out
+
+
+def test_sparse_source_holes_are_never_read(tgt, servers, nbd_dir):
+    """Hydration asks the NBD source for block status and writes zeroes for
+    its holes without reading them (nbdkit's log filter records every read);
+    the destination still equals the source."""
+    size = (16 if SMALL else 64) * MB
+    img = nbd_dir / "sparse.img"
+    holes = [(0, 2 * MB), (5 * MB, 6 * MB), (size - 3 * MB, 3 * MB)]
+    src = random_image(img, size, holes=holes)
+    logf = nbd_dir / "reads.log"
+    kit = nbdkit(servers, nbd_dir, "sp", ["file", img, "logfile=%s" % logf], filters=["log"],
+                 extra=["-r"])
+    # The destination starts as garbage: the holes must be written as zeroes.
+    dst = stack(tgt, nbd_dir, kit.uri(), size, dst_fill=0xEE)
+    wait_hydrated(tgt, timeout=120)
+    assert dst.read_bytes() == src
+    reads = _reads(logf)
+    assert reads, "no reads logged"
+    bad = [(o, n) for o, n in reads for ho, hn in holes if o < ho + hn and ho < o + n]
+    assert not bad, "reads inside the source's holes: %s" % bad[:10]

@@ -1631,7 +1631,9 @@ fn is_zero(b: &[u8]) -> bool {
 
 /// Copy `blocks` from the source to the destination in chunks through
 /// `buf`; an all-zero chunk becomes write_zeroes when the destination has
-/// it. Gives the buffer back for reuse.
+/// it. A source that reports block status (an NBD export, a sparse file)
+/// is asked first: what reads as zeroes is zeroed on the destination
+/// without being read. Gives the buffer back for reuse.
 async fn copy_blocks(
     src: &IoChannel,
     dst: &IoChannel,
@@ -1649,8 +1651,36 @@ async fn copy_blocks(
             buf.unwrap_or_else(|| DmaBuf::new(0)),
         )
     };
+    let mut ask = src.bdev().has_block_status();
+    // The source's extents from `at` on: (end block, reads as zeroes).
+    let mut extents: std::collections::VecDeque<(u64, bool)> = Default::default();
     while at < blocks.end {
-        let n = chunk.min(blocks.end - at);
+        while extents.front().is_some_and(|&(end, _)| end <= at) {
+            extents.pop_front();
+        }
+        if ask && extents.is_empty() {
+            match util::block_status(src, at, blocks.end - at).await {
+                Ok(v) => {
+                    let mut end = at;
+                    for e in v {
+                        end += e.num_blocks;
+                        extents.push_back((end, e.zero));
+                    }
+                }
+                // No answer: read the rest.
+                Err(_) => ask = false,
+            }
+        }
+        if let Some(&(end, true)) = extents.front() {
+            if !write_zeroes(dst, sh, at..end).await {
+                sh.err_dest.fetch_add(1, Ordering::Relaxed);
+                return fail(CopyFault::Dest, "destination write_zeroes", at, buf);
+            }
+            at = end;
+            continue;
+        }
+        let limit = extents.front().map_or(blocks.end, |&(end, _)| end);
+        let n = chunk.min(limit - at);
         let mut io = util::submit(src, IoType::Read, at, n, buf.take(), false).await;
         buf = io.buf.take();
         if !io.status.is_success() {
