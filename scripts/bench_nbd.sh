@@ -11,7 +11,7 @@
 set -euo pipefail
 . "$(dirname "$0")/common.sh"
 for t in nbdkit qemu-storage-daemon qemu-img fio; do
-    command -v "$t" >/dev/null || { echo "bench_nbd.sh needs $t (apt-get install nbdkit qemu-utils fio)" >&2; exit 1; }
+    command -v "$t" >/dev/null || { echo "bench_nbd.sh needs $t (apt-get install nbdkit libnbd-bin qemu-utils fio; with Debian 12's QEMU 7.2, qemu-storage-daemon is in qemu-system-common)" >&2; exit 1; }
 done
 build_release >/dev/null
 ensure_venv
