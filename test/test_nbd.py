@@ -558,3 +558,31 @@ def test_sparse_source_holes_are_never_read(tgt, servers, nbd_dir):
     assert reads, "no reads logged"
     bad = [(o, n) for o, n in reads for ho, hn in holes if o < ho + hn and ho < o + n]
     assert not bad, "reads inside the source's holes: %s" % bad[:10]
+
+
+def test_client_over_tcp(tgt, nbd_dir):
+    """The client over TCP (nbd://127.0.0.1:PORT/EXPORT) to nbdkit."""
+    need_tools()
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    log = open(nbd_dir / "tcp.log", "wb")
+    kit = subprocess.Popen(["nbdkit", "-f", "--exit-with-parent", "-i", "127.0.0.1", "-p",
+                            str(port), "-e", "disk", "memory", "8M"], stdout=log,
+                           stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    try:
+        uri = "nbd://127.0.0.1:%d/disk" % port
+        deadline = time.monotonic() + 15
+        while run("nbdinfo", "--size", uri, check=False).returncode != 0:
+            assert time.monotonic() < deadline and kit.poll() is None, "nbdkit did not start"
+            time.sleep(0.05)
+        assert tgt.rpc("bdev_nbd_create", name="T", uri=uri, block_size=BS) == "T"
+        nb = tgt.bdev("T")["driver_specific"]["nbd"]
+        assert nb["address"] == "127.0.0.1:%d" % port and nb["export"] == "disk", nb
+        exp = export(tgt, nbd_dir, "T")
+        run("qemu-io", "-f", "raw", "-c", "write -P 0x42 64k 1M", "-c", "read -P 0x42 64k 1M", exp)
+        run("qemu-io", "-f", "raw", "-r", "-c", "read -P 0x42 64k 1M", uri)
+    finally:
+        kit.kill()
+        kit.wait()
+        log.close()
