@@ -551,8 +551,18 @@ def test_sparse_source_holes_are_never_read(tgt, servers, nbd_dir):
     kit = nbdkit(servers, nbd_dir, "sp", ["file", img, "logfile=%s" % logf], filters=["log"],
                  extra=["-r"])
     # The destination starts as garbage: the holes must be written as zeroes.
-    dst = stack(tgt, nbd_dir, kit.uri(), size, dst_fill=0xEE)
+    dst = stack(tgt, nbd_dir, kit.uri(), size, dst_fill=0xEE, no_hydration=True)
+    # Exported while cold, the clone shows the source's holes (its block
+    # status comes from the source's for cold regions).
+    uri = export(tgt, nbd_dir, "Clone0", writable=False)
+    zero = [(e["offset"], e["length"]) for e in
+            json.loads(run("nbdinfo", "--map", "--json", uri).stdout) if e["type"] & 2]
+    assert zero == holes, zero
+    set_hydration(tgt, enable=True)
     wait_hydrated(tgt, timeout=120)
+    # Hydrated: all data now (the destination is not sparse-aware).
+    mp = json.loads(run("nbdinfo", "--map", "--json", uri).stdout)
+    assert all(e["type"] == 0 for e in mp), mp
     assert dst.read_bytes() == src
     reads = _reads(logf)
     assert reads, "no reads logged"

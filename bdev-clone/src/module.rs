@@ -416,6 +416,10 @@ impl BdevOps for CloneBdev {
         )
     }
 
+    fn has_block_status(&self) -> bool {
+        source_with_status(&self.0).is_some()
+    }
+
     fn create_channel(&self, _bdev: &Arc<Bdev>) -> Box<dyn ChannelOps> {
         let descs = lock(&self.0.descs);
         let dst = descs.dest.as_ref().map(|d| d.channel());
@@ -500,7 +504,41 @@ struct Part {
     offset: u64,
 }
 
+/// The source's channel on this reactor while the clone still reads from a
+/// source that reports block status.
+fn source_with_status(sh: &Shared) -> Option<IoChannel> {
+    if sh.released.load(Ordering::Acquire) {
+        return None;
+    }
+    lock(&sh.descs)
+        .source
+        .as_ref()
+        .filter(|d| d.bdev().has_block_status())
+        .map(|d| d.channel())
+}
+
 impl ChannelOps for CloneChannel {
+    /// Hydrated regions are data; a run of cold regions reads as the
+    /// source, so it has the source's status.
+    fn block_status(&self, offset_blocks: u64, num_blocks: u64, cb: bdev::BlockStatusCb) {
+        let sh = &self.sh;
+        let end = offset_blocks + num_blocks;
+        let rb = sh.geo.region_blocks();
+        let first = sh.geo.region_of(offset_blocks);
+        let cold = !sh.map.is_hydrated(first);
+        // The run of regions in the same state (bounded: the caller asks
+        // again for the rest).
+        let mut r = first + 1;
+        while r * rb < end && r - first < 65536 && sh.map.is_hydrated(r) != cold {
+            r += 1;
+        }
+        let n = (r * rb).min(end) - offset_blocks;
+        match source_with_status(sh).filter(|_| cold) {
+            Some(src) => src.block_status(offset_blocks, n, cb),
+            None => reactor::defer(move || cb(Ok(vec![bdev::BlockExtent::data(n)]))),
+        }
+    }
+
     fn submit(&self, io: Box<BdevIo>) {
         let sh = &self.sh;
         let Some(dst) = &self.dst else {
