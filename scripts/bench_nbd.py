@@ -65,6 +65,18 @@ def fio(uri=None, filename=None, rw="randread", secs=SECS, qd=16):
     return side["iops"], p99
 
 
+def measure(uri, load, t0, hydrated):
+    """The hydration time since `t0` (alone, or with a randread run during
+    it and randread/randwrite runs after it: (during, time, read, write))."""
+    during = fio(uri) if load else None
+    while not hydrated():
+        time.sleep(0.05)
+    hydr = time.monotonic() - t0
+    if not load:
+        return hydr
+    return during, hydr, fio(uri), fio(uri, rw="randwrite")
+
+
 class Qmp:
     def __init__(self, path):
         self.s = socket.socket(socket.AF_UNIX)
@@ -112,17 +124,11 @@ def clone_side(d, src_uri, load=True):
                                      "hydration_batch_size": 4})
         c.call("nbd_export_add", {"bdev_name": "Clone0", "writable": True})
         uri = "nbd+unix:///Clone0?socket=%s" % exp
-        during = fio(uri) if load else None
-        while c.call("bdev_clone_get_bdevs", {"name": "Clone0"})[0]["state"] != "hydrated":
-            time.sleep(0.05)
-        hydr = time.monotonic() - t0
-        if not load:
-            return hydr
-        after_r = fio(uri)
-        after_w = fio(uri, rw="randwrite")
+        r = measure(uri, load, t0, lambda: c.call(
+            "bdev_clone_get_bdevs", {"name": "Clone0"})[0]["state"] == "hydrated")
         c.call("spdk_kill_instance", {"sig_name": "SIGTERM"})
         p.wait(timeout=30)
-        return during, hydr, after_r, after_w, dst
+        return r + (dst,) if load else r
     finally:
         if p.poll() is None:
             p.kill()
@@ -153,17 +159,11 @@ def qemu_side(d, src_sock, load=True):
         t0 = time.monotonic()
         q.cmd("block-stream", **{"job-id": "s0", "device": "ov"})
         uri = "nbd+unix:///clone?socket=%s" % exp
-        during = fio(uri) if load else None
-        while any(j["device"] == "s0" for j in q.cmd("query-block-jobs")):
-            time.sleep(0.05)
-        hydr = time.monotonic() - t0
-        if not load:
-            return hydr
-        after_r = fio(uri)
-        after_w = fio(uri, rw="randwrite")
+        r = measure(uri, load, t0, lambda: not any(
+            j["device"] == "s0" for j in q.cmd("query-block-jobs")))
         q.cmd("quit")
         p.wait(timeout=30)
-        return during, hydr, after_r, after_w
+        return r
     finally:
         if p.poll() is None:
             p.kill()
