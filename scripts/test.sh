@@ -85,6 +85,16 @@ have_deb() {
 if ! command -v losetup >/dev/null 2>&1; then
     apt_install util-linux || die "cannot install util-linux (losetup)"
 fi
+# NBD tests drive the real tools: nbdkit (file/memory plugins, delay/error
+# filters), libnbd-bin (nbdinfo, nbdcopy) and qemu-utils (qemu-nbd, qemu-img,
+# qemu-io).
+NBD_PKGS=()
+command -v nbdkit >/dev/null 2>&1 || NBD_PKGS+=(nbdkit)
+command -v nbdcopy >/dev/null 2>&1 || NBD_PKGS+=(libnbd-bin)
+command -v qemu-nbd >/dev/null 2>&1 || NBD_PKGS+=(qemu-utils)
+if [[ ${#NBD_PKGS[@]} -gt 0 ]]; then
+    apt_install "${NBD_PKGS[@]}" || die "cannot install ${NBD_PKGS[*]} (the NBD tests need them)"
+fi
 # fio is for the benchmarks; the tests do not need it, so a failure only warns.
 if ! command -v fio >/dev/null 2>&1; then
     apt_install fio || echo "warning: fio could not be installed (benchmarks only; tests go on)" >&2
@@ -111,7 +121,7 @@ if [[ ! -x "$VENV/bin/python" ]] && ! venv_works; then
     fi
     venv_works || die "'$PY -m venv' does not work even after installing python3-venv"
 fi
-echo "system packages: ok ($(command -v losetup), fio: $(command -v fio || echo none))"
+echo "system packages: ok ($(command -v losetup), $(command -v nbdkit), $(command -v nbdcopy), $(command -v qemu-nbd), fio: $(command -v fio || echo none))"
 
 # ---------------------------------------------------------------------------
 banner "2/5 Python venv (.venv: spdk==$SPDK_PY_VERSION, pytest)"

@@ -238,6 +238,7 @@ pub fn register_all_methods() {
     bdev_clone::register_rpcs();
     nvmf::register_methods();
     nvmf::host::register_methods();
+    nbd::register_methods();
 }
 
 /// Block SIGINT/SIGTERM in every thread and handle them on one thread
@@ -372,6 +373,9 @@ async fn app_main(spec: AppSpec, main: Option<MainFn>) -> i32 {
         s.shutdown();
     }
     nvmf::shutdown();
+    // NBD clients go, and the exported bdevs are released, before the
+    // bdevs are unregistered.
+    nbd::shutdown().await;
     bdev::unregister_all().await;
     nvmf::host::shutdown().await;
     tracing::info!("shutdown complete");

@@ -416,6 +416,10 @@ impl BdevOps for CloneBdev {
         )
     }
 
+    fn has_block_status(&self) -> bool {
+        source_with_status(&self.0).is_some()
+    }
+
     fn create_channel(&self, _bdev: &Arc<Bdev>) -> Box<dyn ChannelOps> {
         let descs = lock(&self.0.descs);
         let dst = descs.dest.as_ref().map(|d| d.channel());
@@ -500,7 +504,41 @@ struct Part {
     offset: u64,
 }
 
+/// The source's channel on this reactor while the clone still reads from a
+/// source that reports block status.
+fn source_with_status(sh: &Shared) -> Option<IoChannel> {
+    if sh.released.load(Ordering::Acquire) {
+        return None;
+    }
+    lock(&sh.descs)
+        .source
+        .as_ref()
+        .filter(|d| d.bdev().has_block_status())
+        .map(|d| d.channel())
+}
+
 impl ChannelOps for CloneChannel {
+    /// Hydrated regions are data; a run of cold regions reads as the
+    /// source, so it has the source's status.
+    fn block_status(&self, offset_blocks: u64, num_blocks: u64, cb: bdev::BlockStatusCb) {
+        let sh = &self.sh;
+        let end = offset_blocks + num_blocks;
+        let rb = sh.geo.region_blocks();
+        let first = sh.geo.region_of(offset_blocks);
+        let cold = !sh.map.is_hydrated(first);
+        // The run of regions in the same state (bounded: the caller asks
+        // again for the rest).
+        let mut r = first + 1;
+        while r * rb < end && r - first < 65536 && sh.map.is_hydrated(r) != cold {
+            r += 1;
+        }
+        let n = (r * rb).min(end) - offset_blocks;
+        match source_with_status(sh).filter(|_| cold) {
+            Some(src) => src.block_status(offset_blocks, n, cb),
+            None => reactor::defer(move || cb(Ok(vec![bdev::BlockExtent::data(n)]))),
+        }
+    }
+
     fn submit(&self, io: Box<BdevIo>) {
         let sh = &self.sh;
         let Some(dst) = &self.dst else {
@@ -1622,7 +1660,9 @@ fn is_zero(b: &[u8]) -> bool {
 
 /// Copy `blocks` from the source to the destination in chunks through
 /// `buf`; an all-zero chunk becomes write_zeroes when the destination has
-/// it. Gives the buffer back for reuse.
+/// it. A source that reports block status (an NBD export, a sparse file)
+/// is asked first: what reads as zeroes is zeroed on the destination
+/// without being read. Gives the buffer back for reuse.
 async fn copy_blocks(
     src: &IoChannel,
     dst: &IoChannel,
@@ -1640,8 +1680,36 @@ async fn copy_blocks(
             buf.unwrap_or_else(|| DmaBuf::new(0)),
         )
     };
+    let mut ask = src.bdev().has_block_status();
+    // The source's extents from `at` on: (end block, reads as zeroes).
+    let mut extents: std::collections::VecDeque<(u64, bool)> = Default::default();
     while at < blocks.end {
-        let n = chunk.min(blocks.end - at);
+        while extents.front().is_some_and(|&(end, _)| end <= at) {
+            extents.pop_front();
+        }
+        if ask && extents.is_empty() {
+            match util::block_status(src, at, blocks.end - at).await {
+                Ok(v) => {
+                    let mut end = at;
+                    for e in v {
+                        end += e.num_blocks;
+                        extents.push_back((end, e.zero));
+                    }
+                }
+                // No answer: read the rest.
+                Err(_) => ask = false,
+            }
+        }
+        if let Some(&(end, true)) = extents.front() {
+            if !write_zeroes(dst, sh, at..end).await {
+                sh.err_dest.fetch_add(1, Ordering::Relaxed);
+                return fail(CopyFault::Dest, "destination write_zeroes", at, buf);
+            }
+            at = end;
+            continue;
+        }
+        let limit = extents.front().map_or(blocks.end, |&(end, _)| end);
+        let n = chunk.min(limit - at);
         let mut io = util::submit(src, IoType::Read, at, n, buf.take(), false).await;
         buf = io.buf.take();
         if !io.status.is_success() {

@@ -270,6 +270,48 @@ impl IoChannel {
     pub fn reset(&self, cb: impl FnOnce(Box<BdevIo>) + 'static) {
         self.submit(BdevIo::new(IoType::Reset, 0, 0, None, cb))
     }
+
+    /// Allocation status of a range (see [`crate::ChannelOps::block_status`]);
+    /// a range past the end or empty fails. The extents are clipped to the
+    /// range and never empty.
+    pub fn block_status(
+        &self,
+        offset_blocks: u64,
+        num_blocks: u64,
+        cb: impl FnOnce(Result<Vec<crate::BlockExtent>, IoStatus>) + 'static,
+    ) {
+        let end = offset_blocks.checked_add(num_blocks);
+        if num_blocks == 0 || end.is_none_or(|e| e > self.inner.bdev.num_blocks()) {
+            reactor::defer(move || cb(Err(IoStatus::Failed)));
+            return;
+        }
+        self.inner.module.block_status(
+            offset_blocks,
+            num_blocks,
+            Box::new(move |r| {
+                cb(r.and_then(|v| {
+                    let mut left = num_blocks;
+                    let out: Vec<crate::BlockExtent> = v
+                        .into_iter()
+                        .filter(|e| e.num_blocks > 0)
+                        .map_while(|mut e| {
+                            if left == 0 {
+                                return None;
+                            }
+                            e.num_blocks = e.num_blocks.min(left);
+                            left -= e.num_blocks;
+                            Some(e)
+                        })
+                        .collect();
+                    if out.is_empty() {
+                        Err(IoStatus::Failed)
+                    } else {
+                        Ok(out)
+                    }
+                }))
+            }),
+        );
+    }
 }
 
 fn dispatch(inner: &Rc<ChannelInner>, io: Box<BdevIo>) {

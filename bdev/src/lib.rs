@@ -108,6 +108,11 @@ pub trait BdevOps: AsAny + Send + Sync + 'static {
     fn stores_data(&self) -> bool {
         true
     }
+    /// Whether [`ChannelOps::block_status`] says more than "all data"
+    /// (callers skip the query otherwise).
+    fn has_block_status(&self) -> bool {
+        false
+    }
     /// Release what the bdev holds (base descriptors, memory). Runs on
     /// reactor 0 once every descriptor is closed.
     fn destruct(&self, _bdev: &Arc<Bdev>) -> BoxFuture {
@@ -128,7 +133,48 @@ pub trait ChannelOps: AsAny {
         let status = io.status;
         io.complete(status)
     }
+
+    /// Allocation status of `num_blocks` at `offset_blocks` (NBD's
+    /// `base:allocation`): extents covering a non-empty prefix of the range,
+    /// through `cb` on this reactor, never inline. Modules that cannot tell
+    /// keep this default: everything is allocated data.
+    fn block_status(&self, offset_blocks: u64, num_blocks: u64, cb: BlockStatusCb) {
+        let _ = offset_blocks;
+        reactor::defer(move || cb(Ok(vec![BlockExtent::data(num_blocks)])));
+    }
 }
+
+/// One run of blocks with the same allocation status.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BlockExtent {
+    pub num_blocks: u64,
+    /// Not allocated (reads return zeroes unless `zero` is false, in which
+    /// case the content is unspecified, as NBD's `NBD_STATE_HOLE`).
+    pub hole: bool,
+    /// Reads return zeroes.
+    pub zero: bool,
+}
+
+impl BlockExtent {
+    pub fn data(num_blocks: u64) -> Self {
+        BlockExtent {
+            num_blocks,
+            hole: false,
+            zero: false,
+        }
+    }
+    /// Unallocated and reading as zeroes.
+    pub fn hole(num_blocks: u64) -> Self {
+        BlockExtent {
+            num_blocks,
+            hole: true,
+            zero: true,
+        }
+    }
+}
+
+/// Completion of [`IoChannel::block_status`].
+pub type BlockStatusCb = Box<dyn FnOnce(Result<Vec<BlockExtent>, IoStatus>)>;
 
 /// Events delivered to open descriptors.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -289,6 +335,9 @@ impl Bdev {
     }
     pub fn stores_data(&self) -> bool {
         self.ops.stores_data()
+    }
+    pub fn has_block_status(&self) -> bool {
+        self.ops.has_block_status()
     }
     pub fn is_removing(&self) -> bool {
         self.removing.load(Ordering::Acquire)

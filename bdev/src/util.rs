@@ -114,6 +114,38 @@ pub async fn simple(
     }
 }
 
+/// The allocation status of a range ([`IoChannel::block_status`]), awaited.
+pub async fn block_status(
+    ch: &IoChannel,
+    offset_blocks: u64,
+    num_blocks: u64,
+) -> Result<Vec<crate::BlockExtent>, IoStatus> {
+    type Slot = Option<Result<Vec<crate::BlockExtent>, IoStatus>>;
+    let slot: Rc<RefCell<(Slot, Option<Waker>)>> = Rc::default();
+    let s2 = slot.clone();
+    ch.block_status(offset_blocks, num_blocks, move |r| {
+        let w = {
+            let mut s = s2.borrow_mut();
+            s.0 = Some(r);
+            s.1.take()
+        };
+        if let Some(w) = w {
+            w.wake();
+        }
+    });
+    std::future::poll_fn(|cx| {
+        let mut s = slot.borrow_mut();
+        match s.0.take() {
+            Some(r) => Poll::Ready(r),
+            None => {
+                s.1 = Some(cx.waker().clone());
+                Poll::Pending
+            }
+        }
+    })
+    .await
+}
+
 /// Run `f` on every reactor, one after the other, and resolve once all
 /// have (SPDK's `spdk_for_each_channel`; each `f` finds its own channel).
 /// For resets and teardown, not for the per-I/O path.

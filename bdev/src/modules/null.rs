@@ -50,6 +50,11 @@ impl ChannelOps for NullChannel {
         // Writes and write_zeroes are discarded; reset has nothing in flight.
         io.complete(IoStatus::Success);
     }
+
+    fn block_status(&self, _offset_blocks: u64, num_blocks: u64, cb: crate::BlockStatusCb) {
+        // Nothing is stored and every read returns zeroes.
+        reactor::defer(move || cb(Ok(vec![crate::BlockExtent::hole(num_blocks)])));
+    }
 }
 
 impl BdevOps for NullBdev {
@@ -58,6 +63,9 @@ impl BdevOps for NullBdev {
     }
     fn stores_data(&self) -> bool {
         false
+    }
+    fn has_block_status(&self) -> bool {
+        true
     }
 
     fn io_type_supported(&self, t: IoType) -> bool {

@@ -249,6 +249,10 @@ impl BdevOps for FileBdev {
         })
     }
 
+    fn has_block_status(&self) -> bool {
+        !self.disk.is_blockdev
+    }
+
     fn create_channel(&self, _bdev: &Arc<Bdev>) -> Box<dyn ChannelOps> {
         Box::new(FileChannel {
             st: Rc::new(ChanState {
@@ -549,7 +553,62 @@ struct FileChannel {
     st: Rc<ChanState>,
 }
 
+/// Allocation of `len` bytes at `off` in a regular file, from
+/// SEEK_DATA/SEEK_HOLE (answered from the filesystem's extent map, no data
+/// read): the first run only, data or hole. Block devices and filesystems
+/// without support report data.
+fn seek_status(fd: RawFd, off: u64, len: u64) -> (u64, bool) {
+    let seek = |whence| {
+        // SAFETY: lseek on an open fd passes no memory.
+        let r = unsafe { libc::lseek(fd, off as libc::off_t, whence) };
+        if r < 0 {
+            Err(std::io::Error::last_os_error().raw_os_error())
+        } else {
+            Ok(r as u64)
+        }
+    };
+    match seek(libc::SEEK_DATA) {
+        Ok(d) if d > off => ((d - off).min(len), true),
+        // No data after `off`: the rest of the file is a hole.
+        Err(Some(libc::ENXIO)) => (len, true),
+        Ok(_) => match seek(libc::SEEK_HOLE) {
+            Ok(h) if h > off => ((h - off).min(len), false),
+            _ => (len, false),
+        },
+        Err(_) => (len, false),
+    }
+}
+
 impl ChannelOps for FileChannel {
+    fn block_status(&self, offset_blocks: u64, num_blocks: u64, cb: crate::BlockStatusCb) {
+        let d = &self.st.disk;
+        let bs = d.block_size as u64;
+        let mut out = Vec::new();
+        if d.is_blockdev {
+            out.push(crate::BlockExtent::data(num_blocks));
+        } else {
+            // A few extents per call: the caller asks again for the rest.
+            let (mut at, end) = (offset_blocks * bs, (offset_blocks + num_blocks) * bs);
+            while at < end && out.len() < 64 {
+                let (n, hole) = seek_status(d.fd(), at, end - at);
+                // Round to whole blocks: a block that is partly data is data.
+                let blocks = if hole { n / bs } else { n.div_ceil(bs) };
+                let blocks = blocks.max(1).min((end - at) / bs);
+                let e = if hole && blocks * bs <= n {
+                    crate::BlockExtent::hole(blocks)
+                } else {
+                    crate::BlockExtent::data(blocks)
+                };
+                match out.last_mut() {
+                    Some(l) if l.hole == e.hole => l.num_blocks += e.num_blocks,
+                    _ => out.push(e),
+                }
+                at += blocks * bs;
+            }
+        }
+        reactor::defer(move || cb(Ok(out)));
+    }
+
     fn submit(&self, io: Box<BdevIo>) {
         let st = &self.st;
         if io.io_type == IoType::Reset {
@@ -1098,6 +1157,39 @@ mod tests {
                 exercise(&name, &path).await;
             });
         }
+    }
+
+    #[test]
+    fn block_status_from_seek_data_and_seek_hole() {
+        // 1 MiB sparse file with data at 256..320 KiB only.
+        let Some(f) = tmpfile_in("/var/tmp", 1 << 20) else {
+            return;
+        };
+        f.as_file().write_all_at(&[0xab; 65536], 256 << 10).unwrap();
+        let path = path_of(&f);
+        run_on_reactor(0x1, move || async move {
+            let b = create(opts(Flavor::Uring, "BS", &path)).unwrap();
+            assert!(b.has_block_status());
+            let desc = crate::open("BS", false, |_| {}).unwrap();
+            let ch = desc.channel();
+            let bs = b.block_size() as u64;
+            let (data0, data1) = ((256 << 10) / bs, (320 << 10) / bs);
+            let all = util::block_status(&ch, 0, b.num_blocks()).await.unwrap();
+            let mut at = 0;
+            for e in &all {
+                let expect_data = at >= data0 && at < data1;
+                if e.hole {
+                    assert!(!expect_data && e.zero, "{all:?}");
+                    assert!(at + e.num_blocks <= data0 || at >= data1, "{all:?}");
+                }
+                at += e.num_blocks;
+            }
+            assert_eq!(at, b.num_blocks(), "{all:?}");
+            assert!(all.iter().any(|e| e.hole), "{all:?}");
+            // The data itself is never reported as a hole.
+            let mid = util::block_status(&ch, data0, data1 - data0).await.unwrap();
+            assert!(mid.iter().all(|e| !e.hole), "{mid:?}");
+        });
     }
 
     #[test]

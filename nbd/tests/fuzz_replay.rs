@@ -1,0 +1,76 @@
+//! Stable-toolchain stand-in for the cargo-fuzz targets (`nbd/fuzz/`):
+//! replay the committed corpus (`nbd/fuzz/corpus/<target>/`) through the
+//! same entry points, then proptest's random and mutated inputs.
+
+use std::path::Path;
+
+use proptest::prelude::*;
+
+fn corpus(target: &str) -> Vec<Vec<u8>> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("fuzz/corpus")
+        .join(target);
+    let mut out: Vec<Vec<u8>> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .map(|e| std::fs::read(e.expect("dir entry").path()).expect("corpus file"))
+        .collect();
+    out.sort();
+    assert!(out.len() >= 5, "corpus {target} has {} inputs", out.len());
+    out
+}
+
+/// A corpus input with some bytes replaced and maybe cut short.
+fn mutated(target: &'static str) -> impl Strategy<Value = Vec<u8>> {
+    let seeds = corpus(target);
+    (
+        0..seeds.len(),
+        prop::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 0..8),
+        any::<prop::sample::Index>(),
+    )
+        .prop_map(move |(i, edits, cut)| {
+            let mut v = seeds[i].clone();
+            for (at, b) in edits {
+                if !v.is_empty() {
+                    let k = at.index(v.len());
+                    v[k] = b;
+                }
+            }
+            let keep = cut.index(v.len() + 1);
+            v.truncate(keep.max(v.len() / 2));
+            v
+        })
+}
+
+#[test]
+fn corpus_replays() {
+    for s in corpus("server_stream") {
+        nbd::fuzz::server_stream(&s);
+    }
+    for s in corpus("client_stream") {
+        nbd::fuzz::client_stream(&s);
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(2000))]
+
+    #[test]
+    fn server_stream_random(data in prop::collection::vec(any::<u8>(), 0..600)) {
+        nbd::fuzz::server_stream(&data);
+    }
+
+    #[test]
+    fn server_stream_mutated(data in mutated("server_stream")) {
+        nbd::fuzz::server_stream(&data);
+    }
+
+    #[test]
+    fn client_stream_random(data in prop::collection::vec(any::<u8>(), 0..600)) {
+        nbd::fuzz::client_stream(&data);
+    }
+
+    #[test]
+    fn client_stream_mutated(data in mutated("client_stream")) {
+        nbd::fuzz::client_stream(&data);
+    }
+}
