@@ -192,22 +192,9 @@ pub(crate) fn to_owner(sh: &Arc<Shared>, kind: IoKind, mut io: Box<BdevIo>) {
     let Some(regions) = sh.geo.regions_covering(off, num).filter(|r| !r.is_empty()) else {
         return io.complete(IoStatus::Failed);
     };
-    let stripe = sh.stripe_regions;
-    let single = sh.owners.len() == 1 || regions.start / stripe == (regions.end - 1) / stripe;
     // Parts: one per stripe the request touches (each has one owner).
-    let mut parts: Vec<(usize, u64, u64)> = Vec::new();
-    if single {
-        parts.push((sh.owner_index(regions.start), off, num));
-    } else {
-        let mut r = regions.start;
-        while r < regions.end {
-            let end_r = ((r / stripe + 1) * stripe).min(regions.end);
-            let b = sh.geo.region_range_blocks(r..end_r);
-            let (s0, e0) = (b.start.max(off), b.end.min(off + num));
-            parts.push((sh.owner_index(r), s0, e0 - s0));
-            r = end_r;
-        }
-    }
+    let parts = sh.stripes.split(&sh.geo, regions, off, num);
+    let single = parts.len() == 1;
     let bs = sh.geo.block_size() as u64;
     let whole = io.buf.take();
     let mut msgs = Vec::with_capacity(parts.len());

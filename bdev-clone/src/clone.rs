@@ -16,10 +16,11 @@ use serde_json::{json, Value};
 use uuid::Uuid;
 
 use crate::channel::CloneChannel;
+use crate::commit::CommitRounds;
 use crate::geometry::Geometry;
 use crate::lifecycle::stop_all;
 use crate::region_map::RegionMap;
-use crate::router::MetadataMode;
+use crate::router::{MetadataMode, Stripes};
 
 pub const MODULE_NAME: &str = "clone";
 
@@ -60,9 +61,9 @@ pub(crate) struct Shared {
     pub(crate) home: u32,
     /// Owner reactors; region r belongs to `owners[(r / stripe) % len]`.
     pub(crate) owners: Vec<u32>,
-    pub(crate) stripe_regions: u64,
+    pub(crate) stripes: Stripes,
     /// Commit rounds in flight (the routers' view of the committer).
-    pub(crate) commits_in_flight: Arc<AtomicU64>,
+    pub(crate) commit_rounds: CommitRounds,
     pub(crate) md_block_size: u32,
     pub(crate) md_num_blocks: u64,
     pub(crate) dest_write_zeroes: bool,
@@ -101,11 +102,6 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 impl Shared {
     pub(crate) fn mode(&self) -> u8 {
         self.mode.load(Ordering::Acquire)
-    }
-
-    /// The owner index of region `r`.
-    pub(crate) fn owner_index(&self, r: u64) -> usize {
-        ((r / self.stripe_regions) % self.owners.len() as u64) as usize
     }
 
     pub(crate) fn set_last_error(&self, e: String) {

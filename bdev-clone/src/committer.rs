@@ -16,10 +16,11 @@ use reactor::DmaBuf;
 
 use crate::channel::{reply, send_to, Part};
 use crate::clone::{Shared, MODE_FAILED, MODE_RO, MODE_RW};
+use crate::commit::{self, UnitImage};
 use crate::metadata::{self, UNIT_SIZE};
 use crate::metadata_io::recheck_metadata;
 use crate::owner::{drive, owner_of, Owner};
-use crate::router::{CommitId, UnitImage};
+use crate::router::CommitId;
 
 /// Periodic commit.
 pub(crate) const COMMIT_PERIOD: Duration = Duration::from_secs(1);
@@ -32,17 +33,8 @@ pub(crate) enum Waiter {
     Flush { origin: u32, token: u64 },
 }
 
-/// One per clone, on its home reactor: serialises commits. A round
-/// snapshots the dirty units, flushes the destination, writes the units and
-/// flushes the metadata; requests arriving during a round wait for the
-/// next one (their bits may have missed the snapshot).
-#[derive(Default)]
-pub(crate) struct Committer {
-    pub(crate) in_flight: bool,
-    pub(crate) current: Vec<Waiter>,
-    pub(crate) next: Vec<Waiter>,
-    pub(crate) releasing: bool,
-}
+/// The clone's committer (on its home reactor's owner).
+pub(crate) type Committer = commit::Committer<Waiter>;
 
 /// On the home reactor: a commit is wanted by `w`.
 pub(crate) fn committer_request(id: u64, w: Waiter) {
@@ -54,7 +46,7 @@ pub(crate) fn committer_request(id: u64, w: Waiter) {
         return answer(id, w, false);
     }
     if let Some(c) = rc.borrow_mut().committer.as_mut() {
-        c.next.push(w);
+        c.request(w);
     }
     start_round(&rc, false);
 }
@@ -87,22 +79,17 @@ pub(crate) fn start_round(rc: &Rc<RefCell<Owner>>, periodic: bool) {
     let mut o = rc.borrow_mut();
     let sh = o.sh.clone();
     let (dst, md) = (o.dst.clone(), o.md.clone());
+    let units_per_block = metadata::units_per_block(sh.md_block_size);
     let Some(c) = o.committer.as_mut() else {
         return;
     };
-    if c.in_flight || (c.next.is_empty() && !(periodic && sh.map.has_dirty())) {
+    let Some(round) = c.start(&sh.map, periodic) else {
         return;
-    }
-    c.in_flight = true;
-    c.current = std::mem::take(&mut c.next);
+    };
     drop(o);
-    // Counted before the snapshot: a router that finds no dirty unit
-    // then knows its bits may be in this round.
-    sh.commits_in_flight.fetch_add(1, Ordering::AcqRel);
-    let dirty = sh.map.take_dirty();
     let weak = Rc::downgrade(rc);
     reactor::spawn_local(async move {
-        let ok = if dirty.is_empty() {
+        let ok = if round.dirty.is_empty() {
             // Nothing changed: a destination flush, no metadata write.
             let ok = util::simple(&dst, IoType::Flush, 0, sh.geo.source_blocks())
                 .await
@@ -114,13 +101,12 @@ pub(crate) fn start_round(rc: &Rc<RefCell<Owner>>, periodic: bool) {
         } else if sh.mode() != MODE_RW {
             false
         } else {
-            let units = snapshot_units(&sh, &dirty);
+            let units = commit::snapshot_units(&sh.map, &round.dirty, units_per_block);
             commit_units(&dst, &md, &sh, units).await
         };
-        if !ok && !dirty.is_empty() {
-            // The bits stay in core (reads are right) and dirty: every
+        if !ok && !round.dirty.is_empty() {
+            // The committer puts the units back in the dirty set: every
             // later flush needing them fails (dm-clone read-only mode).
-            sh.map.restore_dirty(&dirty);
             if sh.mode.fetch_max(MODE_RO, Ordering::AcqRel) == MODE_RW {
                 tracing::error!(clone = %sh.name, "metadata commit failed: switching to read-only mode");
                 // dm-clone's abort: reopen the last committed metadata; if
@@ -133,15 +119,13 @@ pub(crate) fn start_round(rc: &Rc<RefCell<Owner>>, periodic: bool) {
                 }
             }
         }
-        sh.commits_in_flight.fetch_sub(1, Ordering::AcqRel);
         let Some(rc) = weak.upgrade() else { return };
         let waiters = {
             let mut o = rc.borrow_mut();
             let Some(c) = o.committer.as_mut() else {
                 return;
             };
-            c.in_flight = false;
-            std::mem::take(&mut c.current)
+            c.finish(&sh.map, round, ok)
         };
         for w in waiters {
             answer(sh.id, w, ok);
@@ -149,29 +133,6 @@ pub(crate) fn start_round(rc: &Rc<RefCell<Owner>>, periodic: bool) {
         start_round(&rc, false);
         drive(&rc);
     });
-}
-
-/// Images of the dirty units, in whole metadata blocks (a block's other
-/// units are written too; a group past the last unit is padded later).
-pub(crate) fn snapshot_units(sh: &Shared, dirty: &[u32]) -> Vec<UnitImage> {
-    let per = metadata::units_per_block(sh.md_block_size) as u64;
-    let num_units = sh.map.num_units();
-    let mut units = Vec::with_capacity(dirty.len());
-    let mut last_group = u64::MAX;
-    for &u in dirty {
-        let g = u as u64 / per;
-        if g == last_group {
-            continue;
-        }
-        last_group = g;
-        for v in g * per..(g * per + per).min(num_units) {
-            units.push(UnitImage {
-                index: v as u32,
-                words: sh.map.unit_words(v),
-            });
-        }
-    }
-    units
 }
 
 /// The commit's three steps, strictly in order: flush the destination,

@@ -7,6 +7,7 @@
 //! * [`region_map`]: the lock-free hydration bitmap and its dirty-unit tracker.
 //! * [`metadata`]: the on-disk format (`docs/metadata.md`), encode/decode.
 //! * [`router`]: the I/O routing state machine an executor drives.
+//! * [`commit`]: the commit rounds one committer makes for every router.
 //!
 //! The bdev, one file per concern:
 //! * `clone.rs`: the shared state and the `BdevOps`.
@@ -20,6 +21,7 @@
 
 mod channel;
 mod clone;
+pub mod commit;
 mod committer;
 mod error;
 pub mod geometry;
@@ -36,6 +38,7 @@ pub mod rpc;
 mod status;
 
 pub use clone::{CloneBdev, MODULE_NAME, PRODUCT_NAME};
+pub use commit::{CommitRounds, Committer, UnitImage};
 pub use error::CloneError;
 pub use geometry::{Geometry, GeometryError};
 pub use hydration::{set_hydration, MAX_BATCH_SIZE, MAX_MBYTES_PER_SEC};
@@ -46,7 +49,7 @@ pub use metadata::{MetadataError, SuperState, Superblock};
 pub use region_map::RegionMap;
 pub use router::{
     Command, CommitId, CopyId, IoError, IoKind, MetadataMode, OpId, ReqId, Request, Router,
-    RouterConfig, RouterError, Status, UnitImage,
+    RouterConfig, RouterError, Status, Stripes,
 };
 pub use rpc::{register_rpcs, CreateOpts, HydrationOpts};
 pub use status::{hydrated_regions, region_hydrated, status, status_all};

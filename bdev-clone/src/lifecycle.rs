@@ -11,6 +11,7 @@ use std::time::Duration;
 use bdev::{Bdev, BdevBuilder, ClaimType, Desc, IoType};
 
 use crate::clone::{lock, CloneBdev, Descs, Shared, MODE_RW, MODULE_NAME, PRODUCT_NAME};
+use crate::commit::CommitRounds;
 use crate::committer::{answer, start_round};
 use crate::error::CloneError;
 use crate::geometry::Geometry;
@@ -22,7 +23,7 @@ use crate::metadata_io::{
 use crate::oneshot;
 use crate::owner::{drive, owner_of, start_owner, OWNERS};
 use crate::region_map::RegionMap;
-use crate::router::{MetadataMode, Router, RouterConfig};
+use crate::router::{MetadataMode, Router, RouterConfig, Stripes};
 use crate::rpc::{check_tunables, CreateOpts};
 
 /// How long delete waits for in-flight work before giving up on it.
@@ -88,7 +89,7 @@ pub(crate) async fn stop_all(sh: &Arc<Shared>) {
         loop {
             let (busy, dirty, name) = {
                 let o = rc.borrow();
-                let busy = o.committer.as_ref().is_some_and(|c| c.in_flight);
+                let busy = o.committer.as_ref().is_some_and(|c| c.in_flight());
                 (busy, o.sh.map.has_dirty() && o.sh.mode() == MODE_RW, o.sh.name.clone())
             };
             if !busy && (started || !dirty) {
@@ -119,7 +120,7 @@ pub(crate) async fn stop_all(sh: &Arc<Shared>) {
                 // Commit waiters still queued get an answer.
                 if let Some(c) = o.committer.take() {
                     drop(o);
-                    for w in c.current.into_iter().chain(c.next) {
+                    for w in c.into_waiters() {
                         answer(id, w, false);
                     }
                 }
@@ -337,20 +338,24 @@ pub async fn create(opts: CreateOpts) -> Result<Arc<Bdev>, CloneError> {
         hydration_enabled: !opts.no_hydration,
         discard_passdown: !opts.no_discard_passdown,
         copy_on_read: opts.copy_on_read,
-        metadata_units_per_block: metadata::units_per_block(mdbs),
     };
     let n = reactor::num_reactors().max(1);
     // The committer's reactor rotates over clones.
     let home = NEXT_OWNER.fetch_add(1, Ordering::Relaxed) % n;
     let owners: Vec<u32> = (0..n).collect();
     let stripe_regions = 64 * stripe_words(geo.region_size());
-    let commits_in_flight = Arc::new(AtomicU64::new(0));
+    let commit_rounds = CommitRounds::default();
     let mut routers = Vec::with_capacity(owners.len());
     for i in 0..owners.len() {
-        let mut r = Router::new(geo, map.clone(), cfg.clone(), MetadataMode::ReadWrite)
-            .map_err(|e| CloneError::Invalid(e.to_string()))?;
+        let mut r = Router::new(
+            geo,
+            map.clone(),
+            cfg.clone(),
+            MetadataMode::ReadWrite,
+            commit_rounds.clone(),
+        )
+        .map_err(|e| CloneError::Invalid(e.to_string()))?;
         r.set_stripe(stripe_regions, i as u64, owners.len() as u64);
-        r.set_external_commits(commits_in_flight.clone());
         routers.push(r);
     }
     let sh = Arc::new(Shared {
@@ -365,8 +370,11 @@ pub async fn create(opts: CreateOpts) -> Result<Arc<Bdev>, CloneError> {
         home,
         hydrating: owners.iter().map(|_| AtomicU64::new(0)).collect(),
         owners: owners.clone(),
-        stripe_regions,
-        commits_in_flight,
+        stripes: Stripes {
+            regions: stripe_regions,
+            owners: owners.len() as u64,
+        },
+        commit_rounds,
         md_block_size: mdbs,
         md_num_blocks: mb.num_blocks(),
         dest_write_zeroes: db.io_type_supported(IoType::WriteZeroes),

@@ -21,6 +21,7 @@ use crate::committer::{committer_request, start_round, Committer, Waiter, COMMIT
 use crate::error::CloneError;
 use crate::hydration::{start_copy, write_zeroes, HYDRATION_POLL, PROBE_MIN_NS};
 use crate::lifecycle::release_all;
+use crate::metadata;
 use crate::router::{Command, CommitId, CopyId, IoKind, OpId, ReqId, Request, Router, Status};
 
 thread_local! {
@@ -50,6 +51,8 @@ pub(crate) struct Owner {
     /// Index in `Shared::owners`.
     pub(crate) idx: usize,
     pub(crate) committer: Option<Committer>,
+    /// The committer's owner started the source's release (completion).
+    pub(crate) releasing: bool,
     pub(crate) router: Option<Router>,
     pub(crate) src: Option<IoChannel>,
     pub(crate) dst: IoChannel,
@@ -202,15 +205,15 @@ pub(crate) fn drive(rc: &Rc<RefCell<Owner>>) {
         }
     }
     o.publish();
-    if let Some(c) = o.committer.as_mut() {
+    if let Some(c) = o.committer.as_ref() {
         let sh = &o.sh;
-        if !c.releasing
-            && !c.in_flight
+        if !o.releasing
+            && !c.in_flight()
             && sh.map.is_complete()
             && !sh.map.has_dirty()
             && sh.mode() == MODE_RW
         {
-            c.releasing = true;
+            o.releasing = true;
             let sh = sh.clone();
             reactor::spawn_local(release_all(sh));
         }
@@ -333,7 +336,6 @@ pub(crate) fn exec(rc: &Rc<RefCell<Owner>>, o: &mut Owner, c: Command) {
         }
         Command::StartCopy { copy, blocks, .. } => start_copy(rc, o, copy, blocks),
         Command::Commit { commit, .. } => {
-            // The committer snapshots the units itself.
             let (id, reactor) = (o.sh.id, reactor::current().unwrap_or(0));
             send_to(o.sh.home, move || {
                 committer_request(id, Waiter::Router { reactor, commit })
@@ -485,7 +487,13 @@ pub(crate) fn start_owner(sh: Arc<Shared>, router: Router, idx: usize) -> Result
     let rc = Rc::new(RefCell::new(Owner {
         sh: sh.clone(),
         idx,
-        committer: home.then(Committer::default),
+        committer: home.then(|| {
+            Committer::new(
+                sh.commit_rounds.clone(),
+                metadata::units_per_block(sh.md_block_size),
+            )
+        }),
+        releasing: false,
         router: Some(router),
         src,
         dst,

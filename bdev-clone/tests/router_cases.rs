@@ -5,10 +5,12 @@ mod common;
 
 use std::sync::Arc;
 
+use bdev_clone::commit::{CommitRounds, Committer};
 use bdev_clone::metadata;
 use bdev_clone::region_map::REGIONS_PER_UNIT;
 use bdev_clone::router::{
-    Command, IoError, IoKind, MetadataMode, Request, Router, RouterConfig, RouterError, Status,
+    Command, CommitId, IoError, IoKind, MetadataMode, Request, Router, RouterConfig, RouterError,
+    Status,
 };
 use bdev_clone::{Geometry, RegionMap};
 use common::{source_tag, Sim};
@@ -23,6 +25,26 @@ fn quiet() -> RouterConfig {
         hydration_enabled: false,
         ..RouterConfig::default()
     }
+}
+
+/// A router and its clone's committer (metadata blocks of `per` units),
+/// as the target pairs them.
+fn router_and_committer(
+    g: Geometry,
+    map: &Arc<RegionMap>,
+    cfg: RouterConfig,
+    per: u32,
+) -> (Router, Committer<CommitId>) {
+    let c = Committer::new(CommitRounds::default(), per);
+    let r = Router::new(
+        g,
+        map.clone(),
+        cfg,
+        MetadataMode::ReadWrite,
+        c.rounds().clone(),
+    )
+    .unwrap();
+    (r, c)
 }
 
 fn sim(blocks: u64, cfg: RouterConfig) -> Sim {
@@ -205,7 +227,14 @@ fn regions_past_2_pow_31_and_offsets_past_16_tib() {
     let g = Geometry::new(blocks, 512, blocks, 512, 64 << 10).unwrap();
     assert_eq!(g.num_regions(), 1 << 32);
     let map = Arc::new(RegionMap::new(g.num_regions()));
-    let mut r = Router::new(g, map.clone(), quiet(), MetadataMode::ReadWrite).unwrap();
+    let mut r = Router::new(
+        g,
+        map.clone(),
+        quiet(),
+        MetadataMode::ReadWrite,
+        CommitRounds::default(),
+    )
+    .unwrap();
     let mut out = Vec::new();
 
     let region = (1u64 << 31) + 12_345; // > 2^31: the signed 32-bit limit
@@ -285,11 +314,9 @@ fn regions_past_2_pow_31_and_offsets_past_16_tib() {
     out.clear();
 
     // The commit names the right units: region / 4032 fits u32.
-    assert!(r.on_timer(&mut out));
-    let units: Vec<u32> = match &out[0] {
-        Command::Commit { units, .. } => units.iter().map(|u| u.index).collect(),
-        other => panic!("{other:?}"),
-    };
+    let mut c = Committer::<CommitId>::new(CommitRounds::default(), 1);
+    let round = c.start(&map, true).unwrap();
+    let units: Vec<u32> = c.snapshot(&map, &round).iter().map(|u| u.index).collect();
     assert_eq!(
         units,
         vec![
@@ -303,6 +330,7 @@ fn regions_past_2_pow_31_and_offsets_past_16_tib() {
         Arc::new(RegionMap::new(g.num_regions())),
         RouterConfig::default(),
         MetadataMode::ReadWrite,
+        CommitRounds::default(),
     )
     .unwrap();
     let mut out = Vec::new();
@@ -341,7 +369,14 @@ fn discard_waits_for_an_in_flight_background_copy() {
 fn discard_waits_for_a_copy_started_by_a_partial_write() {
     let g = geo(32);
     let map = Arc::new(RegionMap::new(g.num_regions()));
-    let mut r = Router::new(g, map.clone(), quiet(), MetadataMode::ReadWrite).unwrap();
+    let mut r = Router::new(
+        g,
+        map.clone(),
+        quiet(),
+        MetadataMode::ReadWrite,
+        CommitRounds::default(),
+    )
+    .unwrap();
     let mut out = Vec::new();
     r.submit(Request::write(1, 9, 1), &mut out).unwrap();
     assert!(matches!(&out[0], Command::StartCopy { copy: 1, regions, .. } if *regions == (1..2)));
@@ -453,32 +488,40 @@ fn commit_snapshot_excludes_regions_hydrated_after_it_was_emitted() {
         hydration_threshold: 2,
         ..RouterConfig::default()
     };
-    let mut r = Router::new(g, map.clone(), cfg, MetadataMode::ReadWrite).unwrap();
+    let (mut r, mut c) = router_and_committer(g, &map, cfg, 1);
     let mut out = Vec::new();
     r.next_background(&mut out); // copies of regions 0 and 1 (batch 1)
     assert_eq!(out.len(), 2);
     out.clear();
     r.copy_done(1, true, &mut out).unwrap(); // region 0 done
-    assert!(r.on_timer(&mut out));
-    let Command::Commit { commit, units } = out.pop().unwrap() else {
-        panic!()
-    };
+    let round = c.start(&map, true).expect("the periodic round");
+    let units = c.snapshot(&map, &round);
     assert_eq!(units.len(), 1);
     assert_eq!(units[0].words[0], 0b01);
-    // Region 1 (same unit) finishes while the commit is in flight.
+    // Region 1 (same unit) finishes while the round is in flight.
     r.copy_done(2, true, &mut out).unwrap();
-    assert_eq!(units[0].words[0], 0b01, "the emitted snapshot is unchanged");
-    assert!(map.has_dirty(), "region 1 waits for the next commit");
-    // A flush now needs a new commit, after the one in flight.
+    assert_eq!(units[0].words[0], 0b01, "the snapshot is unchanged");
+    assert!(map.has_dirty(), "region 1 waits for the next round");
+    // A flush now needs a commit, in a round after the one in flight.
     r.submit(Request::flush(7), &mut out).unwrap();
-    assert!(out.is_empty(), "queued behind the commit in flight");
-    r.commit_done(commit, true, &mut out).unwrap();
-    let Command::Commit { commit: c2, units } = out.remove(0) else {
+    let Some(Command::Commit { commit }) = out.pop() else {
         panic!("{out:?}")
     };
-    assert_eq!(units[0].words[0], 0b11);
     assert!(out.is_empty());
-    r.commit_done(c2, true, &mut out).unwrap();
+    c.request(commit);
+    assert!(
+        c.start(&map, false).is_none(),
+        "queued behind the round in flight"
+    );
+    assert!(
+        c.finish(&map, round, true).is_empty(),
+        "nobody waited for it"
+    );
+    let round = c.start(&map, false).expect("the flush's round");
+    assert_eq!(c.snapshot(&map, &round)[0].words[0], 0b11);
+    for w in c.finish(&map, round, true) {
+        r.commit_done(w, true, &mut out).unwrap();
+    }
     assert_eq!(
         out,
         vec![Command::Complete {
@@ -489,31 +532,35 @@ fn commit_snapshot_excludes_regions_hydrated_after_it_was_emitted() {
 }
 
 #[test]
-fn flush_during_a_commit_with_nothing_new_still_flushes_the_destination() {
+fn flush_during_a_round_with_nothing_new_waits_for_a_destination_flush() {
     let g = geo(64);
     let map = Arc::new(RegionMap::new(g.num_regions()));
-    let mut r = Router::new(g, map, quiet(), MetadataMode::ReadWrite).unwrap();
+    let (mut r, mut c) = router_and_committer(g, &map, quiet(), 1);
     let mut out = Vec::new();
     r.submit(Request::write(1, 0, 8), &mut out).unwrap();
     r.op_done(1, true, &mut out).unwrap();
     out.clear();
-    assert!(r.on_timer(&mut out));
-    let Command::Commit { commit, .. } = out.remove(0) else {
-        panic!()
-    };
-    // A write to the hydrated region completes after the commit's
+    let round = c.start(&map, true).expect("the periodic round");
+    // A write to the hydrated region completes after the round's
     // destination flush was issued; a flush now must cover it.
     r.submit(Request::write(2, 0, 1), &mut out).unwrap();
     r.op_done(2, true, &mut out).unwrap();
     out.clear();
     r.submit(Request::flush(3), &mut out).unwrap();
-    assert!(matches!(out[0], Command::FlushDest { req: 3, .. }));
-    let Command::FlushDest { op, .. } = out.remove(0) else {
-        unreachable!()
+    let Some(Command::Commit { commit }) = out.pop() else {
+        panic!("{out:?}: nothing dirty, but a round in flight may hold its bits")
     };
-    r.op_done(op, true, &mut out).unwrap();
-    assert!(out.is_empty(), "also waits for the commit in flight");
-    r.commit_done(commit, true, &mut out).unwrap();
+    assert!(out.is_empty());
+    c.request(commit);
+    assert!(c.finish(&map, round, true).is_empty());
+    let round = c.start(&map, false).expect("the flush's round");
+    assert!(
+        round.dirty.is_empty(),
+        "nothing new: the round is a destination flush only"
+    );
+    for w in c.finish(&map, round, true) {
+        r.commit_done(w, true, &mut out).unwrap();
+    }
     assert_eq!(
         out,
         vec![Command::Complete {
@@ -547,25 +594,19 @@ fn fua_write_completes_after_the_commit() {
 
 #[test]
 fn periodic_commit_and_4k_metadata_blocks() {
-    let cfg = RouterConfig {
-        metadata_units_per_block: 8,
-        ..quiet()
-    };
     let g = geo(8 * 4032 * 10); // 10 units
     let map = Arc::new(RegionMap::new(g.num_regions()));
-    let mut r = Router::new(g, map, cfg, MetadataMode::ReadWrite).unwrap();
+    let (mut r, mut c) = router_and_committer(g, &map, quiet(), 8);
     let mut out = Vec::new();
     r.submit(Request::discard(1, 8 * 4032 * 9, 8), &mut out)
         .unwrap(); // unit 9
     out.clear();
-    assert!(r.on_timer(&mut out));
-    let Command::Commit { units, .. } = &out[0] else {
-        panic!()
-    };
+    let round = c.start(&map, true).expect("the periodic round");
     // Unit 9 lives in metadata block 1 (units 8..16); the map has 10 units.
-    let idx: Vec<u32> = units.iter().map(|u| u.index).collect();
+    let idx: Vec<u32> = c.snapshot(&map, &round).iter().map(|u| u.index).collect();
     assert_eq!(idx, vec![8, 9]);
-    assert!(!r.on_timer(&mut Vec::new()), "one commit at a time");
+    map.set(0);
+    assert!(c.start(&map, true).is_none(), "one round at a time");
 }
 
 // ----- writes and per-region serialisation --------------------------------
@@ -609,6 +650,7 @@ fn a_partial_write_waits_for_a_whole_region_overwrite_in_flight() {
         Arc::new(RegionMap::new(g.num_regions())),
         quiet(),
         MetadataMode::ReadWrite,
+        CommitRounds::default(),
     )
     .unwrap();
     let mut out = Vec::new();
@@ -685,7 +727,14 @@ fn background_respects_threshold_batch_and_busy_regions() {
     };
     let g = geo(8 * 20);
     let map = Arc::new(RegionMap::new(20));
-    let mut r = Router::new(g, map.clone(), cfg, MetadataMode::ReadWrite).unwrap();
+    let mut r = Router::new(
+        g,
+        map.clone(),
+        cfg,
+        MetadataMode::ReadWrite,
+        CommitRounds::default(),
+    )
+    .unwrap();
     let mut out = Vec::new();
     // A user write is busy on region 1 (whole overwrite in flight).
     r.submit(Request::write(1, 8, 8), &mut out).unwrap();
@@ -733,7 +782,14 @@ fn a_huge_threshold_starts_only_as_many_copies_as_allowed() {
         ..RouterConfig::default()
     };
     let map = Arc::new(RegionMap::new(10_000));
-    let mut r = Router::new(geo(8 * 10_000), map, cfg, MetadataMode::ReadWrite).unwrap();
+    let mut r = Router::new(
+        geo(8 * 10_000),
+        map,
+        cfg,
+        MetadataMode::ReadWrite,
+        CommitRounds::default(),
+    )
+    .unwrap();
     let mut out = Vec::new();
     assert_eq!(r.next_background_max(&mut out, 32), 32);
     assert_eq!(out.len(), 32);
@@ -798,7 +854,11 @@ fn a_failed_commit_switches_to_read_only() {
     assert_eq!(s.background(), 0);
     let f = s.try_submit(IoKind::Flush, 0, 0, false).unwrap();
     assert_eq!(s.status_of(f), Some(Status::Error(IoError::ReadOnly)));
-    assert!(!s.timer());
+    // The periodic round writes nothing: it fails at once and its units
+    // stay dirty.
+    s.timer();
+    assert_eq!(s.in_flight(), 0, "no metadata I/O in read-only mode");
+    assert!(s.router.map().has_dirty());
     s.drain();
 }
 
@@ -808,7 +868,14 @@ fn read_only_from_the_start_allows_flushes_with_nothing_to_commit() {
     let map = Arc::new(RegionMap::new(g.num_regions()));
     map.set(0);
     map.take_dirty();
-    let mut r = Router::new(g, map, quiet(), MetadataMode::ReadOnly).unwrap();
+    let mut r = Router::new(
+        g,
+        map,
+        quiet(),
+        MetadataMode::ReadOnly,
+        CommitRounds::default(),
+    )
+    .unwrap();
     let mut out = Vec::new();
     r.submit(Request::flush(1), &mut out).unwrap();
     assert!(matches!(out[0], Command::FlushDest { .. }));
@@ -871,6 +938,7 @@ fn invalid_and_duplicate_requests() {
         Arc::new(RegionMap::new(g.num_regions())),
         quiet(),
         MetadataMode::ReadWrite,
+        CommitRounds::default(),
     )
     .unwrap();
     let mut out = Vec::new();
@@ -905,7 +973,8 @@ fn invalid_and_duplicate_requests() {
         g,
         Arc::new(RegionMap::new(3)),
         quiet(),
-        MetadataMode::ReadWrite
+        MetadataMode::ReadWrite,
+        CommitRounds::default()
     )
     .is_err());
 }
@@ -940,26 +1009,38 @@ fn crash_after_flush_keeps_the_write_and_before_commit_reads_the_source() {
 fn metadata_failing_during_a_commit_fails_requests_waiting_for_the_next() {
     let g = geo(64);
     let map = Arc::new(RegionMap::new(g.num_regions()));
-    let mut r = Router::new(g, map, quiet(), MetadataMode::ReadWrite).unwrap();
+    let (mut r, mut c) = router_and_committer(g, &map, quiet(), 1);
     let mut out = Vec::new();
     r.submit(Request::write(1, 0, 8), &mut out).unwrap();
     r.op_done(1, true, &mut out).unwrap();
     out.clear();
-    assert!(r.on_timer(&mut out));
-    out.clear();
-    r.submit(Request::write(2, 8, 8), &mut out).unwrap();
+    r.submit(Request::flush(2), &mut out).unwrap(); // commit 1
+    let Some(Command::Commit { commit }) = out.pop() else {
+        panic!("{out:?}")
+    };
+    c.request(commit);
+    let round = c.start(&map, false).unwrap();
+    r.submit(Request::write(3, 8, 8), &mut out).unwrap();
     r.op_done(2, true, &mut out).unwrap();
     out.clear();
-    r.submit(Request::flush(3), &mut out).unwrap(); // needs commit 2
-    assert!(out.is_empty());
+    r.submit(Request::flush(4), &mut out).unwrap(); // needs commit 2
+    assert!(out.is_empty(), "behind commit 1");
     r.set_failed();
-    r.commit_done(1, true, &mut out).unwrap();
+    for w in c.finish(&map, round, true) {
+        r.commit_done(w, true, &mut out).unwrap();
+    }
     assert_eq!(
         out,
-        vec![Command::Complete {
-            req: 3,
-            status: Status::Error(IoError::MetadataFailed)
-        }]
+        vec![
+            Command::Complete {
+                req: 2,
+                status: Status::Success
+            },
+            Command::Complete {
+                req: 4,
+                status: Status::Error(IoError::MetadataFailed)
+            }
+        ]
     );
     assert!(r.is_idle());
 }
@@ -977,7 +1058,14 @@ fn striped_routers_copy_only_their_stripes() {
     };
     let mut seen = vec![0u8; g.num_regions() as usize];
     for idx in 0..2u64 {
-        let mut r = Router::new(g, map.clone(), cfg.clone(), MetadataMode::ReadWrite).unwrap();
+        let mut r = Router::new(
+            g,
+            map.clone(),
+            cfg.clone(),
+            MetadataMode::ReadWrite,
+            CommitRounds::default(),
+        )
+        .unwrap();
         r.set_stripe(64, idx, 2);
         let mut out = Vec::new();
         r.next_background(&mut out);
@@ -1001,34 +1089,61 @@ fn striped_routers_copy_only_their_stripes() {
     );
 }
 
-/// External commits: no snapshot in the router, and a flush asks for a
-/// commit while the committer has a round in flight.
+/// Two striped routers and their committer: a router takes no snapshot,
+/// and a flush on one router asks for a commit while a round holding the
+/// other's bits is in flight, though nothing is dirty.
 #[test]
-fn external_commits_take_no_snapshot() {
-    let g = geo(64);
+fn routers_share_the_committers_rounds() {
+    let g = geo(8 * 256);
     let map = Arc::new(RegionMap::new(g.num_regions()));
-    let busy = Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let mut r = Router::new(g, map.clone(), quiet(), MetadataMode::ReadWrite).unwrap();
-    r.set_external_commits(busy.clone());
-    map.set(3);
+    let (mut r0, mut c) = router_and_committer(g, &map, quiet(), 1);
+    r0.set_stripe(64, 0, 2);
+    let mut r1 = Router::new(
+        g,
+        map.clone(),
+        quiet(),
+        MetadataMode::ReadWrite,
+        c.rounds().clone(),
+    )
+    .unwrap();
+    r1.set_stripe(64, 1, 2);
     let mut out = Vec::new();
-    assert!(
-        !r.on_timer(&mut out),
-        "the committer's timer commits, not the router's"
-    );
-    r.submit(Request::flush(1), &mut out).unwrap();
-    let units = out.iter().find_map(|c| match c {
-        Command::Commit { units, .. } => Some(units.len()),
-        _ => None,
-    });
-    assert_eq!(units, Some(0));
+    r0.submit(Request::write(1, 0, 8), &mut out).unwrap();
+    r0.op_done(1, true, &mut out).unwrap();
+    out.clear();
+    r0.submit(Request::flush(2), &mut out).unwrap();
+    let Some(Command::Commit { commit }) = out.pop() else {
+        panic!("{out:?}")
+    };
     assert!(map.has_dirty(), "the dirty units stay for the committer");
-    // Nothing dirty but a round in flight: still a commit.
-    map.take_dirty();
-    busy.store(1, std::sync::atomic::Ordering::Release);
-    let mut out2 = Vec::new();
-    r.submit(Request::flush(2), &mut out2).unwrap();
-    assert!(
-        !out2.iter().any(|c| matches!(c, Command::FlushDest { .. })) || r.stats().commit_in_flight
+    c.request(commit);
+    let round = c.start(&map, false).unwrap();
+    assert!(!map.has_dirty());
+    r1.submit(Request::flush(1), &mut out).unwrap();
+    let Some(Command::Commit { commit: c1 }) = out.pop() else {
+        panic!("{out:?}: router 1 must wait for a round after the one in flight")
+    };
+    c.request(c1);
+    for w in c.finish(&map, round, true) {
+        r0.commit_done(w, true, &mut out).unwrap();
+    }
+    assert_eq!(
+        out,
+        vec![Command::Complete {
+            req: 2,
+            status: Status::Success
+        }]
+    );
+    out.clear();
+    let round = c.start(&map, false).unwrap();
+    for w in c.finish(&map, round, true) {
+        r1.commit_done(w, true, &mut out).unwrap();
+    }
+    assert_eq!(
+        out,
+        vec![Command::Complete {
+            req: 1,
+            status: Status::Success
+        }]
     );
 }

@@ -101,14 +101,13 @@ fn config(s: &Setup) -> RouterConfig {
         hydration_enabled: true,
         discard_passdown: s.passdown,
         copy_on_read: s.copy_on_read,
-        metadata_units_per_block: s.md_units_per_block,
     }
 }
 
 fn build(s: &Setup) -> Sim {
     let (bs, rs) = s.shape;
     let geo = Geometry::new(s.source_blocks, bs, s.source_blocks + 7, bs, rs).unwrap();
-    let mut sim = Sim::new(geo, config(s), s.seed);
+    let mut sim = Sim::with_md_block_units(geo, config(s), s.md_units_per_block, s.seed);
     if s.failures {
         sim.fail_source = 12;
         sim.fail_dest = 8;

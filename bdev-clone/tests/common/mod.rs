@@ -1,5 +1,10 @@
 //! A simulated executor for the router, with a reference model.
 //!
+//! Commits go through the target's own committer ([`Committer`]: rounds
+//! serialised, dirty units snapshotted in whole metadata blocks, units put
+//! back on failure), executed here in its three steps as `committer.rs`
+//! does in the target.
+//!
 //! Devices are arrays of `u64` tags, one per block: the source holds fixed
 //! tags, user writes put fresh tags, write-zeroes puts `ZERO`, a discard
 //! puts `DISCARDED`, and the destination starts as garbage. The executor
@@ -21,10 +26,11 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use bdev_clone::commit::{Committer, Round, UnitImage};
 use bdev_clone::metadata::{self, SuperState, Superblock, UNIT_SIZE};
 use bdev_clone::region_map::WORDS_PER_UNIT;
 use bdev_clone::router::{
-    Command, IoKind, MetadataMode, ReqId, Request, Router, RouterConfig, Status, UnitImage,
+    Command, CommitId, IoKind, MetadataMode, ReqId, Request, Router, RouterConfig, Status,
 };
 use bdev_clone::{Geometry, RegionMap};
 use uuid::Uuid;
@@ -78,16 +84,16 @@ enum Pending {
         blocks: std::ops::Range<u64>,
     },
     CommitDestFlush {
-        commit: u64,
+        round: Round,
         units: Vec<UnitImage>,
         epoch: u64,
     },
     CommitWrite {
-        commit: u64,
+        round: Round,
         units: Vec<UnitImage>,
     },
     CommitMdFlush {
-        commit: u64,
+        round: Round,
         epoch: u64,
     },
 }
@@ -132,6 +138,10 @@ pub struct SimStats {
 pub struct Sim {
     pub geo: Geometry,
     pub router: Router,
+    /// The clone's committer; its waiters are the router's commits.
+    pub committer: Committer<CommitId>,
+    /// A round with units failed: the clone is read-only.
+    clone_read_only: bool,
     pub uuid: Uuid,
     pub source: Vec<u64>,
     pub dest: Vec<u64>,
@@ -177,6 +187,16 @@ fn region_blocks_of(geo: &Geometry, blocks: &std::ops::Range<u64>) -> std::ops::
 impl Sim {
     /// A fresh clone: blank metadata formatted, destination garbage.
     pub fn new(geo: Geometry, cfg: RouterConfig, seed: u64) -> Sim {
+        Sim::with_md_block_units(geo, cfg, 1, seed)
+    }
+
+    /// [`Sim::new`] with metadata blocks of `md_block_units` units.
+    pub fn with_md_block_units(
+        geo: Geometry,
+        cfg: RouterConfig,
+        md_block_units: u32,
+        seed: u64,
+    ) -> Sim {
         let uuid = Uuid::from_u128(0xC10E_0000_0000_0000_0000_0000_0000_0001);
         let mut md = blank_md(geo.num_regions());
         // Format: blank -> every unit (empty), then the superblock in both
@@ -197,13 +217,14 @@ impl Sim {
         let source: Vec<u64> = (0..n as u64).map(source_tag).collect();
         let dest: Vec<u64> = (0..n as u64).map(garbage_tag).collect();
         let cur = source.iter().map(|&v| vec![Some(v)]).collect::<Vec<_>>();
-        Sim::assemble(geo, cfg, seed, uuid, source, dest, md, cur)
+        Sim::assemble(geo, cfg, md_block_units, seed, uuid, source, dest, md, cur)
     }
 
     #[allow(clippy::too_many_arguments)]
     fn assemble(
         geo: Geometry,
         cfg: RouterConfig,
+        md_block_units: u32,
         seed: u64,
         uuid: Uuid,
         source: Vec<u64>,
@@ -211,14 +232,17 @@ impl Sim {
         md: Vec<u8>,
         cur: Vec<Vec<Val>>,
     ) -> Sim {
-        let md_block_units = cfg.metadata_units_per_block;
         let map = Arc::new(Self::load_map(&geo, uuid, &md));
         let n = geo.source_blocks() as usize;
         let prev_bits = (0..geo.num_regions()).map(|r| map.is_hydrated(r)).collect();
-        let router = Router::new(geo, map, cfg, MetadataMode::ReadWrite).unwrap();
+        let committer = Committer::new(Default::default(), md_block_units);
+        let rounds = committer.rounds().clone();
+        let router = Router::new(geo, map, cfg, MetadataMode::ReadWrite, rounds).unwrap();
         Sim {
             geo,
             router,
+            committer,
+            clone_read_only: false,
             uuid,
             source,
             dest_durable: dest.clone(),
@@ -349,6 +373,7 @@ impl Sim {
                 affected,
             },
         );
+        self.sync_mode();
         let mut out = std::mem::take(&mut self.out);
         self.router.submit(req, &mut out).unwrap();
         self.out = out;
@@ -356,7 +381,15 @@ impl Sim {
         id
     }
 
+    /// The owner's `sync_mode`: the router's mode down to the clone's.
+    fn sync_mode(&mut self) {
+        if self.clone_read_only {
+            self.router.set_read_only();
+        }
+    }
+
     pub fn background(&mut self) -> u64 {
+        self.sync_mode();
         let mut out = std::mem::take(&mut self.out);
         let n = self.router.next_background(&mut out);
         self.out = out;
@@ -364,12 +397,61 @@ impl Sim {
         n
     }
 
+    /// The periodic commit: a round if something changed and none is in
+    /// flight. Returns whether one started.
     pub fn timer(&mut self) -> bool {
-        let mut out = std::mem::take(&mut self.out);
-        let c = self.router.on_timer(&mut out);
-        self.out = out;
+        let started = self.start_round(true);
         self.absorb();
-        c
+        started
+    }
+
+    /// The committer starts a round if one is wanted (`committer.rs`'s
+    /// `start_round`): snapshot, then step 1 (destination flush) issued
+    /// now; nothing changed: that flush only; metadata not read-write: the
+    /// round fails at once.
+    fn start_round(&mut self, periodic: bool) -> bool {
+        let map = self.router.map().clone();
+        let Some(round) = self.committer.start(&map, periodic) else {
+            return false;
+        };
+        self.stats.commits_issued += 1;
+        if !round.dirty.is_empty() && self.router.mode() != MetadataMode::ReadWrite {
+            self.end_round(round, false);
+            return true;
+        }
+        let units = self.committer.snapshot(&map, &round);
+        for w in units.windows(2) {
+            assert!(w[0].index < w[1].index, "commit units ascending");
+        }
+        let per = self.md_block_units.max(1);
+        if let Some(u) = units.first() {
+            assert_eq!(u.index % per, 0, "commit covers whole metadata blocks");
+        }
+        self.pending.push(Pending::CommitDestFlush {
+            round,
+            units,
+            epoch: self.dest_seq,
+        });
+        true
+    }
+
+    /// A round ended: the committer answers its waiters, then starts the
+    /// next round if one is wanted.
+    fn end_round(&mut self, round: Round, ok: bool) {
+        let map = self.router.map().clone();
+        let failed_with_units = !ok && !round.dirty.is_empty();
+        let waiters = self.committer.finish(&map, round, ok);
+        if failed_with_units {
+            // The target's clone goes read-only; a router with nothing
+            // waiting learns it before its next request (`sync_mode`).
+            self.clone_read_only = true;
+        }
+        let mut out = std::mem::take(&mut self.out);
+        for c in waiters {
+            self.router.commit_done(c, ok, &mut out).unwrap();
+        }
+        self.out = out;
+        self.start_round(false);
     }
 
     fn dest_writers_conflict(
@@ -412,21 +494,9 @@ impl Sim {
                 }
                 match cmd {
                     Command::Complete { req, status } => self.complete_request(req, status),
-                    Command::Commit { commit, units } => {
-                        self.stats.commits_issued += 1;
-                        for w in units.windows(2) {
-                            assert!(w[0].index < w[1].index, "commit units ascending");
-                        }
-                        let per = self.md_block_units.max(1);
-                        if let Some(u) = units.first() {
-                            assert_eq!(u.index % per, 0, "commit covers whole metadata blocks");
-                        }
-                        // Step 1 (destination flush) is issued now.
-                        self.pending.push(Pending::CommitDestFlush {
-                            commit,
-                            units,
-                            epoch: self.dest_seq,
-                        });
+                    Command::Commit { commit } => {
+                        self.committer.request(commit);
+                        self.start_round(false);
                     }
                     Command::StartCopy {
                         copy,
@@ -596,33 +666,41 @@ impl Sim {
                 self.router.copy_done(copy, ok, &mut out).unwrap();
             }
             Pending::CommitDestFlush {
-                commit,
+                round,
                 units,
                 epoch,
             } => {
                 if ok {
                     self.dest_flush(epoch);
-                    self.pending.push(Pending::CommitWrite { commit, units });
+                }
+                if ok && !round.dirty.is_empty() {
+                    self.pending.push(Pending::CommitWrite { round, units });
                 } else {
-                    self.router.commit_done(commit, false, &mut out).unwrap();
+                    self.out = out;
+                    self.end_round(round, ok);
+                    out = std::mem::take(&mut self.out);
                 }
             }
-            Pending::CommitWrite { commit, units } => {
+            Pending::CommitWrite { round, units } => {
                 self.md_write(&units, !ok);
                 if ok {
                     self.pending.push(Pending::CommitMdFlush {
-                        commit,
+                        round,
                         epoch: self.md_seq,
                     });
                 } else {
-                    self.router.commit_done(commit, false, &mut out).unwrap();
+                    self.out = out;
+                    self.end_round(round, false);
+                    out = std::mem::take(&mut self.out);
                 }
             }
-            Pending::CommitMdFlush { commit, epoch } => {
+            Pending::CommitMdFlush { round, epoch } => {
                 if ok {
                     self.md_flush(epoch);
                 }
-                self.router.commit_done(commit, ok, &mut out).unwrap();
+                self.out = out;
+                self.end_round(round, ok);
+                out = std::mem::take(&mut self.out);
             }
         }
         self.out = out;
@@ -769,6 +847,7 @@ impl Sim {
         self.fail_commit = 0;
         self.drain();
         assert_eq!(self.requests_in_flight(), 0, "requests left after drain");
+        self.sync_mode();
         if self.router.mode() == MetadataMode::ReadWrite {
             let cfg = self.router.config_mut();
             cfg.hydration_enabled = true;
@@ -893,6 +972,7 @@ impl Sim {
         Sim::assemble(
             self.geo,
             cfg,
+            self.md_block_units,
             seed,
             self.uuid,
             self.source.clone(),
