@@ -13,12 +13,13 @@ use std::sync::Arc;
 use bdev::{util, BdevIo, ChannelOps, IoChannel, IoStatus, IoType};
 use reactor::DmaBuf;
 
-use crate::clone::{lock, Shared, MODE_FAILED};
+use crate::clone::{lock, Shared};
 use crate::committer::committer_flush;
 use crate::lifecycle::owner_quiesce;
 use crate::oneshot;
 use crate::owner::owner_receive;
 use crate::router::IoKind;
+use crate::router::MetadataMode;
 
 pub(crate) struct CloneChannel {
     pub(crate) sh: Arc<Shared>,
@@ -77,7 +78,7 @@ impl ChannelOps for CloneChannel {
         let Some(dst) = &self.dst else {
             return io.complete(IoStatus::Failed);
         };
-        if sh.mode() == MODE_FAILED {
+        if sh.mode() == MetadataMode::Failed {
             return io.complete(IoStatus::Failed);
         }
         let released = sh.released.load(Ordering::Acquire);

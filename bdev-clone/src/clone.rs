@@ -1,7 +1,7 @@
 //! The clone's shared state and its bdev: [`Shared`] (the bases and
 //! their properties, the tunables, the counters, the lifecycle flags),
 //! seen by the bdev, its channels on every reactor and every owner; the
-//! metadata mode codes; [`CloneBdev`] (the `BdevOps`); finding a clone.
+//! metadata mode (a [`MetadataMode`] code, only ever worse); [`CloneBdev`] (the `BdevOps`); finding a clone.
 //!
 //! Where the rest lives: `channel.rs` (submit on any reactor), `owner.rs`
 //! (the per-reactor owners executing the [`crate::router::Router`]),
@@ -23,22 +23,7 @@ use crate::region_map::RegionMap;
 use crate::router::{MetadataMode, Stripes};
 
 pub const MODULE_NAME: &str = "clone";
-
 pub const PRODUCT_NAME: &str = "clone";
-
-pub(crate) const MODE_RW: u8 = 0;
-
-pub(crate) const MODE_RO: u8 = 1;
-
-pub(crate) const MODE_FAILED: u8 = 2;
-
-pub(crate) fn mode_code(m: MetadataMode) -> u8 {
-    match m {
-        MetadataMode::ReadWrite => MODE_RW,
-        MetadataMode::ReadOnly => MODE_RO,
-        MetadataMode::Failed => MODE_FAILED,
-    }
-}
 
 #[derive(Default)]
 pub(crate) struct Descs {
@@ -100,8 +85,13 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Shared {
-    pub(crate) fn mode(&self) -> u8 {
-        self.mode.load(Ordering::Acquire)
+    pub(crate) fn mode(&self) -> MetadataMode {
+        MetadataMode::from_code(self.mode.load(Ordering::Acquire))
+    }
+
+    /// Bring the clone's mode down to `m` if it is better; the mode before.
+    pub(crate) fn worsen_mode(&self, m: MetadataMode) -> MetadataMode {
+        MetadataMode::from_code(self.mode.fetch_max(m.code(), Ordering::AcqRel))
     }
 
     pub(crate) fn set_last_error(&self, e: String) {

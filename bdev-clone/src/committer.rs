@@ -15,12 +15,13 @@ use bdev::{util, IoChannel, IoStatus, IoType};
 use reactor::DmaBuf;
 
 use crate::channel::{reply, send_to, Part};
-use crate::clone::{Shared, MODE_FAILED, MODE_RO, MODE_RW};
+use crate::clone::Shared;
 use crate::commit::{self, UnitImage};
 use crate::metadata::{self, UNIT_SIZE};
 use crate::metadata_io::recheck_metadata;
 use crate::owner::{drive, owner_of, Owner};
 use crate::router::CommitId;
+use crate::router::MetadataMode;
 
 /// Periodic commit.
 pub(crate) const COMMIT_PERIOD: Duration = Duration::from_secs(1);
@@ -98,7 +99,7 @@ pub(crate) fn start_round(rc: &Rc<RefCell<Owner>>, periodic: bool) {
                 sh.err_dest.fetch_add(1, Ordering::Relaxed);
             }
             ok
-        } else if sh.mode() != MODE_RW {
+        } else if sh.mode() != MetadataMode::ReadWrite {
             false
         } else {
             let units = commit::snapshot_units(&sh.map, &round.dirty, units_per_block);
@@ -107,13 +108,13 @@ pub(crate) fn start_round(rc: &Rc<RefCell<Owner>>, periodic: bool) {
         if !ok && !round.dirty.is_empty() {
             // The committer puts the units back in the dirty set: every
             // later flush needing them fails (dm-clone read-only mode).
-            if sh.mode.fetch_max(MODE_RO, Ordering::AcqRel) == MODE_RW {
+            if sh.worsen_mode(MetadataMode::ReadOnly) == MetadataMode::ReadWrite {
                 tracing::error!(clone = %sh.name, "metadata commit failed: switching to read-only mode");
                 // dm-clone's abort: reopen the last committed metadata; if
                 // even that fails the metadata is unusable and the clone
                 // goes to fail mode (every I/O fails; never left again).
                 if let Err(why) = recheck_metadata(&md, &sh).await {
-                    sh.mode.fetch_max(MODE_FAILED, Ordering::AcqRel);
+                    sh.worsen_mode(MetadataMode::Failed);
                     sh.set_last_error(format!("metadata unusable after a failed commit: {why}"));
                     tracing::error!(clone = %sh.name, %why, "metadata unusable: switching to fail mode");
                 }

@@ -15,10 +15,11 @@ use bdev::{util, IoChannel, IoType};
 use reactor::DmaBuf;
 
 use crate::channel::send_to;
-use crate::clone::{find, lock, Shared, MODE_RW};
+use crate::clone::{find, lock, Shared};
 use crate::error::CloneError;
 use crate::owner::{bytes, drive, owner_of, sync_mode, Owner};
 use crate::router::CopyId;
+use crate::router::MetadataMode;
 use crate::rpc::{check_tunables, HydrationOpts};
 
 /// Largest single I/O of a hydration copy or a metadata load.
@@ -216,7 +217,7 @@ impl Owner {
         sync_mode(&sh, router);
         let paused = sh.paused.load(Ordering::Relaxed) != PAUSE_NONE;
         let enabled = sh.hydration_enabled.load(Ordering::Relaxed)
-            && sh.mode() == MODE_RW
+            && sh.mode() == MetadataMode::ReadWrite
             && !self.stopping
             && !self.quiesced;
         let cfg = router.config_mut();

@@ -8,9 +8,10 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::Duration;
 
-use bdev::{Bdev, BdevBuilder, ClaimType, Desc, IoType};
+use bdev::{Bdev, BdevBuilder, ClaimType, Desc, IoChannel, IoType};
+use uuid::Uuid;
 
-use crate::clone::{lock, CloneBdev, Descs, Shared, MODE_RW, MODULE_NAME, PRODUCT_NAME};
+use crate::clone::{lock, CloneBdev, Descs, Shared, MODULE_NAME, PRODUCT_NAME};
 use crate::commit::CommitRounds;
 use crate::committer::{answer, start_round};
 use crate::error::CloneError;
@@ -29,6 +30,21 @@ use crate::rpc::{check_tunables, CreateOpts};
 /// How long delete waits for in-flight work before giving up on it.
 pub(crate) const STOP_TIMEOUT_NS: u64 = 10_000_000_000;
 
+/// Check `done` every millisecond until it holds or `STOP_TIMEOUT_NS`
+/// passed; whether it held.
+async fn wait_until(mut done: impl FnMut() -> bool) -> bool {
+    let t0 = reactor::now_ns();
+    loop {
+        if done() {
+            return true;
+        }
+        if reactor::now_ns() - t0 > STOP_TIMEOUT_NS {
+            return false;
+        }
+        reactor::sleep(Duration::from_millis(1)).await;
+    }
+}
+
 /// Completion (every region hydrated and committed): from now on all I/O
 /// goes straight to the destination; each owner drops its router once its
 /// in-flight requests are done; then the source claim is released.
@@ -42,14 +58,7 @@ pub(crate) async fn release_all(sh: Arc<Shared>) {
     for &r in &sh.owners {
         oneshot::run_on(r, move || async move {
             let Some(rc) = owner_of(id) else { return };
-            let t0 = reactor::now_ns();
-            loop {
-                let idle = rc.borrow().router.as_ref().is_none_or(|r| r.is_idle());
-                if idle || reactor::now_ns() - t0 > STOP_TIMEOUT_NS {
-                    break;
-                }
-                reactor::sleep(Duration::from_millis(1)).await;
-            }
+            wait_until(|| rc.borrow().router.as_ref().is_none_or(|r| r.is_idle())).await;
             rc.borrow_mut().release_local();
         })
         .await;
@@ -67,45 +76,40 @@ pub(crate) async fn stop_all(sh: &Arc<Shared>) {
         oneshot::run_on(r, move || async move {
             let Some(rc) = owner_of(id) else { return };
             rc.borrow_mut().stopping = true;
-            let t0 = reactor::now_ns();
-            loop {
+            let idle = wait_until(|| {
                 drive(&rc);
-                if rc.borrow().router.as_ref().is_none_or(|r| r.is_idle()) {
-                    return;
-                }
-                if reactor::now_ns() - t0 > STOP_TIMEOUT_NS {
-                    tracing::warn!(clone = %rc.borrow().sh.name, "delete: in-flight I/O did not finish in time");
-                    return;
-                }
-                reactor::sleep(Duration::from_millis(1)).await;
+                rc.borrow().router.as_ref().is_none_or(|r| r.is_idle())
+            })
+            .await;
+            if !idle {
+                tracing::warn!(clone = %rc.borrow().sh.name, "delete: in-flight I/O did not finish in time");
             }
         })
         .await;
     }
     oneshot::run_on(sh.home, move || async move {
         let Some(rc) = owner_of(id) else { return };
-        let t0 = reactor::now_ns();
         let mut started = false;
-        loop {
-            let (busy, dirty, name) = {
+        let done = wait_until(|| {
+            let (busy, dirty) = {
                 let o = rc.borrow();
                 let busy = o.committer.as_ref().is_some_and(|c| c.in_flight());
-                (busy, o.sh.map.has_dirty() && o.sh.mode() == MODE_RW, o.sh.name.clone())
+                (busy, o.sh.map.has_dirty() && o.sh.mode() == MetadataMode::ReadWrite)
             };
             if !busy && (started || !dirty) {
-                break;
+                return true;
             }
             if !busy && !started {
                 started = true;
                 start_round(&rc, true);
             }
-            if reactor::now_ns() - t0 > STOP_TIMEOUT_NS {
-                tracing::warn!(clone = %name, "delete: the final commit did not finish in time");
-                break;
-            }
-            reactor::sleep(Duration::from_millis(1)).await;
+            false
+        })
+        .await;
+        if !done {
+            tracing::warn!(clone = %rc.borrow().sh.name, "delete: the final commit did not finish in time");
         }
-        if rc.borrow().sh.mode() != MODE_RW {
+        if rc.borrow().sh.mode() != MetadataMode::ReadWrite {
             tracing::warn!(clone = %rc.borrow().sh.name, "final metadata commit not possible; recent hydration will be redone on resume");
         }
     })
@@ -139,19 +143,14 @@ pub(crate) async fn owner_quiesce(id: u64, on: bool) {
         drive(&rc);
         return;
     }
-    let t0 = reactor::now_ns();
-    loop {
+    wait_until(|| {
         drive(&rc);
-        let idle = rc
-            .borrow()
+        rc.borrow()
             .router
             .as_ref()
-            .is_none_or(|r| r.stats().copies_in_flight == 0 && r.stats().ops_in_flight == 0);
-        if idle || reactor::now_ns() - t0 > STOP_TIMEOUT_NS {
-            return;
-        }
-        reactor::sleep(Duration::from_millis(1)).await;
-    }
+            .is_none_or(|r| r.stats().copies_in_flight == 0 && r.stats().ops_in_flight == 0)
+    })
+    .await;
 }
 
 /// Where a base's event callback finds the clone once registered.
@@ -194,17 +193,57 @@ pub(crate) fn open_claim(
 /// Create a clone (reactor 0). On failure nothing is left: no claim, no
 /// bdev, metadata untouched unless it was blank.
 pub async fn create(opts: CreateOpts) -> Result<Arc<Bdev>, CloneError> {
+    let source_present = check_create(&opts)?;
+    let bases = open_bases(&opts, source_present)?;
+    let md_ch = bases.md.0.channel();
+    let state = read_superblock(&md_ch).await;
+    let (geo, src_align) = clone_geometry(&opts, &bases, &state)?;
+    let map = Arc::new(RegionMap::new(geo.num_regions()));
+    let (uuid, formatted) = load_metadata(&opts, &bases, &md_ch, &geo, state, &map).await?;
+    drop(md_ch);
+    let (sh, routers, self_refs) = build_shared(&opts, bases, geo, map, uuid)?;
+    start_owners(&sh, routers).await?;
+    let bdev = register(&opts, &sh, src_align).await?;
+    for me in self_refs {
+        let _ = me.set(Arc::downgrade(&bdev));
+    }
+    tracing::info!(
+        clone = %opts.name,
+        source = %sh.source_name,
+        dest = %sh.dest_name,
+        metadata = %sh.md_name,
+        regions = geo.num_regions(),
+        hydrated = sh.map.hydrated_count(),
+        formatted,
+        source_released = sh.released.load(Ordering::Relaxed),
+        home = sh.home,
+        stripe_regions = sh.stripes.regions,
+        "clone bdev created"
+    );
+    Ok(bdev)
+}
+
+/// The three bases, opened and claimed (no source: a fully hydrated clone
+/// restarted without it).
+struct Bases {
+    src: Option<(Desc, SelfRef)>,
+    dst: (Desc, SelfRef),
+    md: (Desc, SelfRef),
+}
+
+/// Create, step 1: the parameters and the bases' existence, before anything
+/// is opened. Returns whether the source is present.
+fn check_create(opts: &CreateOpts) -> Result<bool, CloneError> {
     if opts.name.is_empty() {
         return Err(CloneError::Invalid("clone name must not be empty".into()));
     }
     if bdev::get(&opts.name).is_some() {
-        return Err(CloneError::Exists(opts.name));
+        return Err(CloneError::Exists(opts.name.clone()));
     }
     check_tunables(
         Some(opts.hydration_batch_size),
         Some(opts.hydration_mbytes_per_sec),
     )?;
-    let region_size = opts.region_size_kb as u64 * 1024;
     if !opts.region_size_kb.is_power_of_two() || !(4..=1_048_576).contains(&opts.region_size_kb) {
         return Err(CloneError::Invalid(format!(
             "region_size_kb {} must be a power of two from 4 to 1048576",
@@ -212,7 +251,7 @@ pub async fn create(opts: CreateOpts) -> Result<Arc<Bdev>, CloneError> {
         )));
     }
     // The source may be missing only for a clone whose metadata says it
-    // is fully hydrated (checked below).
+    // is fully hydrated (checked once the metadata is read).
     let source_present = bdev::get(&opts.source_bdev_name).is_some();
     for (what, n) in [
         ("destination", &opts.dest_bdev_name),
@@ -223,12 +262,8 @@ pub async fn create(opts: CreateOpts) -> Result<Arc<Bdev>, CloneError> {
             return Err(CloneError::NoSuchBdev(n.clone()));
         }
     }
-    let no_source = |why: String| CloneError::NoSource {
-        name: opts.source_bdev_name.clone(),
-        why,
-    };
     if !source_present && opts.force_format {
-        return Err(no_source("force_format needs the source".into()));
+        return Err(no_source(opts, "force_format needs the source".into()));
     }
     let names = [
         &opts.source_bdev_name,
@@ -240,6 +275,19 @@ pub async fn create(opts: CreateOpts) -> Result<Arc<Bdev>, CloneError> {
             "source, destination and metadata must be three different bdevs".into(),
         ));
     }
+    Ok(source_present)
+}
+
+fn no_source(opts: &CreateOpts, why: String) -> CloneError {
+    CloneError::NoSource {
+        name: opts.source_bdev_name.clone(),
+        why,
+    }
+}
+
+/// Create, step 2: open and claim the bases (the source shared for
+/// reading, the others exclusively); the metadata's block size checked.
+fn open_bases(opts: &CreateOpts, source_present: bool) -> Result<Bases, CloneError> {
     let src = if source_present {
         Some(open_claim(
             &opts.source_bdev_name,
@@ -249,18 +297,17 @@ pub async fn create(opts: CreateOpts) -> Result<Arc<Bdev>, CloneError> {
     } else {
         None
     };
-    let (dst, dst_me) = open_claim(
+    let dst = open_claim(
         &opts.dest_bdev_name,
         ClaimType::ExclusiveWrite,
         "destination",
     )?;
-    let (md, md_me) = open_claim(
+    let md = open_claim(
         &opts.metadata_bdev_name,
         ClaimType::ExclusiveWrite,
         "metadata",
     )?;
-    let (db, mb) = (dst.bdev().clone(), md.bdev().clone());
-    let mdbs = mb.block_size();
+    let mdbs = md.0.bdev().block_size();
     if mdbs == 0
         || !mdbs.is_power_of_two()
         || mdbs as u64 > FORMAT_BLOCK_SIZE
@@ -270,58 +317,96 @@ pub async fn create(opts: CreateOpts) -> Result<Arc<Bdev>, CloneError> {
             "metadata bdev block size {mdbs} is not supported (512 to 4096, a power of two)"
         )));
     }
-    let md_ch = md.channel();
-    let state = read_superblock(&md_ch).await;
-    // The source's size and block size, from the source or, without it,
-    // from the superblock.
-    let (src_blocks, src_bs, src_align) = match &src {
+    Ok(Bases { src, dst, md })
+}
+
+/// Create, step 3: the clone's geometry, from the source or, without it,
+/// from the superblock; the metadata bdev large enough. Also returns the
+/// source's required alignment.
+fn clone_geometry(
+    opts: &CreateOpts,
+    bases: &Bases,
+    state: &Result<SuperState, CloneError>,
+) -> Result<(Geometry, u32), CloneError> {
+    let (src_blocks, src_bs, src_align) = match &bases.src {
         Some((s, _)) => (
             s.bdev().num_blocks(),
             s.bdev().block_size(),
             s.bdev().required_alignment(),
         ),
-        None => match &state {
+        None => match state {
             Ok(SuperState::Valid { sb, .. }) if sb.flags & metadata::FLAG_FORMATTING == 0 => {
                 (sb.source_blocks, sb.block_size, 0)
             }
-            Ok(_) => return Err(no_source("the metadata holds no clone".into())),
-            Err(e) => return Err(no_source(format!("the metadata is unusable: {e}"))),
+            Ok(_) => return Err(no_source(opts, "the metadata holds no clone".into())),
+            Err(e) => return Err(no_source(opts, format!("the metadata is unusable: {e}"))),
         },
     };
+    let db = bases.dst.0.bdev();
     let geo = Geometry::new(
         src_blocks,
         src_bs,
         db.num_blocks(),
         db.block_size(),
-        region_size,
+        opts.region_size_kb as u64 * 1024,
     )?;
-    metadata::check_size(mb.size_bytes(), geo.num_regions())?;
-    let map = Arc::new(RegionMap::new(geo.num_regions()));
-    let opened = open_metadata(&md_ch, &geo, state, opts.uuid, opts.force_format, &map).await?;
-    if src.is_none() && !map.is_complete() {
-        return Err(no_source(format!(
-            "the metadata shows {} of {} regions hydrated; only a fully hydrated clone runs without its source",
-            map.hydrated_count(),
-            geo.num_regions()
-        )));
+    metadata::check_size(bases.md.0.bdev().size_bytes(), geo.num_regions())?;
+    Ok((geo, src_align))
+}
+
+/// Create, step 4: open the metadata into `map` (refusing damage), check a
+/// clone without its source is fully hydrated, then (every check passed)
+/// format or repair. Returns the clone's uuid and whether it formatted.
+async fn load_metadata(
+    opts: &CreateOpts,
+    bases: &Bases,
+    md_ch: &IoChannel,
+    geo: &Geometry,
+    state: Result<SuperState, CloneError>,
+    map: &RegionMap,
+) -> Result<(Uuid, bool), CloneError> {
+    let opened = open_metadata(md_ch, geo, state, opts.uuid, opts.force_format, map).await?;
+    if bases.src.is_none() && !map.is_complete() {
+        return Err(no_source(
+            opts,
+            format!(
+                "the metadata shows {} of {} regions hydrated; only a fully hydrated clone runs without its source",
+                map.hydrated_count(),
+                geo.num_regions()
+            ),
+        ));
     }
     // Every check passed: from here on the metadata may be written.
-    let (uuid, formatted) = match opened {
+    Ok(match opened {
         Opened::Format(uuid) => {
             if opts.force_format {
                 tracing::warn!(clone = %opts.name, %uuid, "force_format: formatting the metadata; every region reads from the source again");
             }
-            format_metadata(&md_ch, &geo, uuid, &map).await?;
+            format_metadata(md_ch, geo, uuid, map).await?;
             (uuid, true)
         }
         Opened::Loaded { uuid, repair } => {
             if let Some(r) = repair {
-                repair_metadata(&md_ch, &map, r, &opts.name).await?;
+                repair_metadata(md_ch, map, r, &opts.name).await?;
             }
             (uuid, false)
         }
-    };
-    drop(md_ch);
+    })
+}
+
+/// Create, step 5: the shared state and one router per reactor (striped
+/// ownership, one committer's rounds). Returns the bases' self-references
+/// to fill once the bdev is registered.
+#[allow(clippy::type_complexity)]
+fn build_shared(
+    opts: &CreateOpts,
+    bases: Bases,
+    geo: Geometry,
+    map: Arc<RegionMap>,
+    uuid: Uuid,
+) -> Result<(Arc<Shared>, Vec<Router>, Vec<SelfRef>), CloneError> {
+    let Bases { src, dst, md } = bases;
+    let (db, mb) = (dst.0.bdev().clone(), md.0.bdev().clone());
     let released = src.is_none();
     // The source's own name (not an alias); without it, the name given.
     let source_name = match &src {
@@ -343,7 +428,10 @@ pub async fn create(opts: CreateOpts) -> Result<Arc<Bdev>, CloneError> {
     // The committer's reactor rotates over clones.
     let home = NEXT_OWNER.fetch_add(1, Ordering::Relaxed) % n;
     let owners: Vec<u32> = (0..n).collect();
-    let stripe_regions = 64 * stripe_words(geo.region_size());
+    let stripes = Stripes {
+        regions: 64 * stripe_words(geo.region_size()),
+        owners: owners.len() as u64,
+    };
     let commit_rounds = CommitRounds::default();
     let mut routers = Vec::with_capacity(owners.len());
     for i in 0..owners.len() {
@@ -355,7 +443,7 @@ pub async fn create(opts: CreateOpts) -> Result<Arc<Bdev>, CloneError> {
             commit_rounds.clone(),
         )
         .map_err(|e| CloneError::Invalid(e.to_string()))?;
-        r.set_stripe(stripe_regions, i as u64, owners.len() as u64);
+        r.set_stripe(stripes.regions, i as u64, stripes.owners);
         routers.push(r);
     }
     let sh = Arc::new(Shared {
@@ -369,13 +457,10 @@ pub async fn create(opts: CreateOpts) -> Result<Arc<Bdev>, CloneError> {
         map,
         home,
         hydrating: owners.iter().map(|_| AtomicU64::new(0)).collect(),
-        owners: owners.clone(),
-        stripes: Stripes {
-            regions: stripe_regions,
-            owners: owners.len() as u64,
-        },
+        owners,
+        stripes,
         commit_rounds,
-        md_block_size: mdbs,
+        md_block_size: mb.block_size(),
         md_num_blocks: mb.num_blocks(),
         dest_write_zeroes: db.io_type_supported(IoType::WriteZeroes),
         dest_unmap: db.io_type_supported(IoType::Unmap),
@@ -386,7 +471,7 @@ pub async fn create(opts: CreateOpts) -> Result<Arc<Bdev>, CloneError> {
         batch: AtomicU32::new(opts.hydration_batch_size.max(1)),
         mbytes_per_sec: AtomicU64::new(opts.hydration_mbytes_per_sec),
         copy_on_read: AtomicBool::new(opts.copy_on_read),
-        mode: AtomicU8::new(MODE_RW),
+        mode: AtomicU8::new(MetadataMode::ReadWrite.code()),
         err_source: AtomicU64::new(0),
         err_dest: AtomicU64::new(0),
         err_md: AtomicU64::new(0),
@@ -396,58 +481,70 @@ pub async fn create(opts: CreateOpts) -> Result<Arc<Bdev>, CloneError> {
         last_error: Mutex::new(None),
         descs: Mutex::new(Descs {
             source: src,
-            dest: Some(dst),
-            md: Some(md),
+            dest: Some(dst.0),
+            md: Some(md.0),
         }),
         kick: AtomicBool::new(false),
     });
+    let self_refs = src_me.into_iter().chain([dst.1, md.1]).collect();
+    Ok((sh, routers, self_refs))
+}
+
+/// Create, step 6: an owner on each reactor, each with its router (undone
+/// on failure).
+async fn start_owners(sh: &Arc<Shared>, routers: Vec<Router>) -> Result<(), CloneError> {
     for (i, router) in routers.into_iter().enumerate() {
         let sh2 = sh.clone();
         let started = oneshot::run_on(
-            owners[i],
+            sh.owners[i],
             move || async move { start_owner(sh2, router, i) },
         )
         .await;
         if let Err(e) = started {
-            stop_all(&sh).await;
-            drop(std::mem::take(&mut *lock(&sh.descs)));
+            undo_create(sh).await;
             return Err(e);
         }
     }
-    let reg = BdevBuilder::new(opts.name.clone(), PRODUCT_NAME)
-        .block_size(geo.block_size())
-        .num_blocks(geo.source_blocks())
-        .uuid(Some(uuid))
-        .write_cache(true)
-        .required_alignment(db.required_alignment().max(src_align))
-        .optimal_io_boundary(0)
-        .physical_block_size(db.physical_block_size())
-        .register(CloneBdev(sh.clone()));
-    let bdev = match reg {
-        Ok(b) => b,
-        Err(e) => {
-            stop_all(&sh).await;
-            drop(std::mem::take(&mut *lock(&sh.descs)));
-            return Err(CloneError::from_bdev(e));
-        }
+    Ok(())
+}
+
+/// Create, step 7: register the bdev (undone on failure).
+async fn register(
+    opts: &CreateOpts,
+    sh: &Arc<Shared>,
+    src_align: u32,
+) -> Result<Arc<Bdev>, CloneError> {
+    let (db_align, db_phys) = {
+        let descs = lock(&sh.descs);
+        let db = descs.dest.as_ref().map(|d| d.bdev().clone());
+        (
+            db.as_ref().map_or(0, |b| b.required_alignment()),
+            db.as_ref().map_or(0, |b| b.physical_block_size()),
+        )
     };
-    for me in [src_me, Some(dst_me), Some(md_me)].into_iter().flatten() {
-        let _ = me.set(Arc::downgrade(&bdev));
+    let reg = BdevBuilder::new(opts.name.clone(), PRODUCT_NAME)
+        .block_size(sh.geo.block_size())
+        .num_blocks(sh.geo.source_blocks())
+        .uuid(Some(sh.uuid))
+        .write_cache(true)
+        .required_alignment(db_align.max(src_align))
+        .optimal_io_boundary(0)
+        .physical_block_size(db_phys)
+        .register(CloneBdev(sh.clone()));
+    match reg {
+        Ok(b) => Ok(b),
+        Err(e) => {
+            undo_create(sh).await;
+            Err(CloneError::from_bdev(e))
+        }
     }
-    tracing::info!(
-        clone = %opts.name,
-        source = %sh.source_name,
-        dest = %sh.dest_name,
-        metadata = %sh.md_name,
-        regions = geo.num_regions(),
-        hydrated = sh.map.hydrated_count(),
-        formatted,
-        source_released = released,
-        home,
-        stripe_regions,
-        "clone bdev created"
-    );
-    Ok(bdev)
+}
+
+/// A create that failed after its owners started: stop them, close the
+/// bases.
+async fn undo_create(sh: &Arc<Shared>) {
+    stop_all(sh).await;
+    drop(std::mem::take(&mut *lock(&sh.descs)));
 }
 
 /// Delete a clone (reactor 0): final commit, claims released.

@@ -16,12 +16,13 @@ use bdev::{BdevIo, IoChannel, IoStatus, IoType};
 use reactor::DmaBuf;
 
 use crate::channel::{reply, send_to, Part, UserMsg};
-use crate::clone::{lock, mode_code, Shared, MODE_RO, MODE_RW};
+use crate::clone::{lock, Shared};
 use crate::committer::{committer_request, start_round, Committer, Waiter, COMMIT_PERIOD};
 use crate::error::CloneError;
 use crate::hydration::{start_copy, write_zeroes, HYDRATION_POLL, PROBE_MIN_NS};
 use crate::lifecycle::release_all;
 use crate::metadata;
+use crate::router::MetadataMode;
 use crate::router::{Command, CommitId, CopyId, IoKind, OpId, ReqId, Request, Router, Status};
 
 thread_local! {
@@ -211,7 +212,7 @@ pub(crate) fn drive(rc: &Rc<RefCell<Owner>>) {
             && !c.in_flight()
             && sh.map.is_complete()
             && !sh.map.has_dirty()
-            && sh.mode() == MODE_RW
+            && sh.mode() == MetadataMode::ReadWrite
         {
             o.releasing = true;
             let sh = sh.clone();
@@ -255,9 +256,7 @@ impl Owner {
         if let Some(r) = &self.router {
             slot.store(r.stats().regions_copying, Ordering::Relaxed);
             // Modes only get worse; the worst owner's is the clone's.
-            self.sh
-                .mode
-                .fetch_max(mode_code(r.mode()), Ordering::AcqRel);
+            self.sh.worsen_mode(r.mode());
         } else {
             slot.store(0, Ordering::Relaxed);
         }
@@ -282,8 +281,8 @@ impl Owner {
 /// never be committed.
 pub(crate) fn sync_mode(sh: &Shared, router: &mut Router) {
     match sh.mode() {
-        MODE_RW => {}
-        MODE_RO => router.set_read_only(),
+        MetadataMode::ReadWrite => {}
+        MetadataMode::ReadOnly => router.set_read_only(),
         _ => router.set_failed(),
     }
 }

@@ -269,6 +269,35 @@ pub enum MetadataMode {
     Failed,
 }
 
+impl MetadataMode {
+    /// Modes only get worse, in code order: a clone keeps its mode as this
+    /// code in an atomic and raises it with `fetch_max`.
+    pub fn code(self) -> u8 {
+        match self {
+            MetadataMode::ReadWrite => 0,
+            MetadataMode::ReadOnly => 1,
+            MetadataMode::Failed => 2,
+        }
+    }
+
+    pub fn from_code(code: u8) -> MetadataMode {
+        match code {
+            0 => MetadataMode::ReadWrite,
+            1 => MetadataMode::ReadOnly,
+            _ => MetadataMode::Failed,
+        }
+    }
+
+    /// The status object's `metadata.mode`.
+    pub fn short_name(self) -> &'static str {
+        match self {
+            MetadataMode::ReadWrite => "rw",
+            MetadataMode::ReadOnly => "ro",
+            MetadataMode::Failed => "fail",
+        }
+    }
+}
+
 /// Tunables; all may change at run time.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]

@@ -6,15 +6,16 @@ use std::sync::atomic::Ordering;
 
 use serde_json::{json, Value};
 
-use crate::clone::{clone_of, find, lock, Shared, MODE_FAILED, MODE_RO, MODE_RW};
+use crate::clone::{clone_of, find, lock, Shared};
 use crate::hydration::{PAUSE_DEST, PAUSE_SOURCE};
 use crate::metadata::{self};
+use crate::router::MetadataMode;
 
 impl Shared {
     pub(crate) fn state(&self) -> &'static str {
         match self.mode() {
-            MODE_FAILED => "failed",
-            MODE_RO => "read_only",
+            MetadataMode::Failed => "failed",
+            MetadataMode::ReadOnly => "read_only",
             _ if self.map.is_complete() => "hydrated",
             _ if self.paused_reason().is_some() => "paused",
             _ => "hydrating",
@@ -86,11 +87,7 @@ impl Shared {
         } else {
             json!(remaining_bytes.div_ceil(rate))
         };
-        let mode = match self.mode() {
-            MODE_RW => "rw",
-            MODE_RO => "ro",
-            _ => "fail",
-        };
+        let mode = self.mode().short_name();
         let used = metadata::required_bytes(num).div_ceil(self.md_block_size as u64);
         m.insert("num_regions".into(), json!(num));
         m.insert("hydrated_regions".into(), json!(hydrated));
