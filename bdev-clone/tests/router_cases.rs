@@ -27,6 +27,11 @@ fn quiet() -> RouterConfig {
     }
 }
 
+/// A router on its own (commit rounds counted by a committer of its own).
+fn router(g: Geometry, map: Arc<RegionMap>, cfg: RouterConfig, mode: MetadataMode) -> Router {
+    Router::new(g, map, cfg, mode, CommitRounds::default()).unwrap()
+}
+
 /// A router and its clone's committer (metadata blocks of `per` units),
 /// as the target pairs them.
 fn router_and_committer(
@@ -227,14 +232,7 @@ fn regions_past_2_pow_31_and_offsets_past_16_tib() {
     let g = Geometry::new(blocks, 512, blocks, 512, 64 << 10).unwrap();
     assert_eq!(g.num_regions(), 1 << 32);
     let map = Arc::new(RegionMap::new(g.num_regions()));
-    let mut r = Router::new(
-        g,
-        map.clone(),
-        quiet(),
-        MetadataMode::ReadWrite,
-        CommitRounds::default(),
-    )
-    .unwrap();
+    let mut r = router(g, map.clone(), quiet(), MetadataMode::ReadWrite);
     let mut out = Vec::new();
 
     let region = (1u64 << 31) + 12_345; // > 2^31: the signed 32-bit limit
@@ -325,14 +323,12 @@ fn regions_past_2_pow_31_and_offsets_past_16_tib() {
         ]
     );
     // Background hydration from a cursor near the end wraps to region 0.
-    let mut r2 = Router::new(
+    let mut r2 = router(
         g,
         Arc::new(RegionMap::new(g.num_regions())),
         RouterConfig::default(),
         MetadataMode::ReadWrite,
-        CommitRounds::default(),
-    )
-    .unwrap();
+    );
     let mut out = Vec::new();
     r2.submit(Request::discard(1, (last - 1) * 128, 256), &mut out)
         .unwrap();
@@ -369,14 +365,7 @@ fn discard_waits_for_an_in_flight_background_copy() {
 fn discard_waits_for_a_copy_started_by_a_partial_write() {
     let g = geo(32);
     let map = Arc::new(RegionMap::new(g.num_regions()));
-    let mut r = Router::new(
-        g,
-        map.clone(),
-        quiet(),
-        MetadataMode::ReadWrite,
-        CommitRounds::default(),
-    )
-    .unwrap();
+    let mut r = router(g, map.clone(), quiet(), MetadataMode::ReadWrite);
     let mut out = Vec::new();
     r.submit(Request::write(1, 9, 1), &mut out).unwrap();
     assert!(matches!(&out[0], Command::StartCopy { copy: 1, regions, .. } if *regions == (1..2)));
@@ -643,14 +632,12 @@ fn whole_region_writes_skip_the_copy_and_serialise_later_writers() {
 #[test]
 fn a_partial_write_waits_for_a_whole_region_overwrite_in_flight() {
     let g = geo(64);
-    let mut r = Router::new(
+    let mut r = router(
         g,
         Arc::new(RegionMap::new(g.num_regions())),
         quiet(),
         MetadataMode::ReadWrite,
-        CommitRounds::default(),
-    )
-    .unwrap();
+    );
     let mut out = Vec::new();
     r.submit(Request::write(1, 8, 8), &mut out).unwrap();
     assert_eq!(out.len(), 1);
@@ -725,14 +712,7 @@ fn background_respects_threshold_batch_and_busy_regions() {
     };
     let g = geo(8 * 20);
     let map = Arc::new(RegionMap::new(20));
-    let mut r = Router::new(
-        g,
-        map.clone(),
-        cfg,
-        MetadataMode::ReadWrite,
-        CommitRounds::default(),
-    )
-    .unwrap();
+    let mut r = router(g, map.clone(), cfg, MetadataMode::ReadWrite);
     let mut out = Vec::new();
     // A user write is busy on region 1 (whole overwrite in flight).
     r.submit(Request::write(1, 8, 8), &mut out).unwrap();
@@ -866,14 +846,7 @@ fn read_only_from_the_start_allows_flushes_with_nothing_to_commit() {
     let map = Arc::new(RegionMap::new(g.num_regions()));
     map.set(0);
     map.take_dirty();
-    let mut r = Router::new(
-        g,
-        map,
-        quiet(),
-        MetadataMode::ReadOnly,
-        CommitRounds::default(),
-    )
-    .unwrap();
+    let mut r = router(g, map, quiet(), MetadataMode::ReadOnly);
     let mut out = Vec::new();
     r.submit(Request::flush(1), &mut out).unwrap();
     assert!(matches!(out[0], Command::FlushDest { .. }));
@@ -931,14 +904,12 @@ fn failed_mode_fails_everything() {
 #[test]
 fn invalid_and_duplicate_requests() {
     let g = geo(32);
-    let mut r = Router::new(
+    let mut r = router(
         g,
         Arc::new(RegionMap::new(g.num_regions())),
         quiet(),
         MetadataMode::ReadWrite,
-        CommitRounds::default(),
-    )
-    .unwrap();
+    );
     let mut out = Vec::new();
     for (i, req) in [
         Request::read(1, 30, 3),
@@ -1056,14 +1027,7 @@ fn striped_routers_copy_only_their_stripes() {
     };
     let mut seen = vec![0u8; g.num_regions() as usize];
     for idx in 0..2u64 {
-        let mut r = Router::new(
-            g,
-            map.clone(),
-            cfg.clone(),
-            MetadataMode::ReadWrite,
-            CommitRounds::default(),
-        )
-        .unwrap();
+        let mut r = router(g, map.clone(), cfg.clone(), MetadataMode::ReadWrite);
         r.set_stripe(64, idx, 2);
         let mut out = Vec::new();
         r.next_background(&mut out);
