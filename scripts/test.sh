@@ -4,10 +4,12 @@
 #   1. install what is missing (Debian packages, a Python venv with SPDK's client)
 #   2. cargo build --release --workspace --bins
 #   3. cargo test --release --workspace            (unit tests)
-#   4. .venv/bin/pytest -v test/                    (end-to-end, against the built binaries)
+#   4. .venv/bin/pytest -v test/                    (end-to-end, against the built binaries;
+#                                                     the Linux guest of test/vm/ is built first)
 #
-# CI=true only shrinks sizes and durations (CLONE_TGT_TEST_SCALE=small); every
-# test still runs. Extra arguments are passed to pytest (e.g. -k wire, -x).
+# CI=true shrinks sizes and durations (CLONE_TGT_TEST_SCALE=small); every
+# test still runs, and a test that cannot run (missing tool, no guest image)
+# fails instead of skipping. Extra arguments are passed to pytest (e.g. -k wire, -x).
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -157,17 +159,14 @@ if ! cargo test --release --workspace; then
 fi
 
 # ---------------------------------------------------------------------------
-# The real Linux NVMe/TCP host for test/test_nvmf_linux.py: a QEMU guest built
-# by the shared harness (../shared/vm/linux-guest; it installs its own host
-# packages and caches the image). Absent harness: that test skips itself.
-LINUX_GUEST="$ROOT/../shared/vm/linux-guest"
-if [[ -x "$LINUX_GUEST" ]]; then
-    echo "linux-guest: building/checking the guest image ($LINUX_GUEST)"
-    if ! "$LINUX_GUEST" build; then
-        FAILED_STAGES+=("linux-guest build")
-    fi
-else
-    echo "linux-guest harness not found at $LINUX_GUEST: the Linux host test will skip"
+# The real Linux NVMe/TCP host for test/test_nvmf_linux.py and
+# test/test_clone_nvmf.py: a QEMU guest built by test/vm/linux-guest (it
+# installs qemu and its other host packages, fetches Debian packages with
+# apt-get download and caches the image). A failed build fails the run; the
+# guest tests then fail too (under CI) rather than skip.
+echo "linux-guest: building/checking the guest image"
+if ! test/vm/linux-guest build; then
+    FAILED_STAGES+=("linux-guest build")
 fi
 
 # ---------------------------------------------------------------------------

@@ -8,7 +8,7 @@ import uuid
 
 import pytest
 
-from conftest import DECODE_FAILED, EEXIST, EINVAL, ENODEV, RawConn, concurrent_rpc
+from conftest import DECODE_FAILED, EEXIST, EINVAL, ENODEV, RawConn, cannot_run, concurrent_rpc
 
 IO_TYPES = ["read", "write", "unmap", "flush", "reset", "nvme_admin", "nvme_io", "nvme_io_md",
             "write_zeroes", "zcopy", "get_zone_info", "zone_management", "zone_append", "compare",
@@ -325,12 +325,12 @@ def test_uring_on_loop_device(tgt, datadir):
     import shutil
     import subprocess
     if os.geteuid() != 0 or shutil.which("losetup") is None:
-        pytest.skip("needs root and losetup")
+        cannot_run("needs root and losetup")
     img = make_file(datadir, "loop.img", 16 << 20)
     cp = subprocess.run(["losetup", "--find", "--show", "--sector-size", "4096", img],
                         capture_output=True, text=True)
     if cp.returncode != 0:
-        pytest.skip("no loop device available here: %s" % cp.stderr.strip())
+        cannot_run("no loop device available here: %s" % cp.stderr.strip())
     dev = cp.stdout.strip()
     try:
         assert tgt.rpc("bdev_uring_create", name="Loop0", filename=dev) == "Loop0"

@@ -1,5 +1,5 @@
 """The product's main story with the real Linux NVMe/TCP host (nvme-cli +
-nvme-tcp in the linux-guest QEMU VM): two clones of one slow source (a uring
+nvme-tcp in the QEMU guest of test/vm/linux-guest): two clones of one slow source (a uring
 file of random data behind a delay bdev) are exported over NVMe/TCP and used
 while they hydrate (rate-limited), then switch to pass-through (source
 released, then deleted) while the host keeps doing I/O; the host never
@@ -32,9 +32,6 @@ from conftest import Target
 from test_nvmf_target import ADDR, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
-HARNESS = (ROOT / ".." / "shared" / "vm" / "linux-guest").resolve()
-if not HARNESS.exists():
-    HARNESS = Path("/work/shared/vm/linux-guest")
 GUEST_SCRIPT = ROOT / "test" / "guest" / "clone_nvmf.sh"
 NQN = "nqn.2016-06.io.spdk:clone-nvmf"
 MiB = 1 << 20
@@ -81,8 +78,7 @@ def guest_output(proc):
     return out
 
 
-@pytest.mark.skipif(not HARNESS.exists(), reason="linux-guest harness not found at ../shared/vm")
-def test_clone_over_nvmf_linux_host(tgt2, datadir):
+def test_clone_over_nvmf_linux_host(tgt2, datadir, linux_guest):
     tgt = tgt2
     rnd = os.urandom
     src_data = rnd(SIZE)
@@ -130,7 +126,7 @@ def test_clone_over_nvmf_linux_host(tgt2, datadir):
     tgt.rpc("nvmf_subsystem_add_listener", nqn=NQN,
             listen_address={"trtype": "TCP", "traddr": ADDR, "trsvcid": str(port)})
 
-    argv = [str(HARNESS), "run", "--timeout", "600", "--share", str(share), str(GUEST_SCRIPT),
+    argv = [str(linux_guest), "run", "--timeout", "600", "--share", str(share), str(GUEST_SCRIPT),
             str(port), NQN, hashlib.sha256(src_data).hexdigest(),
             str(FIO1[0]), str(FIO1[1]), str(FIO2[0]), str(FIO2[1])]
     t0 = time.monotonic()
@@ -230,8 +226,7 @@ def test_clone_over_nvmf_linux_host(tgt2, datadir):
           "total %.1f s" % took)
 
 
-@pytest.mark.skipif(not HARNESS.exists(), reason="linux-guest harness not found at ../shared/vm")
-def test_linux_host_rides_out_kill9_of_the_target(request, workdir, datadir):
+def test_linux_host_rides_out_kill9_of_the_target(request, workdir, datadir, linux_guest):
     """The Linux host keeps reading a hydrating clone (every read compared)
     while clone_tgt is killed with SIGKILL and restarted from its saved config:
     nvme-tcp reconnects, the reads in flight are retried, the flushed writes are
@@ -246,13 +241,13 @@ def test_linux_host_rides_out_kill9_of_the_target(request, workdir, datadir):
         return t.start()
 
     try:
-        _rides_out_kill9(start, workdir, datadir)
+        _rides_out_kill9(start, workdir, datadir, linux_guest)
     finally:
         for t in reversed(started):
             t.kill()
 
 
-def _rides_out_kill9(start, workdir, datadir):
+def _rides_out_kill9(start, workdir, datadir, linux_guest):
     size = 64 * MiB
     src_data = os.urandom(size)
     src, dst, meta = datadir / "src.img", datadir / "dst.img", datadir / "meta.img"
@@ -289,7 +284,7 @@ def _rides_out_kill9(start, workdir, datadir):
     cfg = workdir / "config.json"
     cfg.write_text(tgt.cli("save_config").stdout)
 
-    argv = [str(HARNESS), "run", "--timeout", "600", "--share", str(share),
+    argv = [str(linux_guest), "run", "--timeout", "600", "--share", str(share),
             str(ROOT / "test" / "guest" / "clone_nvmf_kill.sh"), str(port), NQN,
             hashlib.sha256(src_data).hexdigest()]
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,

@@ -1,5 +1,5 @@
-"""The real Linux NVMe/TCP host (nvme-cli + nvme-tcp in a QEMU guest, see
-/work/shared/vm/README.md) against clone_tgt: discover, connect, id-ctrl,
+"""The real Linux NVMe/TCP host (nvme-cli + nvme-tcp in a QEMU guest built
+by test/vm/linux-guest, see docs/testing.md) against clone_tgt: discover, connect, id-ctrl,
 id-ns, ns-descs, logs, dd and fio verify, out-of-range read, write zeroes,
 discard, mkfs.ext4 + mount + fstrim, disconnect, and digests."""
 
@@ -14,9 +14,6 @@ from conftest import Target
 from test_nvmf_target import ADDR, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
-HARNESS = (ROOT / ".." / "shared" / "vm" / "linux-guest").resolve()
-if not HARNESS.exists():
-    HARNESS = Path("/work/shared/vm/linux-guest")
 GUEST_SCRIPT = ROOT / "test" / "guest" / "nvmf_linux.sh"
 NQN = "nqn.2016-06.io.spdk:linux1"
 
@@ -37,8 +34,7 @@ def tgt2(request, workdir):
     t.kill()
 
 
-@pytest.mark.skipif(not HARNESS.exists(), reason="linux-guest harness not found at ../shared/vm")
-def test_linux_host(tgt2):
+def test_linux_host(tgt2, linux_guest):
     tgt = tgt2
     port, dport = free_port(), free_port()
     tgt.rpc("bdev_malloc_create", name="Malloc0", num_blocks=131072, block_size=512)
@@ -50,7 +46,7 @@ def test_linux_host(tgt2):
                    (dport, "nqn.2014-08.org.nvmexpress.discovery")):
         tgt.rpc("nvmf_subsystem_add_listener", nqn=nqn,
                 listen_address={"trtype": "TCP", "traddr": ADDR, "trsvcid": str(p)})
-    argv = [str(HARNESS), "run", "--timeout", "1200", str(GUEST_SCRIPT), str(port), NQN, str(dport)]
+    argv = [str(linux_guest), "run", "--timeout", "1200", str(GUEST_SCRIPT), str(port), NQN, str(dport)]
     cp = subprocess.run(argv, capture_output=True, text=True, timeout=1500,
                         stdin=subprocess.DEVNULL)
     out = cp.stdout + "\n" + cp.stderr

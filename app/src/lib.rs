@@ -18,6 +18,8 @@ use serde::Deserialize;
 
 /// `SPDK_DEFAULT_RPC_ADDR`.
 pub const DEFAULT_RPC_SOCKET: &str = "/var/tmp/spdk.sock";
+/// How long a clean shutdown waits for replies to requests already received.
+const RPC_DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum AppError {
@@ -118,11 +120,7 @@ static EXIT_CODE: AtomicI32 = AtomicI32::new(0);
 /// Begin a clean shutdown (any thread).
 pub fn request_shutdown() {
     SHUTDOWN.store(true, Ordering::SeqCst);
-    if let Some(w) = SHUTDOWN_WAKER
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .take()
-    {
+    if let Some(w) = reactor::sync::lock(&SHUTDOWN_WAKER).take() {
         w.wake();
     }
 }
@@ -137,7 +135,7 @@ pub fn shutdown_signal() -> impl Future<Output = ()> {
     impl Future for S {
         type Output = ();
         fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-            let mut w = SHUTDOWN_WAKER.lock().unwrap_or_else(|e| e.into_inner());
+            let mut w = reactor::sync::lock(&SHUTDOWN_WAKER);
             if SHUTDOWN.load(Ordering::SeqCst) {
                 return Poll::Ready(());
             }
@@ -370,6 +368,7 @@ async fn app_main(spec: AppSpec, main: Option<MainFn>) -> i32 {
     // Clean shutdown: no new RPCs, then bdevs newest first (each flushes
     // and releases its bases), then the socket and its lock go.
     if let Some(s) = server {
+        s.drain(RPC_DRAIN_TIMEOUT).await;
         s.shutdown();
     }
     nvmf::shutdown();

@@ -318,9 +318,7 @@ impl<T: std::any::Any> AsAny for T {
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
+use reactor::sync::lock;
 
 /// Write/unmap hints reported in `bdev_get_bdevs` (in blocks; 0 = none).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

@@ -35,15 +35,13 @@ static EXAMINE_ALLOWLIST: Mutex<Vec<String>> = Mutex::new(Vec::new());
 /// `bdev_examine` allow-list).
 pub fn examine_allowed(name: &str) -> bool {
     options().bdev_auto_examine
-        || EXAMINE_ALLOWLIST
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
+        || reactor::sync::lock(&EXAMINE_ALLOWLIST)
             .iter()
             .any(|n| n == name)
 }
 
 pub fn options() -> BdevOptions {
-    OPTIONS.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    reactor::sync::lock(&OPTIONS).clone()
 }
 
 const ALL_IO_TYPE_KEYS: [&str; 22] = [
@@ -243,209 +241,223 @@ pub fn register_methods() {
         "bdev_get_bdevs",
         RUNTIME,
         DecodeError::Internal,
-        |p: GetBdevs| async move {
-            match p.name {
-                None => Ok(crate::list()
-                    .iter()
-                    .filter(|b| !b.is_removing())
-                    .map(|b| bdev_info_json(b))
-                    .collect::<Vec<_>>()),
-                Some(name) => {
-                    let deadline = reactor::now_ns() + p.timeout.saturating_mul(1_000_000);
-                    loop {
-                        if let Ok(b) = find(&name) {
-                            return Ok(vec![bdev_info_json(&b)]);
-                        }
-                        if p.timeout == 0 {
-                            return Err(RpcError::errno(libc::ENODEV));
-                        }
-                        if reactor::now_ns() >= deadline {
-                            return Err(RpcError::errno(libc::ETIMEDOUT));
-                        }
-                        reactor::sleep(Duration::from_millis(10)).await;
-                    }
-                }
-            }
-        },
+        rpc_bdev_get_bdevs,
     );
-
     register_typed(
         "bdev_get_iostat",
         RUNTIME,
         DecodeError::Internal,
-        |p: GetIostat| async move {
-            check_reset_mode(&p.reset_mode)?;
-            let bdevs: Vec<_> = match &p.names {
-                None => crate::list()
-                    .into_iter()
-                    .filter(|b| !b.is_removing())
-                    .collect(),
-                Some(names) => names.iter().map(|n| find(n)).collect::<Result<_, _>>()?,
-            };
-            if p.per_channel {
-                if bdevs.len() != 1 || p.names.is_none() {
-                    return Err(RpcError::errno(libc::EINVAL));
-                }
-                let b = &bdevs[0];
-                let channels: Vec<Value> = b
-                    .stats
-                    .per_channel()
-                    .into_iter()
-                    .map(|(r, s)| {
-                        let mut m = Map::new();
-                        m.insert("thread_id".into(), json!(r + 1));
-                        iostat_fields(&s, &mut m);
-                        Value::Object(m)
-                    })
-                    .collect();
-                apply_reset(b, p.reset_mode.as_deref());
-                return Ok(json!({
-                    "tick_rate": 1_000_000_000u64,
-                    "ticks": reactor::now_ns(),
-                    "name": b.name(),
-                    "channels": channels,
-                }));
-            }
-            let list: Vec<Value> = bdevs
-                .iter()
-                .map(|b| {
-                    let mut m = Map::new();
-                    m.insert("name".into(), json!(b.name()));
-                    iostat_fields(&b.iostat(), &mut m);
-                    apply_reset(b, p.reset_mode.as_deref());
-                    Value::Object(m)
-                })
-                .collect();
-            Ok(json!({
-                "tick_rate": 1_000_000_000u64,
-                "ticks": reactor::now_ns(),
-                "bdevs": list,
-            }))
-        },
+        rpc_bdev_get_iostat,
     );
-
     register_typed(
         "bdev_reset_iostat",
         RUNTIME,
         DecodeError::Internal,
-        |p: ResetIostat| async move {
-            if !matches!(
-                p.mode.as_deref(),
-                None | Some("all") | Some("maxmin") | Some("error") | Some("none")
-            ) {
-                return Err(RpcError::decode_failed());
-            }
-            let mode = p.mode.as_deref().unwrap_or("all");
-            match p.name {
-                Some(n) => apply_reset(&*find(&n)?, Some(mode)),
-                None => {
-                    for b in crate::list() {
-                        apply_reset(&b, Some(mode));
-                    }
-                }
-            }
-            Ok(true)
-        },
+        rpc_bdev_reset_iostat,
     );
-
     register_typed(
         "bdev_wait_for_examine",
         RUNTIME,
         DecodeError::Internal,
-        |_: NoParams| async move {
-            crate::wait_for_examine().await;
-            Ok(true)
-        },
+        rpc_bdev_wait_for_examine,
     );
-
     register_typed(
         "bdev_examine",
         RUNTIME,
         DecodeError::Internal,
-        |p: NameParam| async move {
-            if options().bdev_auto_examine {
-                return Err(RpcError::errno_msg(
-                    libc::EINVAL,
-                    "Invalid argument: manual examine is not allowed if auto examine is enabled",
-                ));
-            }
-            // As SPDK: the name goes on the allow-list (a bdev registered
-            // later is examined then) and is examined now if it exists.
-            {
-                let mut list = EXAMINE_ALLOWLIST.lock().unwrap_or_else(|e| e.into_inner());
-                if list.contains(&p.name) {
-                    return Err(RpcError::errno(libc::EEXIST));
-                }
-                list.push(p.name.clone());
-            }
-            if let Ok(b) = find(&p.name) {
-                crate::run_examine(&b);
-            }
-            Ok(true)
-        },
+        rpc_bdev_examine,
     );
-
     register_typed(
         "bdev_set_qos_limit",
         RUNTIME,
         DecodeError::Internal,
-        |p: QosParams| async move {
-            let b = find(&p.name)?;
-            if p.rw_ios_per_sec.is_none()
-                && p.rw_mbytes_per_sec.is_none()
-                && p.r_mbytes_per_sec.is_none()
-                && p.w_mbytes_per_sec.is_none()
-            {
-                return Err(RpcError::errno_msg(
-                    libc::EINVAL,
-                    "No rate limits specified",
-                ));
-            }
-            // SPDK enforces IOPS limits in units of its 1000/s minimum.
-            if let Some(v) = p.rw_ios_per_sec {
-                if v % 1000 != 0 {
-                    return Err(RpcError::invalid_params(
-                        "Failed to configure rate limit: Invalid argument",
-                    ));
-                }
-            }
-            let old = b.qos_limits();
-            b.set_qos_limits(QosLimits {
-                rw_ios_per_sec: p.rw_ios_per_sec.unwrap_or(old.rw_ios_per_sec),
-                rw_mbytes_per_sec: p.rw_mbytes_per_sec.unwrap_or(old.rw_mbytes_per_sec),
-                r_mbytes_per_sec: p.r_mbytes_per_sec.unwrap_or(old.r_mbytes_per_sec),
-                w_mbytes_per_sec: p.w_mbytes_per_sec.unwrap_or(old.w_mbytes_per_sec),
-            });
-            Ok(true)
-        },
+        rpc_bdev_set_qos_limit,
     );
-
     register_typed(
         "bdev_set_options",
         STARTUP,
         DecodeError::Internal,
-        |p: SetOptions| async move {
-            let mut o = OPTIONS.lock().unwrap_or_else(|e| e.into_inner());
-            if let Some(v) = p.bdev_io_pool_size {
-                o.bdev_io_pool_size = v;
-            }
-            if let Some(v) = p.bdev_io_cache_size {
-                o.bdev_io_cache_size = v;
-            }
-            if let Some(v) = p.bdev_auto_examine {
-                o.bdev_auto_examine = v;
-            }
-            if let Some(v) = p.iobuf_small_cache_size {
-                o.iobuf_small_cache_size = v;
-            }
-            if let Some(v) = p.iobuf_large_cache_size {
-                o.iobuf_large_cache_size = v;
-            }
-            Ok(true)
-        },
+        rpc_bdev_set_options,
     );
-
     ::rpc::register_subsystem("bdev", &[], subsystem_config);
+}
+
+/// `bdev_get_bdevs`: every bdev, or one by name (waiting up to `timeout` ms for it).
+async fn rpc_bdev_get_bdevs(p: GetBdevs) -> Result<Vec<Value>, RpcError> {
+    match p.name {
+        None => Ok(crate::list()
+            .iter()
+            .filter(|b| !b.is_removing())
+            .map(|b| bdev_info_json(b))
+            .collect::<Vec<_>>()),
+        Some(name) => {
+            let deadline = reactor::now_ns() + p.timeout.saturating_mul(1_000_000);
+            loop {
+                if let Ok(b) = find(&name) {
+                    return Ok(vec![bdev_info_json(&b)]);
+                }
+                if p.timeout == 0 {
+                    return Err(RpcError::errno(libc::ENODEV));
+                }
+                if reactor::now_ns() >= deadline {
+                    return Err(RpcError::errno(libc::ETIMEDOUT));
+                }
+                reactor::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    }
+}
+
+/// `bdev_get_iostat`: I/O statistics of every bdev, of some, or per channel of one.
+async fn rpc_bdev_get_iostat(p: GetIostat) -> Result<Value, RpcError> {
+    check_reset_mode(&p.reset_mode)?;
+    let bdevs: Vec<_> = match &p.names {
+        None => crate::list()
+            .into_iter()
+            .filter(|b| !b.is_removing())
+            .collect(),
+        Some(names) => names.iter().map(|n| find(n)).collect::<Result<_, _>>()?,
+    };
+    if p.per_channel {
+        if bdevs.len() != 1 || p.names.is_none() {
+            return Err(RpcError::errno(libc::EINVAL));
+        }
+        let b = &bdevs[0];
+        let channels: Vec<Value> = b
+            .stats
+            .per_channel()
+            .into_iter()
+            .map(|(r, s)| {
+                let mut m = Map::new();
+                m.insert("thread_id".into(), json!(r + 1));
+                iostat_fields(&s, &mut m);
+                Value::Object(m)
+            })
+            .collect();
+        apply_reset(b, p.reset_mode.as_deref());
+        return Ok(json!({
+            "tick_rate": 1_000_000_000u64,
+            "ticks": reactor::now_ns(),
+            "name": b.name(),
+            "channels": channels,
+        }));
+    }
+    let list: Vec<Value> = bdevs
+        .iter()
+        .map(|b| {
+            let mut m = Map::new();
+            m.insert("name".into(), json!(b.name()));
+            iostat_fields(&b.iostat(), &mut m);
+            apply_reset(b, p.reset_mode.as_deref());
+            Value::Object(m)
+        })
+        .collect();
+    Ok(json!({
+        "tick_rate": 1_000_000_000u64,
+        "ticks": reactor::now_ns(),
+        "bdevs": list,
+    }))
+}
+
+/// `bdev_reset_iostat`: reset statistics (all, max/min, errors).
+async fn rpc_bdev_reset_iostat(p: ResetIostat) -> Result<bool, RpcError> {
+    if !matches!(
+        p.mode.as_deref(),
+        None | Some("all") | Some("maxmin") | Some("error") | Some("none")
+    ) {
+        return Err(RpcError::decode_failed());
+    }
+    let mode = p.mode.as_deref().unwrap_or("all");
+    match p.name {
+        Some(n) => apply_reset(&*find(&n)?, Some(mode)),
+        None => {
+            for b in crate::list() {
+                apply_reset(&b, Some(mode));
+            }
+        }
+    }
+    Ok(true)
+}
+
+/// `bdev_wait_for_examine`: resolve once every examine finished.
+async fn rpc_bdev_wait_for_examine(_: NoParams) -> Result<bool, RpcError> {
+    crate::wait_for_examine().await;
+    Ok(true)
+}
+
+/// `bdev_examine`: examine a bdev by name (only with auto-examine off).
+async fn rpc_bdev_examine(p: NameParam) -> Result<bool, RpcError> {
+    if options().bdev_auto_examine {
+        return Err(RpcError::errno_msg(
+            libc::EINVAL,
+            "Invalid argument: manual examine is not allowed if auto examine is enabled",
+        ));
+    }
+    // As SPDK: the name goes on the allow-list (a bdev registered
+    // later is examined then) and is examined now if it exists.
+    {
+        let mut list = reactor::sync::lock(&EXAMINE_ALLOWLIST);
+        if list.contains(&p.name) {
+            return Err(RpcError::errno(libc::EEXIST));
+        }
+        list.push(p.name.clone());
+    }
+    if let Ok(b) = find(&p.name) {
+        crate::run_examine(&b);
+    }
+    Ok(true)
+}
+
+/// `bdev_set_qos_limit`: set some of a bdev's rate limits.
+async fn rpc_bdev_set_qos_limit(p: QosParams) -> Result<bool, RpcError> {
+    let b = find(&p.name)?;
+    if p.rw_ios_per_sec.is_none()
+        && p.rw_mbytes_per_sec.is_none()
+        && p.r_mbytes_per_sec.is_none()
+        && p.w_mbytes_per_sec.is_none()
+    {
+        return Err(RpcError::errno_msg(
+            libc::EINVAL,
+            "No rate limits specified",
+        ));
+    }
+    // SPDK enforces IOPS limits in units of its 1000/s minimum.
+    if let Some(v) = p.rw_ios_per_sec {
+        if v % 1000 != 0 {
+            return Err(RpcError::invalid_params(
+                "Failed to configure rate limit: Invalid argument",
+            ));
+        }
+    }
+    let old = b.qos_limits();
+    b.set_qos_limits(QosLimits {
+        rw_ios_per_sec: p.rw_ios_per_sec.unwrap_or(old.rw_ios_per_sec),
+        rw_mbytes_per_sec: p.rw_mbytes_per_sec.unwrap_or(old.rw_mbytes_per_sec),
+        r_mbytes_per_sec: p.r_mbytes_per_sec.unwrap_or(old.r_mbytes_per_sec),
+        w_mbytes_per_sec: p.w_mbytes_per_sec.unwrap_or(old.w_mbytes_per_sec),
+    });
+    Ok(true)
+}
+
+/// `bdev_set_options` (STARTUP): the bdev layer's options.
+async fn rpc_bdev_set_options(p: SetOptions) -> Result<bool, RpcError> {
+    let mut o = reactor::sync::lock(&OPTIONS);
+    if let Some(v) = p.bdev_io_pool_size {
+        o.bdev_io_pool_size = v;
+    }
+    if let Some(v) = p.bdev_io_cache_size {
+        o.bdev_io_cache_size = v;
+    }
+    if let Some(v) = p.bdev_auto_examine {
+        o.bdev_auto_examine = v;
+    }
+    if let Some(v) = p.iobuf_small_cache_size {
+        o.iobuf_small_cache_size = v;
+    }
+    if let Some(v) = p.iobuf_large_cache_size {
+        o.iobuf_large_cache_size = v;
+    }
+    Ok(true)
 }
 
 /// The `bdev` section of `save_config`, in SPDK's order.
@@ -461,11 +473,7 @@ pub fn subsystem_config() -> Vec<Value> {
             "iobuf_large_cache_size": o.iobuf_large_cache_size,
         }
     })];
-    for name in EXAMINE_ALLOWLIST
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .iter()
-    {
+    for name in reactor::sync::lock(&EXAMINE_ALLOWLIST).iter() {
         out.push(json!({"method": "bdev_examine", "params": {"name": name}}));
     }
     for b in crate::list() {

@@ -147,9 +147,7 @@ pub(crate) struct StatRegistry {
     baseline: Mutex<IoStatSnapshot>,
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
+use reactor::sync::lock;
 
 impl StatRegistry {
     pub(crate) fn new_channel(&self) -> Arc<IoStat> {

@@ -6,7 +6,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::mpsc;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
@@ -114,35 +114,6 @@ pub async fn simple(
     }
 }
 
-/// A one-shot, cross-thread completion flag (management path only).
-#[derive(Default)]
-struct Signal(Mutex<(bool, Option<Waker>)>);
-
-impl Signal {
-    fn set(&self) {
-        let w = {
-            let mut g = self.0.lock().unwrap_or_else(|e| e.into_inner());
-            g.0 = true;
-            g.1.take()
-        };
-        if let Some(w) = w {
-            w.wake();
-        }
-    }
-
-    fn wait(&self) -> impl Future<Output = ()> + '_ {
-        std::future::poll_fn(move |cx| {
-            let mut g = self.0.lock().unwrap_or_else(|e| e.into_inner());
-            if g.0 {
-                Poll::Ready(())
-            } else {
-                g.1 = Some(cx.waker().clone());
-                Poll::Pending
-            }
-        })
-    }
-}
-
 /// Run `f` on every reactor, one after the other, and resolve once all
 /// have (SPDK's `spdk_for_each_channel`; each `f` finds its own channel).
 /// For resets and teardown, not for the per-I/O path.
@@ -154,13 +125,8 @@ pub async fn on_each_reactor(f: impl Fn() + Send + Sync + 'static) {
             f();
             continue;
         }
-        let sig = Arc::new(Signal::default());
-        let (f2, s2) = (f.clone(), sig.clone());
-        reactor::send(r, move || {
-            f2();
-            s2.set();
-        });
-        sig.wait().await;
+        let f2 = f.clone();
+        reactor::call_on(r, move || f2()).await;
     }
 }
 
@@ -175,7 +141,7 @@ where
     Fut: Future<Output = T> + 'static,
     T: Send + 'static,
 {
-    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _g = reactor::sync::lock(&SERIAL);
     let (tx, rx) = mpsc::channel();
     let cfg = reactor::Config {
         core_mask,

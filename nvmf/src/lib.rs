@@ -1,11 +1,25 @@
-//! NVMe over Fabrics, TCP transport: the PDU codec and NVMe structures
-//! ([`pdu`], [`spec`]) shared by target and host, and the target itself:
-//! subsystems, namespaces, controllers and queues ([`target`], `ctrlr`,
-//! `tcp`) driven by SPDK's nvmf_* RPCs ([`rpc`]).
+//! NVMe over Fabrics, TCP transport, in layers (each uses only those above):
+//!
+//! 1. [`spec`]: NVMe / NVMe-oF structures (SQE, CQE, Connect, DSM ranges,
+//!    status codes, Identify and log layouts); [`pdu`]: the NVMe/TCP PDU
+//!    codec. Shared by the target and the host.
+//! 2. [`target`]: subsystems, namespaces, listeners, controllers, and the
+//!    transport interface ([`target::TransportOps`]) through which it
+//!    reaches queues.
+//! 3. [`ctrlr`] (admin commands, properties, Identify, logs, features),
+//!    [`connect`] (fabrics Connect), [`nvm_cmd`] (NVM I/O commands to bdev
+//!    I/O): command handling, transport-independent.
+//! 4. [`tcp`]: the TCP transport (listeners, connections, PDUs in and out).
+//! 5. [`rpc`]: SPDK's nvmf_* RPCs and `save_config`.
+//!
+//! [`host`] is the NVMe/TCP host behind `bdev_nvme_attach_controller`; it
+//! uses layer 1 only.
 
+pub mod connect;
 pub mod ctrlr;
 pub mod fuzz;
 pub mod host;
+pub mod nvm_cmd;
 pub mod pdu;
 pub mod rpc;
 pub mod spec;

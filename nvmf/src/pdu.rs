@@ -356,6 +356,42 @@ impl Decoder {
             return Ok(None);
         }
         let ch = CommonHeader::parse(buf);
+        let ty = self.pdu_type(&ch)?;
+        let hlen = ch.hlen as usize;
+        if !ty.digestible() {
+            return Self::plain_header(ty, ch, buf);
+        }
+        let fl = self.check_flags(ty, &ch)?;
+        let header_len = hlen + if fl.hdgst { DIGEST_LEN } else { 0 };
+        let dg = if fl.ddgst { DIGEST_LEN } else { 0 };
+        self.check_layout(&ch, header_len, dg, fl.carries_data)?;
+        if buf.len() < header_len {
+            return Ok(None);
+        }
+        if fl.hdgst {
+            check_header_digest(buf, hlen)?;
+        }
+        let plen = ch.plen as usize;
+        let (data_off, data_len) = if fl.carries_data {
+            let pdo = ch.pdo as usize;
+            (pdo, plen - pdo - dg)
+        } else {
+            (0, 0)
+        };
+        self.check_data_len(ty, buf, data_len)?;
+        Ok(Some(Header {
+            ty,
+            ch,
+            header_len,
+            data_off,
+            data_len,
+            has_ddgst: fl.ddgst,
+            plen,
+        }))
+    }
+
+    /// The PDU type: known, allowed in this direction, with its HLEN.
+    fn pdu_type(&self, ch: &CommonHeader) -> Result<PduType, PduError> {
         let ty =
             PduType::from_u8(ch.pdu_type).ok_or(PduError::field(off::TYPE, "unknown PDU type"))?;
         match self.cfg.accept {
@@ -373,52 +409,56 @@ impl Decoder {
             }
             _ => {}
         }
-        let hlen = ch.hlen as usize;
-        if hlen != ty.hlen() {
+        if ch.hlen as usize != ty.hlen() {
             return Err(PduError::field(off::HLEN, "wrong HLEN for the PDU type"));
         }
-        let plen = ch.plen as usize;
-        let f = ch.flags;
+        Ok(ty)
+    }
 
-        // Non-digest PDUs: IC and TermReq.
-        if !ty.digestible() {
-            if f & 0x0F != 0 {
-                return Err(PduError::field(
-                    off::FLAGS,
-                    "flags set on a PDU that takes none",
-                ));
-            }
-            match ty {
-                PduType::IcReq | PduType::IcResp => {
-                    if plen != IC_LEN {
-                        return Err(PduError::field(off::PLEN, "ICReq/ICResp PLEN must be 128"));
-                    }
-                    if ch.pdo != 0 {
-                        return Err(PduError::field(off::PDO, "ICReq/ICResp PDO must be 0"));
-                    }
-                }
-                _ => {
-                    if !(HLEN_24..=TERM_MAX_PLEN).contains(&plen) {
-                        return Err(PduError::field(off::PLEN, "TermReq PLEN out of 24..152"));
-                    }
-                }
-            }
-            if buf.len() < hlen {
-                return Ok(None);
-            }
-            let data_len = plen - hlen;
-            return Ok(Some(Header {
-                ty,
-                ch,
-                header_len: hlen,
-                data_off: if data_len > 0 { hlen } else { 0 },
-                data_len,
-                has_ddgst: false,
-                plen,
-            }));
+    /// The header of a PDU that takes no digests: ICReq, ICResp, TermReqs.
+    fn plain_header(ty: PduType, ch: CommonHeader, buf: &[u8]) -> Result<Option<Header>, PduError> {
+        let (hlen, plen) = (ch.hlen as usize, ch.plen as usize);
+        if ch.flags & 0x0F != 0 {
+            return Err(PduError::field(
+                off::FLAGS,
+                "flags set on a PDU that takes none",
+            ));
         }
+        match ty {
+            PduType::IcReq | PduType::IcResp => {
+                if plen != IC_LEN {
+                    return Err(PduError::field(off::PLEN, "ICReq/ICResp PLEN must be 128"));
+                }
+                if ch.pdo != 0 {
+                    return Err(PduError::field(off::PDO, "ICReq/ICResp PDO must be 0"));
+                }
+            }
+            _ => {
+                if !(HLEN_24..=TERM_MAX_PLEN).contains(&plen) {
+                    return Err(PduError::field(off::PLEN, "TermReq PLEN out of 24..152"));
+                }
+            }
+        }
+        if buf.len() < hlen {
+            return Ok(None);
+        }
+        let data_len = plen - hlen;
+        Ok(Some(Header {
+            ty,
+            ch,
+            header_len: hlen,
+            data_off: if data_len > 0 { hlen } else { 0 },
+            data_len,
+            has_ddgst: false,
+            plen,
+        }))
+    }
 
-        // Digest flags must match what was negotiated.
+    /// The flags of a digestible PDU: digests as negotiated, LAST_PDU and
+    /// SUCCESS only where they belong.
+    fn check_flags(&self, ty: PduType, ch: &CommonHeader) -> Result<Flags, PduError> {
+        let f = ch.flags;
+        let plen = ch.plen as usize;
         let hd = f & flags::HDGSTF != 0;
         if hd != self.cfg.hdgst {
             return Err(PduError::field(
@@ -430,7 +470,7 @@ impl Decoder {
                 },
             ));
         }
-        let header_len = hlen + if hd { DIGEST_LEN } else { 0 };
+        let header_len = ch.hlen as usize + if hd { DIGEST_LEN } else { 0 };
         let dd = f & flags::DDGSTF != 0;
         let last = f & flags::LAST_PDU != 0;
         let success = f & flags::SUCCESS != 0;
@@ -464,8 +504,23 @@ impl Decoder {
                 },
             ));
         }
-        let dg = if dd { DIGEST_LEN } else { 0 };
+        Ok(Flags {
+            hdgst: hd,
+            ddgst: dd,
+            carries_data,
+        })
+    }
 
+    /// PLEN and PDO against the header length, the data digest and the
+    /// negotiated PDA.
+    fn check_layout(
+        &self,
+        ch: &CommonHeader,
+        header_len: usize,
+        dg: usize,
+        carries_data: bool,
+    ) -> Result<(), PduError> {
+        let plen = ch.plen as usize;
         if !carries_data {
             // CapsuleCmd without ICD, CapsuleResp, R2T.
             if plen != header_len {
@@ -478,55 +533,41 @@ impl Decoder {
             if ch.pdo != 0 && ch.pdo as usize != header_len {
                 return Err(PduError::field(off::PDO, "PDO set on a PDU without data"));
             }
-        } else {
-            let pdo = ch.pdo as usize;
-            if pdo < header_len || pdo > plen {
-                return Err(PduError::field(off::PDO, "PDO outside the PDU"));
-            }
-            let align = (self.cfg.rx_pda as usize + 1) * 4;
-            if self.cfg.rx_pda != 0 && !pdo.is_multiple_of(align) {
-                return Err(PduError::field(
-                    off::PDO,
-                    "PDO not aligned to the negotiated PDA",
-                ));
-            }
-            if plen < pdo + dg {
-                return Err(PduError::field(
-                    off::PLEN,
-                    "PLEN smaller than PDO plus data digest",
-                ));
-            }
+            return Ok(());
         }
-        if buf.len() < header_len {
-            return Ok(None);
+        let pdo = ch.pdo as usize;
+        if pdo < header_len || pdo > plen {
+            return Err(PduError::field(off::PDO, "PDO outside the PDU"));
         }
-        if hd {
-            let want = crc32c(&buf[..hlen]);
-            let got = u32::from_le_bytes([buf[hlen], buf[hlen + 1], buf[hlen + 2], buf[hlen + 3]]);
-            if want != got {
-                return Err(PduError::new(
-                    Fes::HeaderDigestError,
-                    0,
-                    "header digest mismatch",
-                ));
-            }
+        let align = (self.cfg.rx_pda as usize + 1) * 4;
+        if self.cfg.rx_pda != 0 && !pdo.is_multiple_of(align) {
+            return Err(PduError::field(
+                off::PDO,
+                "PDO not aligned to the negotiated PDA",
+            ));
         }
-        let (data_off, data_len) = if carries_data {
-            let pdo = ch.pdo as usize;
-            (pdo, plen - pdo - dg)
-        } else {
-            (0, 0)
-        };
+        if plen < pdo + dg {
+            return Err(PduError::field(
+                off::PLEN,
+                "PLEN smaller than PDO plus data digest",
+            ));
+        }
+        Ok(())
+    }
+
+    /// The amount of data against the limits: in-capsule data, DATAL of a
+    /// data PDU.
+    fn check_data_len(&self, ty: PduType, buf: &[u8], data_len: usize) -> Result<(), PduError> {
         match ty {
-            PduType::CapsuleCmd if data_len > self.cfg.max_icd as usize => {
-                return Err(PduError::new(
-                    Fes::DataLimitExceeded,
-                    off::PLEN,
-                    "in-capsule data larger than allowed",
-                ));
-            }
+            PduType::CapsuleCmd if data_len > self.cfg.max_icd as usize => Err(PduError::new(
+                Fes::DataLimitExceeded,
+                off::PLEN,
+                "in-capsule data larger than allowed",
+            )),
             PduType::H2CData | PduType::C2HData => {
-                let datal = u32::from_le_bytes([buf[16], buf[17], buf[18], buf[19]]) as usize;
+                let o = off::DATAL as usize;
+                let datal =
+                    u32::from_le_bytes([buf[o], buf[o + 1], buf[o + 2], buf[o + 3]]) as usize;
                 if datal != data_len {
                     return Err(PduError::field(
                         off::DATAL,
@@ -543,18 +584,10 @@ impl Decoder {
                         "DATAL larger than the maximum data PDU size",
                     ));
                 }
+                Ok(())
             }
-            _ => {}
+            _ => Ok(()),
         }
-        Ok(Some(Header {
-            ty,
-            ch,
-            header_len,
-            data_off,
-            data_len,
-            has_ddgst: dd,
-            plen,
-        }))
     }
 
     /// Decode one whole PDU from the start of `buf`. `Ok(None)`: more bytes
@@ -588,6 +621,27 @@ fn le16(b: &[u8], o: usize) -> u16 {
 }
 fn le32(b: &[u8], o: usize) -> u32 {
     u32::from_le_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]])
+}
+
+/// The flags of a digestible PDU, checked.
+struct Flags {
+    hdgst: bool,
+    ddgst: bool,
+    carries_data: bool,
+}
+
+/// The header digest (CRC32C of the `hlen` header bytes) that follows them.
+fn check_header_digest(buf: &[u8], hlen: usize) -> Result<(), PduError> {
+    let want = crc32c(&buf[..hlen]);
+    let got = u32::from_le_bytes([buf[hlen], buf[hlen + 1], buf[hlen + 2], buf[hlen + 3]]);
+    if want != got {
+        return Err(PduError::new(
+            Fes::HeaderDigestError,
+            0,
+            "header digest mismatch",
+        ));
+    }
+    Ok(())
 }
 
 /// Decode the PDU-specific header of a validated header `h` (`buf` holds at

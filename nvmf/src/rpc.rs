@@ -3,7 +3,7 @@
 
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use ::rpc::{register_typed, DecodeError, RpcError, RUNTIME};
 use serde::Deserialize;
@@ -539,21 +539,10 @@ fn listen_addr(a: &ListenAddress) -> Result<ListenAddr, RpcError> {
 /// fails, a second later.
 const LISTEN_RETRY: Duration = Duration::from_secs(1);
 
-async fn listen_retrying(a: &ListenAddr) -> std::io::Result<crate::tcp::ListenerHandle> {
-    let deadline = Instant::now() + LISTEN_RETRY;
-    let mut warned = false;
-    loop {
-        match crate::tcp::listen(a) {
-            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && Instant::now() < deadline => {
-                if !warned {
-                    tracing::warn!(addr = %a, "address in use; retrying for up to {LISTEN_RETRY:?}");
-                    warned = true;
-                }
-                reactor::sleep(Duration::from_millis(10)).await;
-            }
-            r => return r,
-        }
-    }
+async fn listen_retrying(a: &ListenAddr) -> std::io::Result<Box<dyn target::Listener>> {
+    Ok(Box::new(
+        crate::tcp::listen_retrying(a, LISTEN_RETRY).await?,
+    ))
 }
 
 async fn add_listener(p: Listener) -> Result<bool, RpcError> {
@@ -607,7 +596,7 @@ async fn add_listener(p: Listener) -> Result<bool, RpcError> {
             let h = match fresh.take() {
                 Some(h) => h,
                 // released meanwhile: bind now (no wait under the lock)
-                None => crate::tcp::listen(&a).map_err(cannot_listen)?,
+                None => Box::new(crate::tcp::listen(&a).map_err(cannot_listen)?),
             };
             t.listeners.insert(a.clone(), (h, 1));
         }

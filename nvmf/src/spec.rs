@@ -3,8 +3,7 @@
 //! the byte offsets of the Identify / log page layouts we fill.
 //!
 //! Every multi-byte field is little-endian. Constants were cross-checked
-//! against include/linux/nvme.h and libnvme types.h (see
-//! /work/shared/nvme-tcp.md).
+//! against include/linux/nvme.h and libnvme types.h.
 
 /// Well-known discovery subsystem NQN.
 pub const DISCOVERY_NQN: &str = "nqn.2014-08.org.nvmexpress.discovery";
@@ -460,6 +459,85 @@ impl ConnectCmd {
             cdw11: self.sqsize as u32 | ((self.cattr as u32) << 16),
             cdw12: self.kato,
             ..Default::default()
+        }
+    }
+}
+
+/// Offsets inside the Connect SQE (for Connect Invalid Parameters IPO, with
+/// IATTR 0): the QID (CDW10 bits 31:16) and SQSIZE (CDW11 bits 15:0).
+pub const CONNECT_SQE_QID_OFF: u16 = 42;
+pub const CONNECT_SQE_SQSIZE_OFF: u16 = 44;
+
+/// Dataset Management (NVM command set 3.2.3): CDW10 bits 7:0 hold the
+/// number of ranges minus one, CDW11 bit 2 asks to deallocate; the data is
+/// an array of 16-byte ranges. Encoded by the host, decoded by the target,
+/// both here.
+pub mod dsm {
+    /// CDW11 attribute: deallocate the ranges.
+    pub const ATTR_DEALLOCATE: u32 = 1 << 2;
+    /// Bytes per range in the data.
+    pub const RANGE_SIZE: usize = 16;
+    /// At most this many ranges per command.
+    pub const MAX_RANGES: usize = 256;
+
+    /// Number of ranges a command's CDW10 announces (1..=256).
+    pub fn num_ranges(cdw10: u32) -> usize {
+        (cdw10 & 0xFF) as usize + 1
+    }
+
+    /// CDW10 announcing `n` ranges (1..=256).
+    pub fn cdw10(n: usize) -> u32 {
+        (n.clamp(1, MAX_RANGES) - 1) as u32
+    }
+
+    /// One range: context attributes (bytes 0..4), length in logical blocks
+    /// (4..8), starting LBA (8..16).
+    #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+    pub struct Range {
+        pub attributes: u32,
+        pub nlb: u32,
+        pub slba: u64,
+    }
+
+    impl Range {
+        pub fn encode(&self) -> [u8; RANGE_SIZE] {
+            let mut b = [0u8; RANGE_SIZE];
+            b[0..4].copy_from_slice(&self.attributes.to_le_bytes());
+            b[4..8].copy_from_slice(&self.nlb.to_le_bytes());
+            b[8..16].copy_from_slice(&self.slba.to_le_bytes());
+            b
+        }
+
+        /// The range at the start of `b` (at least [`RANGE_SIZE`] bytes).
+        pub fn decode(b: &[u8]) -> Range {
+            let u32_at = |o: usize| u32::from_le_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]]);
+            let mut lba = [0u8; 8];
+            lba.copy_from_slice(&b[8..16]);
+            Range {
+                attributes: u32_at(0),
+                nlb: u32_at(4),
+                slba: u64::from_le_bytes(lba),
+            }
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn range_round_trips() {
+            let r = Range {
+                attributes: 7,
+                nlb: 0x1234_5678,
+                slba: 0x0102_0304_0506_0708,
+            };
+            let b = r.encode();
+            assert_eq!(&b[4..8], &0x1234_5678u32.to_le_bytes());
+            assert_eq!(&b[8..16], &0x0102_0304_0506_0708u64.to_le_bytes());
+            assert_eq!(Range::decode(&b), r);
+            assert_eq!(num_ranges(cdw10(1)), 1);
+            assert_eq!(num_ranges(cdw10(256)), 256);
         }
     }
 }

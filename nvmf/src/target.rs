@@ -8,17 +8,45 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, LazyLock, Mutex, MutexGuard};
+use std::sync::{Arc, LazyLock, Mutex, MutexGuard, OnceLock};
 
 use serde_json::{json, Value};
 use uuid::Uuid;
 
 use crate::spec::{aen, DISCOVERY_NQN};
 
-pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    // State is updated field by field; a panic elsewhere cannot leave it
-    // torn in a way that matters more than refusing service would.
-    m.lock().unwrap_or_else(|e| e.into_inner())
+pub(crate) use reactor::sync::lock;
+
+/// What the target asks of its transport, as SPDK's
+/// `spdk_nvmf_transport_ops`: the target owns subsystems and controllers,
+/// the transport owns the queues (connections) and their reactors. The
+/// transport registers itself ([`set_transport_ops`]) before its first
+/// queue exists; with none registered there is no queue to act on.
+pub trait TransportOps: Sync {
+    /// Close queue `conn`; called on the reactor that owns it.
+    fn close_qpair(&self, conn: u64, why: &str);
+    /// Admin queue `conn` has asynchronous events queued on its controller:
+    /// complete pending AERs with them; called on the queue's reactor.
+    fn deliver_events(&self, conn: u64);
+}
+
+/// A listening endpoint of the transport (kept in [`Tgt::listeners`]).
+pub trait Listener: Send {
+    /// Stop accepting and close the endpoint.
+    fn stop(&self);
+}
+
+static TRANSPORT_OPS: OnceLock<&'static dyn TransportOps> = OnceLock::new();
+
+/// Register the transport (idempotent; the first one stays).
+pub fn set_transport_ops(ops: &'static dyn TransportOps) {
+    let _ = TRANSPORT_OPS.set(ops);
+}
+
+fn on_transport(f: impl FnOnce(&'static dyn TransportOps)) {
+    if let Some(ops) = TRANSPORT_OPS.get() {
+        f(*ops);
+    }
 }
 
 /// TCP transport options (`nvmf_create_transport`).
@@ -336,7 +364,9 @@ impl Ctrl {
             st.events.push(dw0);
         }
         let conn = self.admin_conn;
-        reactor::send(self.admin_reactor, move || crate::tcp::deliver_events(conn));
+        reactor::send(self.admin_reactor, move || {
+            on_transport(|t| t.deliver_events(conn))
+        });
     }
 
     pub fn json(&self) -> Value {
@@ -371,7 +401,7 @@ pub struct Tgt {
     pub discovery_genctr: u64,
     /// Listening sockets by address, with the number of subsystems using
     /// each.
-    pub listeners: HashMap<ListenAddr, (crate::tcp::ListenerHandle, u32)>,
+    pub listeners: HashMap<ListenAddr, (Box<dyn Listener>, u32)>,
     pub next_port_id: u16,
     pub port_ids: HashMap<ListenAddr, u16>,
     pub qpair_rr: u32,
@@ -501,12 +531,12 @@ pub fn destroy_ctrl(c: &Arc<Ctrl>) {
     let qps: Vec<(u32, u64)> = lock(&c.state).io_qpairs.drain().map(|(_, v)| v).collect();
     for (r, id) in qps {
         reactor::send(r, move || {
-            crate::tcp::close_conn(id, "controller destroyed")
+            on_transport(|t| t.close_qpair(id, "controller destroyed"))
         });
     }
     let (r, id) = (c.admin_reactor, c.admin_conn);
     reactor::send(r, move || {
-        crate::tcp::close_conn(id, "controller destroyed")
+        on_transport(|t| t.close_qpair(id, "controller destroyed"))
     });
     tracing::info!(nqn = %c.subsys.nqn, cntlid = c.cntlid, host = %c.hostnqn, "controller destroyed");
 }
@@ -516,7 +546,7 @@ pub fn close_io_queues(c: &Arc<Ctrl>) {
     let qps: Vec<(u32, u64)> = lock(&c.state).io_qpairs.drain().map(|(_, v)| v).collect();
     for (r, id) in qps {
         reactor::send(r, move || {
-            crate::tcp::close_conn(id, "controller reset or shutdown")
+            on_transport(|t| t.close_qpair(id, "controller reset or shutdown"))
         });
     }
 }

@@ -14,25 +14,28 @@
 
 use std::cell::RefCell;
 use std::collections::HashMap;
-use std::net::{SocketAddr, TcpListener};
-use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
+use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use bdev::{BdevIo, IoChannel, IoStatus, IoType};
+use bdev::{BdevIo, IoChannel, IoType};
+use reactor::net;
 use reactor::uring::{op, ty};
 use reactor::DmaBuf;
 
+use crate::connect;
 use crate::ctrlr::{self, CcAction, Done};
+use crate::nvm_cmd;
 use crate::pdu::{
     self, Accept, DataHdr, Decoder, DecoderConfig, Encoder, Fes, IcResp, Pdu, PduError, R2t,
 };
 use crate::spec::*;
 use crate::target::{
-    self, lock, stats, Ctrl, CtrlState, ListenAddr, Namespace, SubType, TransportOpts, ADMIN_ICD,
-    AER_LIMIT, DISCOVERY_IDLE_MS, MAX_H2C_DATA,
+    self, lock, stats, Ctrl, ListenAddr, Namespace, TransportOpts, ADMIN_ICD, AER_LIMIT,
+    DISCOVERY_IDLE_MS, MAX_H2C_DATA,
 };
 
 /// Receive buffer: one whole PDU must fit (largest H2CData or capsule).
@@ -54,24 +57,42 @@ impl ListenerHandle {
     /// its callback drops the fd).
     pub fn stop(&self) {
         self.stop.store(true, Ordering::Release);
-        // SAFETY: shutting down a socket we own (closed only after the
-        // accept loop observes `stop`).
-        unsafe { libc::shutdown(self.fd, libc::SHUT_RDWR) };
+        // SAFETY: the accept loop keeps the fd open until it observes `stop`,
+        // which the shutdown makes it do.
+        net::shutdown(&unsafe { BorrowedFd::borrow_raw(self.fd) });
     }
 }
 
-/// Bind and start accepting on `addr` (call on reactor 0).
-pub fn listen(addr: &ListenAddr) -> std::io::Result<ListenerHandle> {
+fn socket_addr(addr: &ListenAddr) -> std::io::Result<SocketAddr> {
     let host = if addr.traddr.contains(':') {
         format!("[{}]", addr.traddr)
     } else {
         addr.traddr.clone()
     };
-    let sa: SocketAddr = format!("{host}:{}", addr.trsvcid)
+    format!("{host}:{}", addr.trsvcid)
         .parse()
-        .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidInput, "bad listen address"))?;
-    let l = TcpListener::bind(sa)?;
-    let fd: OwnedFd = l.into();
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidInput, "bad listen address"))
+}
+
+/// Bind and start accepting on `addr` (call on reactor 0).
+pub fn listen(addr: &ListenAddr) -> std::io::Result<ListenerHandle> {
+    let fd = net::listen_tcp(socket_addr(addr)?)?;
+    Ok(serve(fd, addr))
+}
+
+/// [`listen`], retrying the bind for up to `retry` while the address is in
+/// use (see [`net::listen_tcp_retrying`]).
+pub async fn listen_retrying(
+    addr: &ListenAddr,
+    retry: Duration,
+) -> std::io::Result<ListenerHandle> {
+    let fd = net::listen_tcp_retrying(socket_addr(addr)?, retry).await?;
+    Ok(serve(fd, addr))
+}
+
+fn serve(fd: OwnedFd, addr: &ListenAddr) -> ListenerHandle {
+    // Every queue comes through a listener: the target can reach them now.
+    target::set_transport_ops(&TCP);
     let stop = Arc::new(AtomicBool::new(false));
     let h = ListenerHandle {
         fd: fd.as_raw_fd(),
@@ -79,7 +100,7 @@ pub fn listen(addr: &ListenAddr) -> std::io::Result<ListenerHandle> {
     };
     tracing::info!(%addr, "NVMe/TCP target listening");
     arm_accept(Rc::new(fd), stop, addr.clone());
-    Ok(h)
+    h
 }
 
 fn arm_accept(fd: Rc<OwnedFd>, stop: Arc<AtomicBool>, addr: ListenAddr) {
@@ -294,21 +315,13 @@ fn start_conn(fd: OwnedFd, listen: ListenAddr) {
         return;
     };
     let r = reactor::current().unwrap_or(0);
-    let one: libc::c_int = 1;
-    // SAFETY: setsockopt on our socket with a valid int option.
-    unsafe {
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            libc::IPPROTO_TCP,
-            libc::TCP_NODELAY,
-            &one as *const _ as *const libc::c_void,
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        );
+    if let Err(e) = net::set_nodelay(&fd) {
+        tracing::debug!(error = %e, "TCP_NODELAY");
     }
-    let local_ip = sock_addr(fd.as_raw_fd(), false)
+    let local_ip = net::local_addr(&fd)
         .map(|a| a.ip().to_string())
         .unwrap_or_else(|| listen.traddr.clone());
-    let peer = sock_addr(fd.as_raw_fd(), true)
+    let peer = net::peer_addr(&fd)
         .map(|a| a.to_string())
         .unwrap_or_default();
     let id = NEXT_CONN_ID.fetch_add(1, Ordering::Relaxed);
@@ -372,40 +385,6 @@ fn start_conn(fd: OwnedFd, listen: ListenAddr) {
             }
         }
     });
-}
-
-/// Local (`peer` false) or remote address of a connected socket.
-fn sock_addr(fd: RawFd, peer: bool) -> Option<SocketAddr> {
-    // SAFETY: sockaddr_storage is plain data; zero is a valid value.
-    let mut ss: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
-    let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
-    let p = &mut ss as *mut _ as *mut libc::sockaddr;
-    // SAFETY: `p`/`len` describe a buffer large enough for any address.
-    let rc = unsafe {
-        if peer {
-            libc::getpeername(fd, p, &mut len)
-        } else {
-            libc::getsockname(fd, p, &mut len)
-        }
-    };
-    if rc != 0 {
-        return None;
-    }
-    match ss.ss_family as i32 {
-        libc::AF_INET => {
-            // SAFETY: the family says the storage holds a sockaddr_in.
-            let a: libc::sockaddr_in = unsafe { std::ptr::read(p as *const libc::sockaddr_in) };
-            let ip = std::net::Ipv4Addr::from(u32::from_be(a.sin_addr.s_addr));
-            Some(SocketAddr::new(ip.into(), u16::from_be(a.sin_port)))
-        }
-        libc::AF_INET6 => {
-            // SAFETY: the family says the storage holds a sockaddr_in6.
-            let a: libc::sockaddr_in6 = unsafe { std::ptr::read(p as *const libc::sockaddr_in6) };
-            let ip = std::net::Ipv6Addr::from(a.sin6_addr.s6_addr);
-            Some(SocketAddr::new(ip.into(), u16::from_be(a.sin6_port)))
-        }
-        _ => None,
-    }
 }
 
 fn arm_recv(rc: &ConnRc) {
@@ -558,6 +537,27 @@ fn process(rc: &ConnRc, c: &mut Conn) {
     c.schedule_flush(rc);
 }
 
+/// The TCP transport as the target sees it.
+pub struct Tcp;
+
+/// The one TCP transport (registered with the target by [`listen`]).
+pub static TCP: Tcp = Tcp;
+
+impl target::TransportOps for Tcp {
+    fn close_qpair(&self, conn: u64, why: &str) {
+        close_conn(conn, why);
+    }
+    fn deliver_events(&self, conn: u64) {
+        deliver_events(conn);
+    }
+}
+
+impl target::Listener for ListenerHandle {
+    fn stop(&self) {
+        ListenerHandle::stop(self);
+    }
+}
+
 /// Close connection `id` on this reactor (from a controller teardown).
 pub fn close_conn(id: u64, why: &str) {
     if let Some(rc) = get_conn(id) {
@@ -571,23 +571,6 @@ pub fn deliver_events(id: u64) {
         let mut c = rc.borrow_mut();
         c.deliver_events();
         c.schedule_flush(&rc);
-    }
-}
-
-fn io_status(st: IoStatus) -> Status {
-    match st {
-        IoStatus::Success => Status::SUCCESS,
-        IoStatus::NvmeError { sct, sc } => Status::new(sct, sc, false),
-        IoStatus::Aborted => Status::new(sct::GENERIC, sc::ABORTED_BY_REQUEST, false),
-        _ => Status::new(sct::GENERIC, sc::INTERNAL_ERROR, false),
-    }
-}
-
-fn connect_invalid(data: bool, off: u16) -> Done {
-    Done {
-        status: Status::specific(csc::CONNECT_INVALID_PARAMETERS),
-        dw0: ((data as u32) << 16) | off as u32,
-        ..Default::default()
     }
 }
 
@@ -661,8 +644,8 @@ impl Conn {
             self.detach_queue();
         }
         self.phase = Phase::Closed;
-        // SAFETY: shutdown on our own socket; wakes any Recv/Send in flight.
-        unsafe { libc::shutdown(self.fd.as_raw_fd(), libc::SHUT_RDWR) };
+        // Wakes any Recv/Send in flight.
+        net::shutdown(&self.fd);
         self.maybe_release();
     }
 
@@ -879,7 +862,7 @@ impl Conn {
         let Some((ns, _)) = q.ns(sqe.nsid) else {
             return Some(Status::generic(sc::INVALID_NAMESPACE_OR_FORMAT));
         };
-        check_range(ns, sqe.slba(), sqe.nlb() as u64)
+        nvm_cmd::check_range(ns, sqe.slba(), sqe.nlb() as u64)
             .err()
             .or_else(|| {
                 let need = sqe.nlb() as u64 * ns.block_size as u64;
@@ -1165,161 +1148,41 @@ impl Conn {
         if self.q.is_some() {
             return Done::err(Status::generic(sc::COMMAND_SEQUENCE_ERROR));
         }
-        let cmd = ConnectCmd::from_sqe(sqe);
-        if cmd.recfmt != 0 {
-            return Done::err(Status::specific(csc::CONNECT_INCOMPATIBLE_FORMAT));
-        }
-        let data = match self.slots[i].buf.as_ref() {
-            Some(b) if self.slots[i].len as usize >= CONNECT_DATA_SIZE => {
-                ConnectData::parse(&b.as_slice()[..CONNECT_DATA_SIZE])
-            }
-            _ => Err(ConnectDataError::Length(self.slots[i].len as usize)),
+        let at = connect::QueueInfo {
+            conn: self.id,
+            reactor: self.reactor,
+            listen: &self.listen,
+            peer: &self.peer,
         };
-        let data = match data {
-            Ok(d) => d,
-            Err(e) => {
-                tracing::warn!(conn = self.id, error = %e, "bad Connect data");
-                return match e {
-                    ConnectDataError::Length(_) => {
-                        Done::err(Status::generic(sc::DATA_SGL_LENGTH_INVALID))
-                    }
-                    e => connect_invalid(true, e.offset()),
-                };
-            }
+        let slot = &self.slots[i];
+        let a = match connect::admit(&at, &self.opts, sqe, slot.buf.as_ref(), slot.len) {
+            Ok(a) => a,
+            Err(d) => return d,
         };
-        let Some(subsys) = target::find_subsystem(&data.subnqn) else {
-            tracing::warn!(subnqn = %data.subnqn, "Connect to an unknown subsystem");
-            return connect_invalid(true, CONNECT_DATA_SUBNQN_OFF);
-        };
-        if subsys.subtype == SubType::Nvme && !subsys.listens_on(&self.listen) {
-            tracing::warn!(subnqn = %data.subnqn, listen = %self.listen, "subsystem does not listen on this address");
-            return connect_invalid(true, CONNECT_DATA_SUBNQN_OFF);
-        }
-        if !subsys.host_allowed(&data.hostnqn) {
-            tracing::warn!(subnqn = %data.subnqn, hostnqn = %data.hostnqn, "host not allowed");
-            return Done {
-                status: Status::specific(csc::CONNECT_INVALID_HOST),
-                ..Default::default()
-            };
-        }
-        if cmd.sqsize == 0 {
-            return connect_invalid(false, 44);
-        }
-        let r = self.reactor;
-        let st = stats(r);
-        let cntlid;
-        if cmd.qid == 0 {
-            if cmd.sqsize as u32 >= self.opts.max_aq_depth.max(32) {
-                return connect_invalid(false, 44);
-            }
-            if data.cntlid != 0xFFFF {
-                return connect_invalid(true, CONNECT_DATA_CNTLID_OFF);
-            }
-            let kato = if cmd.kato == 0 && subsys.subtype == SubType::Discovery {
-                0
-            } else {
-                cmd.kato
-            };
-            let ctrl = {
-                let mut ss = lock(&subsys.state);
-                let Some(id) = target::alloc_cntlid(&subsys, &mut ss) else {
-                    return Done::err(Status::specific(csc::CONNECT_CONTROLLER_BUSY));
-                };
-                let c = Arc::new(Ctrl {
-                    cntlid: id,
-                    subsys: subsys.clone(),
-                    hostnqn: data.hostnqn.clone(),
-                    hostid: data.hostid,
-                    kato_ms: kato.into(),
-                    admin_reactor: r,
-                    admin_conn: self.id,
-                    ready: false.into(),
-                    last_ka_ns: reactor::now_ns().into(),
-                    listen: self.listen.clone(),
-                    state: std::sync::Mutex::new(CtrlState {
-                        cc: 0,
-                        csts: 0,
-                        num_io_queues: 0,
-                        io_qpairs: HashMap::new(),
-                        aec: 0,
-                        events: Vec::new(),
-                        masked: Vec::new(),
-                        changed_ns: Vec::new(),
-                        feat: HashMap::new(),
-                    }),
-                    destroyed: false.into(),
-                });
-                ss.ctrls.push(c.clone());
-                c
-            };
-            cntlid = ctrl.cntlid;
-            tracing::info!(nqn = %subsys.nqn, cntlid, hostnqn = %data.hostnqn, kato, peer = %self.peer, "controller created");
-            self.start_keep_alive(ctrl.clone());
-            self.q = Some(Queue {
-                ctrl,
-                qid: 0,
-                sqsize: cmd.sqsize,
-                sqhd: 0,
-                sqflow_off: cmd.cattr & ConnectCmd::CATTR_DISABLE_SQFLOW != 0,
-                ns_gen: u64::MAX,
-                ns_cache: Vec::new(),
-            });
+        let st = stats(self.reactor);
+        if a.qid == 0 {
+            self.start_keep_alive(a.ctrl.clone());
             st.admin_qpairs.fetch_add(1, Ordering::Relaxed);
             st.current_admin_qpairs.fetch_add(1, Ordering::Relaxed);
         } else {
-            if subsys.subtype == SubType::Discovery {
-                return connect_invalid(false, 42);
-            }
-            let ctrl = lock(&subsys.state)
-                .ctrls
-                .iter()
-                .find(|c| c.cntlid == data.cntlid)
-                .cloned();
-            let Some(ctrl) = ctrl else {
-                return connect_invalid(true, CONNECT_DATA_CNTLID_OFF);
-            };
-            if ctrl.hostnqn != data.hostnqn {
-                return connect_invalid(true, CONNECT_DATA_HOSTNQN_OFF);
-            }
-            if !ctrl.ready.load(Ordering::Acquire) {
-                return connect_invalid(false, 42);
-            }
-            if cmd.sqsize >= self.opts.max_queue_depth {
-                return connect_invalid(false, 44);
-            }
-            {
-                let mut cs = lock(&ctrl.state);
-                let granted = if cs.num_io_queues == 0 {
-                    self.opts.max_io_qpairs_per_ctrlr as u32
-                } else {
-                    cs.num_io_queues
-                };
-                if cmd.qid as u32 > granted {
-                    return connect_invalid(false, 42);
-                }
-                if cs.io_qpairs.contains_key(&cmd.qid) {
-                    return Done::err(Status::specific(csc::INVALID_QUEUE_IDENTIFIER));
-                }
-                cs.io_qpairs.insert(cmd.qid, (r, self.id));
-            }
-            cntlid = ctrl.cntlid;
             self.dec.cfg.max_icd = self.opts.in_capsule_data_size.max(CONNECT_DATA_SIZE as u32);
-            self.q = Some(Queue {
-                ctrl,
-                qid: cmd.qid,
-                sqsize: cmd.sqsize,
-                sqhd: 0,
-                sqflow_off: cmd.cattr & ConnectCmd::CATTR_DISABLE_SQFLOW != 0,
-                ns_gen: u64::MAX,
-                ns_cache: Vec::new(),
-            });
             st.io_qpairs.fetch_add(1, Ordering::Relaxed);
             st.current_io_qpairs.fetch_add(1, Ordering::Relaxed);
         }
         st.current_unassociated_qpairs
             .fetch_sub(1, Ordering::Relaxed);
+        let cntlid = a.ctrl.cntlid;
+        self.q = Some(Queue {
+            ctrl: a.ctrl,
+            qid: a.qid,
+            sqsize: a.sqsize,
+            sqhd: 0,
+            sqflow_off: a.sqflow_off,
+            ns_gen: u64::MAX,
+            ns_cache: Vec::new(),
+        });
         // The Connect CQE reports SQHD FFFFh when SQ flow control is off.
-        if self.q.as_ref().is_some_and(|q| q.sqflow_off) {
+        if a.sqflow_off {
             self.sqhd_override = Some(0xFFFF);
         }
         Done::dw0(cntlid as u32)
@@ -1414,11 +1277,7 @@ impl Conn {
             self.finish(i, Done::err(Status::generic(sc::COMMAND_SEQUENCE_ERROR)));
             return;
         }
-        let op = sqe.opc;
-        if !matches!(
-            op,
-            nvm::READ | nvm::WRITE | nvm::FLUSH | nvm::WRITE_ZEROES | nvm::DATASET_MANAGEMENT
-        ) {
+        if !nvm_cmd::is_supported(sqe.opc) {
             self.finish(i, Done::err(Status::generic(sc::INVALID_OPCODE)));
             return;
         }
@@ -1430,94 +1289,16 @@ impl Conn {
             return;
         };
         let (ns, ch) = (ns.clone(), ch.clone());
-        let bs = ns.block_size as u64;
         let rcw = rc.clone();
         let done = move |io: Box<BdevIo>| io_done(&rcw, i, io);
         stats(self.reactor)
             .pending_bdev_io
             .fetch_add(1, Ordering::Relaxed);
-        match op {
-            nvm::READ | nvm::WRITE => {
-                let (slba, nlb) = (sqe.slba(), sqe.nlb() as u64);
-                if let Err(st) = check_range(&ns, slba, nlb) {
-                    return self.fail_pending(i, st);
-                }
-                let need = nlb * bs;
-                if need > self.slots[i].len as u64 {
-                    return self.fail_pending(i, Status::generic(sc::DATA_SGL_LENGTH_INVALID));
-                }
-                if need > self.opts.max_xfer() as u64 {
-                    return self.fail_pending(i, Status::generic(sc::INVALID_FIELD));
-                }
-                let mut io = if op == nvm::READ {
-                    BdevIo::read(slba, nlb, DmaBuf::new(need as usize), done)
-                } else {
-                    let Some(buf) = self.slots[i].buf.take() else {
-                        return self.fail_pending(i, Status::generic(sc::DATA_SGL_LENGTH_INVALID));
-                    };
-                    BdevIo::write(slba, nlb, buf, done)
-                };
-                io.fua = op == nvm::WRITE && sqe.fua();
-                ch.submit(io);
-            }
-            nvm::FLUSH => {
-                if !ns.bdev.io_type_supported(IoType::Flush) {
-                    return self.fail_pending(i, Status::SUCCESS);
-                }
-                ch.flush(0, ns.num_blocks(), done);
-            }
-            nvm::WRITE_ZEROES => {
-                let (slba, nlb) = (sqe.slba(), sqe.nlb() as u64);
-                if let Err(st) = check_range(&ns, slba, nlb) {
-                    return self.fail_pending(i, st);
-                }
-                if ns.bdev.io_type_supported(IoType::WriteZeroes) {
-                    ch.write_zeroes(slba, nlb, done);
-                } else if nlb * bs <= 8 << 20 {
-                    let mut io =
-                        BdevIo::write(slba, nlb, DmaBuf::zeroed((nlb * bs) as usize), done);
-                    io.fua = sqe.fua();
-                    ch.submit(io);
-                } else {
-                    self.fail_pending(i, Status::generic(sc::INVALID_FIELD));
-                }
-            }
-            _ => {
-                // Dataset Management.
-                let nr = (sqe.cdw10 & 0xFF) as usize + 1;
-                let ad = sqe.cdw11 & 4 != 0;
-                let Some(buf) = self.slots[i].buf.take() else {
-                    return self.fail_pending(i, Status::generic(sc::DATA_SGL_LENGTH_INVALID));
-                };
-                if (self.slots[i].len as usize) < nr * 16 {
-                    return self.fail_pending(i, Status::generic(sc::DATA_SGL_LENGTH_INVALID));
-                }
-                if !ad || !ns.bdev.io_type_supported(IoType::Unmap) {
-                    return self.fail_pending(i, Status::SUCCESS);
-                }
-                let d = buf.as_slice();
-                let mut ranges = Vec::with_capacity(nr);
-                for r in 0..nr {
-                    let o = r * 16;
-                    let len =
-                        u32::from_le_bytes(d[o + 4..o + 8].try_into().expect("4 bytes")) as u64;
-                    let slba = u64::from_le_bytes(d[o + 8..o + 16].try_into().expect("8 bytes"));
-                    if let Err(st) = check_range(&ns, slba, len) {
-                        return self.fail_pending(i, st);
-                    }
-                    if len > 0 {
-                        ranges.push((slba, len));
-                    }
-                }
-                if ranges.is_empty() {
-                    return self.fail_pending(i, Status::SUCCESS);
-                }
-                self.slots[i].pending = ranges.len() as u32;
-                for (slba, len) in ranges {
-                    let rcw = rc.clone();
-                    ch.unmap(slba, len, move |io| io_done(&rcw, i, io));
-                }
-            }
+        let max_xfer = self.opts.max_xfer();
+        let slot = &mut self.slots[i];
+        match nvm_cmd::submit(sqe, &ns, &ch, &mut slot.buf, slot.len, max_xfer, done) {
+            nvm_cmd::Submitted::Pending(n) => slot.pending = n,
+            nvm_cmd::Submitted::Now(st) => self.fail_pending(i, st),
         }
     }
 
@@ -1529,16 +1310,9 @@ impl Conn {
     }
 }
 
-fn check_range(ns: &Namespace, slba: u64, nlb: u64) -> Result<(), Status> {
-    match slba.checked_add(nlb) {
-        Some(end) if end <= ns.num_blocks() => Ok(()),
-        _ => Err(Status::generic(sc::LBA_OUT_OF_RANGE)),
-    }
-}
-
 fn io_done(rc: &ConnRc, i: usize, mut io: Box<BdevIo>) {
     let mut c = rc.borrow_mut();
-    let st = io_status(io.status);
+    let st = nvm_cmd::status_of(io.status);
     let s = &mut c.slots[i];
     if s.pending > 1 {
         s.pending -= 1;

@@ -226,6 +226,23 @@ impl Future for Sleep {
     }
 }
 
+/// Run `fut` for at most `d`: `None` if the time ran out first (`fut` is
+/// dropped then).
+pub async fn with_timeout<T>(d: Duration, fut: impl Future<Output = T>) -> Option<T> {
+    let mut fut = std::pin::pin!(fut);
+    let mut sleep = std::pin::pin!(sleep(d));
+    std::future::poll_fn(|cx| {
+        if let Poll::Ready(v) = fut.as_mut().poll(cx) {
+            return Poll::Ready(Some(v));
+        }
+        if sleep.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(None);
+        }
+        Poll::Pending
+    })
+    .await
+}
+
 /// Give other tasks and the data path one loop iteration.
 pub fn yield_now() -> YieldNow {
     YieldNow(false)
@@ -258,9 +275,7 @@ mod tests {
 
     #[test]
     fn tasks_sleep_and_join() {
-        let _g = crate::runtime::tests::SERIAL
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
+        let _g = crate::sync::lock(&crate::runtime::tests::SERIAL);
         let (tx, rx) = mpsc::channel();
         let cfg = Config {
             core_mask: 0x1,

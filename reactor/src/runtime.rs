@@ -111,9 +111,7 @@ impl Shared {
 static GLOBAL: Mutex<Option<Arc<Shared>>> = Mutex::new(None);
 
 fn global() -> Arc<Shared> {
-    GLOBAL
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
+    crate::sync::lock(&GLOBAL)
         .clone()
         .expect("reactor runtime is not running")
 }
@@ -302,7 +300,7 @@ pub fn cancel_timer(id: TimerId) {
 pub fn stop() {
     let shared = match try_local() {
         Some(l) => l.shared.clone(),
-        None => match GLOBAL.lock().unwrap_or_else(|e| e.into_inner()).clone() {
+        None => match crate::sync::lock(&GLOBAL).clone() {
             Some(s) => s,
             None => return,
         },
@@ -317,9 +315,7 @@ pub fn stop() {
 pub fn stopping() -> bool {
     match try_local() {
         Some(l) => l.shared.stop.load(Ordering::SeqCst),
-        None => GLOBAL
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
+        None => crate::sync::lock(&GLOBAL)
             .as_ref()
             .is_none_or(|s| s.stop.load(Ordering::SeqCst)),
     }
@@ -337,7 +333,7 @@ impl Runtime {
         for t in self.threads {
             let _ = t.join();
         }
-        *GLOBAL.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        *crate::sync::lock(&GLOBAL) = None;
     }
 }
 
@@ -376,7 +372,7 @@ fn new_eventfd() -> Result<OwnedFd, Error> {
 pub fn start(cfg: Config, main: impl FnOnce() + Send + 'static) -> Result<Runtime, Error> {
     let cores = mask_to_cores(cfg.core_mask)?;
     {
-        let g = GLOBAL.lock().unwrap_or_else(|e| e.into_inner());
+        let g = crate::sync::lock(&GLOBAL);
         if g.is_some() {
             return Err(Error::AlreadyRunning);
         }
@@ -396,7 +392,7 @@ pub fn start(cfg: Config, main: impl FnOnce() + Send + 'static) -> Result<Runtim
         interrupt_mode: cfg.interrupt_mode,
         stop: AtomicBool::new(false),
     });
-    *GLOBAL.lock().unwrap_or_else(|e| e.into_inner()) = Some(shared.clone());
+    *crate::sync::lock(&GLOBAL) = Some(shared.clone());
 
     let barrier = Arc::new(Barrier::new(cores.len() + 1));
     let ring_err: Arc<Mutex<Option<Error>>> = Arc::new(Mutex::new(None));
@@ -420,7 +416,7 @@ pub fn start(cfg: Config, main: impl FnOnce() + Send + 'static) -> Result<Runtim
                 let ring = match Ring::new(entries) {
                     Ok(r) => r,
                     Err(e) => {
-                        *ring_err.lock().unwrap_or_else(|e| e.into_inner()) = Some(Error::Uring(e));
+                        *crate::sync::lock(&ring_err) = Some(Error::Uring(e));
                         barrier.wait();
                         return;
                     }
@@ -454,7 +450,7 @@ pub fn start(cfg: Config, main: impl FnOnce() + Send + 'static) -> Result<Runtim
         threads.push(t);
     }
     barrier.wait();
-    if let Some(e) = ring_err.lock().unwrap_or_else(|e| e.into_inner()).take() {
+    if let Some(e) = crate::sync::lock(&ring_err).take() {
         stop();
         Runtime { threads }.join();
         return Err(e);
@@ -633,7 +629,7 @@ pub(crate) mod tests {
 
     #[test]
     fn messages_timers_pollers() {
-        let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+        let _g = crate::sync::lock(&SERIAL);
         for interrupt in [false, true] {
             let (tx, rx) = mpsc::channel();
             let rt = start(cfg(interrupt), move || {
@@ -676,7 +672,7 @@ pub(crate) mod tests {
 
     #[test]
     fn cross_thread_send_wakes_sleeping_reactor() {
-        let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+        let _g = crate::sync::lock(&SERIAL);
         let rt = start(cfg(true), || {}).unwrap();
         let counter = Arc::new(AtomicU64::new(0));
         let (tx, rx) = mpsc::channel();

@@ -52,11 +52,11 @@ static STATE: AtomicU32 = AtomicU32::new(STARTUP);
 fn registry_read() -> std::sync::RwLockReadGuard<'static, Registry> {
     // A panic while holding the lock cannot leave the map half-updated in a
     // harmful way (single inserts), so recover from poisoning.
-    REGISTRY.read().unwrap_or_else(|e| e.into_inner())
+    reactor::sync::read(&REGISTRY)
 }
 
 fn registry_write() -> std::sync::RwLockWriteGuard<'static, Registry> {
-    REGISTRY.write().unwrap_or_else(|e| e.into_inner())
+    reactor::sync::write(&REGISTRY)
 }
 
 fn insert(name: &str, entry: Entry) {
@@ -328,7 +328,7 @@ pub fn register_subsystem(
         depends_on: depends_on.iter().map(|s| s.to_string()).collect(),
         config: Arc::new(config),
     };
-    let mut subs = SUBSYSTEMS.write().unwrap_or_else(|e| e.into_inner());
+    let mut subs = reactor::sync::write(&SUBSYSTEMS);
     match subs.iter_mut().find(|s| s.name == name) {
         Some(s) => *s = sub,
         None => subs.push(sub),
@@ -336,9 +336,7 @@ pub fn register_subsystem(
 }
 
 pub(crate) fn subsystem_exists(name: &str) -> bool {
-    SUBSYSTEMS
-        .read()
-        .unwrap_or_else(|e| e.into_inner())
+    reactor::sync::read(&SUBSYSTEMS)
         .iter()
         .any(|s| s.name == name)
 }
@@ -348,7 +346,7 @@ pub(crate) fn subsystem_exists(name: &str) -> bool {
 /// sorts its list the same way before init). Stable, so a registration order
 /// that already respects dependencies is kept as is.
 pub(crate) fn subsystems_in_order() -> Vec<(String, Vec<String>)> {
-    let subs = SUBSYSTEMS.read().unwrap_or_else(|e| e.into_inner());
+    let subs = reactor::sync::read(&SUBSYSTEMS);
     let mut pending: Vec<(String, Vec<String>)> = subs
         .iter()
         .map(|s| (s.name.clone(), s.depends_on.clone()))
@@ -368,9 +366,7 @@ pub(crate) fn subsystems_in_order() -> Vec<(String, Vec<String>)> {
 }
 
 pub(crate) fn subsystem_config_fn(name: &str) -> Option<ConfigFn> {
-    SUBSYSTEMS
-        .read()
-        .unwrap_or_else(|e| e.into_inner())
+    reactor::sync::read(&SUBSYSTEMS)
         .iter()
         .find(|s| s.name == name)
         .map(|s| s.config.clone())

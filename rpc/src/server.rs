@@ -16,7 +16,7 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -78,11 +78,15 @@ struct ConnEntry {
 struct Conns {
     live: Mutex<HashMap<u64, ConnEntry>>,
     next_id: AtomicU64,
+    /// Requests handed to reactor 0 whose reply is not yet written (or
+    /// dropped): what [`Server::drain`] waits for, so a reply is not lost
+    /// to a shutdown its own handler set off.
+    pending: AtomicUsize,
 }
 
 impl Conns {
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, ConnEntry>> {
-        self.live.lock().unwrap_or_else(|e| e.into_inner())
+        reactor::sync::lock(&self.live)
     }
 }
 
@@ -242,8 +246,20 @@ impl Server {
         &self.path
     }
 
+    /// Wait (on reactor 0, where the handlers run) until every request
+    /// received so far has its reply written, or `timeout` passes: a
+    /// shutdown set off by a request (`spdk_kill_instance`, the delete of
+    /// the bdev an application serves) still answers it.
+    pub async fn drain(&self, timeout: Duration) {
+        let start = std::time::Instant::now();
+        while self.conns.pending.load(Ordering::Acquire) > 0 && start.elapsed() < timeout {
+            reactor::sleep(Duration::from_millis(1)).await;
+        }
+    }
+
     /// Stop accepting, close every connection (replies still in flight are
-    /// dropped), unlink the socket and the lock file, release the lock.
+    /// dropped: [`Server::drain`] first), unlink the socket and the lock
+    /// file, release the lock.
     pub fn shutdown(mut self) {
         self.stop_inner();
     }
@@ -367,34 +383,53 @@ fn spawn_conn(stream: UnixStream, conns: &Arc<Conns>) -> io::Result<()> {
     // the connection and removes its entry.
     let reader = std::thread::Builder::new()
         .name(format!("rpc-conn{id}-rx"))
-        .spawn(move || reader_loop(rstream, tx))?;
+        .spawn({
+            let conns = conns.clone();
+            move || reader_loop(rstream, tx, conns)
+        })?;
     if let Some(e) = conns.lock().get_mut(&id) {
         e.reader = Some(reader);
     }
     Ok(())
 }
 
+/// Queue a reply for the writer, which counts it off [`Conns::pending`]
+/// once written; the caller counted it on.
+fn queue_reply(tx: &Sender<Vec<u8>>, conns: &Conns, out: Vec<u8>) {
+    if tx.send(out).is_err() {
+        // The writer is gone (connection reset): nobody will count it off.
+        conns.pending.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 /// Hand one top-level value to reactor 0; its reply goes to `tx`.
-fn submit(v: Value, tx: &Sender<Vec<u8>>) {
+fn submit(v: Value, tx: &Sender<Vec<u8>>, conns: &Arc<Conns>) {
+    conns.pending.fetch_add(1, Ordering::AcqRel);
     if reactor::stopping() {
         // No reactor to run handlers (not started, or shutting down).
-        if let Some(out) = immediate_error(v, &RpcError::internal("Internal error")) {
-            let _ = tx.send(out);
+        match immediate_error(v, &RpcError::internal("Internal error")) {
+            Some(out) => queue_reply(tx, conns, out),
+            None => {
+                conns.pending.fetch_sub(1, Ordering::AcqRel);
+            }
         }
         return;
     }
     let tx = tx.clone();
+    let conns = conns.clone();
     reactor::send(0, move || {
         reactor::spawn_local(async move {
-            if let Some(out) = process_value(v).await {
-                // The writer may be gone (connection reset); nothing to do then.
-                let _ = tx.send(out);
+            match process_value(v).await {
+                Some(out) => queue_reply(&tx, &conns, out),
+                None => {
+                    conns.pending.fetch_sub(1, Ordering::AcqRel);
+                }
             }
         });
     });
 }
 
-fn reader_loop(mut stream: UnixStream, tx: Sender<Vec<u8>>) {
+fn reader_loop(mut stream: UnixStream, tx: Sender<Vec<u8>>, conns: Arc<Conns>) {
     let mut buf: Vec<u8> = Vec::new();
     let mut chunk = vec![0u8; 64 * 1024];
     loop {
@@ -404,7 +439,8 @@ fn reader_loop(mut stream: UnixStream, tx: Sender<Vec<u8>>) {
                 limit = RECV_BUF_SIZE,
                 "RPC request exceeds the receive buffer"
             );
-            let _ = tx.send(parse_error_reply());
+            conns.pending.fetch_add(1, Ordering::AcqRel);
+            queue_reply(&tx, &conns, parse_error_reply());
             break;
         }
         let want = room.min(chunk.len());
@@ -420,11 +456,12 @@ fn reader_loop(mut stream: UnixStream, tx: Sender<Vec<u8>>) {
         buf.extend_from_slice(&chunk[..n]);
         let framed = take_values(&mut buf, eof);
         for v in framed.values {
-            submit(v, &tx);
+            submit(v, &tx, &conns);
         }
         if framed.parse_error {
             // No resync point in a JSON stream: answer and close.
-            let _ = tx.send(parse_error_reply());
+            conns.pending.fetch_add(1, Ordering::AcqRel);
+            queue_reply(&tx, &conns, parse_error_reply());
             break;
         }
         if eof {
@@ -459,13 +496,13 @@ fn writer_loop(stream: UnixStream, rx: Receiver<Vec<u8>>, id: u64, conns: Arc<Co
     let mut broken = false;
     // Ends once the reader and every in-flight request dropped their sender.
     for msg in rx.iter() {
-        if broken {
-            continue;
+        if !broken {
+            if let Err(e) = send_all(&stream, &msg) {
+                tracing::debug!(error = %e, "RPC connection write failed");
+                broken = true;
+            }
         }
-        if let Err(e) = send_all(&stream, &msg) {
-            tracing::debug!(error = %e, "RPC connection write failed");
-            broken = true;
-        }
+        conns.pending.fetch_sub(1, Ordering::AcqRel);
     }
     // Other clones of the fd exist (the registry's), so close explicitly.
     let _ = stream.shutdown(std::net::Shutdown::Both);

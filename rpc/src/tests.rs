@@ -20,7 +20,7 @@ use crate::*;
 static SERIAL: Mutex<()> = Mutex::new(());
 
 fn serial() -> MutexGuard<'static, ()> {
-    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+    reactor::sync::lock(&SERIAL)
 }
 
 /// Run a future to completion on this thread (handlers used here do not
@@ -363,11 +363,11 @@ fn builtin_methods() {
 static LOG: Mutex<Vec<String>> = Mutex::new(Vec::new());
 
 fn log(s: impl Into<String>) {
-    LOG.lock().unwrap_or_else(|e| e.into_inner()).push(s.into());
+    reactor::sync::lock(&LOG).push(s.into());
 }
 
 fn take_log() -> Vec<String> {
-    std::mem::take(&mut *LOG.lock().unwrap_or_else(|e| e.into_inner()))
+    std::mem::take(&mut *reactor::sync::lock(&LOG))
 }
 
 fn register_loader_methods() {

@@ -249,7 +249,7 @@ struct Latch {
 impl Latch {
     fn count_down(&self) {
         if self.remaining.fetch_sub(1, Ordering::AcqRel) == 1 {
-            let w = self.waker.lock().unwrap_or_else(|e| e.into_inner()).take();
+            let w = reactor::sync::lock(&self.waker).take();
             if let Some(w) = w {
                 w.wake();
             }
@@ -261,7 +261,7 @@ impl Latch {
         impl Future for Wait {
             type Output = ();
             fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-                let mut w = self.0.waker.lock().unwrap_or_else(|e| e.into_inner());
+                let mut w = reactor::sync::lock(&self.0.waker);
                 if self.0.remaining.load(Ordering::Acquire) == 0 {
                     return Poll::Ready(());
                 }
@@ -435,7 +435,7 @@ async fn bdevperf_main(cfg: Config) -> i32 {
             // so a bdev deleted mid-run need not wait for the other jobs.
             let desc = res.desc.take();
             reactor::send(0, move || drop(desc));
-            results.lock().unwrap_or_else(|e| e.into_inner())[i] = Some(res);
+            reactor::sync::lock(&results)[i] = Some(res);
             latch.count_down();
         });
         reactor::send(plan.reactor, move || {
@@ -444,8 +444,7 @@ async fn bdevperf_main(cfg: Config) -> i32 {
     }
     latch.wait().await;
 
-    let results: Vec<Option<JobResult>> =
-        std::mem::take(&mut *results.lock().unwrap_or_else(|e| e.into_inner()));
+    let results: Vec<Option<JobResult>> = std::mem::take(&mut *reactor::sync::lock(&results));
     // Every job reported (the latch says so); pair before dropping Nones so
     // rows can never shift to the wrong plan.
     let done: Vec<(&Plan, &JobResult)> = plans

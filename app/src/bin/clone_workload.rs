@@ -1,6 +1,7 @@
 //! `clone_workload`: the target (same framework, same modules, same `--json`
 //! config as `clone_tgt`) plus an in-process I/O client, for the clone's
-//! end-to-end and crash tests while there is no NVMe-oF export to drive.
+//! crash tests: it journals every I/O as it is acknowledged, with no network
+//! in between (the NVMe/TCP crash test is `test/test_clone_crash_nvmf.py`).
 //!
 //! Two ways to use it:
 //!
@@ -384,7 +385,7 @@ fn pick_op(rng: &mut Rng, s: &Spec) -> Op {
 type Shared = Arc<Mutex<State>>;
 
 fn lock(st: &Shared) -> MutexGuard<'_, State> {
-    st.lock().unwrap_or_else(|e| e.into_inner())
+    reactor::sync::lock(st)
 }
 
 async fn run_one(ch: &bdev::IoChannel, spec: &Spec, st: &Shared) -> bool {

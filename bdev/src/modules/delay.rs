@@ -342,9 +342,7 @@ async fn abort_everywhere(bdev: &Arc<Bdev>) {
     crate::for_each_channel(bdev, |ch: &DelayChannel| ch.0.abort_all(IoStatus::Aborted)).await
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
+use reactor::sync::lock;
 
 // ---------------------------------------------------------------------------
 // Create / delete / update

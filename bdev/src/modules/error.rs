@@ -372,9 +372,7 @@ fn reset(st: Rc<ErrorChan>, io: Box<BdevIo>) {
     });
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
+use reactor::sync::lock;
 
 // ---------------------------------------------------------------------------
 // Create / delete / inject

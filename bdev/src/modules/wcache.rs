@@ -84,7 +84,7 @@ impl Media {
 
     fn lock(&self) -> MutexGuard<'_, State> {
         // A panicking test thread must not hide the media from the others.
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+        reactor::sync::lock(&self.state)
     }
 
     pub fn block_size(&self) -> u32 {

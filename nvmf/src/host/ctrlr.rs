@@ -14,7 +14,6 @@ use std::net::SocketAddr;
 use std::rc::{Rc, Weak};
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
-use std::task::{Poll, Waker};
 use std::time::Duration;
 
 use bdev::{BdevIo, IoStatus};
@@ -22,9 +21,10 @@ use reactor::{PollStatus, Poller};
 use uuid::Uuid;
 
 use super::qpair::{QpParams, Qpair};
-use super::sock::{resolve, with_timeout};
+use super::sock::resolve;
 use super::HostError;
 use crate::spec::{self, id_ctrl, id_ns, Cqe, Sqe};
+use reactor::with_timeout;
 
 /// I/O state shared by every reactor (values of [`Shared::state`]).
 pub const ST_CONNECTED: u8 = 0;
@@ -254,68 +254,23 @@ impl Local {
     }
 }
 
+/// What enabling the controller learnt from its registers.
+struct Enabled {
+    vs: u32,
+    /// CAP.MQES: largest queue size, 0's based.
+    mqes: u16,
+    /// CAP.MPSMIN in bytes.
+    mpsmin: u64,
+}
+
 // ---------------------------------------------------------------------------
 // Cross-reactor helpers
-
-/// A one-shot slot that a task on another reactor fills.
-struct Oneshot<T> {
-    inner: Mutex<(Option<T>, Option<Waker>)>,
-}
-
-impl<T> Oneshot<T> {
-    fn new() -> Arc<Self> {
-        Arc::new(Oneshot {
-            inner: Mutex::new((None, None)),
-        })
-    }
-    fn set(&self, v: T) {
-        let w = {
-            let mut g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-            g.0 = Some(v);
-            g.1.take()
-        };
-        if let Some(w) = w {
-            w.wake();
-        }
-    }
-    async fn wait(&self) -> T {
-        std::future::poll_fn(|cx| {
-            let mut g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-            match g.0.take() {
-                Some(v) => Poll::Ready(v),
-                None => {
-                    g.1 = Some(cx.waker().clone());
-                    Poll::Pending
-                }
-            }
-        })
-        .await
-    }
-}
-
-/// Run the future made by `f` on reactor `r` and return its output.
-async fn on_reactor<T, F, Fut>(r: u32, f: F) -> T
-where
-    T: Send + 'static,
-    F: FnOnce() -> Fut + Send + 'static,
-    Fut: std::future::Future<Output = T> + 'static,
-{
-    if reactor::current() == Some(r) {
-        return f().await;
-    }
-    let slot = Oneshot::new();
-    let s2 = slot.clone();
-    reactor::spawn_on(r, move || async move {
-        s2.set(f().await);
-    });
-    slot.wait().await
-}
 
 /// Run `f(local)` on every reactor that has a Local for `id`.
 async fn each_local(id: u64, f: impl Fn(&Rc<Local>) + Send + Sync + Clone + 'static) {
     for r in 0..reactor::num_reactors() {
         let f = f.clone();
-        on_reactor(r, move || async move {
+        reactor::run_on(r, move || async move {
             if let Some(l) = local_if_any(id) {
                 f(&l);
             }
@@ -491,11 +446,7 @@ impl Ctrlr {
     }
 
     pub fn data(&self) -> CtrlrData {
-        self.shared
-            .data
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        reactor::sync::lock(&self.shared.data).clone()
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -598,7 +549,30 @@ impl Ctrlr {
             max_xfer: 1 << 20,
             connect_timeout: o.connect_timeout,
         };
-        let (admin, cntlid) = Qpair::connect(self.addr, &params).await?;
+        let cntlid = self.connect_admin(&params).await?;
+        let en = self.enable().await?;
+        let data = self.identify_controller(cntlid, &en).await?;
+        let discovery = o.subnqn == spec::DISCOVERY_NQN;
+        let mut nss = Vec::new();
+        if !discovery {
+            self.set_number_of_queues().await?;
+            let nsids = self.active_nsids().await?;
+            nss = self.identify_namespaces(nsids).await?;
+        }
+        *reactor::sync::lock(&self.shared.data) = data.clone();
+        self.adopt_namespaces(nss);
+        if !discovery {
+            self.connect_io_queues(&params, cntlid, en.mqes, &data)
+                .await?;
+        }
+        self.start_keep_alive();
+        Ok(())
+    }
+
+    /// Connect the admin queue (on this reactor); its failure fails the
+    /// controller. Returns the CNTLID the Connect granted.
+    async fn connect_admin(self: &Rc<Self>, params: &QpParams) -> Result<u16, HostError> {
+        let (admin, cntlid) = Qpair::connect(self.addr, params).await?;
         let id = self.shared.id;
         admin.set_on_fail(Box::new(move |ios, by_host| {
             for (io, _, _) in ios {
@@ -612,14 +586,15 @@ impl Ctrlr {
         if let Some(old) = self.admin.borrow_mut().replace(admin) {
             old.close();
         }
+        Ok(cntlid)
+    }
 
-        // Enable, as SPDK: VS, CAP, CC (disable first if enabled), CC.EN=1,
-        // wait for CSTS.RDY.
+    /// Enable the controller as SPDK does: read VS and CAP, disable it if
+    /// CC.EN is set, set CC.EN=1 and wait for CSTS.RDY.
+    async fn enable(&self) -> Result<Enabled, HostError> {
         let vs = self.prop_get(spec::prop::VS, false).await? as u32;
         let cap = self.prop_get(spec::prop::CAP, true).await?;
-        let mqes = (cap & 0xFFFF) as u16;
         let to_ms = (((cap >> 24) & 0xFF).max(1)) * 500;
-        let mpsmin = 4096u64 << ((cap >> 48) & 0xF);
         let cc = self.prop_get(spec::prop::CC, false).await? as u32;
         if cc & 1 != 0 {
             self.prop_set(spec::prop::CC, cc & !1).await?;
@@ -628,10 +603,19 @@ impl Ctrlr {
         self.prop_set(spec::prop::CC, (6 << 16) | (4 << 20) | 1)
             .await?;
         self.wait_rdy(true, to_ms).await?;
+        Ok(Enabled {
+            vs,
+            mqes: (cap & 0xFFFF) as u16,
+            mpsmin: 4096u64 << ((cap >> 48) & 0xF),
+        })
+    }
 
+    /// Identify Controller: must name the subsystem we connected to.
+    async fn identify_controller(&self, cntlid: u16, en: &Enabled) -> Result<CtrlrData, HostError> {
+        let o = &self.opts;
         let idb = self.identify(spec::cns::CONTROLLER, 0).await?;
-        let mut data = parse_id_ctrl(&idb, mpsmin);
-        data.mqes = mqes;
+        let mut data = parse_id_ctrl(&idb, en.mpsmin);
+        data.mqes = en.mqes;
         if data.cntlid != cntlid {
             tracing::warn!(ctrlr = %o.name, connect = cntlid, identify = data.cntlid, "CNTLID from Identify differs from the Connect response");
         }
@@ -641,112 +625,129 @@ impl Ctrlr {
                 data.subnqn, o.subnqn
             )));
         }
-        tracing::info!(ctrlr = %o.name, cntlid, vs = format!("{:#x}", vs), mn = %data.mn, sn = %data.sn, "controller enabled");
+        tracing::info!(ctrlr = %o.name, cntlid, vs = format!("{:#x}", en.vs), mn = %data.mn, sn = %data.sn, "controller enabled");
+        Ok(data)
+    }
 
-        let discovery = o.subnqn == spec::DISCOVERY_NQN;
-        let mut nss = Vec::new();
-        if !discovery {
-            // Number of queues: one per reactor, up to num_io_queues.
-            let want = reactor::num_reactors()
-                .min(o.num_io_queues)
-                .clamp(1, 0xFFFF);
-            let sqe = Sqe {
-                opc: spec::admin::SET_FEATURES,
-                cdw10: spec::fid::NUMBER_OF_QUEUES as u32,
-                cdw11: (want - 1) | ((want - 1) << 16),
-                ..Sqe::default()
-            };
-            let (cqe, _) = self
-                .admin_cmd("Set Features Number of Queues", sqe, Vec::new(), 0)
-                .await?;
-            let granted = ((cqe.dw0 & 0xFFFF).min(cqe.dw0 >> 16) + 1).min(want);
-            self.io_queues.set(granted);
-            if granted < reactor::num_reactors() {
-                tracing::warn!(ctrlr = %o.name, granted, reactors = reactor::num_reactors(), "fewer I/O queues than reactors: reactors without one fail their I/O");
-            }
+    /// Ask for one I/O queue per reactor, up to `num_io_queues`; keep what
+    /// the controller grants.
+    async fn set_number_of_queues(&self) -> Result<(), HostError> {
+        let o = &self.opts;
+        let want = reactor::num_reactors()
+            .min(o.num_io_queues)
+            .clamp(1, 0xFFFF);
+        let sqe = Sqe {
+            opc: spec::admin::SET_FEATURES,
+            cdw10: spec::fid::NUMBER_OF_QUEUES as u32,
+            cdw11: (want - 1) | ((want - 1) << 16),
+            ..Sqe::default()
+        };
+        let (cqe, _) = self
+            .admin_cmd("Set Features Number of Queues", sqe, Vec::new(), 0)
+            .await?;
+        let granted = ((cqe.dw0 & 0xFFFF).min(cqe.dw0 >> 16) + 1).min(want);
+        self.io_queues.set(granted);
+        if granted < reactor::num_reactors() {
+            tracing::warn!(ctrlr = %o.name, granted, reactors = reactor::num_reactors(), "fewer I/O queues than reactors: reactors without one fail their I/O");
+        }
+        Ok(())
+    }
 
-            // Active namespaces, 1024 per page: a full page continues
-            // after its last NSID.
-            let mut nsids: Vec<u32> = Vec::new();
-            loop {
-                let after = nsids.last().copied().unwrap_or(0);
-                let list = self.identify(spec::cns::ACTIVE_NS_LIST, after).await?;
-                let page: Vec<u32> = (0..1024)
-                    .map(|i| le32(&list, i * 4))
-                    .take_while(|&n| n != 0)
-                    .collect();
-                if page.iter().any(|&n| n <= after || n >= 0xFFFF_FFFE)
-                    || page.windows(2).any(|w| w[1] <= w[0])
-                {
-                    return Err(HostError::Protocol(format!(
-                        "active namespace list after NSID {after} is not ascending or holds an invalid NSID"
-                    )));
-                }
-                let full = page.len() == 1024;
-                nsids.extend(page);
-                if !full || nsids.len() >= (1 << 20) {
-                    break;
-                }
+    /// The active namespace list, 1024 per page: a full page continues
+    /// after its last NSID.
+    async fn active_nsids(&self) -> Result<Vec<u32>, HostError> {
+        let mut nsids: Vec<u32> = Vec::new();
+        loop {
+            let after = nsids.last().copied().unwrap_or(0);
+            let list = self.identify(spec::cns::ACTIVE_NS_LIST, after).await?;
+            let page: Vec<u32> = (0..1024)
+                .map(|i| le32(&list, i * 4))
+                .take_while(|&n| n != 0)
+                .collect();
+            if page.iter().any(|&n| n <= after || n >= 0xFFFF_FFFE)
+                || page.windows(2).any(|w| w[1] <= w[0])
+            {
+                return Err(HostError::Protocol(format!(
+                    "active namespace list after NSID {after} is not ascending or holds an invalid NSID"
+                )));
             }
-            for nsid in nsids {
-                let b = self.identify(spec::cns::NAMESPACE, nsid).await?;
-                let ns = match parse_id_ns(nsid, &b) {
-                    Ok(Some(ns)) => ns,
-                    Ok(None) => continue,
-                    Err(e) => {
-                        tracing::warn!(ctrlr = %o.name, "skipping {e}");
-                        continue;
-                    }
-                };
-                let uuid = match self.identify(spec::cns::NS_ID_DESCRIPTORS, nsid).await {
-                    Ok(d) => parse_ns_descs(&d),
-                    Err(e) => {
-                        tracing::debug!(ctrlr = %o.name, nsid, error = %e, "no namespace descriptors");
-                        None
-                    }
-                };
-                nss.push(NsInfo { uuid, ..ns });
+            let full = page.len() == 1024;
+            nsids.extend(page);
+            if !full || nsids.len() >= (1 << 20) {
+                return Ok(nsids);
             }
         }
-        *self.shared.data.lock().unwrap_or_else(|e| e.into_inner()) = data.clone();
+    }
+
+    /// Identify Namespace (and its descriptors, for the UUID) of each NSID;
+    /// unusable namespaces are skipped.
+    async fn identify_namespaces(&self, nsids: Vec<u32>) -> Result<Vec<NsInfo>, HostError> {
+        let o = &self.opts;
+        let mut nss = Vec::new();
+        for nsid in nsids {
+            let b = self.identify(spec::cns::NAMESPACE, nsid).await?;
+            let ns = match parse_id_ns(nsid, &b) {
+                Ok(Some(ns)) => ns,
+                Ok(None) => continue,
+                Err(e) => {
+                    tracing::warn!(ctrlr = %o.name, "skipping {e}");
+                    continue;
+                }
+            };
+            let uuid = match self.identify(spec::cns::NS_ID_DESCRIPTORS, nsid).await {
+                Ok(d) => parse_ns_descs(&d),
+                Err(e) => {
+                    tracing::debug!(ctrlr = %o.name, nsid, error = %e, "no namespace descriptors");
+                    None
+                }
+            };
+            nss.push(NsInfo { uuid, ..ns });
+        }
+        Ok(nss)
+    }
+
+    /// The namespaces found at the first connect stay those of the bdevs: a
+    /// reconnect that finds others only warns.
+    fn adopt_namespaces(&self, nss: Vec<NsInfo>) {
         {
             let known = self.namespaces.borrow();
             if !known.is_empty() && *known != nss {
-                tracing::warn!(ctrlr = %o.name, "namespaces changed across the reconnect; keeping the bdevs as they were");
+                tracing::warn!(ctrlr = %self.opts.name, "namespaces changed across the reconnect; keeping the bdevs as they were");
             }
         }
         if self.namespaces.borrow().is_empty() {
             *self.namespaces.borrow_mut() = nss;
         }
+    }
 
-        if !discovery {
-            // One I/O queue pair per reactor (those within the granted count).
-            let depth = IO_DEPTH.min(mqes.saturating_add(1)).max(2);
-            let mut qp = params.clone();
-            qp.depth = depth;
-            qp.cntlid = cntlid;
-            qp.kato_ms = 0;
-            qp.icd_max = (data.ioccsz as usize * 16).saturating_sub(64);
-            qp.max_xfer = data.max_xfer;
-            for r in 0..reactor::num_reactors().min(self.io_queues.get()) {
-                let mut p = qp.clone();
-                p.qid = r as u16 + 1;
-                let addr = self.addr;
-                let shared = self.shared.clone();
-                let res = on_reactor(r, move || async move {
-                    match Qpair::connect(addr, &p).await {
-                        Ok((q, _)) => {
-                            local(&shared).set_qp(q);
-                            Ok(())
-                        }
-                        Err(e) => Err(e),
-                    }
-                })
-                .await;
-                res?;
-            }
+    /// One I/O queue pair per reactor (those within the granted count),
+    /// each connected on its reactor.
+    async fn connect_io_queues(
+        &self,
+        params: &QpParams,
+        cntlid: u16,
+        mqes: u16,
+        data: &CtrlrData,
+    ) -> Result<(), HostError> {
+        let depth = IO_DEPTH.min(mqes.saturating_add(1)).max(2);
+        let mut qp = params.clone();
+        qp.depth = depth;
+        qp.cntlid = cntlid;
+        qp.kato_ms = 0;
+        qp.icd_max = (data.ioccsz as usize * 16).saturating_sub(64);
+        qp.max_xfer = data.max_xfer;
+        for r in 0..reactor::num_reactors().min(self.io_queues.get()) {
+            let mut p = qp.clone();
+            p.qid = r as u16 + 1;
+            let addr = self.addr;
+            let shared = self.shared.clone();
+            reactor::run_on(r, move || async move {
+                let (q, _) = Qpair::connect(addr, &p).await?;
+                local(&shared).set_qp(q);
+                Ok::<(), HostError>(())
+            })
+            .await?;
         }
-        self.start_keep_alive();
         Ok(())
     }
 
@@ -913,7 +914,7 @@ pub async fn attach(opts: AttachOpts) -> Result<Vec<String>, HostError> {
 
 async fn remove_locals(id: u64) {
     for r in 0..reactor::num_reactors() {
-        on_reactor(r, move || async move {
+        reactor::run_on(r, move || async move {
             let l = LOCALS.with(|m| m.borrow_mut().remove(&id));
             if let Some(l) = l {
                 l.close_qp();

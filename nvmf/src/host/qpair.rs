@@ -23,7 +23,7 @@ use std::time::Duration;
 use bdev::{BdevIo, IoStatus, IoType};
 use reactor::{PollStatus, Poller};
 
-use super::sock::{with_timeout, Sock, Xfer};
+use super::sock::{Sock, Xfer};
 use super::wire;
 use super::HostError;
 use crate::pdu::off;
@@ -32,6 +32,7 @@ use crate::pdu::{
     R2t, CH_LEN, TERM_MAX_DATA,
 };
 use crate::spec::{self, ConnectCmd, ConnectData, Cqe, Sgl, Sqe};
+use reactor::with_timeout;
 
 const NONE: u32 = u32::MAX;
 const RX_BUF: usize = 128 * 1024;
@@ -87,7 +88,7 @@ struct Req {
     /// Offset of this command's data in the parent's buffer.
     buf_off: usize,
     /// A DSM range (its data lives here, not in the I/O buffer).
-    dsm: [u8; 16],
+    dsm: [u8; spec::dsm::RANGE_SIZE],
     use_dsm: bool,
     /// A data digest mismatch was seen on this command's payload.
     bad_digest: bool,
@@ -107,14 +108,7 @@ struct Parent {
 
 enum Rx {
     Hdr,
-    Data {
-        cid: u16,
-        left: usize,
-        off: usize,
-        crc: u32,
-        last: bool,
-        success: bool,
-    },
+    Data(DataRx),
     Ddgst {
         cid: u16,
         crc: u32,
@@ -122,6 +116,19 @@ enum Rx {
         success: bool,
         datal: u32,
     },
+}
+
+/// The C2HData payload being received.
+#[derive(Clone, Copy)]
+struct DataRx {
+    cid: u16,
+    /// Bytes still to come, and where they go in the read's buffer.
+    left: usize,
+    off: usize,
+    /// Data digest so far.
+    crc: u32,
+    last: bool,
+    success: bool,
 }
 
 /// Data sent from an I/O buffer without a copy.
@@ -140,6 +147,18 @@ enum Body {
     R2t(R2t),
     Data(DataHdr),
     Other,
+}
+
+/// What one step of the receive state machine did.
+enum Step {
+    /// Nothing moved: wait for the socket.
+    Idle,
+    /// Something moved, now waiting for the socket.
+    Stalled,
+    /// Something moved; go on.
+    Moved,
+    /// The state changed without new bytes; go on.
+    Next,
 }
 
 struct Inner {
@@ -583,10 +602,8 @@ async fn icreq_exchange(sock: &Sock, hdgst: bool, ddgst: bool) -> Result<wire::G
 
 async fn wait(sock: &Sock, ev: i16) {
     if reactor::is_interrupt_mode() {
-        let e =
-            reactor::uring::op::PollAdd::new(reactor::uring::ty::Fd(sock.fd()), ev as u32).build();
-        // SAFETY: no memory referenced; the fd outlives this await.
-        unsafe { reactor::uring::run(e) }.await;
+        // The socket (and its fd) outlives this await.
+        reactor::net::wait_fd(sock.fd(), ev as u32).await;
     } else {
         reactor::yield_now().await;
     }
@@ -706,14 +723,17 @@ impl Inner {
                 sqe.cdw12 = (n - 1) as u32;
             }
             spec::nvm::DATASET_MANAGEMENT => {
-                sqe.cdw10 = 0; // one range
-                sqe.cdw11 = 1 << 2; // AD: deallocate
-                r.dsm = [0; 16];
-                r.dsm[4..8].copy_from_slice(&(n as u32).to_le_bytes());
-                r.dsm[8..16].copy_from_slice(&slba.to_le_bytes());
+                sqe.cdw10 = spec::dsm::cdw10(1);
+                sqe.cdw11 = spec::dsm::ATTR_DEALLOCATE;
+                r.dsm = spec::dsm::Range {
+                    attributes: 0,
+                    nlb: n as u32,
+                    slba,
+                }
+                .encode();
                 r.use_dsm = true;
                 r.out = true;
-                r.len = 16;
+                r.len = spec::dsm::RANGE_SIZE as u32;
             }
             _ => {}
         }
@@ -896,224 +916,244 @@ impl Inner {
     fn receive(&mut self, sock: &Sock) -> Result<bool, String> {
         let mut busy = false;
         for _ in 0..256 {
-            match self.rstate {
-                Rx::Hdr => {
-                    if !self.need(sock, CH_LEN)? {
-                        return Ok(busy);
-                    }
-                    busy = true;
-                    let n = self
-                        .dec
-                        .header_bytes_needed(&self.rx[self.rx_start..self.rx_end]);
-                    if !self.need(sock, n)? {
-                        return Ok(busy);
-                    }
-                    let h = match self.dec.header(&self.rx[self.rx_start..self.rx_end]) {
-                        Ok(Some(h)) => h,
-                        Ok(None) => return Ok(busy),
-                        Err(e) => {
-                            return Err(self.term(
-                                e.fes,
-                                e.fei,
-                                format!("bad PDU from the controller: {e}"),
-                            ))
-                        }
-                    };
-                    // Everything up to the data for C2HData (its payload is
-                    // streamed), the whole PDU otherwise (at most 152 bytes).
-                    let hdr_total = if h.ty == PduType::C2HData {
-                        h.data_off
-                    } else {
-                        h.plen
-                    };
-                    if !self.need(sock, hdr_total)? {
-                        return Ok(busy);
-                    }
-                    let s = self.rx_start;
-                    let body = {
-                        let b = &self.rx[s..s + hdr_total];
-                        let data = if h.ty == PduType::C2HTermReq {
-                            &b[h.data_off.min(hdr_total)..]
-                        } else {
-                            &[][..]
-                        };
-                        match parse_body(&h, b, data) {
-                            Pdu::C2HTermReq(t, _) => Err(t),
-                            p => Ok(match p {
-                                Pdu::CapsuleResp(c) => Body::Resp(c),
-                                Pdu::R2T(r) => Body::R2t(r),
-                                Pdu::C2HData(d, _) => Body::Data(d),
-                                _ => Body::Other,
-                            }),
-                        }
-                    };
-                    match body {
-                        Err(t) => {
-                            return Err(format!(
-                                "controller terminated the connection (C2HTermReq FES {}: {}, FEI {:#x})",
-                                t.fes,
-                                wire::fes_name(t.fes),
-                                t.fei
-                            ));
-                        }
-                        Ok(Body::Other) => {
-                            return Err(self.term(
-                                Fes::PduSequenceError,
-                                0,
-                                format!("unexpected {:?} PDU after connection setup", h.ty),
-                            ));
-                        }
-                        Ok(Body::Resp(cqe)) => {
-                            self.rx_start += hdr_total;
-                            self.complete(cqe)?;
-                        }
-                        Ok(Body::R2t(r)) => {
-                            self.r2t(r)?;
-                            self.rx_start += hdr_total;
-                        }
-                        Ok(Body::Data(d)) => {
-                            let cid = d.cccid;
-                            let ok =
-                                matches!(self.reqs.get(cid as usize), Some(r) if r.active && r.inp);
-                            if !ok {
-                                return Err(self.term(
-                                    Fes::InvalidHeaderField,
-                                    off::CCCID,
-                                    format!("C2HData for CID {cid}, which has no outstanding read"),
-                                ));
-                            }
-                            let r = &self.reqs[cid as usize];
-                            if d.datao != r.xfer {
-                                return Err(self.term(
-                                    Fes::DataOutOfRange,
-                                    off::DATAO,
-                                    format!(
-                                        "C2HData for CID {cid} at offset {}, expected {}",
-                                        d.datao, r.xfer
-                                    ),
-                                ));
-                            }
-                            if d.datao as u64 + d.datal as u64 > r.len as u64 {
-                                return Err(self.term(Fes::DataOutOfRange, off::DATAL, format!("C2HData for CID {cid} carries {} bytes at {}, beyond the {} requested", d.datal, d.datao, r.len)));
-                            }
-                            self.rx_start += hdr_total;
-                            self.cur_datal = d.datal;
-                            self.rstate = Rx::Data {
-                                cid,
-                                left: d.datal as usize,
-                                off: d.datao as usize,
-                                crc: 0,
-                                last: d.last,
-                                success: d.success,
-                            };
-                        }
-                    }
-                }
-                Rx::Data {
-                    cid,
-                    left,
-                    off,
-                    crc,
-                    last,
-                    success,
-                } => {
-                    if left == 0 {
-                        let datal = self.cur_datal;
-                        if self.enc.ddgst {
-                            self.rstate = Rx::Ddgst {
-                                cid,
-                                crc,
-                                last,
-                                success,
-                                datal,
-                            };
-                        } else {
-                            self.rstate = Rx::Hdr;
-                            self.data_done(cid, datal, last, success, true)?;
-                        }
-                        continue;
-                    }
-                    let avail = self.rx_end - self.rx_start;
-                    let ddgst = self.enc.ddgst;
-                    if avail == 0 && left >= DIRECT_RX {
-                        let dest = self.dest(cid, off, left);
-                        match sock.recv(dest) {
-                            Xfer::Done(n) => {
-                                busy = true;
-                                let crc = if ddgst {
-                                    crc32c::crc32c_append(crc, &dest[..n])
-                                } else {
-                                    crc
-                                };
-                                self.rstate = Rx::Data {
-                                    cid,
-                                    left: left - n,
-                                    off: off + n,
-                                    crc,
-                                    last,
-                                    success,
-                                };
-                            }
-                            Xfer::WouldBlock => {
-                                sock.arm(false);
-                                return Ok(busy);
-                            }
-                            Xfer::Closed => {
-                                return Err("connection closed by the controller".into())
-                            }
-                            Xfer::Err(e) => return Err(format!("receive failed: {e}")),
-                        }
-                        continue;
-                    }
-                    if avail == 0 && !self.fill(sock)? {
-                        return Ok(busy);
-                    }
-                    busy = true;
-                    let n = left.min(self.rx_end - self.rx_start);
-                    let s = self.rx_start;
-                    // Split borrows: the receive buffer and the destination.
-                    let src = std::mem::take(&mut self.rx);
-                    let dest = self.dest(cid, off, n);
-                    dest.copy_from_slice(&src[s..s + n]);
-                    let crc = if ddgst {
-                        crc32c::crc32c_append(crc, &src[s..s + n])
-                    } else {
-                        crc
-                    };
-                    self.rx = src;
-                    self.rx_start += n;
-                    self.rstate = Rx::Data {
-                        cid,
-                        left: left - n,
-                        off: off + n,
-                        crc,
-                        last,
-                        success,
-                    };
-                }
+            let step = match self.rstate {
+                Rx::Hdr => self.rx_header(sock)?,
+                Rx::Data(d) => self.rx_data(sock, d)?,
                 Rx::Ddgst {
                     cid,
                     crc,
                     last,
                     success,
                     datal,
-                } => {
-                    if !self.need(sock, 4)? {
-                        return Ok(busy);
-                    }
-                    let b = &self.rx[self.rx_start..self.rx_start + 4];
-                    let want = u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
-                    self.rx_start += 4;
-                    self.rstate = Rx::Hdr;
-                    let ok = want == crc;
-                    if !ok {
-                        tracing::error!(cid, "data digest mismatch on C2HData (computed {crc:#010x}, PDU says {want:#010x}); failing the command");
-                    }
-                    self.data_done(cid, datal, last, success, ok)?;
-                }
+                } => self.rx_ddgst(sock, cid, crc, last, success, datal)?,
+            };
+            match step {
+                Step::Idle => return Ok(busy),
+                Step::Stalled => return Ok(true),
+                Step::Moved => busy = true,
+                Step::Next => {}
             }
         }
         Ok(true)
+    }
+
+    /// A PDU header (and, but for C2HData, the whole PDU): responses
+    /// complete, R2Ts start sends, C2HData switches to streaming its data.
+    fn rx_header(&mut self, sock: &Sock) -> Result<Step, String> {
+        if !self.need(sock, CH_LEN)? {
+            return Ok(Step::Idle);
+        }
+        let n = self
+            .dec
+            .header_bytes_needed(&self.rx[self.rx_start..self.rx_end]);
+        if !self.need(sock, n)? {
+            return Ok(Step::Stalled);
+        }
+        let h = match self.dec.header(&self.rx[self.rx_start..self.rx_end]) {
+            Ok(Some(h)) => h,
+            Ok(None) => return Ok(Step::Stalled),
+            Err(e) => {
+                return Err(self.term(e.fes, e.fei, format!("bad PDU from the controller: {e}")))
+            }
+        };
+        // Everything up to the data for C2HData (its payload is streamed),
+        // the whole PDU otherwise (at most 152 bytes).
+        let hdr_total = if h.ty == PduType::C2HData {
+            h.data_off
+        } else {
+            h.plen
+        };
+        if !self.need(sock, hdr_total)? {
+            return Ok(Step::Stalled);
+        }
+        let s = self.rx_start;
+        let body = {
+            let b = &self.rx[s..s + hdr_total];
+            let data = if h.ty == PduType::C2HTermReq {
+                &b[h.data_off.min(hdr_total)..]
+            } else {
+                &[][..]
+            };
+            match parse_body(&h, b, data) {
+                Pdu::C2HTermReq(t, _) => {
+                    return Err(format!(
+                        "controller terminated the connection (C2HTermReq FES {}: {}, FEI {:#x})",
+                        t.fes,
+                        wire::fes_name(t.fes),
+                        t.fei
+                    ));
+                }
+                Pdu::CapsuleResp(c) => Body::Resp(c),
+                Pdu::R2T(r) => Body::R2t(r),
+                Pdu::C2HData(d, _) => Body::Data(d),
+                _ => Body::Other,
+            }
+        };
+        match body {
+            Body::Other => {
+                return Err(self.term(
+                    Fes::PduSequenceError,
+                    0,
+                    format!("unexpected {:?} PDU after connection setup", h.ty),
+                ));
+            }
+            Body::Resp(cqe) => {
+                self.rx_start += hdr_total;
+                self.complete(cqe)?;
+            }
+            Body::R2t(r) => {
+                self.r2t(r)?;
+                self.rx_start += hdr_total;
+            }
+            Body::Data(d) => {
+                self.check_c2h_data(&d)?;
+                self.rx_start += hdr_total;
+                self.cur_datal = d.datal;
+                self.rstate = Rx::Data(DataRx {
+                    cid: d.cccid,
+                    left: d.datal as usize,
+                    off: d.datao as usize,
+                    crc: 0,
+                    last: d.last,
+                    success: d.success,
+                });
+            }
+        }
+        Ok(Step::Moved)
+    }
+
+    /// A C2HData header must continue an outstanding read, in order, within
+    /// its length.
+    fn check_c2h_data(&mut self, d: &DataHdr) -> Result<(), String> {
+        let cid = d.cccid;
+        let ok = matches!(self.reqs.get(cid as usize), Some(r) if r.active && r.inp);
+        if !ok {
+            return Err(self.term(
+                Fes::InvalidHeaderField,
+                off::CCCID,
+                format!("C2HData for CID {cid}, which has no outstanding read"),
+            ));
+        }
+        let r = &self.reqs[cid as usize];
+        if d.datao != r.xfer {
+            let msg = format!(
+                "C2HData for CID {cid} at offset {}, expected {}",
+                d.datao, r.xfer
+            );
+            return Err(self.term(Fes::DataOutOfRange, off::DATAO, msg));
+        }
+        if d.datao as u64 + d.datal as u64 > r.len as u64 {
+            let msg = format!(
+                "C2HData for CID {cid} carries {} bytes at {}, beyond the {} requested",
+                d.datal, d.datao, r.len
+            );
+            return Err(self.term(Fes::DataOutOfRange, off::DATAL, msg));
+        }
+        Ok(())
+    }
+
+    /// C2HData payload: large remainders straight from the socket into the
+    /// read's buffer, else copied out of the receive buffer; the data digest
+    /// accumulates on the way.
+    fn rx_data(&mut self, sock: &Sock, d: DataRx) -> Result<Step, String> {
+        let DataRx {
+            cid,
+            left,
+            off,
+            crc,
+            last,
+            success,
+        } = d;
+        if left == 0 {
+            let datal = self.cur_datal;
+            if self.enc.ddgst {
+                self.rstate = Rx::Ddgst {
+                    cid,
+                    crc,
+                    last,
+                    success,
+                    datal,
+                };
+            } else {
+                self.rstate = Rx::Hdr;
+                self.data_done(cid, datal, last, success, true)?;
+            }
+            return Ok(Step::Next);
+        }
+        let avail = self.rx_end - self.rx_start;
+        let ddgst = self.enc.ddgst;
+        let advanced = |n: usize, crc: u32| {
+            Rx::Data(DataRx {
+                left: left - n,
+                off: off + n,
+                crc,
+                ..d
+            })
+        };
+        if avail == 0 && left >= DIRECT_RX {
+            let dest = self.dest(cid, off, left);
+            return match sock.recv(dest) {
+                Xfer::Done(n) => {
+                    let crc = if ddgst {
+                        crc32c::crc32c_append(crc, &dest[..n])
+                    } else {
+                        crc
+                    };
+                    self.rstate = advanced(n, crc);
+                    Ok(Step::Moved)
+                }
+                Xfer::WouldBlock => {
+                    sock.arm(false);
+                    Ok(Step::Idle)
+                }
+                Xfer::Closed => Err("connection closed by the controller".into()),
+                Xfer::Err(e) => Err(format!("receive failed: {e}")),
+            };
+        }
+        if avail == 0 && !self.fill(sock)? {
+            return Ok(Step::Idle);
+        }
+        let n = left.min(self.rx_end - self.rx_start);
+        let s = self.rx_start;
+        // Split borrows: the receive buffer and the destination.
+        let src = std::mem::take(&mut self.rx);
+        let dest = self.dest(cid, off, n);
+        dest.copy_from_slice(&src[s..s + n]);
+        let crc = if ddgst {
+            crc32c::crc32c_append(crc, &src[s..s + n])
+        } else {
+            crc
+        };
+        self.rx = src;
+        self.rx_start += n;
+        self.rstate = advanced(n, crc);
+        Ok(Step::Moved)
+    }
+
+    /// The data digest after a C2HData payload: a mismatch fails the
+    /// command, not the connection.
+    fn rx_ddgst(
+        &mut self,
+        sock: &Sock,
+        cid: u16,
+        crc: u32,
+        last: bool,
+        success: bool,
+        datal: u32,
+    ) -> Result<Step, String> {
+        if !self.need(sock, 4)? {
+            return Ok(Step::Idle);
+        }
+        let b = &self.rx[self.rx_start..self.rx_start + 4];
+        let want = u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+        self.rx_start += 4;
+        self.rstate = Rx::Hdr;
+        let ok = want == crc;
+        if !ok {
+            tracing::error!(cid, "data digest mismatch on C2HData (computed {crc:#010x}, PDU says {want:#010x}); failing the command");
+        }
+        self.data_done(cid, datal, last, success, ok)?;
+        Ok(Step::Next)
     }
 
     /// Where the payload of `cid` at `off` goes.

@@ -249,7 +249,7 @@ static DEFAULTS: std::sync::Mutex<Defaults> = std::sync::Mutex::new(Defaults {
 });
 
 pub fn defaults() -> Defaults {
-    *DEFAULTS.lock().unwrap_or_else(|e| e.into_inner())
+    *reactor::sync::lock(&DEFAULTS)
 }
 
 fn set_options(p: SetOptions) -> Result<(), RpcError> {
@@ -281,7 +281,7 @@ fn set_options(p: SetOptions) -> Result<(), RpcError> {
         d.fast_io_fail_timeout_sec,
     )
     .map_err(invalid)?;
-    *DEFAULTS.lock().unwrap_or_else(|e| e.into_inner()) = d;
+    *reactor::sync::lock(&DEFAULTS) = d;
     Ok(())
 }
 

@@ -96,7 +96,7 @@ fn run(
     cof: bool,
     ms: u64,
 ) -> JobResult {
-    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _g = reactor::sync::lock(&SERIAL);
     let (tx, rx) = mpsc::channel();
     let name = name.to_string();
     let cfg = reactor::Config {
