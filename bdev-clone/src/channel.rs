@@ -11,12 +11,12 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use bdev::{util, BdevIo, ChannelOps, IoChannel, IoStatus, IoType};
+use reactor::sync::lock;
 use reactor::DmaBuf;
 
-use crate::clone::{lock, Shared};
+use crate::clone::Shared;
 use crate::committer::committer_flush;
 use crate::lifecycle::owner_quiesce;
-use crate::oneshot;
 use crate::owner::owner_receive;
 use crate::router::IoKind;
 use crate::router::MetadataMode;
@@ -305,7 +305,7 @@ pub(crate) fn reset(sh: Arc<Shared>, dst: IoChannel, io: Box<BdevIo>) {
         let id = sh.id;
         // Pause background copies and wait for every owner to drain.
         for &r in &sh.owners {
-            oneshot::run_on(r, move || owner_quiesce(id, true)).await;
+            reactor::run_on(r, move || owner_quiesce(id, true)).await;
         }
         let st = util::submit(&dst, IoType::Reset, 0, 0, None, false)
             .await
@@ -317,7 +317,7 @@ pub(crate) fn reset(sh: Arc<Shared>, dst: IoChannel, io: Box<BdevIo>) {
             }
         }
         for &r in &sh.owners {
-            oneshot::run_on(r, move || owner_quiesce(id, false)).await;
+            reactor::run_on(r, move || owner_quiesce(id, false)).await;
         }
         io.complete(st);
     });

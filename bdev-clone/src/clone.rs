@@ -1,7 +1,8 @@
 //! The clone's shared state and its bdev: [`Shared`] (the bases and
-//! their properties, the tunables, the counters, the lifecycle flags),
-//! seen by the bdev, its channels on every reactor and every owner; the
-//! metadata mode (a [`MetadataMode`] code, only ever worse); [`CloneBdev`] (the `BdevOps`); finding a clone.
+//! their properties, the tunables, the counters, the lifecycle flags, the
+//! metadata mode as a [`MetadataMode`] code that only ever gets worse),
+//! seen by the bdev, its channels on every reactor and every owner;
+//! [`CloneBdev`] (the `BdevOps`); finding a clone by name.
 //!
 //! Where the rest lives: `channel.rs` (submit on any reactor), `owner.rs`
 //! (the per-reactor owners executing the [`crate::router::Router`]),
@@ -12,6 +13,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bdev::{Bdev, BdevOps, BoxFuture, ChannelOps, Desc, IoType};
+use reactor::sync::lock;
 use serde_json::{json, Value};
 use uuid::Uuid;
 
@@ -78,10 +80,6 @@ pub(crate) struct Shared {
     pub(crate) descs: Mutex<Descs>,
     /// Wakes the owner (set_hydration).
     pub(crate) kick: AtomicBool,
-}
-
-pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl Shared {

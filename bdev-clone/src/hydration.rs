@@ -12,10 +12,11 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use bdev::{util, IoChannel, IoType};
+use reactor::sync::lock;
 use reactor::DmaBuf;
 
 use crate::channel::send_to;
-use crate::clone::{find, lock, Shared};
+use crate::clone::{find, Shared};
 use crate::error::CloneError;
 use crate::owner::{bytes, drive, owner_of, sync_mode, Owner};
 use crate::router::CopyId;

@@ -29,8 +29,6 @@ mod hydration;
 mod lifecycle;
 pub mod metadata;
 mod metadata_io;
-#[doc(hidden)]
-pub mod oneshot;
 mod owner;
 pub mod region_map;
 pub mod router;

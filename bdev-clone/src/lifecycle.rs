@@ -9,9 +9,10 @@ use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::Duration;
 
 use bdev::{Bdev, BdevBuilder, ClaimType, Desc, IoChannel, IoType};
+use reactor::sync::lock;
 use uuid::Uuid;
 
-use crate::clone::{lock, CloneBdev, Descs, Shared, MODULE_NAME, PRODUCT_NAME};
+use crate::clone::{CloneBdev, Descs, Shared, MODULE_NAME, PRODUCT_NAME};
 use crate::commit::CommitRounds;
 use crate::committer::{answer, start_round};
 use crate::error::CloneError;
@@ -21,7 +22,6 @@ use crate::metadata::{self, SuperState, FORMAT_BLOCK_SIZE, UNIT_SIZE};
 use crate::metadata_io::{
     format_metadata, open_metadata, read_superblock, repair_metadata, Opened,
 };
-use crate::oneshot;
 use crate::owner::{drive, owner_of, start_owner, OWNERS};
 use crate::region_map::RegionMap;
 use crate::router::{MetadataMode, Router, RouterConfig, Stripes};
@@ -56,7 +56,7 @@ pub(crate) async fn release_all(sh: Arc<Shared>) {
     }
     let id = sh.id;
     for &r in &sh.owners {
-        oneshot::run_on(r, move || async move {
+        reactor::run_on(r, move || async move {
             let Some(rc) = owner_of(id) else { return };
             wait_until(|| rc.borrow().router.as_ref().is_none_or(|r| r.is_idle())).await;
             rc.borrow_mut().release_local();
@@ -73,7 +73,7 @@ pub(crate) async fn release_all(sh: Arc<Shared>) {
 pub(crate) async fn stop_all(sh: &Arc<Shared>) {
     let id = sh.id;
     for &r in &sh.owners {
-        oneshot::run_on(r, move || async move {
+        reactor::run_on(r, move || async move {
             let Some(rc) = owner_of(id) else { return };
             rc.borrow_mut().stopping = true;
             let idle = wait_until(|| {
@@ -87,7 +87,7 @@ pub(crate) async fn stop_all(sh: &Arc<Shared>) {
         })
         .await;
     }
-    oneshot::run_on(sh.home, move || async move {
+    reactor::run_on(sh.home, move || async move {
         let Some(rc) = owner_of(id) else { return };
         let mut started = false;
         let done = wait_until(|| {
@@ -115,7 +115,7 @@ pub(crate) async fn stop_all(sh: &Arc<Shared>) {
     })
     .await;
     for &r in &sh.owners {
-        oneshot::run_on(r, move || async move {
+        reactor::run_on(r, move || async move {
             let rc = OWNERS.with(|o| o.borrow_mut().remove(&id));
             if let Some(rc) = rc {
                 let mut o = rc.borrow_mut();
@@ -495,7 +495,7 @@ fn build_shared(
 async fn start_owners(sh: &Arc<Shared>, routers: Vec<Router>) -> Result<(), CloneError> {
     for (i, router) in routers.into_iter().enumerate() {
         let sh2 = sh.clone();
-        let started = oneshot::run_on(
+        let started = reactor::run_on(
             sh.owners[i],
             move || async move { start_owner(sh2, router, i) },
         )

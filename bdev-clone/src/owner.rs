@@ -13,10 +13,11 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use bdev::{BdevIo, IoChannel, IoStatus, IoType};
+use reactor::sync::lock;
 use reactor::DmaBuf;
 
 use crate::channel::{reply, send_to, Part, UserMsg};
-use crate::clone::{lock, Shared};
+use crate::clone::Shared;
 use crate::committer::{committer_request, start_round, Committer, Waiter, COMMIT_PERIOD};
 use crate::error::CloneError;
 use crate::hydration::{start_copy, write_zeroes, HYDRATION_POLL, PROBE_MIN_NS};

@@ -4,11 +4,12 @@
 
 use std::sync::atomic::Ordering;
 
+use reactor::sync::lock;
 use serde_json::{json, Value};
 
-use crate::clone::{clone_of, find, lock, Shared};
+use crate::clone::{clone_of, find, Shared};
 use crate::hydration::{PAUSE_DEST, PAUSE_SOURCE};
-use crate::metadata::{self};
+use crate::metadata;
 use crate::router::MetadataMode;
 
 impl Shared {

@@ -86,8 +86,8 @@ fn end_to_end_hydrates_releases_and_resumes() {
 // Model-based randomized test
 
 use bdev::Desc;
-use bdev_clone::oneshot::run_on;
 use bdev_clone::HydrationOpts;
+use reactor::run_on;
 
 #[derive(Clone, Debug)]
 enum Op {
