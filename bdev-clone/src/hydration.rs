@@ -18,7 +18,7 @@ use reactor::DmaBuf;
 use crate::channel::send_to;
 use crate::clone::{find, Shared};
 use crate::error::CloneError;
-use crate::owner::{bytes, drive, owner_of, sync_mode, Owner};
+use crate::owner::{bytes, drive, owner_of, sync_mode, then_drive, Owner};
 use crate::router::CopyId;
 use crate::router::MetadataMode;
 use crate::rpc::{check_tunables, HydrationOpts};
@@ -360,9 +360,7 @@ pub(crate) fn start_copy(rc: &Rc<RefCell<Owner>>, o: &mut Owner, copy: CopyId, b
     let (dst, sh, weak) = (o.dst.clone(), o.sh.clone(), Rc::downgrade(rc));
     reactor::spawn_local(async move {
         let (res, buf) = copy_blocks(&src, &dst, &sh, blocks.clone(), buf).await;
-        let Some(rc) = weak.upgrade() else { return };
-        {
-            let mut o = rc.borrow_mut();
+        then_drive(&weak, |o| {
             o.copies_in_flight -= 1;
             o.copy_buf_bytes -= chunk as u64;
             if o.bufs.len() < 64 {
@@ -380,7 +378,6 @@ pub(crate) fn start_copy(rc: &Rc<RefCell<Owner>>, o: &mut Owner, copy: CopyId, b
                     o.copy_done(copy, false);
                 }
             }
-        }
-        drive(&rc);
+        });
     });
 }

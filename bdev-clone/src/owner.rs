@@ -353,17 +353,22 @@ pub(crate) fn exec(rc: &Rc<RefCell<Owner>>, o: &mut Owner, c: Command) {
     }
 }
 
-/// An op's completion, from an I/O callback (never inline with `exec`).
-pub(crate) fn op_finished(weak: &RcWeak<RefCell<Owner>>, op: OpId, ok: bool, dest_write: bool) {
+/// From an I/O callback (never inline with `exec`): `f` on the owner, if
+/// it still exists, then drive it.
+pub(crate) fn then_drive(weak: &RcWeak<RefCell<Owner>>, f: impl FnOnce(&mut Owner)) {
     let Some(rc) = weak.upgrade() else { return };
-    {
-        let mut o = rc.borrow_mut();
+    f(&mut rc.borrow_mut());
+    drive(&rc);
+}
+
+/// An op's completion, from an I/O callback.
+pub(crate) fn op_finished(weak: &RcWeak<RefCell<Owner>>, op: OpId, ok: bool, dest_write: bool) {
+    then_drive(weak, |o| {
         if !ok && dest_write {
             o.sh.err_dest.fetch_add(1, Ordering::Relaxed);
         }
         o.op_done(op, ok);
-    }
-    drive(&rc);
+    });
 }
 
 pub(crate) fn exec_read(
@@ -396,9 +401,7 @@ pub(crate) fn exec_read(
         buf,
         move |mut io| {
             let ok = io.status.is_success();
-            let Some(rc) = weak.upgrade() else { return };
-            {
-                let mut o = rc.borrow_mut();
+            then_drive(&weak, |o| {
                 if !ok && from_source {
                     o.sh.err_source.fetch_add(1, Ordering::Relaxed);
                 }
@@ -412,8 +415,7 @@ pub(crate) fn exec_read(
                     }
                 }
                 o.op_done(op, ok);
-            }
-            drive(&rc);
+            });
         },
     );
 }
@@ -451,9 +453,7 @@ pub(crate) fn exec_write(
         buf,
         move |mut io| {
             let ok = io.status.is_success();
-            let Some(rc) = weak.upgrade() else { return };
-            {
-                let mut o = rc.borrow_mut();
+            then_drive(&weak, |o| {
                 if !ok {
                     o.sh.err_dest.fetch_add(1, Ordering::Relaxed);
                 }
@@ -463,8 +463,7 @@ pub(crate) fn exec_write(
                     }
                 }
                 o.op_done(op, ok);
-            }
-            drive(&rc);
+            });
         },
     );
     io.fua = fua;
