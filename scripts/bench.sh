@@ -4,7 +4,11 @@
 #   2. uring bdev on a file vs fio --ioengine=io_uring on the same file,
 #      same queue depth, O_DIRECT.
 #   3. message ring throughput between two reactors (criterion).
-#   4. the clone bdev: scripts/bench_clone.sh (its own table).
+#   4. the clone bdev: scripts/bench_clone.sh b d (its own table).
+#   5. the data path (issue #12's figures in one table, each beside its
+#      baseline from the same run): scripts/bench_datapath.py p99 - malloc,
+#      delay 0 and a hydrated clone over malloc, and bench_clone's (a) and
+#      (c) rows. NVMe/TCP figures: scripts/bench_nvmf.sh (two free cores).
 # Figures only: nothing here asserts a speed.
 set -euo pipefail
 . "$(dirname "$0")/common.sh"
@@ -54,5 +58,10 @@ echo "== 3. message ring, reactor 1 -> reactor 0"
 (cd "$ROOT" && cargo bench -p reactor --bench msg_ring 2>/dev/null | grep -E "msg_ring|time:|thrpt:")
 
 echo
-echo "== 4. the clone bdev (scripts/bench_clone.sh)"
-BENCH_SECONDS="$SECS" "$ROOT/scripts/bench_clone.sh"
+echo "== 4. the clone bdev (scripts/bench_clone.sh b d; a and c are in 5)"
+BENCH_SECONDS="$SECS" "$ROOT/scripts/bench_clone.sh" b d
+
+echo
+echo "== 5. the data path (scripts/bench_datapath.py)"
+ensure_venv
+BENCH_SECONDS="$SECS" "$VENV/bin/python" "$ROOT/scripts/bench_datapath.py" p99

@@ -121,7 +121,9 @@ def concurrent_rpc(tgt, n, method, **params):
     def run(i):
         go.wait()
         try:
-            out[i] = (clients[i].call(method, params), None)
+            # A copy each: the client adds "method" to the dict it is given
+            # when the reply is an error, and the others have not sent yet.
+            out[i] = (clients[i].call(method, dict(params)), None)
         except JSONRPCException as e:
             out[i] = (None, parse_rpc_error(e)[0])
     threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]

@@ -111,39 +111,30 @@ impl ChannelOps for CloneChannel {
             }
         };
         if fast {
-            return forward(sh, dst, io);
+            return forward(dst, io);
         }
         to_owner(sh, kind, io);
     }
+
+    /// A fast-path write, write_zeroes, flush or discard back from the
+    /// destination (see `forward`).
+    fn forward_done(&self, io: Box<BdevIo>) {
+        if !io.status.is_success() {
+            self.sh.err_dest.fetch_add(1, Ordering::Relaxed);
+        }
+        let status = io.status;
+        io.complete(status);
+    }
 }
 
-/// Send `io` unchanged to the destination.
-pub(crate) fn forward(sh: &Arc<Shared>, dst: &IoChannel, mut parent: Box<BdevIo>) {
-    let buf = parent.buf.take();
-    let (t, off, num, fua) = (
-        parent.io_type,
-        parent.offset_blocks,
-        parent.num_blocks,
-        parent.fua,
-    );
-    let mut child = if t == IoType::Read {
-        // Reads count no destination error: no reference to take.
-        BdevIo::new(t, off, num, buf, move |mut child| {
-            parent.buf = child.buf.take();
-            parent.complete(child.status);
-        })
+/// Send `io` unchanged to the destination, in place (no child I/O).
+pub(crate) fn forward(dst: &IoChannel, io: Box<BdevIo>) {
+    if io.io_type == IoType::Read {
+        // Reads count no destination error: nothing to do on the way back.
+        dst.forward(io)
     } else {
-        let sh2 = sh.clone();
-        BdevIo::new(t, off, num, buf, move |mut child| {
-            parent.buf = child.buf.take();
-            if !child.status.is_success() {
-                sh2.err_dest.fetch_add(1, Ordering::Relaxed);
-            }
-            parent.complete(child.status);
-        })
-    };
-    child.fua = fua;
-    dst.submit(child);
+        dst.forward_hooked(io)
+    }
 }
 
 /// After completion: whole regions of a discard go on to the destination
@@ -159,7 +150,7 @@ pub(crate) fn passthrough_discard(sh: &Arc<Shared>, dst: &IoChannel, mut io: Box
             let blocks = sh.geo.region_range_blocks(r);
             io.offset_blocks = blocks.start;
             io.num_blocks = blocks.end - blocks.start;
-            forward(sh, dst, io)
+            forward(dst, io)
         }
     }
 }

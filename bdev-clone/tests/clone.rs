@@ -656,17 +656,12 @@ fn huge_geometry_beyond_2_31_regions() {
 // Rate limit, errors, hot-remove, reset, power cut
 
 fn inject(name: &str, io_type: errbdev::InjectIoType, num: u32) {
-    errbdev::inject_error(&errbdev::InjectParams {
-        name: name.into(),
+    errbdev::inject_error(&errbdev::InjectParams::new(
+        name,
         io_type,
-        error_type: errbdev::ErrorType::Failure,
+        errbdev::ErrorType::Failure,
         num,
-        queue_depth: 0,
-        corrupt_offset: 0,
-        corrupt_value: 0,
-        nvme_sct: 0,
-        nvme_sc: 0,
-    })
+    ))
     .unwrap();
 }
 

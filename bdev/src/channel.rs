@@ -11,13 +11,13 @@ use std::time::Duration;
 
 use reactor::{DmaBuf, TimerId};
 
-use crate::io::{BdevIo, IoStatus, IoType};
+use crate::io::{BdevIo, Frame, IoStatus, IoType, MAX_FRAMES};
 use crate::stat::IoStat;
 use crate::{Bdev, ChannelOps};
 
 pub(crate) struct ChannelInner {
     pub(crate) bdev: Arc<Bdev>,
-    module: Box<dyn ChannelOps>,
+    pub(crate) module: Box<dyn ChannelOps>,
     stat: Arc<IoStat>,
     nomem: RefCell<VecDeque<Box<BdevIo>>>,
     nomem_timer: Cell<Option<TimerId>>,
@@ -44,6 +44,9 @@ thread_local! {
     static CHANNELS: RefCell<HashMap<u64, Weak<ChannelInner>>> = RefCell::new(HashMap::new());
     static SUBMIT_DEPTH: Cell<u32> = const { Cell::new(0) };
     static DEFERRED: RefCell<VecDeque<Box<BdevIo>>> = const { RefCell::new(VecDeque::new()) };
+    /// A `drain_deferred` is queued or running: at most one per iteration,
+    /// so what a completion defers waits for the next iteration.
+    static DRAIN_QUEUED: Cell<bool> = const { Cell::new(false) };
 }
 
 /// A reactor's handle for submitting I/O to one bdev. Cheap to clone;
@@ -84,14 +87,10 @@ fn fail_early(mut io: Box<BdevIo>, status: IoStatus) {
 
 /// Finish `io` at the next loop iteration.
 fn defer_io(io: Box<BdevIo>) {
-    DEFERRED.with(|d| {
-        let mut d = d.borrow_mut();
-        let was_empty = d.is_empty();
-        d.push_back(io);
-        if was_empty {
-            reactor::defer(drain_deferred);
-        }
-    });
+    DEFERRED.with(|d| d.borrow_mut().push_back(io));
+    if !DRAIN_QUEUED.replace(true) {
+        reactor::defer(drain_deferred);
+    }
 }
 
 impl IoChannel {
@@ -101,7 +100,61 @@ impl IoChannel {
 
     /// Submit an I/O. Every I/O is completed through its callback exactly
     /// once, on this reactor, never inline.
-    pub fn submit(&self, mut io: Box<BdevIo>) {
+    pub fn submit(&self, io: Box<BdevIo>) {
+        if io.in_flight() {
+            // A module passing the I/O it was given to its base: that is a
+            // forward (keeps the upper level's accounting), not a new I/O.
+            debug_assert!(false, "submit of an I/O in flight; use IoChannel::forward");
+            return self.forward(io);
+        }
+        self.start(io)
+    }
+
+    /// Stacked modules: hand `io`, which this channel's *upper* bdev was
+    /// given, down to this (base) channel unchanged in place, instead of a
+    /// child I/O. The offset and length may be changed first (within this
+    /// bdev); the base's generic layer checks, counts and queues it as any
+    /// I/O. When the base completes it, the upper level completes with the
+    /// base's status (the buffer travels with it), at once and with no
+    /// module code in between. See [`IoChannel::forward_hooked`] for a
+    /// module that wants to see the completion.
+    #[inline]
+    pub fn forward(&self, io: Box<BdevIo>) {
+        self.push_level(io, false)
+    }
+
+    /// As [`IoChannel::forward`], but the base's completion goes to the
+    /// upper module's [`ChannelOps::forward_done`] with the I/O as the upper
+    /// level has it (its `driver_ctx` restored, `status` the base's), which
+    /// completes it (now or later) with [`BdevIo::complete`].
+    #[inline]
+    pub fn forward_hooked(&self, io: Box<BdevIo>) {
+        self.push_level(io, true)
+    }
+
+    fn push_level(&self, mut io: Box<BdevIo>, hook: bool) {
+        let Some(upper) = io.ch.take() else {
+            // Not in flight: nothing to forward from; a plain submit.
+            return self.start(io);
+        };
+        let depth = io.depth as usize;
+        if depth >= MAX_FRAMES {
+            io.ch = Some(upper);
+            return forward_with_child(self, io, hook);
+        }
+        io.frames[depth] = Some(Frame {
+            ch: upper,
+            submit_ns: io.submit_ns,
+            driver_ctx: io.driver_ctx,
+            hook,
+        });
+        io.depth += 1;
+        io.driver_ctx = 0;
+        self.start(io)
+    }
+
+    /// The generic submit path: checks, accounting, reset freeze, QoS.
+    fn start(&self, mut io: Box<BdevIo>) {
         let bdev = &self.inner.bdev;
         io.status = IoStatus::Pending;
         if io.io_type.is_write() && !self.write {
@@ -126,7 +179,8 @@ impl IoChannel {
         if bdev.reset_in_progress.load(Ordering::Acquire) && io.io_type != IoType::Reset {
             return fail_early(io, IoStatus::Aborted);
         }
-        let now = reactor::now_ns();
+        // The iteration's clock: latencies and QoS need no more precision.
+        let now = reactor::tick_ns();
         io.ch = Some(self.inner.clone());
         io.submit_ns = now;
         let st = &self.inner.stat.outstanding;
@@ -230,7 +284,7 @@ fn arm_qos(inner: &Rc<ChannelInner>) {
     }
     let head = inner.qos_queue.borrow().front().map(|(t, _)| *t);
     let Some(head) = head else { return };
-    let delay = Duration::from_nanos(head.saturating_sub(reactor::now_ns()));
+    let delay = Duration::from_nanos(head.saturating_sub(reactor::tick_ns()));
     let weak = Rc::downgrade(inner);
     let id = reactor::set_timer(delay, move || {
         if let Some(inner) = weak.upgrade() {
@@ -242,7 +296,7 @@ fn arm_qos(inner: &Rc<ChannelInner>) {
 }
 
 fn release_qos(inner: &Rc<ChannelInner>) {
-    let now = reactor::now_ns();
+    let now = reactor::tick_ns();
     loop {
         let io = {
             let mut q = inner.qos_queue.borrow_mut();
@@ -282,30 +336,58 @@ fn drain_deferred() {
             None => break,
         }
     }
+    // Queued once more only now: a completion above that deferred an I/O
+    // did not queue a second drain into this same iteration.
     if DEFERRED.with(|d| !d.borrow().is_empty()) {
         reactor::defer(drain_deferred);
+    } else {
+        DRAIN_QUEUED.set(false);
     }
 }
 
 fn finish(mut io: Box<BdevIo>) {
-    let Some(ch) = io.ch.take() else {
-        // Rejected before it reached a channel.
-        return io.call_back();
-    };
-    if io.status == IoStatus::NoMem {
-        io.status = IoStatus::Pending;
-        io.ch = Some(ch.clone());
-        ch.nomem.borrow_mut().push_back(io);
-        arm_nomem(&ch);
-        return;
+    loop {
+        if let Some(ch) = io.ch.take() {
+            if io.status == IoStatus::NoMem {
+                io.status = IoStatus::Pending;
+                io.ch = Some(ch.clone());
+                ch.nomem.borrow_mut().push_back(io);
+                arm_nomem(&ch);
+                return;
+            }
+            account(&ch, &io);
+        }
+        // Else it was rejected before it reached a channel.
+        if io.depth == 0 {
+            return io.call_back();
+        }
+        // A forwarded I/O: back to the level above.
+        io.depth -= 1;
+        let Some(f) = io.frames[io.depth as usize].take() else {
+            debug_assert!(false, "forwarded I/O lost a level");
+            tracing::error!(io = ?io, "forwarded I/O lost a level; failing it");
+            continue;
+        };
+        io.submit_ns = f.submit_ns;
+        io.driver_ctx = f.driver_ctx;
+        if f.hook {
+            let ch = f.ch.clone();
+            io.ch = Some(f.ch);
+            return ch.module.forward_done(io);
+        }
+        io.ch = Some(f.ch);
     }
+}
+
+/// Iostat and the outstanding count of `io` completing on `ch`.
+fn account(ch: &Rc<ChannelInner>, io: &BdevIo) {
     let bytes = match io.io_type {
         IoType::Read | IoType::Write | IoType::Unmap | IoType::WriteZeroes => {
             io.num_blocks * ch.bdev.block_size as u64
         }
         _ => 0,
     };
-    let lat = reactor::now_ns().saturating_sub(io.submit_ns);
+    let lat = reactor::tick_ns().saturating_sub(io.submit_ns);
     ch.stat.record(io.io_type, bytes, io.status, lat);
     let st = &ch.stat.outstanding;
     st.store(
@@ -317,9 +399,33 @@ fn finish(mut io: Box<BdevIo>) {
     }
     // A completion frees resources: give parked NOMEM I/O another go.
     if !ch.nomem.borrow().is_empty() {
-        retry_nomem(&ch);
+        retry_nomem(ch);
     }
-    io.call_back();
+}
+
+/// A forward past [`MAX_FRAMES`] levels: a child I/O carries it down.
+fn forward_with_child(base: &IoChannel, mut parent: Box<BdevIo>, hook: bool) {
+    let buf = parent.buf.take();
+    let (t, off, num, fua) = (
+        parent.io_type,
+        parent.offset_blocks,
+        parent.num_blocks,
+        parent.fua,
+    );
+    let mut child = BdevIo::new(t, off, num, buf, move |mut child| {
+        parent.buf = child.buf.take();
+        let status = child.status;
+        child.free();
+        match (hook, parent.ch.clone()) {
+            (true, Some(ch)) => {
+                parent.status = status;
+                ch.module.forward_done(parent)
+            }
+            _ => parent.complete(status),
+        }
+    });
+    child.fua = fua;
+    base.start(child);
 }
 
 fn arm_nomem(ch: &Rc<ChannelInner>) {
@@ -375,7 +481,7 @@ fn start_reset(inner: &Rc<ChannelInner>, io: Box<BdevIo>) {
                             inner: inner.clone(),
                             write: true,
                         };
-                        ch.submit(io);
+                        ch.start(io);
                     }
                     return reactor::PollStatus::Busy;
                 }

@@ -16,6 +16,7 @@ mod io;
 pub mod modules;
 mod qos;
 pub mod rpc;
+pub mod stacked;
 mod stat;
 pub mod util;
 
@@ -26,7 +27,7 @@ use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::Duration;
 
 pub use channel::{for_each_channel, IoChannel};
-pub use io::{BdevIo, IoCallback, IoStatus, IoType};
+pub use io::{BdevIo, IoCallback, IoDoneFn, IoStatus, IoType};
 pub use qos::QosLimits;
 pub use stat::IoStatSnapshot;
 use uuid::Uuid;
@@ -119,6 +120,14 @@ pub trait BdevOps: AsAny + Send + Sync + 'static {
 /// own channels through [`for_each_channel`].
 pub trait ChannelOps: AsAny {
     fn submit(&self, io: Box<BdevIo>);
+
+    /// A stacked module's hook for an I/O it handed to its base with
+    /// [`IoChannel::forward_hooked`]: the base completed it (`io.status`),
+    /// and this level must now complete it, at once or later, exactly once.
+    fn forward_done(&self, io: Box<BdevIo>) {
+        let status = io.status;
+        io.complete(status)
+    }
 }
 
 /// Events delivered to open descriptors.

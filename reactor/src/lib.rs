@@ -19,6 +19,7 @@
 
 pub mod dma;
 mod executor;
+mod msg;
 pub mod net;
 mod runtime;
 pub mod sync;
@@ -26,9 +27,10 @@ pub mod uring;
 
 pub use dma::DmaBuf;
 pub use executor::{sleep, spawn_local, spawn_on, with_timeout, yield_now, JoinHandle};
+pub use msg::INLINE_WORDS;
 pub use runtime::{
     cancel_timer, core_id, current, defer, is_interrupt_mode, now_ns, num_reactors,
-    poller_register, send, set_timer, start, stop, stopping, Config, Error, PollStatus, Poller,
-    Runtime, TimerId,
+    poller_register, refresh_tick, send, set_timer, start, stop, stopping, tick_ns, Config, Error,
+    PollStatus, Poller, Runtime, TimerId,
 };
 pub use sync::{call_on, run_on};

@@ -8,10 +8,12 @@ use std::time::Duration;
 
 use io_uring::{opcode, squeue, types, IoUring};
 
+use crate::msg::Slot;
 use crate::runtime::with_local;
 
-/// Callback run with the CQE result (`res`: bytes or `-errno`).
-type Cb = Box<dyn FnOnce(i32)>;
+/// Callback run with the CQE result (`res`: bytes or `-errno`), in a fixed
+/// slot: no allocation for a closure of up to `INLINE_WORDS` words.
+type Cb = Slot<i32>;
 
 const EVENTFD_TAG: u64 = u64::MAX;
 
@@ -97,7 +99,7 @@ impl Ring {
             self.free.borrow_mut().push(tag as usize);
             self.inflight.set(self.inflight.get() - 1);
             if let Some(cb) = cb {
-                cb(cqe.result());
+                cb.run_with(cqe.result());
             }
         }
         any
@@ -157,7 +159,7 @@ impl Ring {
 /// Every pointer in `entry` (buffers, paths, iovecs) must stay valid until
 /// `cb` runs; the usual way is for `cb` to own them.
 pub unsafe fn submit(entry: squeue::Entry, cb: impl FnOnce(i32) + 'static) {
-    with_local(|l| l.ring.submit_op(entry, Box::new(cb)));
+    with_local(|l| l.ring.submit_op(entry, Slot::with_arg(cb)));
 }
 
 /// Number of operations in flight on the calling reactor's ring.

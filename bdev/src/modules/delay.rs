@@ -3,7 +3,8 @@
 //!
 //! * Create opens and claims (exclusive write) a base bdev and registers a
 //!   bdev of the same geometry on top; removing the base removes it too.
-//! * Every I/O goes to the base at once. Its completion is held in a
+//! * Every I/O goes to the base at once, in place (the shared stacked-bdev
+//!   helper, `crate::stacked`: no child I/O). Its completion is held in a
 //!   per-channel queue until `submit time + latency` (reads use the read
 //!   latencies; writes, unmap, write_zeroes and flush the write latencies;
 //!   every 100th I/O of a channel gets the p99 latency instead of the
@@ -13,12 +14,14 @@
 //!   every-iteration poller, so reactors in interrupt mode wake up for it.
 //! * Reset completes every held I/O (on every reactor) as aborted, then
 //!   resets the base.
+//! * Zero latencies hold nothing: the completion passes straight up unless
+//!   I/O of its class is still held ahead of it (FIFO).
 
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use ::rpc::{register_typed, DecodeError, RpcError, RUNTIME};
@@ -27,9 +30,9 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use uuid::Uuid;
 
+use crate::stacked::{self, Base};
 use crate::{
-    Bdev, BdevBuilder, BdevError, BdevIo, BdevOps, BoxFuture, ChannelOps, ClaimType, Desc,
-    IoChannel, IoStatus, IoType,
+    Bdev, BdevError, BdevIo, BdevOps, BoxFuture, ChannelOps, ClaimType, IoChannel, IoStatus, IoType,
 };
 
 pub const MODULE_NAME: &str = "delay";
@@ -43,6 +46,9 @@ const NAMESPACE_UUID: Uuid = Uuid::from_u128(0x4009b574_6430_4f1b_bc40_ace811091
 /// the reactor's `now + delay` arithmetic far from overflow for absurd
 /// latencies (they are u64 microseconds from the outside).
 const MAX_TIMER: Duration = Duration::from_secs(3600);
+
+/// Deadlines travel in `driver_ctx` beside the 2-bit latency class.
+const MAX_DEADLINE: u64 = u64::MAX >> 2;
 
 /// Errors of `bdev_delay_update_latency`, each with SPDK's reply.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -96,6 +102,13 @@ impl LatencyType {
     fn idx(self) -> usize {
         self as usize
     }
+
+    const ALL: [LatencyType; 4] = [
+        LatencyType::AvgRead,
+        LatencyType::P99Read,
+        LatencyType::AvgWrite,
+        LatencyType::P99Write,
+    ];
 }
 
 /// Latencies in microseconds, shared by the bdev and all its channels and
@@ -114,17 +127,13 @@ impl Latencies {
 
 /// Per-bdev state of a delay bdev.
 pub struct DelayBdev {
-    base_name: String,
-    /// Kept apart from the descriptor: `io_type_supported` runs per I/O.
-    base: Arc<Bdev>,
-    /// The claimed base descriptor; taken (closed) in `destruct`.
-    desc: Mutex<Option<Desc>>,
+    base: Base,
     lat: Arc<Latencies>,
 }
 
 impl DelayBdev {
     pub fn base_bdev_name(&self) -> &str {
-        &self.base_name
+        self.base.name()
     }
 
     pub fn latency_us(&self, t: LatencyType) -> u64 {
@@ -136,7 +145,7 @@ impl DelayBdev {
     fn conf_values(&self, b: &Bdev) -> Value {
         json!({
             "name": b.name(),
-            "base_bdev_name": self.base_name,
+            "base_bdev_name": self.base.name(),
             "uuid": b.uuid().to_string(),
             "avg_read_latency": self.lat.get(LatencyType::AvgRead),
             "p99_read_latency": self.lat.get(LatencyType::P99Read),
@@ -156,9 +165,8 @@ impl BdevOps for DelayBdev {
     }
 
     fn create_channel(&self, _bdev: &Arc<Bdev>) -> Box<dyn ChannelOps> {
-        let base = lock(&self.desc).as_ref().map(|d| d.channel());
         let st = Rc::new(DelayChan {
-            base,
+            base: self.base.channel(),
             lat: self.lat.clone(),
             queues: Default::default(),
             seq: Cell::new(0),
@@ -177,7 +185,7 @@ impl BdevOps for DelayBdev {
 
     fn destruct(&self, _bdev: &Arc<Bdev>) -> BoxFuture {
         // Closing the descriptor releases the claim on the base.
-        let desc = lock(&self.desc).take();
+        let desc = self.base.close();
         Box::pin(async move { drop(desc) })
     }
 }
@@ -274,13 +282,15 @@ impl DelayChan {
 struct DelayChannel(Rc<DelayChan>);
 
 impl ChannelOps for DelayChannel {
-    fn submit(&self, io: Box<BdevIo>) {
+    fn submit(&self, mut io: Box<BdevIo>) {
         let st = &self.0;
         let Some(base) = &st.base else {
             return io.complete(IoStatus::Failed);
         };
         if io.io_type == IoType::Reset {
-            return reset(st.clone(), io);
+            return stacked::reset(io, st.base.clone(), |bdev| async move {
+                abort_everywhere(&bdev).await
+            });
         }
         let n = st.seq.get();
         st.seq.set(n.wrapping_add(1));
@@ -292,57 +302,40 @@ impl ChannelOps for DelayChannel {
             (false, true) => LatencyType::P99Write,
         };
         let lat_ns = st.lat.get(class).saturating_mul(1000);
-        let deadline = reactor::now_ns().saturating_add(lat_ns);
-
-        let mut parent = io;
-        let fua = parent.fua;
-        let buf = parent.buf.take();
-        let (t, off, num) = (parent.io_type, parent.offset_blocks, parent.num_blocks);
-        let st2 = st.clone();
-        let mut child = BdevIo::new(t, off, num, buf, move |mut child| {
-            parent.buf = child.buf.take();
-            st2.hold(
-                class,
-                Held {
-                    deadline,
-                    status: child.status,
-                    io: parent,
-                },
-            );
-        });
-        child.fua = fua;
-        base.submit(child);
-    }
-}
-
-/// SPDK's order: abort what is held on every reactor, then reset the base.
-/// A second pass afterwards catches I/O that was still in flight at the
-/// base when the reset began: a reset must not finish before all I/O has.
-fn reset(st: Rc<DelayChan>, io: Box<BdevIo>) {
-    let Some(bdev) = io.bdev().cloned() else {
-        return io.complete(IoStatus::Failed);
-    };
-    reactor::spawn_local(async move {
-        abort_everywhere(&bdev).await;
-        let status = match &st.base {
-            Some(base) => {
-                crate::util::submit(base, IoType::Reset, 0, 0, None, false)
-                    .await
-                    .status
-            }
-            None => IoStatus::Failed,
+        // The exact clock, so that no I/O is held less than its latency;
+        // none at all for a zero latency.
+        let deadline = if lat_ns == 0 {
+            0
+        } else {
+            reactor::now_ns().saturating_add(lat_ns).min(MAX_DEADLINE)
         };
-        abort_everywhere(&bdev).await;
-        io.complete(status);
-    });
+        io.driver_ctx = deadline << 2 | class.idx() as u64;
+        base.forward_hooked(io);
+    }
+
+    fn forward_done(&self, io: Box<BdevIo>) {
+        let st = &self.0;
+        let class = LatencyType::ALL[(io.driver_ctx & 3) as usize];
+        let deadline = io.driver_ctx >> 2;
+        let status = io.status;
+        if deadline == 0 && st.queues[class.idx()].borrow().is_empty() {
+            return io.complete(status);
+        }
+        st.hold(
+            class,
+            Held {
+                deadline,
+                status,
+                io,
+            },
+        );
+    }
 }
 
 /// Complete everything held by `bdev` on every reactor as aborted.
 async fn abort_everywhere(bdev: &Arc<Bdev>) {
     crate::for_each_channel(bdev, |ch: &DelayChannel| ch.0.abort_all(IoStatus::Aborted)).await
 }
-
-use reactor::sync::lock;
 
 // ---------------------------------------------------------------------------
 // Create / delete / update
@@ -370,10 +363,8 @@ pub fn create(p: CreateParams) -> Result<Arc<Bdev>, BdevError> {
     if crate::get(&p.name).is_some() {
         return Err(BdevError::Exists(p.name));
     }
-    let (me, event_cb) = crate::remove_propagator(MODULE_NAME);
-    let mut desc = crate::open(&p.base_bdev_name, true, event_cb)?;
-    desc.claim(ClaimType::ExclusiveWrite, MODULE_NAME)?;
-    let base = desc.bdev().clone();
+    let (base, link) =
+        stacked::open_base(&p.base_bdev_name, ClaimType::ExclusiveWrite, MODULE_NAME)?;
     let lat = Arc::new(Latencies::default());
     lat.set(LatencyType::AvgRead, p.avg_read_latency);
     lat.set(LatencyType::P99Read, p.p99_read_latency);
@@ -381,25 +372,11 @@ pub fn create(p: CreateParams) -> Result<Arc<Bdev>, BdevError> {
     lat.set(LatencyType::P99Write, p.p99_write_latency);
     let uuid = p
         .uuid
-        .unwrap_or_else(|| Uuid::new_v5(&NAMESPACE_UUID, base.uuid().as_bytes()));
-    let ops = DelayBdev {
-        base_name: base.name().to_string(),
-        base: base.clone(),
-        desc: Mutex::new(Some(desc)),
-        lat,
-    };
-    // A failed register drops `ops`, closing the descriptor and its claim.
-    let bdev = BdevBuilder::new(p.name, PRODUCT_NAME)
-        .block_size(base.block_size())
-        .num_blocks(base.num_blocks())
-        .uuid(Some(uuid))
-        .write_cache(base.write_cache())
-        .required_alignment(base.required_alignment())
-        .optimal_io_boundary(base.optimal_io_boundary())
-        .physical_block_size(base.physical_block_size())
-        .register(ops)?;
-    let _ = me.set(Arc::downgrade(&bdev));
-    tracing::info!(bdev = %bdev.name(), base = %base.name(), "delay bdev created");
+        .unwrap_or_else(|| Uuid::new_v5(&NAMESPACE_UUID, base.bdev().uuid().as_bytes()));
+    let builder = base.builder(p.name, PRODUCT_NAME).uuid(Some(uuid));
+    let base_bdev = base.bdev().clone();
+    let bdev = link.register(builder, DelayBdev { base, lat })?;
+    tracing::info!(bdev = %bdev.name(), base = %base_bdev.name(), "delay bdev created");
     Ok(bdev)
 }
 

@@ -19,7 +19,7 @@ use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use ::rpc::{register_typed, DecodeError, RpcError, RUNTIME};
 use reactor::DmaBuf;
@@ -27,10 +27,9 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use uuid::Uuid;
 
-use crate::remove_propagator;
+use crate::stacked::{self, Base};
 use crate::{
-    Bdev, BdevBuilder, BdevError, BdevIo, BdevOps, BoxFuture, ChannelOps, ClaimType, Desc,
-    IoChannel, IoStatus, IoType,
+    Bdev, BdevError, BdevIo, BdevOps, BoxFuture, ChannelOps, ClaimType, IoChannel, IoStatus, IoType,
 };
 
 pub const MODULE_NAME: &str = "error";
@@ -107,6 +106,24 @@ pub struct InjectParams {
 
 fn one() -> u32 {
     1
+}
+
+impl InjectParams {
+    /// `num` injections of `error_type` on `io_type` I/O of bdev `name`,
+    /// every other setting at its default.
+    pub fn new(name: &str, io_type: InjectIoType, error_type: ErrorType, num: u32) -> Self {
+        InjectParams {
+            name: name.into(),
+            io_type,
+            error_type,
+            num,
+            queue_depth: 0,
+            corrupt_offset: 0,
+            corrupt_value: 0,
+            nvme_sct: 0,
+            nvme_sc: 0,
+        }
+    }
 }
 
 /// What to do with one I/O.
@@ -190,11 +207,7 @@ impl Injections {
 
 /// Per-bdev state of an error bdev.
 pub struct ErrorBdev {
-    base_name: String,
-    /// Kept apart from the descriptor: `io_type_supported` runs per I/O.
-    base: Arc<Bdev>,
-    /// The claimed base descriptor; taken (closed) in `destruct`.
-    desc: Mutex<Option<Desc>>,
+    base: Base,
     /// The uuid given at create, for `save_config` (SPDK saves only that).
     uuid: Option<Uuid>,
     inj: Arc<Injections>,
@@ -202,7 +215,7 @@ pub struct ErrorBdev {
 
 impl ErrorBdev {
     pub fn base_bdev_name(&self) -> &str {
-        &self.base_name
+        self.base.name()
     }
 }
 
@@ -216,10 +229,9 @@ impl BdevOps for ErrorBdev {
     }
 
     fn create_channel(&self, bdev: &Arc<Bdev>) -> Box<dyn ChannelOps> {
-        let base = lock(&self.desc).as_ref().map(|d| d.channel());
         let st = Rc::new(ErrorChan {
             block_size: bdev.block_size() as u64,
-            base,
+            base: self.base.channel(),
             inj: self.inj.clone(),
             inflight: Cell::new(0),
             pending: RefCell::new(VecDeque::new()),
@@ -228,11 +240,11 @@ impl BdevOps for ErrorBdev {
     }
 
     fn dump_info_json(&self, _b: &Bdev) -> Value {
-        json!({ "error_disk": { "base_bdev": self.base_name } })
+        json!({ "error_disk": { "base_bdev": self.base.name() } })
     }
 
     fn write_config_json(&self, _b: &Bdev) -> Option<Value> {
-        let mut params = json!({ "base_name": self.base_name });
+        let mut params = json!({ "base_name": self.base.name() });
         if let Some(u) = self.uuid {
             params["uuid"] = json!(u.to_string());
         }
@@ -240,7 +252,7 @@ impl BdevOps for ErrorBdev {
     }
 
     fn destruct(&self, bdev: &Arc<Bdev>) -> BoxFuture {
-        let desc = lock(&self.desc).take();
+        let desc = self.base.close();
         let bdev = bdev.clone();
         Box::pin(async move {
             // Pending I/O would otherwise never complete once the bdev is gone.
@@ -308,7 +320,10 @@ impl ChannelOps for ErrorChannel {
     fn submit(&self, mut io: Box<BdevIo>) {
         let st = &self.0;
         if io.io_type == IoType::Reset {
-            return reset(st.clone(), io);
+            // Pending I/O fails first (SPDK fails them), then the base resets.
+            return stacked::reset(io, st.base.clone(), |bdev| async move {
+                fail_pending_everywhere(&bdev).await
+            });
         }
         let hit = st
             .inj
@@ -337,42 +352,28 @@ impl ChannelOps for ErrorChannel {
             return io.complete(IoStatus::Failed);
         };
         st.inflight.set(st.inflight.get() + 1);
-        let mut parent = io;
-        let fua = parent.fua;
-        let buf = parent.buf.take();
-        let (t, off, num) = (parent.io_type, parent.offset_blocks, parent.num_blocks);
-        let st2 = st.clone();
-        let mut child = BdevIo::new(t, off, num, buf, move |mut child| {
-            st2.inflight.set(st2.inflight.get().saturating_sub(1));
-            parent.buf = child.buf.take();
-            if let (Some((offset, value)), true) = (read_corrupt, child.status.is_success()) {
-                corrupt(&mut parent.buf, len, offset, value);
-            }
-            parent.complete(child.status);
-        });
-        child.fua = fua;
-        base.submit(child);
+        // A read to corrupt once it is back: where and how, beside the
+        // flag bit (corrupt_value 0 is refused at inject; past the data's
+        // end there is nothing to corrupt).
+        io.driver_ctx = match read_corrupt {
+            Some((offset, value)) if offset < len => offset << 8 | value as u64,
+            _ => 0,
+        };
+        base.forward_hooked(io);
+    }
+
+    fn forward_done(&self, mut io: Box<BdevIo>) {
+        let st = &self.0;
+        st.inflight.set(st.inflight.get().saturating_sub(1));
+        let ctx = io.driver_ctx;
+        if ctx != 0 && io.status.is_success() {
+            let len = io.num_blocks.saturating_mul(st.block_size);
+            corrupt(&mut io.buf, len, ctx >> 8, ctx as u8);
+        }
+        let status = io.status;
+        io.complete(status);
     }
 }
-
-/// Fail the pending I/O on every reactor (SPDK fails them), then reset the
-/// base and complete with its status.
-fn reset(st: Rc<ErrorChan>, io: Box<BdevIo>) {
-    let Some(bdev) = io.bdev().cloned() else {
-        return io.complete(IoStatus::Failed);
-    };
-    reactor::spawn_local(async move {
-        fail_pending_everywhere(&bdev).await;
-        match &st.base {
-            Some(base) => base.submit(BdevIo::new(IoType::Reset, 0, 0, None, move |child| {
-                io.complete(child.status)
-            })),
-            None => io.complete(IoStatus::Failed),
-        }
-    });
-}
-
-use reactor::sync::lock;
 
 // ---------------------------------------------------------------------------
 // Create / delete / inject
@@ -384,29 +385,16 @@ pub fn create(base_name: &str, uuid: Option<Uuid>) -> Result<Arc<Bdev>, BdevErro
     if crate::get(&name).is_some() {
         return Err(BdevError::Exists(name));
     }
-    let (me, event_cb) = remove_propagator(MODULE_NAME);
-    let mut desc = crate::open(base_name, true, event_cb)?;
-    desc.claim(ClaimType::ExclusiveWrite, MODULE_NAME)?;
-    let base = desc.bdev().clone();
+    let (base, link) = stacked::open_base(base_name, ClaimType::ExclusiveWrite, MODULE_NAME)?;
+    let builder = base.builder(name, PRODUCT_NAME).uuid(uuid);
+    let base_bdev = base.bdev().clone();
     let ops = ErrorBdev {
-        base_name: base.name().to_string(),
-        base: base.clone(),
-        desc: Mutex::new(Some(desc)),
+        base,
         uuid,
         inj: Arc::default(),
     };
-    // A failed register drops `ops`, closing the descriptor and its claim.
-    let bdev = BdevBuilder::new(name, PRODUCT_NAME)
-        .block_size(base.block_size())
-        .num_blocks(base.num_blocks())
-        .uuid(uuid)
-        .write_cache(base.write_cache())
-        .required_alignment(base.required_alignment())
-        .optimal_io_boundary(base.optimal_io_boundary())
-        .physical_block_size(base.physical_block_size())
-        .register(ops)?;
-    let _ = me.set(Arc::downgrade(&bdev));
-    tracing::info!(bdev = %bdev.name(), base = %base.name(), "error bdev created");
+    let bdev = link.register(builder, ops)?;
+    tracing::info!(bdev = %bdev.name(), base = %base_bdev.name(), "error bdev created");
     Ok(bdev)
 }
 
@@ -504,17 +492,7 @@ mod tests {
     }
 
     fn inject(name: &str, io_type: InjectIoType, error_type: ErrorType, num: u32) -> InjectParams {
-        InjectParams {
-            name: name.into(),
-            io_type,
-            error_type,
-            num,
-            queue_depth: 0,
-            corrupt_offset: 0,
-            corrupt_value: 0,
-            nvme_sct: 0,
-            nvme_sc: 0,
-        }
+        InjectParams::new(name, io_type, error_type, num)
     }
 
     fn pattern(len: usize, seed: u8) -> DmaBuf {
