@@ -5,8 +5,7 @@
 //!
 //! Inputs are user requests ([`Router::submit`]) and completion events
 //! ([`Router::op_done`], [`Router::copy_done`], [`Router::commit_done`]),
-//! plus [`Router::next_background`] (hydrator poller) and
-//! [`Router::on_timer`] (periodic commit, every second). Each call appends
+//! plus [`Router::next_background`] (hydrator poller). Each call appends
 //! [`Command`]s to a caller-owned `Vec` (reuse it: no allocation in steady
 //! state); the executor performs them and reports each back exactly once:
 //!
@@ -17,11 +16,11 @@
 //! | `WriteZeroesDest` / `DiscardDest` | write zeroes / unmap `blocks` on the destination | `op_done` |
 //! | `FlushDest` | flush the destination | `op_done` |
 //! | `StartCopy` | read `blocks` from the source, write them to the destination at the same offsets (zero detection may write zeroes instead) | `copy_done(copy, ok)` |
-//! | `Commit` | 1. flush the destination; 2. write the `units` (encode with `metadata::encode_unit_words`) at `metadata::unit_offset`; 3. flush the metadata bdev — in that order, each step after the previous completed | `commit_done(commit, ok)` (false if any step failed) |
+//! | `Commit` | ask the clone's [`crate::commit::Committer`] for a round that starts after now (it snapshots the dirty units, 1. flushes the destination, 2. writes the units, 3. flushes the metadata bdev, in that order) | `commit_done(commit, ok)` when that round ended (false if any step failed) |
 //! | `Complete` | complete the user I/O with `status` | — |
 //!
-//! Commands may be issued in any order and concurrently, except the three
-//! steps inside a `Commit`. A completion may be reported from inside the
+//! Commands may be issued in any order and concurrently (a round's three
+//! steps are the committer's, strictly in order). A completion may be reported from inside the
 //! executor's command loop or later; the router never calls out.
 //!
 //! # What it decides
@@ -50,10 +49,14 @@
 //!   destination: no second flush); with nothing changed it goes to the
 //!   destination with no metadata write. FUA writes complete only once a
 //!   commit covering every region marked before they finished is durable.
-//! * Commit snapshots the changed bitmap units *when the command is
-//!   emitted*: every bit in it belongs to data whose destination write has
-//!   already completed, so the commit's destination flush (issued after)
-//!   makes it durable before the bits are written (dm-clone §2 #1, #3).
+//! * Commits are one per clone, made by its committer for every router
+//!   (regions are striped over routers, one per reactor, sharing one map):
+//!   a round snapshots the dirty bitmap units when it starts; every bit in
+//!   it belongs to data whose destination write has already completed, so
+//!   the round's destination flush (issued after) makes it durable before
+//!   the bits are written (dm-clone §2 #1, #3). A flush or FUA write that
+//!   finds no dirty unit while a round is in flight still waits for the
+//!   next one: its bits may sit in that round's snapshot.
 //! * Metadata modes as dm-clone §1.9: a failed commit switches to read-only
 //!   (reads work; writes to hydrated regions work; writes to cold regions,
 //!   and flushes/FUA that would need a commit, fail; discards of cold
@@ -61,13 +64,13 @@
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::ops::Range;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
+use crate::commit::CommitRounds;
 use crate::geometry::Geometry;
-use crate::region_map::{RegionMap, WORDS_PER_UNIT};
+use crate::region_map::RegionMap;
 
 /// A user request's id, chosen by the executor, unique among requests in
 /// flight.
@@ -163,11 +166,47 @@ pub enum Status {
     Error(IoError),
 }
 
-/// The image of one bitmap unit taken when a commit was emitted.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct UnitImage {
-    pub index: u32,
-    pub words: [u64; WORDS_PER_UNIT],
+/// Striped ownership: regions are dealt to `owners` routers (one per
+/// reactor) in runs of `regions` (owner of region r = (r / regions) mod
+/// owners). The executor sends each part of a request to its owner's
+/// router ([`Router::set_stripe`] tells a router which stripes are its).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Stripes {
+    pub regions: u64,
+    pub owners: u64,
+}
+
+impl Stripes {
+    /// The owner index of region `r`.
+    pub fn owner(&self, r: u64) -> usize {
+        ((r / self.regions) % self.owners) as usize
+    }
+
+    /// The parts of blocks `offset..offset + num` (whose regions are
+    /// `regions`, not empty), one per stripe it touches: (owner index,
+    /// offset, num). Within one stripe, or with one owner, one part.
+    pub fn split(
+        &self,
+        geo: &Geometry,
+        regions: Range<u64>,
+        offset: u64,
+        num: u64,
+    ) -> Vec<(usize, u64, u64)> {
+        let stripe = self.regions;
+        if self.owners == 1 || regions.start / stripe == (regions.end - 1) / stripe {
+            return vec![(self.owner(regions.start), offset, num)];
+        }
+        let mut parts = Vec::new();
+        let mut r = regions.start;
+        while r < regions.end {
+            let end_r = ((r / stripe + 1) * stripe).min(regions.end);
+            let b = geo.region_range_blocks(r..end_r);
+            let (s0, e0) = (b.start.max(offset), b.end.min(offset + num));
+            parts.push((self.owner(r), s0, e0 - s0));
+            r = end_r;
+        }
+        parts
+    }
 }
 
 /// What the executor is asked to do. `blocks` are clone block offsets
@@ -210,11 +249,10 @@ pub enum Command {
         regions: Range<u64>,
         blocks: Range<u64>,
     },
-    /// Flush the destination, write `units` (ascending; whole metadata
-    /// blocks: pad a short last block with zero units), flush metadata.
+    /// A commit round that starts after now (the committer's; see the
+    /// module documentation).
     Commit {
         commit: CommitId,
-        units: Vec<UnitImage>,
     },
     Complete {
         req: ReqId,
@@ -229,6 +267,35 @@ pub enum MetadataMode {
     ReadWrite,
     ReadOnly,
     Failed,
+}
+
+impl MetadataMode {
+    /// Modes only get worse, in code order: a clone keeps its mode as this
+    /// code in an atomic and raises it with `fetch_max`.
+    pub fn code(self) -> u8 {
+        match self {
+            MetadataMode::ReadWrite => 0,
+            MetadataMode::ReadOnly => 1,
+            MetadataMode::Failed => 2,
+        }
+    }
+
+    pub fn from_code(code: u8) -> MetadataMode {
+        match code {
+            0 => MetadataMode::ReadWrite,
+            1 => MetadataMode::ReadOnly,
+            _ => MetadataMode::Failed,
+        }
+    }
+
+    /// The status object's `metadata.mode`.
+    pub fn short_name(self) -> &'static str {
+        match self {
+            MetadataMode::ReadWrite => "rw",
+            MetadataMode::ReadOnly => "ro",
+            MetadataMode::Failed => "fail",
+        }
+    }
 }
 
 /// Tunables; all may change at run time.
@@ -246,8 +313,6 @@ pub struct RouterConfig {
     pub discard_passdown: bool,
     /// Queue cold regions that are read for hydration ahead of the cursor.
     pub copy_on_read: bool,
-    /// Metadata bdev block size / 512: a commit writes whole blocks.
-    pub metadata_units_per_block: u32,
 }
 
 impl Default for RouterConfig {
@@ -258,7 +323,6 @@ impl Default for RouterConfig {
             hydration_enabled: true,
             discard_passdown: true,
             copy_on_read: false,
-            metadata_units_per_block: 1,
         }
     }
 }
@@ -333,7 +397,6 @@ struct ReqState {
 
 struct InFlightCommit {
     id: CommitId,
-    dirty: Vec<u32>,
 }
 
 /// See the module documentation.
@@ -363,18 +426,19 @@ pub struct Router {
     /// Striped ownership: (regions per stripe, this owner's index, owners).
     /// Background copies only pick regions of this owner's stripes.
     stripe: Option<(u64, u64, u64)>,
-    /// External commits: one committer per clone snapshots the dirty units
-    /// itself; this counts its rounds in flight.
-    ext_commits: Option<Arc<AtomicU64>>,
+    /// The clone's commit rounds in flight (its committer counts them).
+    rounds: CommitRounds,
 }
 
 impl Router {
-    /// A router over `map` (fresh, or loaded from metadata).
+    /// A router over `map` (fresh, or loaded from metadata) whose commits
+    /// are made by the committer counting `rounds`.
     pub fn new(
         geo: Geometry,
         map: Arc<RegionMap>,
         cfg: RouterConfig,
         mode: MetadataMode,
+        rounds: CommitRounds,
     ) -> Result<Router, RouterError> {
         if map.num_regions() != geo.num_regions() {
             return Err(RouterError::MapMismatch {
@@ -403,7 +467,7 @@ impl Router {
             commits: 0,
             copy_failures: 0,
             stripe: None,
-            ext_commits: None,
+            rounds,
         })
     }
 
@@ -419,22 +483,9 @@ impl Router {
         }
     }
 
-    /// Commits are made by an external committer (several routers over one
-    /// map): `Commit` commands carry no units and take no snapshot (the
-    /// committer snapshots the dirty units itself, right before its
-    /// destination flush, and answers with `commit_done`); `on_timer`
-    /// emits nothing. `in_flight` counts the committer's rounds in flight:
-    /// a flush or FUA write seeing one asks for a commit even with no dirty
-    /// unit left, since its bits may sit in that round's snapshot.
-    pub fn set_external_commits(&mut self, in_flight: Arc<AtomicU64>) {
-        self.ext_commits = Some(in_flight);
-    }
-
     /// Whether bits may still be on their way to disk elsewhere.
     fn commit_pending_elsewhere(&self) -> bool {
-        self.ext_commits
-            .as_ref()
-            .is_some_and(|a| a.load(Ordering::Acquire) > 0)
+        self.rounds.in_flight()
     }
 
     fn owned(&self, r: u64) -> bool {
@@ -486,8 +537,8 @@ impl Router {
     pub fn set_failed(&mut self) {
         self.mode = MetadataMode::Failed;
     }
-    /// The metadata went read-only elsewhere (a commit made by the external
-    /// committer failed): record no new hydration from now on.
+    /// The metadata went read-only elsewhere (a commit round failed while
+    /// this router had nothing waiting for it): record no new hydration from now on.
     pub fn set_read_only(&mut self) {
         if self.mode == MetadataMode::ReadWrite {
             self.mode = MetadataMode::ReadOnly;
@@ -901,7 +952,7 @@ impl Router {
                 })
             }
         }
-        let c = self.commit.take().unwrap();
+        self.commit = None;
         if ok {
             self.commits += 1;
             if self.commit_again && self.mode == MetadataMode::ReadWrite {
@@ -934,9 +985,9 @@ impl Router {
             }
         } else {
             // Uncommitted bits stay in core (their data is on the
-            // destination, reads are right) and dirty, so every later
-            // flush/FUA that needs them fails: they cannot be made durable.
-            self.map.restore_dirty(&c.dirty);
+            // destination, reads are right) and dirty (the committer put
+            // them back), so every later flush/FUA that needs them fails:
+            // they cannot be made durable.
             if self.mode == MetadataMode::ReadWrite {
                 tracing::error!(
                     commit,
@@ -952,19 +1003,6 @@ impl Router {
             }
         }
         Ok(())
-    }
-
-    /// Periodic commit (every second): commit if something changed and no
-    /// commit is in flight. Returns whether a `Commit` was emitted.
-    pub fn on_timer(&mut self, out: &mut Vec<Command>) -> bool {
-        if self.ext_commits.is_some() {
-            return false;
-        }
-        if self.mode == MetadataMode::ReadWrite && self.commit.is_none() && self.map.has_dirty() {
-            self.start_commit(out);
-            return true;
-        }
-        false
     }
 
     // ----- background hydration -------------------------------------------
@@ -1098,30 +1136,8 @@ impl Router {
         debug_assert!(self.commit.is_none());
         let id = self.next_commit;
         self.next_commit += 1;
-        let dirty = if self.ext_commits.is_some() {
-            Vec::new()
-        } else {
-            self.map.take_dirty()
-        };
-        let per = self.cfg.metadata_units_per_block.max(1) as u64;
-        let num_units = self.map.num_units();
-        let mut units = Vec::with_capacity(dirty.len());
-        let mut last_group = u64::MAX;
-        for &u in &dirty {
-            let g = u as u64 / per;
-            if g == last_group {
-                continue;
-            }
-            last_group = g;
-            for v in g * per..(g * per + per).min(num_units) {
-                units.push(UnitImage {
-                    index: v as u32,
-                    words: self.map.unit_words(v),
-                });
-            }
-        }
-        self.commit = Some(InFlightCommit { id, dirty });
-        out.push(Command::Commit { commit: id, units });
+        self.commit = Some(InFlightCommit { id });
+        out.push(Command::Commit { commit: id });
         id
     }
 

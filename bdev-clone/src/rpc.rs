@@ -1,11 +1,15 @@
-//! The clone module's RPCs (rpc-contract §2.7). All are RUNTIME methods;
-//! undecodable params get -32602.
+//! The clone module's RPCs (rpc-contract §2.7): every param struct and the
+//! registration. All are RUNTIME methods; undecodable params get -32602.
 
 use ::rpc::{register_typed, DecodeError, RpcError, RUNTIME};
 use serde::Deserialize;
 
+use uuid::Uuid;
+
 use crate::error::CloneError;
-use crate::module::{self, CreateOpts, HydrationOpts};
+use crate::hydration::{set_hydration, MAX_BATCH_SIZE, MAX_MBYTES_PER_SEC};
+use crate::lifecycle::{create, delete};
+use crate::status::{status, status_all};
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -27,7 +31,7 @@ pub fn register_rpcs() {
         RUNTIME,
         DecodeError::InvalidParams,
         |p: CreateOpts| async move {
-            let b = module::create(p).await?;
+            let b = create(p).await?;
             Ok(b.name().to_string())
         },
     );
@@ -36,7 +40,7 @@ pub fn register_rpcs() {
         RUNTIME,
         DecodeError::InvalidParams,
         |p: DeleteParams| async move {
-            module::delete(&p.name).await?;
+            delete(&p.name).await?;
             Ok(true)
         },
     );
@@ -47,10 +51,10 @@ pub fn register_rpcs() {
         |p: GetBdevsParams| async move {
             match p.name {
                 Some(n) => {
-                    let s = module::status(&n).ok_or(CloneError::NoSuchClone(n))?;
+                    let s = status(&n).ok_or(CloneError::NoSuchClone(n))?;
                     Ok(vec![s])
                 }
-                None => Ok(module::status_all()),
+                None => Ok(status_all()),
             }
         },
     );
@@ -59,8 +63,101 @@ pub fn register_rpcs() {
         RUNTIME,
         DecodeError::InvalidParams,
         |p: HydrationOpts| async move {
-            module::set_hydration(&p).map_err(RpcError::from)?;
+            set_hydration(&p).map_err(RpcError::from)?;
             Ok(true)
         },
     );
+}
+
+pub(crate) fn default_region_size_kb() -> u32 {
+    4
+}
+
+pub(crate) fn default_one() -> u32 {
+    1
+}
+
+/// Parameters of `bdev_clone_create` (defaults per rpc-contract §2.7).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateOpts {
+    pub name: String,
+    pub source_bdev_name: String,
+    pub dest_bdev_name: String,
+    pub metadata_bdev_name: String,
+    #[serde(default = "default_region_size_kb")]
+    pub region_size_kb: u32,
+    #[serde(default)]
+    pub no_hydration: bool,
+    #[serde(default)]
+    pub no_discard_passdown: bool,
+    #[serde(default = "default_one")]
+    pub hydration_threshold: u32,
+    #[serde(default = "default_one")]
+    pub hydration_batch_size: u32,
+    #[serde(default)]
+    pub hydration_mbytes_per_sec: u64,
+    #[serde(default)]
+    pub copy_on_read: bool,
+    #[serde(default)]
+    pub uuid: Option<Uuid>,
+    /// Format the metadata whatever it holds (the operator's way out of
+    /// damaged metadata). Never written by `save_config`.
+    #[serde(default)]
+    pub force_format: bool,
+}
+
+impl CreateOpts {
+    pub fn new(
+        name: impl Into<String>,
+        source: impl Into<String>,
+        dest: impl Into<String>,
+        metadata: impl Into<String>,
+    ) -> Self {
+        CreateOpts {
+            name: name.into(),
+            source_bdev_name: source.into(),
+            dest_bdev_name: dest.into(),
+            metadata_bdev_name: metadata.into(),
+            region_size_kb: default_region_size_kb(),
+            no_hydration: false,
+            no_discard_passdown: false,
+            hydration_threshold: 1,
+            hydration_batch_size: 1,
+            hydration_mbytes_per_sec: 0,
+            copy_on_read: false,
+            uuid: None,
+            force_format: false,
+        }
+    }
+}
+
+/// Refuse tunables outside their ranges (-22, naming the range); the
+/// threshold takes any u32 (the in-flight caps above bound its effect).
+pub(crate) fn check_tunables(
+    batch: Option<u32>,
+    mbytes_per_sec: Option<u64>,
+) -> Result<(), CloneError> {
+    if let Some(b) = batch.filter(|b| !(1..=MAX_BATCH_SIZE).contains(b)) {
+        return Err(CloneError::Invalid(format!(
+            "hydration_batch_size {b} is out of range: 1 to {MAX_BATCH_SIZE} regions"
+        )));
+    }
+    if let Some(m) = mbytes_per_sec.filter(|&m| m > MAX_MBYTES_PER_SEC) {
+        return Err(CloneError::Invalid(format!(
+            "hydration_mbytes_per_sec {m} is out of range: 0 (unlimited) to {MAX_MBYTES_PER_SEC}"
+        )));
+    }
+    Ok(())
+}
+
+/// Runtime changes of `bdev_clone_set_hydration`.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HydrationOpts {
+    pub name: String,
+    pub enable: Option<bool>,
+    pub hydration_threshold: Option<u32>,
+    pub hydration_batch_size: Option<u32>,
+    pub hydration_mbytes_per_sec: Option<u64>,
 }

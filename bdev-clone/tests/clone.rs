@@ -86,8 +86,8 @@ fn end_to_end_hydrates_releases_and_resumes() {
 // Model-based randomized test
 
 use bdev::Desc;
-use bdev_clone::oneshot::run_on;
 use bdev_clone::HydrationOpts;
+use reactor::run_on;
 
 #[derive(Clone, Debug)]
 enum Op {
@@ -338,11 +338,11 @@ fn model_based_random_io_with_hydration_and_resume() {
     let (seeds, ops) = if small() { (4u64, 150) } else { (10, 400) };
     run_on_reactor(0x3, move || async move {
         // Stripes of 64 regions: requests span both owners.
-        bdev_clone::module::set_stripe_words(1);
+        bdev_clone::set_stripe_words(1);
         for seed in 1..=seeds {
             model_run(seed, ops).await;
         }
-        bdev_clone::module::set_stripe_words(0);
+        bdev_clone::set_stripe_words(0);
     });
 }
 
@@ -860,7 +860,7 @@ fn reset_completes_while_hydrating() {
 fn delete_after_power_cut_then_resume() {
     run_on_reactor(0x3, || async {
         // Two owners (stripes of 64 regions = 512 blocks), one committer.
-        bdev_clone::module::set_stripe_words(1);
+        bdev_clone::set_stripe_words(1);
         let data = pattern(2048 * 512, 5);
         mk_malloc("pS", 512, 2048);
         write_all("pS", 0, &data).await;
@@ -914,7 +914,7 @@ fn delete_after_power_cut_then_resume() {
             "region 64.. is garbage"
         );
         delete("pC").await.unwrap();
-        bdev_clone::module::set_stripe_words(0);
+        bdev_clone::set_stripe_words(0);
     });
 }
 

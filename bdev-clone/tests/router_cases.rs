@@ -5,10 +5,12 @@ mod common;
 
 use std::sync::Arc;
 
+use bdev_clone::commit::{CommitRounds, Committer};
 use bdev_clone::metadata;
 use bdev_clone::region_map::REGIONS_PER_UNIT;
 use bdev_clone::router::{
-    Command, IoError, IoKind, MetadataMode, Request, Router, RouterConfig, RouterError, Status,
+    Command, CommitId, IoError, IoKind, MetadataMode, Request, Router, RouterConfig, RouterError,
+    Status,
 };
 use bdev_clone::{Geometry, RegionMap};
 use common::{source_tag, Sim};
@@ -23,6 +25,31 @@ fn quiet() -> RouterConfig {
         hydration_enabled: false,
         ..RouterConfig::default()
     }
+}
+
+/// A router on its own (commit rounds counted by a committer of its own).
+fn router(g: Geometry, map: Arc<RegionMap>, cfg: RouterConfig, mode: MetadataMode) -> Router {
+    Router::new(g, map, cfg, mode, CommitRounds::default()).unwrap()
+}
+
+/// A router and its clone's committer (metadata blocks of `per` units),
+/// as the target pairs them.
+fn router_and_committer(
+    g: Geometry,
+    map: &Arc<RegionMap>,
+    cfg: RouterConfig,
+    per: u32,
+) -> (Router, Committer<CommitId>) {
+    let c = Committer::new(CommitRounds::default(), per);
+    let r = Router::new(
+        g,
+        map.clone(),
+        cfg,
+        MetadataMode::ReadWrite,
+        c.rounds().clone(),
+    )
+    .unwrap();
+    (r, c)
 }
 
 fn sim(blocks: u64, cfg: RouterConfig) -> Sim {
@@ -43,7 +70,7 @@ fn is_flush_dest(c: &Command) -> bool {
 }
 
 fn hydrated(s: &Sim, r: u64) -> bool {
-    s.router.map().is_hydrated(r)
+    s.map().is_hydrated(r)
 }
 
 // ----- discards (dm-clone §2 #5, §1.8) ------------------------------------
@@ -109,7 +136,7 @@ fn discard_of_the_whole_device_marks_the_partial_tail_region() {
     // 21 blocks: regions 0, 1 full, region 2 has 5 blocks.
     let mut s = sim(21, quiet());
     let id = s.try_submit(IoKind::Discard, 0, 21, false).unwrap();
-    assert!(s.router.map().is_complete(), "tail region discarded too");
+    assert!(s.map().is_complete(), "tail region discarded too");
     s.drain();
     assert_eq!(s.status_of(id), Some(Status::Success));
     let passed: Vec<_> = s
@@ -181,8 +208,8 @@ fn tail_region_writes_and_copies_are_short() {
     s.finish();
     // Background hydration copies the tail region with its short length.
     let mut s = sim(21, RouterConfig::default());
-    s.router.config_mut().hydration_threshold = 8;
-    s.router.config_mut().hydration_batch_size = 8;
+    s.config_mut(|c| c.hydration_threshold = 8);
+    s.config_mut(|c| c.hydration_batch_size = 8);
     s.background();
     let copies: Vec<_> = s
         .trace
@@ -205,7 +232,7 @@ fn regions_past_2_pow_31_and_offsets_past_16_tib() {
     let g = Geometry::new(blocks, 512, blocks, 512, 64 << 10).unwrap();
     assert_eq!(g.num_regions(), 1 << 32);
     let map = Arc::new(RegionMap::new(g.num_regions()));
-    let mut r = Router::new(g, map.clone(), quiet(), MetadataMode::ReadWrite).unwrap();
+    let mut r = router(g, map.clone(), quiet(), MetadataMode::ReadWrite);
     let mut out = Vec::new();
 
     let region = (1u64 << 31) + 12_345; // > 2^31: the signed 32-bit limit
@@ -285,11 +312,9 @@ fn regions_past_2_pow_31_and_offsets_past_16_tib() {
     out.clear();
 
     // The commit names the right units: region / 4032 fits u32.
-    assert!(r.on_timer(&mut out));
-    let units: Vec<u32> = match &out[0] {
-        Command::Commit { units, .. } => units.iter().map(|u| u.index).collect(),
-        other => panic!("{other:?}"),
-    };
+    let mut c = Committer::<CommitId>::new(CommitRounds::default(), 1);
+    let round = c.start(&map, true).unwrap();
+    let units: Vec<u32> = c.snapshot(&map, &round).iter().map(|u| u.index).collect();
     assert_eq!(
         units,
         vec![
@@ -298,13 +323,12 @@ fn regions_past_2_pow_31_and_offsets_past_16_tib() {
         ]
     );
     // Background hydration from a cursor near the end wraps to region 0.
-    let mut r2 = Router::new(
+    let mut r2 = router(
         g,
         Arc::new(RegionMap::new(g.num_regions())),
         RouterConfig::default(),
         MetadataMode::ReadWrite,
-    )
-    .unwrap();
+    );
     let mut out = Vec::new();
     r2.submit(Request::discard(1, (last - 1) * 128, 256), &mut out)
         .unwrap();
@@ -341,7 +365,7 @@ fn discard_waits_for_an_in_flight_background_copy() {
 fn discard_waits_for_a_copy_started_by_a_partial_write() {
     let g = geo(32);
     let map = Arc::new(RegionMap::new(g.num_regions()));
-    let mut r = Router::new(g, map.clone(), quiet(), MetadataMode::ReadWrite).unwrap();
+    let mut r = router(g, map.clone(), quiet(), MetadataMode::ReadWrite);
     let mut out = Vec::new();
     r.submit(Request::write(1, 9, 1), &mut out).unwrap();
     assert!(matches!(&out[0], Command::StartCopy { copy: 1, regions, .. } if *regions == (1..2)));
@@ -386,17 +410,17 @@ fn flush_with_nothing_changed_writes_no_metadata() {
     s.try_submit(IoKind::Read, 0, 8, false).unwrap();
     s.drain();
     s.trace.clear();
+    // A flush is the committer's: a round that is a destination flush.
     let f = s.try_submit(IoKind::Flush, 0, 0, false).unwrap();
-    assert_eq!(s.pending_kinds(), vec!["flush_dest"]);
-    assert_eq!(count(&s.trace, is_commit), 0);
+    assert_eq!(s.pending_kinds(), vec!["commit_dest_flush"]);
     s.drain();
     assert_eq!(s.status_of(f), Some(Status::Success));
-    assert_eq!(s.stats.commits_issued, 0);
-    // The periodic commit has nothing to do either.
+    assert_eq!(s.md_writes(), 0);
+    // The periodic commit has nothing to do.
     assert!(!s.timer());
 
-    // First write to a cold region + flush: exactly one commit, no extra
-    // destination flush (the commit flushed it).
+    // First write to a cold region + flush: one metadata write, no extra
+    // destination flush (the round flushed it).
     s.try_submit(IoKind::Write, 0, 8, false).unwrap();
     s.drain();
     s.trace.clear();
@@ -404,17 +428,15 @@ fn flush_with_nothing_changed_writes_no_metadata() {
     assert_eq!(s.pending_kinds(), vec!["commit_dest_flush"]);
     s.drain();
     assert_eq!(s.status_of(f), Some(Status::Success));
-    assert_eq!(count(&s.trace, is_commit), 1);
+    assert_eq!(s.md_writes(), 1);
     assert_eq!(count(&s.trace, is_flush_dest), 0);
 
-    // Rewriting the hydrated region + flush: no commit.
+    // Rewriting the hydrated region + flush: no metadata write.
     s.try_submit(IoKind::Write, 0, 4, false).unwrap();
     s.drain();
-    s.trace.clear();
     s.try_submit(IoKind::Flush, 0, 0, false).unwrap();
     s.drain();
-    assert_eq!(count(&s.trace, is_commit), 0);
-    assert_eq!(count(&s.trace, is_flush_dest), 1);
+    assert_eq!(s.md_writes(), 1);
     s.finish();
 }
 
@@ -453,32 +475,40 @@ fn commit_snapshot_excludes_regions_hydrated_after_it_was_emitted() {
         hydration_threshold: 2,
         ..RouterConfig::default()
     };
-    let mut r = Router::new(g, map.clone(), cfg, MetadataMode::ReadWrite).unwrap();
+    let (mut r, mut c) = router_and_committer(g, &map, cfg, 1);
     let mut out = Vec::new();
     r.next_background(&mut out); // copies of regions 0 and 1 (batch 1)
     assert_eq!(out.len(), 2);
     out.clear();
     r.copy_done(1, true, &mut out).unwrap(); // region 0 done
-    assert!(r.on_timer(&mut out));
-    let Command::Commit { commit, units } = out.pop().unwrap() else {
-        panic!()
-    };
+    let round = c.start(&map, true).expect("the periodic round");
+    let units = c.snapshot(&map, &round);
     assert_eq!(units.len(), 1);
     assert_eq!(units[0].words[0], 0b01);
-    // Region 1 (same unit) finishes while the commit is in flight.
+    // Region 1 (same unit) finishes while the round is in flight.
     r.copy_done(2, true, &mut out).unwrap();
-    assert_eq!(units[0].words[0], 0b01, "the emitted snapshot is unchanged");
-    assert!(map.has_dirty(), "region 1 waits for the next commit");
-    // A flush now needs a new commit, after the one in flight.
+    assert_eq!(units[0].words[0], 0b01, "the snapshot is unchanged");
+    assert!(map.has_dirty(), "region 1 waits for the next round");
+    // A flush now needs a commit, in a round after the one in flight.
     r.submit(Request::flush(7), &mut out).unwrap();
-    assert!(out.is_empty(), "queued behind the commit in flight");
-    r.commit_done(commit, true, &mut out).unwrap();
-    let Command::Commit { commit: c2, units } = out.remove(0) else {
+    let Some(Command::Commit { commit }) = out.pop() else {
         panic!("{out:?}")
     };
-    assert_eq!(units[0].words[0], 0b11);
     assert!(out.is_empty());
-    r.commit_done(c2, true, &mut out).unwrap();
+    c.request(commit);
+    assert!(
+        c.start(&map, false).is_none(),
+        "queued behind the round in flight"
+    );
+    assert!(
+        c.finish(&map, round, true).is_empty(),
+        "nobody waited for it"
+    );
+    let round = c.start(&map, false).expect("the flush's round");
+    assert_eq!(c.snapshot(&map, &round)[0].words[0], 0b11);
+    for w in c.finish(&map, round, true) {
+        r.commit_done(w, true, &mut out).unwrap();
+    }
     assert_eq!(
         out,
         vec![Command::Complete {
@@ -489,31 +519,35 @@ fn commit_snapshot_excludes_regions_hydrated_after_it_was_emitted() {
 }
 
 #[test]
-fn flush_during_a_commit_with_nothing_new_still_flushes_the_destination() {
+fn flush_during_a_round_with_nothing_new_waits_for_a_destination_flush() {
     let g = geo(64);
     let map = Arc::new(RegionMap::new(g.num_regions()));
-    let mut r = Router::new(g, map, quiet(), MetadataMode::ReadWrite).unwrap();
+    let (mut r, mut c) = router_and_committer(g, &map, quiet(), 1);
     let mut out = Vec::new();
     r.submit(Request::write(1, 0, 8), &mut out).unwrap();
     r.op_done(1, true, &mut out).unwrap();
     out.clear();
-    assert!(r.on_timer(&mut out));
-    let Command::Commit { commit, .. } = out.remove(0) else {
-        panic!()
-    };
-    // A write to the hydrated region completes after the commit's
+    let round = c.start(&map, true).expect("the periodic round");
+    // A write to the hydrated region completes after the round's
     // destination flush was issued; a flush now must cover it.
     r.submit(Request::write(2, 0, 1), &mut out).unwrap();
     r.op_done(2, true, &mut out).unwrap();
     out.clear();
     r.submit(Request::flush(3), &mut out).unwrap();
-    assert!(matches!(out[0], Command::FlushDest { req: 3, .. }));
-    let Command::FlushDest { op, .. } = out.remove(0) else {
-        unreachable!()
+    let Some(Command::Commit { commit }) = out.pop() else {
+        panic!("{out:?}: nothing dirty, but a round in flight may hold its bits")
     };
-    r.op_done(op, true, &mut out).unwrap();
-    assert!(out.is_empty(), "also waits for the commit in flight");
-    r.commit_done(commit, true, &mut out).unwrap();
+    assert!(out.is_empty());
+    c.request(commit);
+    assert!(c.finish(&map, round, true).is_empty());
+    let round = c.start(&map, false).expect("the flush's round");
+    assert!(
+        round.dirty.is_empty(),
+        "nothing new: the round is a destination flush only"
+    );
+    for w in c.finish(&map, round, true) {
+        r.commit_done(w, true, &mut out).unwrap();
+    }
     assert_eq!(
         out,
         vec![Command::Complete {
@@ -547,25 +581,19 @@ fn fua_write_completes_after_the_commit() {
 
 #[test]
 fn periodic_commit_and_4k_metadata_blocks() {
-    let cfg = RouterConfig {
-        metadata_units_per_block: 8,
-        ..quiet()
-    };
     let g = geo(8 * 4032 * 10); // 10 units
     let map = Arc::new(RegionMap::new(g.num_regions()));
-    let mut r = Router::new(g, map, cfg, MetadataMode::ReadWrite).unwrap();
+    let (mut r, mut c) = router_and_committer(g, &map, quiet(), 8);
     let mut out = Vec::new();
     r.submit(Request::discard(1, 8 * 4032 * 9, 8), &mut out)
         .unwrap(); // unit 9
     out.clear();
-    assert!(r.on_timer(&mut out));
-    let Command::Commit { units, .. } = &out[0] else {
-        panic!()
-    };
+    let round = c.start(&map, true).expect("the periodic round");
     // Unit 9 lives in metadata block 1 (units 8..16); the map has 10 units.
-    let idx: Vec<u32> = units.iter().map(|u| u.index).collect();
+    let idx: Vec<u32> = c.snapshot(&map, &round).iter().map(|u| u.index).collect();
     assert_eq!(idx, vec![8, 9]);
-    assert!(!r.on_timer(&mut Vec::new()), "one commit at a time");
+    map.set(0);
+    assert!(c.start(&map, true).is_none(), "one round at a time");
 }
 
 // ----- writes and per-region serialisation --------------------------------
@@ -604,13 +632,12 @@ fn whole_region_writes_skip_the_copy_and_serialise_later_writers() {
 #[test]
 fn a_partial_write_waits_for_a_whole_region_overwrite_in_flight() {
     let g = geo(64);
-    let mut r = Router::new(
+    let mut r = router(
         g,
         Arc::new(RegionMap::new(g.num_regions())),
         quiet(),
         MetadataMode::ReadWrite,
-    )
-    .unwrap();
+    );
     let mut out = Vec::new();
     r.submit(Request::write(1, 8, 8), &mut out).unwrap();
     assert_eq!(out.len(), 1);
@@ -648,15 +675,15 @@ fn a_failed_copy_fails_the_waiting_write_and_is_retried_later() {
         Some(Status::Error(IoError::HydrationFailed))
     );
     assert!(!hydrated(&s, 0));
-    assert_eq!(s.router.stats().copy_failures, 1);
+    assert_eq!(s.routers[0].stats().copy_failures, 1);
     // Background hydration comes back to region 0 after wrapping.
-    s.router.config_mut().hydration_enabled = true;
-    s.router.config_mut().hydration_threshold = 1;
+    s.config_mut(|c| c.hydration_enabled = true);
+    s.config_mut(|c| c.hydration_threshold = 1);
     for _ in 0..5 {
         s.background();
         s.drain();
     }
-    assert!(s.router.map().is_complete());
+    assert!(s.map().is_complete());
     s.finish();
 }
 
@@ -685,7 +712,7 @@ fn background_respects_threshold_batch_and_busy_regions() {
     };
     let g = geo(8 * 20);
     let map = Arc::new(RegionMap::new(20));
-    let mut r = Router::new(g, map.clone(), cfg, MetadataMode::ReadWrite).unwrap();
+    let mut r = router(g, map.clone(), cfg, MetadataMode::ReadWrite);
     let mut out = Vec::new();
     // A user write is busy on region 1 (whole overwrite in flight).
     r.submit(Request::write(1, 8, 8), &mut out).unwrap();
@@ -733,7 +760,14 @@ fn a_huge_threshold_starts_only_as_many_copies_as_allowed() {
         ..RouterConfig::default()
     };
     let map = Arc::new(RegionMap::new(10_000));
-    let mut r = Router::new(geo(8 * 10_000), map, cfg, MetadataMode::ReadWrite).unwrap();
+    let mut r = Router::new(
+        geo(8 * 10_000),
+        map,
+        cfg,
+        MetadataMode::ReadWrite,
+        CommitRounds::default(),
+    )
+    .unwrap();
     let mut out = Vec::new();
     assert_eq!(r.next_background_max(&mut out, 32), 32);
     assert_eq!(out.len(), 32);
@@ -777,7 +811,7 @@ fn a_failed_commit_switches_to_read_only() {
     s.complete_kind("commit_dest_flush", true);
     s.complete_kind("commit_write", false);
     assert_eq!(s.status_of(f), Some(Status::Error(IoError::CommitFailed)));
-    assert_eq!(s.router.mode(), MetadataMode::ReadOnly);
+    assert_eq!(s.mode(), MetadataMode::ReadOnly);
     // Reads work (hydrated from dest, cold from source).
     let r = s.try_submit(IoKind::Read, 0, 16, false).unwrap();
     s.drain();
@@ -797,8 +831,12 @@ fn a_failed_commit_switches_to_read_only() {
     // No hydration; and a flush that would need a commit fails.
     assert_eq!(s.background(), 0);
     let f = s.try_submit(IoKind::Flush, 0, 0, false).unwrap();
-    assert_eq!(s.status_of(f), Some(Status::Error(IoError::ReadOnly)));
-    assert!(!s.timer());
+    assert_eq!(s.status_of(f), Some(Status::Error(IoError::CommitFailed)));
+    // The periodic round writes nothing: it fails at once and its units
+    // stay dirty.
+    s.timer();
+    assert_eq!(s.in_flight(), 0, "no metadata I/O in read-only mode");
+    assert!(s.map().has_dirty());
     s.drain();
 }
 
@@ -808,7 +846,7 @@ fn read_only_from_the_start_allows_flushes_with_nothing_to_commit() {
     let map = Arc::new(RegionMap::new(g.num_regions()));
     map.set(0);
     map.take_dirty();
-    let mut r = Router::new(g, map, quiet(), MetadataMode::ReadOnly).unwrap();
+    let mut r = router(g, map, quiet(), MetadataMode::ReadOnly);
     let mut out = Vec::new();
     r.submit(Request::flush(1), &mut out).unwrap();
     assert!(matches!(out[0], Command::FlushDest { .. }));
@@ -845,7 +883,7 @@ fn a_copy_completing_in_read_only_mode_is_not_recorded() {
 #[test]
 fn failed_mode_fails_everything() {
     let mut s = sim(32, quiet());
-    s.router.set_failed();
+    s.routers[0].set_failed();
     for (k, o, l) in [
         (IoKind::Read, 0, 1),
         (IoKind::Write, 0, 8),
@@ -866,13 +904,12 @@ fn failed_mode_fails_everything() {
 #[test]
 fn invalid_and_duplicate_requests() {
     let g = geo(32);
-    let mut r = Router::new(
+    let mut r = router(
         g,
         Arc::new(RegionMap::new(g.num_regions())),
         quiet(),
         MetadataMode::ReadWrite,
-    )
-    .unwrap();
+    );
     let mut out = Vec::new();
     for (i, req) in [
         Request::read(1, 30, 3),
@@ -905,7 +942,8 @@ fn invalid_and_duplicate_requests() {
         g,
         Arc::new(RegionMap::new(3)),
         quiet(),
-        MetadataMode::ReadWrite
+        MetadataMode::ReadWrite,
+        CommitRounds::default()
     )
     .is_err());
 }
@@ -924,9 +962,9 @@ fn crash_after_flush_keeps_the_write_and_before_commit_reads_the_source() {
     s.try_submit(IoKind::Write, 8, 8, false).unwrap();
     s.drain();
     let mut after = s.crash_and_restart(quiet(), 9);
-    assert!(after.router.map().is_hydrated(0), "committed");
+    assert!(after.map().is_hydrated(0), "committed");
     assert!(
-        !after.router.map().is_hydrated(1),
+        !after.map().is_hydrated(1),
         "never committed: reads the source"
     );
     let r = after.try_submit(IoKind::Read, 0, 16, false).unwrap();
@@ -940,26 +978,38 @@ fn crash_after_flush_keeps_the_write_and_before_commit_reads_the_source() {
 fn metadata_failing_during_a_commit_fails_requests_waiting_for_the_next() {
     let g = geo(64);
     let map = Arc::new(RegionMap::new(g.num_regions()));
-    let mut r = Router::new(g, map, quiet(), MetadataMode::ReadWrite).unwrap();
+    let (mut r, mut c) = router_and_committer(g, &map, quiet(), 1);
     let mut out = Vec::new();
     r.submit(Request::write(1, 0, 8), &mut out).unwrap();
     r.op_done(1, true, &mut out).unwrap();
     out.clear();
-    assert!(r.on_timer(&mut out));
-    out.clear();
-    r.submit(Request::write(2, 8, 8), &mut out).unwrap();
+    r.submit(Request::flush(2), &mut out).unwrap(); // commit 1
+    let Some(Command::Commit { commit }) = out.pop() else {
+        panic!("{out:?}")
+    };
+    c.request(commit);
+    let round = c.start(&map, false).unwrap();
+    r.submit(Request::write(3, 8, 8), &mut out).unwrap();
     r.op_done(2, true, &mut out).unwrap();
     out.clear();
-    r.submit(Request::flush(3), &mut out).unwrap(); // needs commit 2
-    assert!(out.is_empty());
+    r.submit(Request::flush(4), &mut out).unwrap(); // needs commit 2
+    assert!(out.is_empty(), "behind commit 1");
     r.set_failed();
-    r.commit_done(1, true, &mut out).unwrap();
+    for w in c.finish(&map, round, true) {
+        r.commit_done(w, true, &mut out).unwrap();
+    }
     assert_eq!(
         out,
-        vec![Command::Complete {
-            req: 3,
-            status: Status::Error(IoError::MetadataFailed)
-        }]
+        vec![
+            Command::Complete {
+                req: 2,
+                status: Status::Success
+            },
+            Command::Complete {
+                req: 4,
+                status: Status::Error(IoError::MetadataFailed)
+            }
+        ]
     );
     assert!(r.is_idle());
 }
@@ -977,7 +1027,7 @@ fn striped_routers_copy_only_their_stripes() {
     };
     let mut seen = vec![0u8; g.num_regions() as usize];
     for idx in 0..2u64 {
-        let mut r = Router::new(g, map.clone(), cfg.clone(), MetadataMode::ReadWrite).unwrap();
+        let mut r = router(g, map.clone(), cfg.clone(), MetadataMode::ReadWrite);
         r.set_stripe(64, idx, 2);
         let mut out = Vec::new();
         r.next_background(&mut out);
@@ -1001,34 +1051,61 @@ fn striped_routers_copy_only_their_stripes() {
     );
 }
 
-/// External commits: no snapshot in the router, and a flush asks for a
-/// commit while the committer has a round in flight.
+/// Two striped routers and their committer: a router takes no snapshot,
+/// and a flush on one router asks for a commit while a round holding the
+/// other's bits is in flight, though nothing is dirty.
 #[test]
-fn external_commits_take_no_snapshot() {
-    let g = geo(64);
+fn routers_share_the_committers_rounds() {
+    let g = geo(8 * 256);
     let map = Arc::new(RegionMap::new(g.num_regions()));
-    let busy = Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let mut r = Router::new(g, map.clone(), quiet(), MetadataMode::ReadWrite).unwrap();
-    r.set_external_commits(busy.clone());
-    map.set(3);
+    let (mut r0, mut c) = router_and_committer(g, &map, quiet(), 1);
+    r0.set_stripe(64, 0, 2);
+    let mut r1 = Router::new(
+        g,
+        map.clone(),
+        quiet(),
+        MetadataMode::ReadWrite,
+        c.rounds().clone(),
+    )
+    .unwrap();
+    r1.set_stripe(64, 1, 2);
     let mut out = Vec::new();
-    assert!(
-        !r.on_timer(&mut out),
-        "the committer's timer commits, not the router's"
-    );
-    r.submit(Request::flush(1), &mut out).unwrap();
-    let units = out.iter().find_map(|c| match c {
-        Command::Commit { units, .. } => Some(units.len()),
-        _ => None,
-    });
-    assert_eq!(units, Some(0));
+    r0.submit(Request::write(1, 0, 8), &mut out).unwrap();
+    r0.op_done(1, true, &mut out).unwrap();
+    out.clear();
+    r0.submit(Request::flush(2), &mut out).unwrap();
+    let Some(Command::Commit { commit }) = out.pop() else {
+        panic!("{out:?}")
+    };
     assert!(map.has_dirty(), "the dirty units stay for the committer");
-    // Nothing dirty but a round in flight: still a commit.
-    map.take_dirty();
-    busy.store(1, std::sync::atomic::Ordering::Release);
-    let mut out2 = Vec::new();
-    r.submit(Request::flush(2), &mut out2).unwrap();
-    assert!(
-        !out2.iter().any(|c| matches!(c, Command::FlushDest { .. })) || r.stats().commit_in_flight
+    c.request(commit);
+    let round = c.start(&map, false).unwrap();
+    assert!(!map.has_dirty());
+    r1.submit(Request::flush(1), &mut out).unwrap();
+    let Some(Command::Commit { commit: c1 }) = out.pop() else {
+        panic!("{out:?}: router 1 must wait for a round after the one in flight")
+    };
+    c.request(c1);
+    for w in c.finish(&map, round, true) {
+        r0.commit_done(w, true, &mut out).unwrap();
+    }
+    assert_eq!(
+        out,
+        vec![Command::Complete {
+            req: 2,
+            status: Status::Success
+        }]
+    );
+    out.clear();
+    let round = c.start(&map, false).unwrap();
+    for w in c.finish(&map, round, true) {
+        r1.commit_done(w, true, &mut out).unwrap();
+    }
+    assert_eq!(
+        out,
+        vec![Command::Complete {
+            req: 1,
+            status: Status::Success
+        }]
     );
 }

@@ -4,7 +4,7 @@
 
 mod common;
 
-use bdev_clone::router::{IoKind, RouterConfig};
+use bdev_clone::router::{IoKind, RouterConfig, Stripes};
 use bdev_clone::Geometry;
 use common::Sim;
 use proptest::prelude::*;
@@ -48,6 +48,8 @@ struct Setup {
     passdown: bool,
     copy_on_read: bool,
     md_units_per_block: u32,
+    /// (owners, regions per stripe), as the target's striped ownership.
+    stripes: (u64, u64),
     failures: bool,
     seed: u64,
 }
@@ -66,6 +68,7 @@ fn setup() -> impl Strategy<Value = Setup> {
         any::<bool>(),
         any::<bool>(),
         prop_oneof![Just(1u32), Just(8)],
+        (1u64..4, prop_oneof![Just(1u64), Just(2), Just(64)]),
         any::<bool>(),
         any::<u64>(),
     )
@@ -78,6 +81,7 @@ fn setup() -> impl Strategy<Value = Setup> {
                 passdown,
                 copy_on_read,
                 md,
+                stripes,
                 failures,
                 seed,
             )| Setup {
@@ -88,6 +92,7 @@ fn setup() -> impl Strategy<Value = Setup> {
                 passdown,
                 copy_on_read,
                 md_units_per_block: md,
+                stripes,
                 failures,
                 seed,
             },
@@ -101,14 +106,17 @@ fn config(s: &Setup) -> RouterConfig {
         hydration_enabled: true,
         discard_passdown: s.passdown,
         copy_on_read: s.copy_on_read,
-        metadata_units_per_block: s.md_units_per_block,
     }
 }
 
 fn build(s: &Setup) -> Sim {
     let (bs, rs) = s.shape;
     let geo = Geometry::new(s.source_blocks, bs, s.source_blocks + 7, bs, rs).unwrap();
-    let mut sim = Sim::new(geo, config(s), s.seed);
+    let stripes = Stripes {
+        owners: s.stripes.0,
+        regions: s.stripes.1,
+    };
+    let mut sim = Sim::with_shape(geo, config(s), stripes, s.md_units_per_block, s.seed);
     if s.failures {
         sim.fail_source = 12;
         sim.fail_dest = 8;
@@ -218,6 +226,7 @@ fn long_run_with_failures() {
             passdown: true,
             copy_on_read: seed % 2 == 0,
             md_units_per_block: if seed % 3 == 0 { 8 } else { 1 },
+            stripes: (1 + seed % 3, [64, 1, 2][(seed / 3 % 3) as usize]),
             failures: true,
             seed,
         };

@@ -47,6 +47,7 @@ fn create_and_resume_1_tib_sparse() {
             map.clone(),
             RouterConfig::default(),
             MetadataMode::ReadWrite,
+            Default::default(),
         )
         .unwrap();
         drop(router);

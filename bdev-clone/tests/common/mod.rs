@@ -1,5 +1,12 @@
 //! A simulated executor for the router, with a reference model.
 //!
+//! As in the target: regions are striped over several routers (one per
+//! reactor there) sharing one map, a request is split at stripes
+//! ([`Stripes::split`]) and each part routed by its owner; commits and user
+//! flushes go through the clone's one [`Committer`] (rounds serialised,
+//! dirty units snapshotted in whole metadata blocks, units put back on
+//! failure), executed here in its three steps as `committer.rs` does.
+//!
 //! Devices are arrays of `u64` tags, one per block: the source holds fixed
 //! tags, user writes put fresh tags, write-zeroes puts `ZERO`, a discard
 //! puts `DISCARDED`, and the destination starts as garbage. The executor
@@ -21,10 +28,12 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use bdev_clone::commit::{Committer, Round, UnitImage};
 use bdev_clone::metadata::{self, SuperState, Superblock, UNIT_SIZE};
 use bdev_clone::region_map::WORDS_PER_UNIT;
 use bdev_clone::router::{
-    Command, IoKind, MetadataMode, ReqId, Request, Router, RouterConfig, Status, UnitImage,
+    Command, CommitId, IoError, IoKind, MetadataMode, ReqId, Request, Router, RouterConfig, Status,
+    Stripes,
 };
 use bdev_clone::{Geometry, RegionMap};
 use uuid::Uuid;
@@ -67,27 +76,45 @@ struct UserReq {
     affected: std::ops::Range<u64>,
 }
 
+/// Who waits for a commit round (`committer.rs`'s `Waiter`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Waiter {
+    /// Router `.0`'s commit `.1`.
+    Router(usize, CommitId),
+    /// A user flush.
+    Flush(ReqId),
+}
+
+/// A part of a user request, at its owner.
+#[derive(Clone, Copy, Debug)]
+struct Part {
+    user: ReqId,
+    owner: usize,
+}
+
 #[derive(Debug)]
 enum Pending {
     User {
         cmd: Command,
         epoch: u64,
+        owner: usize,
     },
     Copy {
         copy: u64,
         blocks: std::ops::Range<u64>,
+        owner: usize,
     },
     CommitDestFlush {
-        commit: u64,
+        round: Round,
         units: Vec<UnitImage>,
         epoch: u64,
     },
     CommitWrite {
-        commit: u64,
+        round: Round,
         units: Vec<UnitImage>,
     },
     CommitMdFlush {
-        commit: u64,
+        round: Round,
         epoch: u64,
     },
 }
@@ -131,7 +158,19 @@ pub struct SimStats {
 
 pub struct Sim {
     pub geo: Geometry,
-    pub router: Router,
+    /// One per owner; region r belongs to `routers[stripes.owner(r)]`.
+    pub routers: Vec<Router>,
+    pub stripes: Stripes,
+    map: Arc<RegionMap>,
+    /// The clone's committer.
+    pub committer: Committer<Waiter>,
+    /// The clone's metadata mode (the worst any router or round reached).
+    clone_mode: MetadataMode,
+    /// Parts in flight by the id their router knows them by.
+    parts: HashMap<ReqId, Part>,
+    /// Per user request: parts not yet answered, and the first error.
+    left: HashMap<ReqId, (u32, Status)>,
+    next_part: ReqId,
     pub uuid: Uuid,
     pub source: Vec<u64>,
     pub dest: Vec<u64>,
@@ -175,8 +214,25 @@ fn region_blocks_of(geo: &Geometry, blocks: &std::ops::Range<u64>) -> std::ops::
 }
 
 impl Sim {
-    /// A fresh clone: blank metadata formatted, destination garbage.
+    /// A fresh clone: blank metadata formatted, destination garbage; one
+    /// owner, metadata blocks of one unit.
     pub fn new(geo: Geometry, cfg: RouterConfig, seed: u64) -> Sim {
+        let one = Stripes {
+            regions: 64,
+            owners: 1,
+        };
+        Sim::with_shape(geo, cfg, one, 1, seed)
+    }
+
+    /// [`Sim::new`] with `stripes` and metadata blocks of `md_block_units`
+    /// units.
+    pub fn with_shape(
+        geo: Geometry,
+        cfg: RouterConfig,
+        stripes: Stripes,
+        md_block_units: u32,
+        seed: u64,
+    ) -> Sim {
         let uuid = Uuid::from_u128(0xC10E_0000_0000_0000_0000_0000_0000_0001);
         let mut md = blank_md(geo.num_regions());
         // Format: blank -> every unit (empty), then the superblock in both
@@ -197,13 +253,26 @@ impl Sim {
         let source: Vec<u64> = (0..n as u64).map(source_tag).collect();
         let dest: Vec<u64> = (0..n as u64).map(garbage_tag).collect();
         let cur = source.iter().map(|&v| vec![Some(v)]).collect::<Vec<_>>();
-        Sim::assemble(geo, cfg, seed, uuid, source, dest, md, cur)
+        Sim::assemble(
+            geo,
+            cfg,
+            stripes,
+            md_block_units,
+            seed,
+            uuid,
+            source,
+            dest,
+            md,
+            cur,
+        )
     }
 
     #[allow(clippy::too_many_arguments)]
     fn assemble(
         geo: Geometry,
         cfg: RouterConfig,
+        stripes: Stripes,
+        md_block_units: u32,
         seed: u64,
         uuid: Uuid,
         source: Vec<u64>,
@@ -211,14 +280,35 @@ impl Sim {
         md: Vec<u8>,
         cur: Vec<Vec<Val>>,
     ) -> Sim {
-        let md_block_units = cfg.metadata_units_per_block;
         let map = Arc::new(Self::load_map(&geo, uuid, &md));
         let n = geo.source_blocks() as usize;
         let prev_bits = (0..geo.num_regions()).map(|r| map.is_hydrated(r)).collect();
-        let router = Router::new(geo, map, cfg, MetadataMode::ReadWrite).unwrap();
+        let committer = Committer::new(Default::default(), md_block_units);
+        let routers = (0..stripes.owners)
+            .map(|i| {
+                let rounds = committer.rounds().clone();
+                let mut r = Router::new(
+                    geo,
+                    map.clone(),
+                    cfg.clone(),
+                    MetadataMode::ReadWrite,
+                    rounds,
+                )
+                .unwrap();
+                r.set_stripe(stripes.regions, i, stripes.owners);
+                r
+            })
+            .collect();
         Sim {
             geo,
-            router,
+            routers,
+            stripes,
+            map,
+            committer,
+            clone_mode: MetadataMode::ReadWrite,
+            parts: HashMap::new(),
+            left: HashMap::new(),
+            next_part: 1 << 48,
             uuid,
             source,
             dest_durable: dest.clone(),
@@ -349,27 +439,180 @@ impl Sim {
                 affected,
             },
         );
-        let mut out = std::mem::take(&mut self.out);
-        self.router.submit(req, &mut out).unwrap();
-        self.out = out;
-        self.absorb();
+        if self.mode() == MetadataMode::Failed {
+            // The target's channel fails every I/O of a failed clone.
+            self.left.insert(id, (1, Status::Success));
+            self.complete_request(id, Status::Error(IoError::MetadataFailed));
+            return id;
+        }
+        if req.kind == IoKind::Flush {
+            // As in the target: a flush is the committer's (a round started
+            // after it arrived; a destination flush only if nothing changed).
+            self.left.insert(id, (1, Status::Success));
+            self.committer.request(Waiter::Flush(id));
+            self.start_round(false);
+            return id;
+        }
+        let Some(regions) = self
+            .geo
+            .regions_covering(req.offset_blocks, req.num_blocks)
+            .filter(|r| !r.is_empty() && req.num_blocks > 0)
+        else {
+            // The target fails it before any router; the routers agree.
+            self.left.insert(id, (1, Status::Success));
+            self.parts.insert(id, Part { user: id, owner: 0 });
+            return self.route(0, req);
+        };
+        let split = self
+            .stripes
+            .split(&self.geo, regions, req.offset_blocks, req.num_blocks);
+        self.left.insert(id, (split.len() as u32, Status::Success));
+        for (k, &(owner, off, num)) in split.iter().enumerate() {
+            let pid = if k == 0 {
+                id
+            } else {
+                self.next_part += 1;
+                self.next_part
+            };
+            self.parts.insert(pid, Part { user: id, owner });
+            let mut part = Request::new(pid, req.kind, off, num);
+            part.fua = req.fua;
+            self.route(owner, part);
+        }
         id
     }
 
-    pub fn background(&mut self) -> u64 {
+    fn route(&mut self, owner: usize, req: Request) -> ReqId {
+        let id = req.id;
+        self.sync_mode(owner);
         let mut out = std::mem::take(&mut self.out);
-        let n = self.router.next_background(&mut out);
+        self.routers[owner].submit(req, &mut out).unwrap();
         self.out = out;
-        self.absorb();
+        self.absorb_from(owner);
+        id
+    }
+
+    /// The shared map.
+    pub fn map(&self) -> &Arc<RegionMap> {
+        &self.map
+    }
+
+    /// The clone's metadata mode.
+    pub fn mode(&mut self) -> MetadataMode {
+        self.publish();
+        self.clone_mode
+    }
+
+    /// Change every router's tunables.
+    pub fn config_mut(&mut self, f: impl Fn(&mut RouterConfig)) {
+        for r in &mut self.routers {
+            f(r.config_mut());
+        }
+    }
+
+    /// The owners' `publish`: the clone's mode is the worst of its own and
+    /// every router's.
+    fn publish(&mut self) {
+        for r in &self.routers {
+            if r.mode().code() > self.clone_mode.code() {
+                self.clone_mode = r.mode();
+            }
+        }
+    }
+
+    /// The owner's `sync_mode`: router `i`'s mode down to the clone's.
+    fn sync_mode(&mut self, i: usize) {
+        self.publish();
+        match self.clone_mode {
+            MetadataMode::ReadWrite => {}
+            MetadataMode::ReadOnly => self.routers[i].set_read_only(),
+            MetadataMode::Failed => self.routers[i].set_failed(),
+        }
+    }
+
+    /// Every owner's hydration poller.
+    pub fn background(&mut self) -> u64 {
+        let mut n = 0;
+        for i in 0..self.routers.len() {
+            self.sync_mode(i);
+            let mut out = std::mem::take(&mut self.out);
+            n += self.routers[i].next_background(&mut out);
+            self.out = out;
+            self.absorb_from(i);
+        }
         n
     }
 
+    /// The periodic commit: a round if something changed and none is in
+    /// flight. Returns whether one started.
     pub fn timer(&mut self) -> bool {
-        let mut out = std::mem::take(&mut self.out);
-        let c = self.router.on_timer(&mut out);
-        self.out = out;
-        self.absorb();
-        c
+        self.start_round(true)
+    }
+
+    /// The committer starts a round if one is wanted (`committer.rs`'s
+    /// `start_round`): snapshot, then step 1 (destination flush) issued
+    /// now; nothing changed: that flush only; metadata not read-write: the
+    /// round fails at once.
+    fn start_round(&mut self, periodic: bool) -> bool {
+        let map = self.map.clone();
+        let Some(round) = self.committer.start(&map, periodic) else {
+            return false;
+        };
+        self.stats.commits_issued += 1;
+        self.publish();
+        if !round.dirty.is_empty() && self.clone_mode != MetadataMode::ReadWrite {
+            self.end_round(round, false);
+            return true;
+        }
+        let units = self.committer.snapshot(&map, &round);
+        for w in units.windows(2) {
+            assert!(w[0].index < w[1].index, "commit units ascending");
+        }
+        let per = self.md_block_units.max(1);
+        if let Some(u) = units.first() {
+            assert_eq!(u.index % per, 0, "commit covers whole metadata blocks");
+        }
+        self.pending.push(Pending::CommitDestFlush {
+            round,
+            units,
+            epoch: self.dest_seq,
+        });
+        true
+    }
+
+    /// A round ended: the committer answers its waiters, then starts the
+    /// next round if one is wanted.
+    fn end_round(&mut self, round: Round, ok: bool) {
+        let map = self.map.clone();
+        let failed_with_units = !ok && !round.dirty.is_empty();
+        let waiters = self.committer.finish(&map, round, ok);
+        if failed_with_units && self.clone_mode == MetadataMode::ReadWrite {
+            // The target's clone goes read-only; a router with nothing
+            // waiting learns it before its next request (`sync_mode`).
+            self.clone_mode = MetadataMode::ReadOnly;
+        }
+        for w in waiters {
+            match w {
+                Waiter::Router(i, c) => {
+                    let mut out = std::mem::take(&mut self.out);
+                    self.routers[i].commit_done(c, ok, &mut out).unwrap();
+                    self.out = out;
+                    self.absorb_from(i);
+                }
+                Waiter::Flush(id) => {
+                    let st = if ok {
+                        Status::Success
+                    } else {
+                        Status::Error(IoError::CommitFailed)
+                    };
+                    self.complete_request(id, st);
+                }
+            }
+        }
+        self.start_round(false);
+        // The committer's own owner drives its router right after a round
+        // (owner 0 is the committer's here).
+        self.sync_mode(0);
     }
 
     fn dest_writers_conflict(
@@ -403,7 +646,7 @@ impl Sim {
 
     /// Take the router's commands into the pending set, checking the
     /// per-region writer rule as each is issued.
-    fn absorb(&mut self) {
+    fn absorb_from(&mut self, owner: usize) {
         while !self.out.is_empty() {
             let cmds: Vec<Command> = std::mem::take(&mut self.out);
             for cmd in cmds {
@@ -411,22 +654,10 @@ impl Sim {
                     self.trace.push(cmd.clone());
                 }
                 match cmd {
-                    Command::Complete { req, status } => self.complete_request(req, status),
-                    Command::Commit { commit, units } => {
-                        self.stats.commits_issued += 1;
-                        for w in units.windows(2) {
-                            assert!(w[0].index < w[1].index, "commit units ascending");
-                        }
-                        let per = self.md_block_units.max(1);
-                        if let Some(u) = units.first() {
-                            assert_eq!(u.index % per, 0, "commit covers whole metadata blocks");
-                        }
-                        // Step 1 (destination flush) is issued now.
-                        self.pending.push(Pending::CommitDestFlush {
-                            commit,
-                            units,
-                            epoch: self.dest_seq,
-                        });
+                    Command::Complete { req, status } => self.part_done(req, status),
+                    Command::Commit { commit } => {
+                        self.committer.request(Waiter::Router(owner, commit));
+                        self.start_round(false);
                     }
                     Command::StartCopy {
                         copy,
@@ -435,16 +666,17 @@ impl Sim {
                     } => {
                         assert_eq!(blocks, self.geo.region_range_blocks(regions.clone()));
                         for r in regions.clone() {
-                            assert!(
-                                !self.router.map().is_hydrated(r),
-                                "copy of hydrated region {r}"
-                            );
+                            assert!(!self.map.is_hydrated(r), "copy of hydrated region {r}");
                         }
                         if let Some(e) = self.dest_writers_conflict(&blocks, true) {
                             panic!("copy issued over another writer: {e}");
                         }
                         self.stats.copies += 1;
-                        self.pending.push(Pending::Copy { copy, blocks });
+                        self.pending.push(Pending::Copy {
+                            copy,
+                            blocks,
+                            owner,
+                        });
                     }
                     cmd => {
                         let blocks = match &cmd {
@@ -457,7 +689,7 @@ impl Sim {
                             // A write to a cold region is an overwrite: the
                             // clone's own writer, exclusive in its regions.
                             let regs = region_blocks_of(&self.geo, &b);
-                            let overwrite = regs.clone().any(|r| !self.router.map().is_hydrated(r));
+                            let overwrite = regs.clone().any(|r| !self.map.is_hydrated(r));
                             if let Some(e) = self.dest_writers_conflict(&b, overwrite) {
                                 panic!("dest write issued over another writer: {e}");
                             }
@@ -477,6 +709,7 @@ impl Sim {
                         self.pending.push(Pending::User {
                             cmd,
                             epoch: self.dest_seq,
+                            owner,
                         });
                     }
                 }
@@ -534,99 +767,132 @@ impl Sim {
     pub fn complete(&mut self, i: usize, ok: bool) {
         let p = self.pending.swap_remove(i);
         let mut out = std::mem::take(&mut self.out);
-        match p {
-            Pending::User { cmd, epoch } => match (matches!(cmd, Command::ReadDest { .. }), cmd) {
-                (
-                    from_dest,
-                    Command::ReadSource { req, op, blocks } | Command::ReadDest { req, op, blocks },
-                ) => {
-                    if ok {
-                        let u = self.reqs.get_mut(&req).expect("read of a live request");
-                        for b in blocks.clone() {
-                            let v = if from_dest {
-                                self.dest[b as usize]
-                            } else {
-                                self.source[b as usize]
-                            };
-                            u.buf[(b - u.req.offset_blocks) as usize] = Some(v);
+        let owner = match p {
+            Pending::User { cmd, epoch, owner } => {
+                let r = &mut self.routers[owner];
+                match (matches!(cmd, Command::ReadDest { .. }), cmd) {
+                    (
+                        from_dest,
+                        Command::ReadSource { req, op, blocks }
+                        | Command::ReadDest { req, op, blocks },
+                    ) => {
+                        if ok {
+                            let user = self.parts[&req].user;
+                            let u = self.reqs.get_mut(&user).expect("read of a live request");
+                            for b in blocks.clone() {
+                                let v = if from_dest {
+                                    self.dest[b as usize]
+                                } else {
+                                    self.source[b as usize]
+                                };
+                                u.buf[(b - u.req.offset_blocks) as usize] = Some(v);
+                            }
                         }
+                        r.op_done(op, ok, &mut out).unwrap();
                     }
-                    self.router.op_done(op, ok, &mut out).unwrap();
-                }
-                (
-                    _,
-                    Command::WriteDest {
-                        req,
-                        op,
-                        blocks,
-                        fua,
-                    },
-                ) => {
-                    let tag = self.reqs[&req].tag;
-                    if ok || self.rng.chance(128) {
-                        self.dest_write(blocks, |_| tag, fua && ok);
+                    (
+                        _,
+                        Command::WriteDest {
+                            req,
+                            op,
+                            blocks,
+                            fua,
+                        },
+                    ) => {
+                        let tag = self.reqs[&self.parts[&req].user].tag;
+                        if ok || self.rng.chance(128) {
+                            self.dest_write(blocks, |_| tag, fua && ok);
+                        }
+                        self.routers[owner].op_done(op, ok, &mut out).unwrap();
                     }
-                    self.router.op_done(op, ok, &mut out).unwrap();
-                }
-                (_, Command::WriteZeroesDest { op, blocks, .. }) => {
-                    if ok || self.rng.chance(128) {
-                        self.dest_write(blocks, |_| ZERO, false);
+                    (_, Command::WriteZeroesDest { op, blocks, .. }) => {
+                        if ok || self.rng.chance(128) {
+                            self.dest_write(blocks, |_| ZERO, false);
+                        }
+                        self.routers[owner].op_done(op, ok, &mut out).unwrap();
                     }
-                    self.router.op_done(op, ok, &mut out).unwrap();
-                }
-                (_, Command::DiscardDest { op, blocks, .. }) => {
-                    if ok || self.rng.chance(128) {
-                        self.dest_write(blocks, |b| DISCARDED | b, false);
+                    (_, Command::DiscardDest { op, blocks, .. }) => {
+                        if ok || self.rng.chance(128) {
+                            self.dest_write(blocks, |b| DISCARDED | b, false);
+                        }
+                        self.routers[owner].op_done(op, ok, &mut out).unwrap();
                     }
-                    self.router.op_done(op, ok, &mut out).unwrap();
-                }
-                (_, Command::FlushDest { op, .. }) => {
-                    if ok {
-                        self.dest_flush(epoch);
+                    (_, Command::FlushDest { op, .. }) => {
+                        if ok {
+                            self.dest_flush(epoch);
+                        }
+                        self.routers[owner].op_done(op, ok, &mut out).unwrap();
                     }
-                    self.router.op_done(op, ok, &mut out).unwrap();
+                    (_, other) => unreachable!("{other:?}"),
                 }
-                (_, other) => unreachable!("{other:?}"),
-            },
-            Pending::Copy { copy, blocks } => {
+                Some(owner)
+            }
+            Pending::Copy {
+                copy,
+                blocks,
+                owner,
+            } => {
                 if ok || self.rng.chance(128) {
                     let src = self.source.clone();
                     self.dest_write(blocks, |b| src[b as usize], false);
                 }
-                self.router.copy_done(copy, ok, &mut out).unwrap();
+                self.routers[owner].copy_done(copy, ok, &mut out).unwrap();
+                Some(owner)
             }
             Pending::CommitDestFlush {
-                commit,
+                round,
                 units,
                 epoch,
             } => {
                 if ok {
                     self.dest_flush(epoch);
-                    self.pending.push(Pending::CommitWrite { commit, units });
-                } else {
-                    self.router.commit_done(commit, false, &mut out).unwrap();
                 }
+                if ok && !round.dirty.is_empty() {
+                    self.pending.push(Pending::CommitWrite { round, units });
+                } else {
+                    self.end_round(round, ok);
+                }
+                None
             }
-            Pending::CommitWrite { commit, units } => {
+            Pending::CommitWrite { round, units } => {
                 self.md_write(&units, !ok);
                 if ok {
                     self.pending.push(Pending::CommitMdFlush {
-                        commit,
+                        round,
                         epoch: self.md_seq,
                     });
                 } else {
-                    self.router.commit_done(commit, false, &mut out).unwrap();
+                    self.end_round(round, false);
                 }
+                None
             }
-            Pending::CommitMdFlush { commit, epoch } => {
+            Pending::CommitMdFlush { round, epoch } => {
                 if ok {
                     self.md_flush(epoch);
                 }
-                self.router.commit_done(commit, ok, &mut out).unwrap();
+                self.end_round(round, ok);
+                None
             }
+        };
+        if let Some(owner) = owner {
+            self.out = out;
+            self.absorb_from(owner);
         }
-        self.out = out;
-        self.absorb();
+    }
+
+    /// A router completed part `req`: the user request completes with its
+    /// last part (failed if any part failed).
+    fn part_done(&mut self, req: ReqId, status: Status) {
+        let Part { user, .. } = self.parts.remove(&req).expect("completion of a live part");
+        let e = self.left.get_mut(&user).expect("parts of a live request");
+        e.0 -= 1;
+        if e.1 == Status::Success {
+            e.1 = status;
+        }
+        if e.0 == 0 {
+            let st = e.1;
+            self.complete_request(user, st);
+        }
     }
 
     /// Whether pending item `i` may fail under the injection rates (drawn now).
@@ -643,6 +909,7 @@ impl Sim {
     }
 
     fn complete_request(&mut self, id: ReqId, status: Status) {
+        self.left.remove(&id);
         self.completions.push((id, status));
         let u = self.reqs.remove(&id).expect("completion of a live request");
         self.model_seq += 1;
@@ -709,7 +976,7 @@ impl Sim {
 
     /// Check the invariants that hold between any two steps.
     pub fn check(&mut self) {
-        let map = self.router.map().clone();
+        let map = self.map.clone();
         let bits: Vec<bool> = (0..self.geo.num_regions())
             .map(|r| map.is_hydrated(r))
             .collect();
@@ -769,12 +1036,13 @@ impl Sim {
         self.fail_commit = 0;
         self.drain();
         assert_eq!(self.requests_in_flight(), 0, "requests left after drain");
-        if self.router.mode() == MetadataMode::ReadWrite {
-            let cfg = self.router.config_mut();
-            cfg.hydration_enabled = true;
-            cfg.hydration_threshold = cfg.hydration_threshold.max(1);
+        if self.mode() == MetadataMode::ReadWrite {
+            self.config_mut(|cfg| {
+                cfg.hydration_enabled = true;
+                cfg.hydration_threshold = cfg.hydration_threshold.max(1);
+            });
             let mut rounds = 0;
-            while !self.router.map().is_complete() {
+            while !self.map.is_complete() {
                 self.background();
                 assert!(self.in_flight() > 0, "hydration stalled");
                 self.drain();
@@ -784,7 +1052,7 @@ impl Sim {
             let id = self.try_submit(IoKind::Flush, 0, 0, false).unwrap();
             self.drain();
             assert_eq!(self.completions.last(), Some(&(id, Status::Success)));
-            assert!(self.router.is_complete_and_durable());
+            assert!(self.routers.iter().all(|r| r.is_complete_and_durable()));
             for b in 0..self.dest.len() {
                 let allowed = &self.cur[b];
                 let v = self.dest[b];
@@ -794,7 +1062,8 @@ impl Sim {
                 );
             }
         }
-        assert!(self.router.is_idle());
+        assert!(self.routers.iter().all(|r| r.is_idle()));
+        assert!(!self.committer.in_flight());
         // Read everything back through the router.
         let n = self.geo.source_blocks();
         let step = self.geo.region_blocks().max(3);
@@ -828,7 +1097,7 @@ impl Sim {
                 Pending::User { cmd, .. } => {
                     let (blocks, v): (_, Box<dyn Fn(u64) -> u64>) = match cmd {
                         Command::WriteDest { req, blocks, .. } => {
-                            let t = self.reqs[req].tag;
+                            let t = self.reqs[&self.parts[req].user].tag;
                             (blocks.clone(), Box::new(move |_| t))
                         }
                         Command::WriteZeroesDest { blocks, .. } => {
@@ -893,6 +1162,8 @@ impl Sim {
         Sim::assemble(
             self.geo,
             cfg,
+            self.stripes,
+            self.md_block_units,
             seed,
             self.uuid,
             self.source.clone(),
@@ -943,6 +1214,11 @@ impl Sim {
             .iter()
             .find(|(r, _)| *r == id)
             .map(|(_, s)| *s)
+    }
+
+    /// Metadata writes issued so far.
+    pub fn md_writes(&self) -> u64 {
+        self.md_seq
     }
 
     pub fn md_durable(&self) -> &[u8] {

@@ -1,0 +1,543 @@
+//! The owners: regions are striped over reactors (owner = (region /
+//! stripe) mod reactors) and each reactor holds one [`Owner`] per clone
+//! with its own [`Router`] over the shared map. The owner executes the
+//! router's commands (reads, writes, copies, commits) as the executor
+//! contract in `router.rs` says, and feeds completions back; [`drive`] runs
+//! the router until it has nothing more to say.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::ops::Range;
+use std::rc::{Rc, Weak as RcWeak};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use bdev::{BdevIo, IoChannel, IoStatus, IoType};
+use reactor::sync::lock;
+use reactor::DmaBuf;
+
+use crate::channel::{reply, send_to, Part, UserMsg};
+use crate::clone::Shared;
+use crate::committer::{committer_request, start_round, Committer, Waiter, COMMIT_PERIOD};
+use crate::error::CloneError;
+use crate::hydration::{start_copy, write_zeroes, HYDRATION_POLL, PROBE_MIN_NS};
+use crate::lifecycle::release_all;
+use crate::metadata;
+use crate::router::MetadataMode;
+use crate::router::{Command, CommitId, CopyId, IoKind, OpId, ReqId, Request, Router, Status};
+
+thread_local! {
+    /// Owners living on this reactor, by clone id.
+    pub(crate) static OWNERS: RefCell<HashMap<u64, Rc<RefCell<Owner>>>> = RefCell::new(HashMap::new());
+}
+
+pub(crate) struct OwnerReq {
+    pub(crate) origin: u32,
+    pub(crate) token: u64,
+    pub(crate) offset: u64,
+    pub(crate) num: u64,
+    pub(crate) buf: Option<DmaBuf>,
+}
+
+impl OwnerReq {
+    pub(crate) fn part(&self) -> Part {
+        Part {
+            token: self.token,
+            offset: self.offset,
+        }
+    }
+}
+
+pub(crate) struct Owner {
+    pub(crate) sh: Arc<Shared>,
+    /// Index in `Shared::owners`.
+    pub(crate) idx: usize,
+    pub(crate) committer: Option<Committer>,
+    /// The committer's owner started the source's release (completion).
+    pub(crate) releasing: bool,
+    pub(crate) router: Option<Router>,
+    pub(crate) src: Option<IoChannel>,
+    pub(crate) dst: IoChannel,
+    pub(crate) md: IoChannel,
+    pub(crate) reqs: HashMap<ReqId, OwnerReq>,
+    pub(crate) next_req: ReqId,
+    pub(crate) out: Vec<Command>,
+    /// Reused hydration chunk buffers.
+    pub(crate) bufs: Vec<DmaBuf>,
+    /// Token bucket (bytes) of the hydration rate limit.
+    pub(crate) tokens: f64,
+    pub(crate) last_refill: u64,
+    pub(crate) fail_streak: u32,
+    pub(crate) backoff_until: u64,
+    /// Copies in flight and their buffer bytes (the caps above).
+    pub(crate) copies_in_flight: u64,
+    pub(crate) copy_buf_bytes: u64,
+    /// The next `StartCopy` executed is a probe (paused by errors).
+    pub(crate) probe_pending: bool,
+    /// The wait before the next probe.
+    pub(crate) probe_wait: u64,
+    /// Background work held back (delete, reset).
+    pub(crate) stopping: bool,
+    pub(crate) quiesced: bool,
+    pub(crate) rate_mark: (u64, u64),
+    pub(crate) pollers: Vec<reactor::Poller>,
+}
+
+pub(crate) fn owner_of(id: u64) -> Option<Rc<RefCell<Owner>>> {
+    OWNERS.with(|o| o.borrow().get(&id).cloned())
+}
+
+pub(crate) fn owner_receive(msg: UserMsg) {
+    let Some(rc) = owner_of(msg.clone) else {
+        return reply(msg.origin, msg.part(), IoStatus::Failed, msg.buf);
+    };
+    let Ok(mut guard) = rc.try_borrow_mut() else {
+        return reactor::defer(move || owner_receive(msg));
+    };
+    if guard.router.is_none() {
+        // Completed meanwhile: the pass-through path serves it.
+        drop(guard);
+        return serve_released(&rc, msg);
+    }
+    {
+        let o = &mut *guard;
+        let Some(router) = o.router.as_mut() else {
+            return;
+        };
+        let id = o.next_req;
+        o.next_req += 1;
+        let req = Request {
+            id,
+            kind: msg.kind,
+            offset_blocks: msg.offset,
+            num_blocks: msg.num,
+            fua: msg.fua,
+        };
+        o.reqs.insert(
+            id,
+            OwnerReq {
+                origin: msg.origin,
+                token: msg.token,
+                offset: msg.offset,
+                num: msg.num,
+                buf: msg.buf,
+            },
+        );
+        sync_mode(&o.sh, router);
+        if let Err(e) = router.submit(req, &mut o.out) {
+            tracing::error!(error = %e, "clone router refused a request");
+            if let Some(r) = o.reqs.remove(&id) {
+                reply(r.origin, r.part(), IoStatus::Failed, r.buf);
+            }
+        }
+    }
+    drop(guard);
+    drive(&rc);
+}
+
+/// A request that reached the owner after the router was dropped.
+pub(crate) fn serve_released(rc: &Rc<RefCell<Owner>>, msg: UserMsg) {
+    let o = rc.borrow();
+    let dst = o.dst.clone();
+    let sh = o.sh.clone();
+    drop(o);
+    if msg.kind == IoKind::WriteZeroes && !sh.dest_write_zeroes {
+        let (origin, part) = (msg.origin, msg.part());
+        let blocks = msg.offset..msg.offset + msg.num;
+        reactor::spawn_local(async move {
+            let ok = write_zeroes(&dst, &sh, blocks).await;
+            let st = if ok {
+                IoStatus::Success
+            } else {
+                IoStatus::Failed
+            };
+            reply(origin, part, st, None);
+        });
+        return;
+    }
+    let (t, off, num) = match msg.kind {
+        IoKind::Read => (IoType::Read, msg.offset, msg.num),
+        IoKind::Write => (IoType::Write, msg.offset, msg.num),
+        IoKind::WriteZeroes => (IoType::WriteZeroes, msg.offset, msg.num),
+        IoKind::Flush => (IoType::Flush, 0, sh.geo.source_blocks()),
+        IoKind::Discard => match sh.geo.whole_regions_in(msg.offset, msg.num) {
+            Some(r) if !r.is_empty() && sh.discard_passdown && sh.dest_unmap => {
+                let b = sh.geo.region_range_blocks(r);
+                (IoType::Unmap, b.start, b.end - b.start)
+            }
+            _ => return reply(msg.origin, msg.part(), IoStatus::Success, msg.buf),
+        },
+    };
+    let (origin, part) = (msg.origin, msg.part());
+    let mut child = BdevIo::new(t, off, num, msg.buf, move |mut c| {
+        reply(origin, part, c.status, c.buf.take());
+    });
+    child.fua = msg.fua;
+    dst.submit(child);
+}
+
+/// Run the router's commands until there are none, starting background
+/// work when allowed; then publish counters and check for completion.
+pub(crate) fn drive(rc: &Rc<RefCell<Owner>>) {
+    let Ok(mut guard) = rc.try_borrow_mut() else {
+        let rc = rc.clone();
+        return reactor::defer(move || drive(&rc));
+    };
+    let o = &mut *guard;
+    // One pump per pass: it starts a bounded number of copies, and the
+    // next completion or poll starts more, so one pass never runs long.
+    let mut pumped = false;
+    loop {
+        if o.out.is_empty() {
+            if pumped {
+                break;
+            }
+            pumped = true;
+            o.pump();
+            if o.out.is_empty() {
+                break;
+            }
+        }
+        let mut cmds = std::mem::take(&mut o.out);
+        for c in cmds.drain(..) {
+            exec(rc, o, c);
+        }
+        if o.out.is_empty() {
+            o.out = cmds;
+        }
+    }
+    o.publish();
+    if let Some(c) = o.committer.as_ref() {
+        let sh = &o.sh;
+        if !o.releasing
+            && !c.in_flight()
+            && sh.map.is_complete()
+            && !sh.map.has_dirty()
+            && sh.mode() == MetadataMode::ReadWrite
+        {
+            o.releasing = true;
+            let sh = sh.clone();
+            reactor::spawn_local(release_all(sh));
+        }
+    }
+}
+
+impl Owner {
+    pub(crate) fn router_and_out(&mut self) -> Option<(&mut Router, &mut Vec<Command>)> {
+        let Owner { router, out, .. } = self;
+        router.as_mut().map(|r| (r, out))
+    }
+
+    pub(crate) fn op_done(&mut self, op: OpId, ok: bool) {
+        if let Some((r, out)) = self.router_and_out() {
+            if let Err(e) = r.op_done(op, ok, out) {
+                tracing::error!(error = %e, "clone: stray op completion");
+            }
+        }
+    }
+
+    pub(crate) fn copy_done(&mut self, copy: CopyId, ok: bool) {
+        if let Some((r, out)) = self.router_and_out() {
+            if let Err(e) = r.copy_done(copy, ok, out) {
+                tracing::error!(error = %e, "clone: stray copy completion");
+            }
+        }
+    }
+
+    pub(crate) fn commit_done(&mut self, commit: CommitId, ok: bool) {
+        if let Some((r, out)) = self.router_and_out() {
+            if let Err(e) = r.commit_done(commit, ok, out) {
+                tracing::error!(error = %e, "clone: stray commit completion");
+            }
+        }
+    }
+
+    pub(crate) fn publish(&mut self) {
+        let slot = &self.sh.hydrating[self.idx];
+        if let Some(r) = &self.router {
+            slot.store(r.stats().regions_copying, Ordering::Relaxed);
+            // Modes only get worse; the worst owner's is the clone's.
+            self.sh.worsen_mode(r.mode());
+        } else {
+            slot.store(0, Ordering::Relaxed);
+        }
+    }
+
+    /// Drop the router, the source channel and the pollers (completion).
+    pub(crate) fn release_local(&mut self) {
+        self.router = None;
+        self.src = None;
+        self.bufs.clear();
+        self.sh.hydrating[self.idx].store(0, Ordering::Relaxed);
+        // Pollers are dropped outside their own callbacks.
+        let pollers = std::mem::take(&mut self.pollers);
+        reactor::defer(move || drop(pollers));
+    }
+}
+
+/// Tell a waiter how its commit went.
+/// Bring a router's metadata mode down to the clone's: a commit that
+/// failed in the committer (answering only flushes) leaves the routers
+/// read-write otherwise, and they would go on recording hydrations that can
+/// never be committed.
+pub(crate) fn sync_mode(sh: &Shared, router: &mut Router) {
+    match sh.mode() {
+        MetadataMode::ReadWrite => {}
+        MetadataMode::ReadOnly => router.set_read_only(),
+        _ => router.set_failed(),
+    }
+}
+
+/// Bytes of `blocks` at block size `bs`.
+pub(crate) fn bytes(blocks: &Range<u64>, bs: u32) -> usize {
+    ((blocks.end - blocks.start) * bs as u64) as usize
+}
+
+pub(crate) fn exec(rc: &Rc<RefCell<Owner>>, o: &mut Owner, c: Command) {
+    match c {
+        Command::ReadSource { req, op, blocks } => {
+            let ch = o.src.clone();
+            exec_read(rc, o, ch, true, req, op, blocks)
+        }
+        Command::ReadDest { req, op, blocks } => {
+            let ch = Some(o.dst.clone());
+            exec_read(rc, o, ch, false, req, op, blocks)
+        }
+        Command::WriteDest {
+            req,
+            op,
+            blocks,
+            fua,
+        } => exec_write(rc, o, req, op, blocks, fua),
+        Command::WriteZeroesDest { op, blocks, .. } => {
+            let (dst, sh, weak) = (o.dst.clone(), o.sh.clone(), Rc::downgrade(rc));
+            reactor::spawn_local(async move {
+                let ok = write_zeroes(&dst, &sh, blocks).await;
+                op_finished(&weak, op, ok, true);
+            });
+        }
+        Command::DiscardDest { op, blocks, .. } => {
+            if !o.sh.dest_unmap {
+                // Advisory: the destination cannot unmap; the data of a
+                // discarded range is undefined either way.
+                return o.op_done(op, true);
+            }
+            let weak = Rc::downgrade(rc);
+            let n = blocks.end - blocks.start;
+            o.dst.unmap(blocks.start, n, move |io| {
+                op_finished(&weak, op, io.status.is_success(), true)
+            });
+        }
+        Command::FlushDest { op, .. } => {
+            let weak = Rc::downgrade(rc);
+            o.dst.flush(0, o.sh.geo.source_blocks(), move |io| {
+                op_finished(&weak, op, io.status.is_success(), false)
+            });
+        }
+        Command::StartCopy { copy, blocks, .. } => start_copy(rc, o, copy, blocks),
+        Command::Commit { commit, .. } => {
+            let (id, reactor) = (o.sh.id, reactor::current().unwrap_or(0));
+            send_to(o.sh.home, move || {
+                committer_request(id, Waiter::Router { reactor, commit })
+            });
+        }
+        Command::Complete { req, status } => {
+            if let Some(r) = o.reqs.remove(&req) {
+                let st = match status {
+                    Status::Success => IoStatus::Success,
+                    Status::Error(_) => IoStatus::Failed,
+                };
+                reply(r.origin, r.part(), st, r.buf);
+            }
+        }
+    }
+}
+
+/// From an I/O callback (never inline with `exec`): `f` on the owner, if
+/// it still exists, then drive it.
+pub(crate) fn then_drive(weak: &RcWeak<RefCell<Owner>>, f: impl FnOnce(&mut Owner)) {
+    let Some(rc) = weak.upgrade() else { return };
+    f(&mut rc.borrow_mut());
+    drive(&rc);
+}
+
+/// An op's completion, from an I/O callback.
+pub(crate) fn op_finished(weak: &RcWeak<RefCell<Owner>>, op: OpId, ok: bool, dest_write: bool) {
+    then_drive(weak, |o| {
+        if !ok && dest_write {
+            o.sh.err_dest.fetch_add(1, Ordering::Relaxed);
+        }
+        o.op_done(op, ok);
+    });
+}
+
+pub(crate) fn exec_read(
+    rc: &Rc<RefCell<Owner>>,
+    o: &mut Owner,
+    ch: Option<IoChannel>,
+    from_source: bool,
+    req: ReqId,
+    op: OpId,
+    blocks: Range<u64>,
+) {
+    let bs = o.sh.geo.block_size();
+    let (Some(ch), Some(r)) = (ch, o.reqs.get_mut(&req)) else {
+        return o.op_done(op, false);
+    };
+    let len = bytes(&blocks, bs);
+    let at = ((blocks.start - r.offset) * bs as u64) as usize;
+    let whole = blocks.start == r.offset && blocks.end - blocks.start == r.num;
+    let (buf, bounce) = match (whole, r.buf.take()) {
+        (true, Some(b)) => (b, false),
+        (_, b) => {
+            r.buf = b;
+            (DmaBuf::new(len), true)
+        }
+    };
+    let weak = Rc::downgrade(rc);
+    ch.read(
+        blocks.start,
+        blocks.end - blocks.start,
+        buf,
+        move |mut io| {
+            let ok = io.status.is_success();
+            then_drive(&weak, |o| {
+                if !ok && from_source {
+                    o.sh.err_source.fetch_add(1, Ordering::Relaxed);
+                }
+                if let (Some(buf), Some(r)) = (io.buf.take(), o.reqs.get_mut(&req)) {
+                    if !bounce {
+                        r.buf = Some(buf);
+                    } else if ok {
+                        if let Some(rb) = r.buf.as_mut() {
+                            rb.as_mut_slice()[at..at + len].copy_from_slice(&buf.as_slice()[..len]);
+                        }
+                    }
+                }
+                o.op_done(op, ok);
+            });
+        },
+    );
+}
+
+pub(crate) fn exec_write(
+    rc: &Rc<RefCell<Owner>>,
+    o: &mut Owner,
+    req: ReqId,
+    op: OpId,
+    blocks: Range<u64>,
+    fua: bool,
+) {
+    let bs = o.sh.geo.block_size();
+    let Some(r) = o.reqs.get_mut(&req) else {
+        return o.op_done(op, false);
+    };
+    let len = bytes(&blocks, bs);
+    let at = ((blocks.start - r.offset) * bs as u64) as usize;
+    let whole = blocks.start == r.offset && blocks.end - blocks.start == r.num;
+    let (buf, bounce) = match (whole, r.buf.take()) {
+        (true, Some(b)) => (b, false),
+        (_, Some(b)) => {
+            let mut nb = DmaBuf::new(len);
+            nb.as_mut_slice()
+                .copy_from_slice(&b.as_slice()[at..at + len]);
+            r.buf = Some(b);
+            (nb, true)
+        }
+        (_, None) => return o.op_done(op, false),
+    };
+    let weak = Rc::downgrade(rc);
+    let mut io = BdevIo::write(
+        blocks.start,
+        blocks.end - blocks.start,
+        buf,
+        move |mut io| {
+            let ok = io.status.is_success();
+            then_drive(&weak, |o| {
+                if !ok {
+                    o.sh.err_dest.fetch_add(1, Ordering::Relaxed);
+                }
+                if !bounce {
+                    if let (Some(buf), Some(r)) = (io.buf.take(), o.reqs.get_mut(&req)) {
+                        r.buf = Some(buf);
+                    }
+                }
+                o.op_done(op, ok);
+            });
+        },
+    );
+    io.fua = fua;
+    o.dst.submit(io);
+}
+
+/// Build owner `idx` on this reactor (channels, pollers; the committer
+/// too on the home reactor).
+pub(crate) fn start_owner(sh: Arc<Shared>, router: Router, idx: usize) -> Result<(), CloneError> {
+    let descs = lock(&sh.descs);
+    let (Some(d), Some(m)) = (&descs.dest, &descs.md) else {
+        return Err(CloneError::Io("base bdev gone during create".into()));
+    };
+    // No source: a fully hydrated clone restarted without it.
+    let src = descs.source.as_ref().map(|s| s.channel());
+    let (dst, md) = (d.channel(), m.channel());
+    drop(descs);
+    let now = reactor::now_ns();
+    let home = reactor::current() == Some(sh.home);
+    let rc = Rc::new(RefCell::new(Owner {
+        sh: sh.clone(),
+        idx,
+        committer: home.then(|| {
+            Committer::new(
+                sh.commit_rounds.clone(),
+                metadata::units_per_block(sh.md_block_size),
+            )
+        }),
+        releasing: false,
+        router: Some(router),
+        src,
+        dst,
+        md,
+        reqs: HashMap::new(),
+        next_req: 1,
+        out: Vec::with_capacity(64),
+        bufs: Vec::new(),
+        tokens: 0.0,
+        last_refill: now,
+        fail_streak: 0,
+        backoff_until: 0,
+        copies_in_flight: 0,
+        copy_buf_bytes: 0,
+        probe_pending: false,
+        probe_wait: PROBE_MIN_NS,
+        stopping: false,
+        quiesced: false,
+        rate_mark: (now, 0),
+        pollers: Vec::new(),
+    }));
+    let w = Rc::downgrade(&rc);
+    // Completions drive hydration; this poller covers the rate limit's
+    // refill and the error back-off.
+    let hyd = reactor::poller_register(HYDRATION_POLL, move || {
+        if let Some(rc) = w.upgrade() {
+            drive(&rc);
+        }
+        reactor::PollStatus::Idle
+    });
+    let mut pollers = vec![hyd];
+    if home {
+        // Periodic commit and the hydration rate figure.
+        let w = Rc::downgrade(&rc);
+        pollers.push(reactor::poller_register(COMMIT_PERIOD, move || {
+            let Some(rc) = w.upgrade() else {
+                return reactor::PollStatus::Idle;
+            };
+            rc.borrow_mut().on_timer();
+            start_round(&rc, true);
+            drive(&rc);
+            reactor::PollStatus::Busy
+        }));
+    }
+    rc.borrow_mut().pollers = pollers;
+    OWNERS.with(|o| o.borrow_mut().insert(sh.id, rc));
+    Ok(())
+}
