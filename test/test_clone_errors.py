@@ -1,4 +1,4 @@
-"""Failures of the clone's base bdevs (design.md "Failure"; the gaps of
+"""Failures of the clone's base bdevs (docs/clone.md; the gaps of
 dm-clone's upstream suite, dm-clone.md §4): error bdevs under the source,
 destination and metadata of a clone inside `clone_workload`.
 
