@@ -10,7 +10,8 @@ WAN link does.
          files; exported over NVMe/TCP by clone_tgt (one reactor, interrupt
          mode).
   QEMU   nbdkit `file` plugin on the same source file behind its `rate`
-         (800M bits/s = 100 MiB/s) and `delay` (rdelay=DELAY) filters;
+         (800M bits/s = 100 MiB/s, burstiness 50 ms) and `delay`
+         (rdelay=DELAY) filters;
          qemu-storage-daemon: that NBD export as the backing of a qcow2
          overlay, a copy-on-read filter on top of it, `block-stream` into
          the overlay, an NBD export of the filter.
@@ -231,11 +232,15 @@ class QemuSide:
         subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(ov), str(LINK_MB * MIB)],
                        check=True)
         # log is outermost so that it sees every request of the link; rate
-        # before delay as QoS before the delay bdev on the clone's side.
+        # before delay as QoS before the delay bdev on the clone's side. The
+        # rate filter's bucket starts full and holds `burstiness` seconds of
+        # the rate (2 by default: 200 MiB free at the start, 1 GiB then
+        # streams at 116 MiB/s); 50 ms (5 MiB, more than one request) makes
+        # it the link the clone gets.
         kit = subprocess.Popen(["nbdkit", "-f", "-r", "-U", str(kit_sock), "--filter=log",
                                 "--filter=rate", "--filter=delay", "file", str(self.src),
                                 "logfile=%s" % nlog, "rate=%dM" % (RATE_MIB * 8),
-                                "rdelay=%gms" % delay_ms],
+                                "burstiness=0.05", "rdelay=%gms" % delay_ms],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         qsd = None
         qlog = open(d / (tag + "-qsd.log"), "wb")
