@@ -40,7 +40,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from spdk.rpc.client import JSONRPCClient
+from bench_nbd import Qmp, wait_sock
 
 ROOT = Path(__file__).resolve().parents[1]
 PERF = ROOT / "target" / "release" / "bdevperf"
@@ -66,14 +66,6 @@ def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def wait_path(path, proc, what, timeout=30):
-    deadline = time.monotonic() + timeout
-    while not os.path.exists(path):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise SystemExit("%s did not start (no %s)" % (what, path))
-        time.sleep(0.02)
 
 
 def stop(proc, timeout=60):
@@ -137,12 +129,18 @@ def hydrate(start, hydrated, source_bytes, reader=None, sample=lambda: None):
     if reader:
         reader.start()
     last = None
-    while not hydrated():
-        if time.monotonic() - t0 > TIMEOUT:
-            raise SystemExit("hydration did not end within %d s" % TIMEOUT)
+    try:
+        while not hydrated():
+            if time.monotonic() - t0 > TIMEOUT:
+                raise SystemExit("hydration did not end within %d s" % TIMEOUT)
+            if reader and reader.running():
+                last = sample() or last
+            time.sleep(0.05)
+    except BaseException:
         if reader and reader.running():
-            last = sample() or last
-        time.sleep(0.05)
+            reader.proc.kill()
+            reader.proc.wait()
+        raise
     secs = time.monotonic() - t0
     r = {"secs": secs, "outlasted": bool(reader and reader.running()), "sample": last,
          "bytes0": b0}
@@ -245,7 +243,7 @@ class QemuSide:
         qsd = None
         qlog = open(d / (tag + "-qsd.log"), "wb")
         try:
-            wait_path(kit_sock, kit, "nbdkit")
+            wait_sock(kit_sock, kit, "nbdkit")
             qsd = subprocess.Popen([
                 "qemu-storage-daemon",
                 "--blockdev", "driver=nbd,node-name=src,server.type=unix,server.path=%s,"
@@ -258,8 +256,8 @@ class QemuSide:
                 "--export", "type=nbd,id=e0,node-name=cor,name=clone",
                 "--chardev", "socket,id=m,path=%s,server=on,wait=off" % qmp_sock,
                 "--monitor", "chardev=m"], stdout=qlog, stderr=subprocess.STDOUT)
-            wait_path(qmp_sock, qsd, "qemu-storage-daemon")
-            wait_path(exp_sock, qsd, "qemu-storage-daemon")
+            wait_sock(qmp_sock, qsd, "qemu-storage-daemon")
+            wait_sock(exp_sock, qsd, "qemu-storage-daemon")
             q = Qmp(qmp_sock)
             reader = None
             if with_reader:
@@ -288,29 +286,6 @@ def nbdkit_read_bytes(log):
         return 0
     return sum(int(m.group(1), 16) for m in re.finditer(
         r" Read id=\d+ offset=0x[0-9a-f]+ count=0x([0-9a-f]+)", log.read_text()))
-
-
-class Qmp:
-    def __init__(self, path):
-        self.s = socket.socket(socket.AF_UNIX)
-        self.s.connect(str(path))
-        self.f = self.s.makefile("rwb")
-        self._read()
-        self.cmd("qmp_capabilities")
-
-    def _read(self):
-        while True:
-            m = json.loads(self.f.readline())
-            if "event" not in m:
-                return m
-
-    def cmd(self, name, **args):
-        self.f.write(json.dumps({"execute": name, "arguments": args}).encode() + b"\n")
-        self.f.flush()
-        r = self._read()
-        if "error" in r:
-            raise SystemExit("QMP %s: %s" % (name, r["error"]))
-        return r["return"]
 
 
 def share(r):
