@@ -19,7 +19,9 @@ WAN link does.
          randread QD32 for BENCH_SECONDS, started right after hydration
          starts, through NVMe/TCP (bdev_nvme_attach_controller) or NBD
          (bdev_nbd_create), one queue pair / one connection.
-Each side hydrates twice per link: alone, then with the reader. The share
+Per link, a plain reader of each side's link (bdevperf 128 KiB randread
+QD32, 3 s) first shows that both get the same one. Each side then hydrates
+twice: alone, then with the reader. The share
 of the link is the bytes read from the source over 100 MiB/s x the
 hydration time: alone that is the copy; with the reader the copy plus the
 user's cold reads (the link's busy share). Bytes read from the source: the
@@ -87,16 +89,17 @@ def percentile_us(out, pct):
 
 
 class Reader:
-    """bdevperf, 4 KiB randread QD32 for SECS on one bdev of a config, in
-    its own process from start() to result()."""
+    """bdevperf, randread QD32 (4 KiB for SECS by default) on one bdev of a
+    config (a list of (method, params)), in its own process from start()
+    to result()."""
 
-    def __init__(self, work, name, method, params, bdev):
+    def __init__(self, work, name, methods, bdev, io_size=4096, secs=SECS):
         self.cfg = work / ("%s-reader.json" % name)
         self.cfg.write_text(json.dumps({"subsystems": [{"subsystem": "bdev", "config": [
-            {"method": method, "params": params}]}]}))
+            {"method": m, "params": p} for m, p in methods]}]}))
         self.argv = [str(PERF), "--json", str(self.cfg), "-m", "0x2", "--interrupt-mode",
-                     "--log-level", "warn", "-T", bdev, "-q", "32", "-o", "4096",
-                     "-w", "randread", "-t", str(SECS), "-l"]
+                     "--log-level", "warn", "-T", bdev, "-q", "32", "-o", str(io_size),
+                     "-w", "randread", "-t", str(secs), "-l"]
         self.proc = None
 
     def start(self):
@@ -116,6 +119,14 @@ class Reader:
             raise SystemExit("no Total row in:\n" + out)
         return (float(m.group(1)), percentile_us(out, "50.00000") / 1000,
                 percentile_us(out, "99.00000") / 1000)
+
+
+def link_check(work, name, methods, bdev):
+    """MiB/s of a plain reader of the link (128 KiB randread QD32, 3 s):
+    what a copy could get from it."""
+    r = Reader(work, "f-check-" + name, methods, bdev, io_size=128 << 10, secs=3)
+    r.start()
+    return r.result()[0] / 8
 
 
 def hydrate(start, hydrated, source_bytes, reader=None, sample=lambda: None):
@@ -159,6 +170,19 @@ class CloneSide:
     def __init__(self, target_cls, work, src):
         self.target_cls, self.work, self.src = target_cls, work, src
 
+    def link(self, delay_ms):
+        """The source behind the link, as (method, params), bdev Link0."""
+        us = int(delay_ms * 1000)
+        return [("bdev_uring_create", {"filename": str(self.src), "name": "Src0",
+                                       "block_size": 4096}),
+                ("bdev_delay_create", {"base_bdev_name": "Src0", "name": "Link0",
+                                       "avg_read_latency": us, "p99_read_latency": us,
+                                       "avg_write_latency": us, "p99_write_latency": us}),
+                ("bdev_set_qos_limit", {"name": "Link0", "rw_mbytes_per_sec": RATE_MIB})]
+
+    def check(self, delay_ms):
+        return link_check(self.work, "clone-%gms" % delay_ms, self.link(delay_ms), "Link0")
+
     def run(self, delay_ms, with_reader):
         tag = "f-clone-%gms%s" % (delay_ms, "-reader" if with_reader else "")
         dst, meta = self.work / (tag + "-dst.img"), self.work / (tag + "-meta.img")
@@ -167,11 +191,8 @@ class CloneSide:
                 f.truncate(size)
         t = self.target_cls(self.work, tag, interrupt=True)
         try:
-            us = int(delay_ms * 1000)
-            t.rpc("bdev_uring_create", filename=str(self.src), name="Src0", block_size=4096)
-            t.rpc("bdev_delay_create", base_bdev_name="Src0", name="Link0", avg_read_latency=us,
-                  p99_read_latency=us, avg_write_latency=us, p99_write_latency=us)
-            t.rpc("bdev_set_qos_limit", name="Link0", rw_mbytes_per_sec=RATE_MIB)
+            for method, params in self.link(delay_ms):
+                t.rpc(method, **params)
             t.rpc("bdev_uring_create", filename=str(dst), name="Dst0", block_size=4096)
             t.rpc("bdev_uring_create", filename=str(meta), name="Meta0", block_size=4096)
             t.rpc("bdev_clone_create", name="Clone0", source_bdev_name="Link0",
@@ -186,9 +207,9 @@ class CloneSide:
                 t.rpc("nvmf_subsystem_add_listener", nqn=NQN, listen_address={
                     "trtype": "TCP", "adrfam": "IPv4", "traddr": "127.0.0.1",
                     "trsvcid": str(port)})
-                reader = Reader(self.work, tag, "bdev_nvme_attach_controller", {
+                reader = Reader(self.work, tag, [("bdev_nvme_attach_controller", {
                     "name": "Nvme0", "trtype": "tcp", "adrfam": "ipv4", "traddr": "127.0.0.1",
-                    "trsvcid": str(port), "subnqn": NQN}, "Nvme0n1")
+                    "trsvcid": str(port), "subnqn": NQN})], "Nvme0n1")
 
             def source_bytes():
                 return t.rpc("bdev_get_iostat", names=["Link0"])["bdevs"][0]["bytes_read"]
@@ -219,31 +240,51 @@ class QemuSide:
     def __init__(self, work, src):
         self.work, self.src = work, src
 
-    def run(self, delay_ms, with_reader):
-        tag = "f-qemu-%gms%s" % (delay_ms, "-reader" if with_reader else "")
-        d = self.work
-        ov, nlog = d / (tag + ".qcow2"), d / (tag + "-nbdkit.log")
-        kit_sock, qmp_sock, exp_sock = (d / (tag + s) for s in ("-nbdkit.sock", "-qmp.sock",
-                                                                "-qsd.sock"))
-        for p in (nlog, kit_sock, qmp_sock, exp_sock):
+    def link(self, tag, delay_ms):
+        """nbdkit serving the source behind the link: (process, socket, log)."""
+        sock, log = self.work / (tag + "-nbdkit.sock"), self.work / (tag + "-nbdkit.log")
+        for p in (sock, log):
             p.unlink(missing_ok=True)
-        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(ov), str(LINK_MB * MIB)],
-                       check=True)
         # log is outermost so that it sees every request of the link; rate
         # before delay as QoS before the delay bdev on the clone's side. The
         # rate filter's bucket starts full and holds `burstiness` seconds of
         # the rate (2 by default: 200 MiB free at the start, 1 GiB then
         # streams at 116 MiB/s); 50 ms (5 MiB, more than one request) makes
         # it the link the clone gets.
-        kit = subprocess.Popen(["nbdkit", "-f", "-r", "-U", str(kit_sock), "--filter=log",
+        kit = subprocess.Popen(["nbdkit", "-f", "-r", "-U", str(sock), "--filter=log",
                                 "--filter=rate", "--filter=delay", "file", str(self.src),
-                                "logfile=%s" % nlog, "rate=%dM" % (RATE_MIB * 8),
+                                "logfile=%s" % log, "rate=%dM" % (RATE_MIB * 8),
                                 "burstiness=0.05", "rdelay=%gms" % delay_ms],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            wait_sock(sock, kit, "nbdkit")
+        except BaseException:
+            stop(kit)
+            raise
+        return kit, sock, log
+
+    def check(self, delay_ms):
+        tag = "f-check-qemu-%gms" % delay_ms
+        kit, sock, _ = self.link(tag, delay_ms)
+        try:
+            return link_check(self.work, "qemu-%gms" % delay_ms, [("bdev_nbd_create", {
+                "name": "Nbd0", "uri": "nbd+unix:///?socket=%s" % sock, "block_size": 4096})],
+                "Nbd0")
+        finally:
+            stop(kit)
+
+    def run(self, delay_ms, with_reader):
+        tag = "f-qemu-%gms%s" % (delay_ms, "-reader" if with_reader else "")
+        d = self.work
+        ov, qmp_sock, exp_sock = (d / (tag + s) for s in (".qcow2", "-qmp.sock", "-qsd.sock"))
+        for p in (qmp_sock, exp_sock):
+            p.unlink(missing_ok=True)
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(ov), str(LINK_MB * MIB)],
+                       check=True)
+        kit, kit_sock, nlog = self.link(tag, delay_ms)
         qsd = None
         qlog = open(d / (tag + "-qsd.log"), "wb")
         try:
-            wait_sock(kit_sock, kit, "nbdkit")
             qsd = subprocess.Popen([
                 "qemu-storage-daemon",
                 "--blockdev", "driver=nbd,node-name=src,server.type=unix,server.path=%s,"
@@ -261,9 +302,9 @@ class QemuSide:
             q = Qmp(qmp_sock)
             reader = None
             if with_reader:
-                reader = Reader(d, tag, "bdev_nbd_create", {
+                reader = Reader(d, tag, [("bdev_nbd_create", {
                     "name": "Nbd0", "uri": "nbd+unix:///clone?socket=%s" % exp_sock,
-                    "block_size": 4096}, "Nbd0")
+                    "block_size": 4096})], "Nbd0")
             r = hydrate(lambda: q.cmd("block-stream", **{"job-id": "s0", "device": "ov"}),
                         lambda: not q.cmd("query-block-jobs"),
                         # nbdkit writes its log as requests arrive
@@ -306,6 +347,9 @@ def run(work, target_cls, random_file):
     results = {}
     try:
         for delay in DELAYS_MS:
+            say("link check, %g ms (a plain reader: bdevperf 128 KiB randread QD32, 3 s): %s"
+                % (delay, ", ".join("%s's %.1f MiB/s" % (side.name, side.check(delay))
+                                    for side in sides)))
             for side in sides:
                 alone = side.run(delay, False)
                 say("%s %g ms, alone: %.2f s, %.1f MiB from the source, share %.3f"
