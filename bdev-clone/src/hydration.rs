@@ -241,6 +241,7 @@ impl Owner {
     /// `MAX_COPY_STARTS_PER_PASS`, within the in-flight caps; while paused
     /// by errors, one probe copy when its back-off has expired.
     pub(crate) fn pump(&mut self) {
+        self.set_read_copy_budget();
         let sh = self.sh.clone();
         if sh.kick.swap(false, Ordering::AcqRel) && sh.paused.load(Ordering::Acquire) == PAUSE_NONE
         {

@@ -20,11 +20,13 @@ use crate::channel::{reply, send_to, Part, UserMsg};
 use crate::clone::Shared;
 use crate::committer::{committer_request, start_round, Committer, Waiter, COMMIT_PERIOD};
 use crate::error::CloneError;
-use crate::hydration::{start_copy, write_zeroes, HYDRATION_POLL, PROBE_MIN_NS};
+use crate::hydration::{
+    is_zero, start_copy, write_zeroes, HYDRATION_POLL, MAX_COPY_BUF_BYTES, PAUSE_NONE, PROBE_MIN_NS,
+};
 use crate::lifecycle::release_all;
 use crate::metadata;
-use crate::router::MetadataMode;
 use crate::router::{Command, CommitId, CopyId, IoKind, OpId, ReqId, Request, Router, Status};
+use crate::router::{MetadataMode, READ_COPY_MAX_BYTES};
 
 thread_local! {
     /// Owners living on this reactor, by clone id.
@@ -335,6 +337,14 @@ pub(crate) fn exec(rc: &Rc<RefCell<Owner>>, o: &mut Owner, c: Command) {
             });
         }
         Command::StartCopy { copy, blocks, .. } => start_copy(rc, o, copy, blocks),
+        Command::ReadCopy {
+            req,
+            op,
+            read,
+            copy,
+            blocks,
+            ..
+        } => exec_read_copy(rc, o, req, op, read, copy, blocks),
         Command::Commit { commit, .. } => {
             let (id, reactor) = (o.sh.id, reactor::current().unwrap_or(0));
             send_to(o.sh.home, move || {
@@ -468,6 +478,134 @@ pub(crate) fn exec_write(
     );
     io.fua = fua;
     o.dst.submit(io);
+}
+
+/// Execute a `ReadCopy`: one source read of whole regions; the request's
+/// part is copied into its buffer and its op reported at once (the user
+/// does not wait for the destination), then the same buffer is written to
+/// the destination (zeroes as write_zeroes when it can) and the copy
+/// reported.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn exec_read_copy(
+    rc: &Rc<RefCell<Owner>>,
+    o: &mut Owner,
+    req: ReqId,
+    op: OpId,
+    read: Range<u64>,
+    copy: CopyId,
+    blocks: Range<u64>,
+) {
+    let Some(src) = o.src.clone() else {
+        o.op_done(op, false);
+        return o.copy_done(copy, false);
+    };
+    let bs = o.sh.geo.block_size();
+    let len = bytes(&blocks, bs);
+    let buf = match o.bufs.pop() {
+        Some(mut b) if b.capacity() >= len => {
+            b.set_len(len);
+            b
+        }
+        other => {
+            if let Some(b) = other {
+                o.bufs.push(b);
+            }
+            DmaBuf::new(len)
+        }
+    };
+    o.copy_buf_bytes += len as u64;
+    let weak = Rc::downgrade(rc);
+    src.read(
+        blocks.start,
+        blocks.end - blocks.start,
+        buf,
+        move |mut io| {
+            let buf = io.buf.take().unwrap_or_else(|| DmaBuf::new(0));
+            let ok = io.status.is_success() && buf.len() >= len;
+            let w = weak.clone();
+            then_drive(&weak, move |o| {
+                if !ok {
+                    o.sh.err_source.fetch_add(1, Ordering::Relaxed);
+                } else if let Some(rb) = o.reqs.get_mut(&req).and_then(|r| {
+                    let at = ((read.start - r.offset) * bs as u64) as usize;
+                    r.buf.as_mut().map(|b| (b, at))
+                }) {
+                    let (rb, at) = rb;
+                    let from = ((read.start - blocks.start) * bs as u64) as usize;
+                    let n = bytes(&read, bs);
+                    rb.as_mut_slice()[at..at + n].copy_from_slice(&buf.as_slice()[from..from + n]);
+                }
+                o.op_done(op, ok);
+                if !ok {
+                    o.copy_buf_bytes -= len as u64;
+                    o.bufs.push(buf);
+                    return o.copy_done(copy, false);
+                }
+                let zero = o.sh.dest_write_zeroes && is_zero(buf.as_slice());
+                let (t, data) = if zero {
+                    o.bufs.push(buf);
+                    (IoType::WriteZeroes, None)
+                } else {
+                    (IoType::Write, Some(buf))
+                };
+                let n = blocks.end - blocks.start;
+                o.dst
+                    .submit(BdevIo::new(t, blocks.start, n, data, move |mut io| {
+                        let ok = io.status.is_success();
+                        then_drive(&w, |o| {
+                            o.copy_buf_bytes -= len as u64;
+                            if let Some(b) = io.buf.take() {
+                                if o.bufs.len() < 64 {
+                                    o.bufs.push(b);
+                                }
+                            }
+                            if ok {
+                                o.sh.hydrated_bytes.fetch_add(len as u64, Ordering::Relaxed);
+                            } else {
+                                o.sh.err_dest.fetch_add(1, Ordering::Relaxed);
+                            }
+                            o.copy_done(copy, ok);
+                        });
+                    }));
+            });
+        },
+    );
+}
+
+impl Owner {
+    /// Set the router's read-triggered copy budget (each pump). Until the
+    /// link controller says how much room the link has, it is the copy
+    /// threshold (at least 1: copy-on-read hydrates what is read also
+    /// with background hydration off or paused by the user) less the
+    /// read copies in flight, within the copy buffer cap; none while the
+    /// clone stops, is paused by errors or is not read-write. Read copies
+    /// are user I/O: the rate limit does not hold them back, but their
+    /// bytes are taken from its bucket, so background copies make room.
+    pub(crate) fn set_read_copy_budget(&mut self) {
+        let sh = self.sh.clone();
+        let Some(router) = self.router.as_mut() else {
+            return;
+        };
+        let started = router.take_read_copy_regions();
+        if sh.mbytes_per_sec.load(Ordering::Relaxed) > 0 {
+            self.tokens -= (started * sh.geo.region_size()) as f64;
+        }
+        let on = sh.copy_on_read.load(Ordering::Relaxed)
+            && sh.mode() == MetadataMode::ReadWrite
+            && sh.paused.load(Ordering::Relaxed) == PAUSE_NONE
+            && !self.stopping
+            && !self.quiesced;
+        let budget = if on {
+            let room = MAX_COPY_BUF_BYTES.saturating_sub(self.copy_buf_bytes) / READ_COPY_MAX_BYTES;
+            (sh.threshold.load(Ordering::Relaxed) as u64)
+                .max(1)
+                .saturating_sub(router.stats().read_copies_in_flight as u64)
+                .min(room)
+        } else {
+            0
+        };
+        router.set_read_copy_budget(budget);
+    }
 }
 
 /// Build owner `idx` on this reactor (channels, pollers; the committer

@@ -85,6 +85,17 @@ pub type CommitId = u64;
 /// Most regions remembered for copy-on-read.
 const COR_QUEUE_MAX: usize = 4096;
 
+/// Most regions remembered as following recent cold reads (newest kept).
+const NEAR_QUEUE_MAX: usize = 64;
+
+/// Of every `HINT_RUN + 1` background copies at most `HINT_RUN` start at a
+/// hint (copy-on-read or near-read regions); the next comes from the
+/// cursor, which so always moves on.
+const HINT_RUN: u32 = 3;
+
+/// Largest read-triggered copy: one buffer holds it.
+pub const READ_COPY_MAX_BYTES: u64 = 1 << 20;
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum IoKind {
     Read,
@@ -243,6 +254,19 @@ pub enum Command {
         req: ReqId,
         op: OpId,
     },
+    /// A read-triggered copy: read whole cold `regions` (`blocks`) from
+    /// the source once; answer the request's part `read` from that data
+    /// (`op_done(op)` as soon as the source data is in, before the
+    /// destination write), then write `blocks` to the destination
+    /// (`copy_done(copy)`).
+    ReadCopy {
+        req: ReqId,
+        op: OpId,
+        read: Range<u64>,
+        copy: CopyId,
+        regions: Range<u64>,
+        blocks: Range<u64>,
+    },
     /// Copy whole regions source -> destination.
     StartCopy {
         copy: CopyId,
@@ -350,6 +374,10 @@ pub struct RouterStats {
     pub commit_in_flight: bool,
     pub commits: u64,
     pub copy_failures: u64,
+    /// Read-triggered copies in flight (counted in `copies_in_flight`).
+    pub read_copies_in_flight: usize,
+    /// Read-triggered copies started since the router was made.
+    pub read_copies: u64,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -412,10 +440,23 @@ pub struct Router {
     ops: HashMap<OpId, OpState>,
     /// Busy intervals by first region; never overlapping; cold regions only.
     busy: BTreeMap<u64, Busy>,
-    copies: HashMap<CopyId, u64>,
+    /// Copies in flight: (first region, read-triggered).
+    copies: HashMap<CopyId, (u64, bool)>,
     regions_copying: u64,
     cursor: u64,
     cor_queue: VecDeque<u64>,
+    /// Regions right after recent cold reads, newest last.
+    near_queue: VecDeque<u64>,
+    /// Background copies started at a hint since the cursor's last one.
+    hint_streak: u32,
+    /// Read-triggered copies this router may still start (the executor
+    /// sets it each pump).
+    read_copy_budget: u64,
+    read_copies_in_flight: usize,
+    read_copies: u64,
+    /// Regions of read-triggered copies started since the executor last
+    /// asked ([`Router::take_read_copy_regions`]).
+    read_copy_regions: u64,
     commit: Option<InFlightCommit>,
     /// A commit is wanted as soon as the one in flight completes.
     commit_again: bool,
@@ -461,6 +502,12 @@ impl Router {
             regions_copying: 0,
             cursor: 0,
             cor_queue: VecDeque::new(),
+            near_queue: VecDeque::new(),
+            hint_streak: 0,
+            read_copy_budget: 0,
+            read_copies_in_flight: 0,
+            read_copies: 0,
+            read_copy_regions: 0,
             commit: None,
             commit_again: false,
             commit_waiters: Vec::new(),
@@ -544,6 +591,19 @@ impl Router {
             self.mode = MetadataMode::ReadOnly;
         }
     }
+    /// How many read-triggered copies may start from now until the next
+    /// call (the executor sets it each pump from the room the link has;
+    /// each copy started takes one). 0: cold reads only read the source.
+    pub fn set_read_copy_budget(&mut self, n: u64) {
+        self.read_copy_budget = n;
+    }
+
+    /// Regions covered by read-triggered copies started since the last
+    /// call (the executor charges them to the hydration rate limit).
+    pub fn take_read_copy_regions(&mut self) -> u64 {
+        std::mem::take(&mut self.read_copy_regions)
+    }
+
     /// Background hydration cursor (next region the hydrator looks at).
     pub fn cursor(&self) -> u64 {
         self.cursor
@@ -559,6 +619,8 @@ impl Router {
             commit_in_flight: self.commit.is_some(),
             commits: self.commits,
             copy_failures: self.copy_failures,
+            read_copies_in_flight: self.read_copies_in_flight,
+            read_copies: self.read_copies,
         }
     }
 
@@ -656,8 +718,8 @@ impl Router {
             } else {
                 self.map.run_of_unhydrated(r, max)
             };
-            let part = intersect(&blocks, &self.geo.region_range_blocks(r..r + n));
             if hydrated {
+                let part = intersect(&blocks, &self.geo.region_range_blocks(r..r + n));
                 let op = self.new_op(id, Target::Dest, None);
                 out.push(Command::ReadDest {
                     req: id,
@@ -665,25 +727,105 @@ impl Router {
                     blocks: part,
                 });
             } else {
-                let op = self.new_op(id, Target::Source, None);
-                out.push(Command::ReadSource {
-                    req: id,
-                    op,
-                    blocks: part,
-                });
-                if self.cfg.copy_on_read && self.mode == MetadataMode::ReadWrite {
-                    for c in r..r + n {
-                        if self.cor_queue.len() >= COR_QUEUE_MAX {
-                            break;
-                        }
-                        if self.busy_at(c).is_none() {
-                            self.cor_queue.push_back(c);
-                        }
-                    }
-                }
+                self.read_cold(id, &blocks, r..r + n, out);
             }
             r += n;
         }
+        if !self.map.is_hydrated(regs.end - 1) {
+            self.hint_after_read(regs.end);
+        }
+    }
+
+    /// Whether cold reads may start read-triggered copies now.
+    fn may_read_copy(&self) -> bool {
+        self.cfg.copy_on_read
+            && self.mode == MetadataMode::ReadWrite
+            && self.read_copy_budget > 0
+            && self.geo.region_size() <= READ_COPY_MAX_BYTES
+    }
+
+    /// The part of read `id` in the cold regions `cold`: idle runs are
+    /// copied by the read (one source read answers it and fills the
+    /// destination) while the budget lasts; regions with a copy or
+    /// overwrite in flight, and the rest, read the source (it never
+    /// changes: no need to wait), and with copy-on-read are queued for
+    /// the hydrator.
+    fn read_cold(
+        &mut self,
+        id: ReqId,
+        blocks: &Range<u64>,
+        cold: Range<u64>,
+        out: &mut Vec<Command>,
+    ) {
+        let mut r = cold.start;
+        while r < cold.end {
+            if self.may_read_copy() && self.busy_at(r).is_none() {
+                let per_copy = (READ_COPY_MAX_BYTES / self.geo.region_size()).max(1);
+                let end = self.next_busy_start(r).min(cold.end).min(r + per_copy);
+                let read = intersect(blocks, &self.geo.region_range_blocks(r..end));
+                self.read_copy(id, read, r..end, out);
+                r = end;
+                continue;
+            }
+            // One source read for the rest of the run (busy or over budget).
+            let part = intersect(blocks, &self.geo.region_range_blocks(r..cold.end));
+            let op = self.new_op(id, Target::Source, None);
+            out.push(Command::ReadSource {
+                req: id,
+                op,
+                blocks: part,
+            });
+            if self.cfg.copy_on_read && self.mode == MetadataMode::ReadWrite {
+                for c in r..cold.end {
+                    if self.cor_queue.len() >= COR_QUEUE_MAX {
+                        break;
+                    }
+                    if self.busy_at(c).is_none() {
+                        self.cor_queue.push_back(c);
+                    }
+                }
+            }
+            break;
+        }
+    }
+
+    /// Start a read-triggered copy of cold idle `regions` answering the
+    /// part `read` of request `id`; the regions are busy until it ends.
+    fn read_copy(
+        &mut self,
+        id: ReqId,
+        read: Range<u64>,
+        regions: Range<u64>,
+        out: &mut Vec<Command>,
+    ) {
+        self.read_copy_budget -= 1;
+        self.read_copies += 1;
+        self.read_copies_in_flight += 1;
+        self.read_copy_regions += regions.end - regions.start;
+        let op = self.new_op(id, Target::Source, None);
+        let copy = self.begin_copy(regions.clone(), true);
+        out.push(Command::ReadCopy {
+            req: id,
+            op,
+            read,
+            copy,
+            blocks: self.geo.region_range_blocks(regions.clone()),
+            regions,
+        });
+    }
+
+    /// Remember region `r`, right after a cold read, for the hydrator.
+    fn hint_after_read(&mut self, r: u64) {
+        if r >= self.geo.num_regions() || !self.owned(r) || self.map.is_hydrated(r) {
+            return;
+        }
+        if self.near_queue.back() == Some(&r) {
+            return;
+        }
+        if self.near_queue.len() >= NEAR_QUEUE_MAX {
+            self.near_queue.pop_front();
+        }
+        self.near_queue.push_back(r);
     }
 
     fn route_write(
@@ -915,10 +1057,13 @@ impl Router {
         ok: bool,
         out: &mut Vec<Command>,
     ) -> Result<(), RouterError> {
-        let start = self.copies.remove(&copy).ok_or(RouterError::Unknown {
+        let (start, read) = self.copies.remove(&copy).ok_or(RouterError::Unknown {
             what: "copy",
             id: copy,
         })?;
+        if read {
+            self.read_copies_in_flight -= 1;
+        }
         let busy = self.busy.remove(&start).expect("copy holds its interval");
         let regions = start..busy.end;
         self.regions_copying -= regions.end - regions.start;
@@ -1052,12 +1197,40 @@ impl Router {
         started
     }
 
+    /// The next region to copy, and whether it came from the cursor: a
+    /// hint first (copy-on-read regions, then the newest region following
+    /// a cold read), except that every `HINT_RUN + 1`th pick is the
+    /// cursor's.
     fn pick_candidate(&mut self) -> Option<(u64, bool)> {
-        while let Some(r) = self.cor_queue.pop_front() {
-            if !self.map.is_hydrated(r) && self.busy_at(r).is_none() {
+        if self.hint_streak < HINT_RUN {
+            if let Some(r) = self.pick_hint() {
+                self.hint_streak += 1;
                 return Some((r, false));
             }
         }
+        let picked = self.pick_from_cursor();
+        if picked.is_some() {
+            self.hint_streak = 0;
+        }
+        picked
+    }
+
+    fn pick_hint(&mut self) -> Option<u64> {
+        while let Some(r) = self.cor_queue.pop_front() {
+            if !self.map.is_hydrated(r) && self.busy_at(r).is_none() {
+                return Some(r);
+            }
+        }
+        // Newest first: the reader is there now.
+        while let Some(r) = self.near_queue.pop_back() {
+            if !self.map.is_hydrated(r) && self.busy_at(r).is_none() {
+                return Some(r);
+            }
+        }
+        None
+    }
+
+    fn pick_from_cursor(&mut self) -> Option<(u64, bool)> {
         let n = self.geo.num_regions();
         let mut pos = self.cursor.min(n - 1);
         let mut travelled = 0u64;
@@ -1100,9 +1273,20 @@ impl Router {
     }
 
     fn start_copy(&mut self, regions: Range<u64>, out: &mut Vec<Command>) -> CopyId {
+        let copy = self.begin_copy(regions.clone(), false);
+        out.push(Command::StartCopy {
+            copy,
+            blocks: self.geo.region_range_blocks(regions.clone()),
+            regions,
+        });
+        copy
+    }
+
+    /// A new copy of `regions`: they are busy until `copy_done`.
+    fn begin_copy(&mut self, regions: Range<u64>, read: bool) -> CopyId {
         let copy = self.next_copy;
         self.next_copy += 1;
-        self.copies.insert(copy, regions.start);
+        self.copies.insert(copy, (regions.start, read));
         self.busy.insert(
             regions.start,
             Busy {
@@ -1111,11 +1295,6 @@ impl Router {
             },
         );
         self.regions_copying += regions.end - regions.start;
-        out.push(Command::StartCopy {
-            copy,
-            blocks: self.geo.region_range_blocks(regions.clone()),
-            regions,
-        });
         copy
     }
 
