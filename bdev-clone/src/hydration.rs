@@ -254,16 +254,15 @@ impl Owner {
         };
         sync_mode(&sh, router);
         let paused = sh.paused.load(Ordering::Relaxed) != PAUSE_NONE;
-        let enabled = sh.hydration_enabled.load(Ordering::Relaxed)
-            && sh.mode() == MetadataMode::ReadWrite
-            && !self.stopping
-            && !self.quiesced;
+        let running = sh.mode() == MetadataMode::ReadWrite && !self.stopping && !self.quiesced;
+        let enabled = sh.hydration_enabled.load(Ordering::Relaxed) && running;
         let cfg = router.config_mut();
         cfg.hydration_enabled = enabled;
         cfg.hydration_threshold = sh.threshold.load(Ordering::Relaxed) as u64;
         cfg.hydration_batch_size = sh.batch.load(Ordering::Relaxed).max(1) as u64;
         cfg.copy_on_read = sh.copy_on_read.load(Ordering::Relaxed);
-        if !enabled || sh.map.is_complete() {
+        // Copy-on-read copies the regions read even with hydration off.
+        if !(enabled || running && cfg.copy_on_read) || sh.map.is_complete() {
             return;
         }
         let now = reactor::now_ns();

@@ -1165,18 +1165,32 @@ impl Router {
     /// the executor bounds the work of one call and its copy buffers in
     /// flight, whatever the threshold.
     pub fn next_background_max(&mut self, out: &mut Vec<Command>, max_copies: u64) -> u64 {
-        if !self.cfg.hydration_enabled || self.mode != MetadataMode::ReadWrite {
+        if self.mode != MetadataMode::ReadWrite {
             return 0;
         }
+        // Background hydration off or paused (threshold 0): with
+        // copy-on-read the regions read still get copied, one at a time
+        // and one copy in flight at least, and nothing else.
+        let cor_only = !self.cfg.hydration_enabled || self.cfg.hydration_threshold == 0;
+        if cor_only && !self.cfg.copy_on_read {
+            return 0;
+        }
+        let threshold = self.cfg.hydration_threshold.max(cor_only as u64);
+        let batch = if cor_only {
+            1
+        } else {
+            self.cfg.hydration_batch_size.max(1)
+        };
         let mut started = 0;
         let mut copies = 0;
-        while self.regions_copying < self.cfg.hydration_threshold && copies < max_copies {
-            let budget = self
-                .cfg
-                .hydration_batch_size
-                .max(1)
-                .min(self.cfg.hydration_threshold - self.regions_copying);
-            let Some((r, from_cursor)) = self.pick_candidate() else {
+        while self.regions_copying < threshold && copies < max_copies {
+            let budget = batch.min(threshold - self.regions_copying);
+            let picked = if cor_only {
+                self.pick_read_region().map(|r| (r, false))
+            } else {
+                self.pick_candidate()
+            };
+            let Some((r, from_cursor)) = picked else {
                 break;
             };
             let cap = (self.next_busy_start(r) - r)
@@ -1215,11 +1229,19 @@ impl Router {
         picked
     }
 
-    fn pick_hint(&mut self) -> Option<u64> {
+    /// The next copy-on-read region still cold and idle.
+    fn pick_read_region(&mut self) -> Option<u64> {
         while let Some(r) = self.cor_queue.pop_front() {
             if !self.map.is_hydrated(r) && self.busy_at(r).is_none() {
                 return Some(r);
             }
+        }
+        None
+    }
+
+    fn pick_hint(&mut self) -> Option<u64> {
+        if let Some(r) = self.pick_read_region() {
+            return Some(r);
         }
         // Newest first: the reader is there now.
         while let Some(r) = self.near_queue.pop_back() {

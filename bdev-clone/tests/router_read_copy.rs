@@ -316,3 +316,30 @@ fn copy_on_read_regions_over_budget_still_come_first() {
     assert_eq!(copies(&s), vec![50..51, 51..52]);
     s.finish();
 }
+
+#[test]
+fn with_hydration_off_copy_on_read_copies_exactly_the_regions_read() {
+    for threshold in [0, 1, 4] {
+        let cfg = RouterConfig {
+            hydration_threshold: threshold,
+            hydration_batch_size: 8,
+            ..cor()
+        };
+        let mut s = sim(8 * 64, cfg, 0);
+        // Over budget: the reads only read the source and queue their regions.
+        s.try_submit(IoKind::Read, 8 * 30 + 3, 8 * 2, false)
+            .unwrap();
+        s.try_submit(IoKind::Read, 8 * 50, 1, false).unwrap();
+        s.drain();
+        for _ in 0..6 {
+            s.background();
+            s.drain();
+        }
+        // One region per copy (no batching past what was read), nothing
+        // from the cursor or the regions after the reads.
+        assert_eq!(copies(&s), vec![30..31, 31..32, 32..33, 50..51]);
+        let hydrated: Vec<u64> = (0..64).filter(|&r| s.map().is_hydrated(r)).collect();
+        assert_eq!(hydrated, vec![30, 31, 32, 50]);
+        assert_eq!(s.background(), 0);
+    }
+}
