@@ -396,7 +396,7 @@ pub(crate) fn start_copy(rc: &Rc<RefCell<Owner>>, o: &mut Owner, copy: CopyId, b
     let (dst, sh, weak) = (o.dst.clone(), o.sh.clone(), Rc::downgrade(rc));
     reactor::spawn_local(async move {
         let (res, buf) = copy_blocks(&src, &dst, &sh, blocks.clone(), buf).await;
-        then_drive(&weak, |o| {
+        then_drive(&weak, move |o| {
             o.copies_in_flight -= 1;
             o.copy_buf_bytes -= chunk as u64;
             if o.bufs.len() < 64 {

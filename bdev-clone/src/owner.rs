@@ -5,8 +5,8 @@
 //! contract in `router.rs` says, and feeds completions back; [`drive`] runs
 //! the router until it has nothing more to say.
 
-use std::cell::RefCell;
-use std::collections::HashMap;
+use std::cell::{Cell, RefCell};
+use std::collections::{HashMap, VecDeque};
 use std::ops::Range;
 use std::rc::{Rc, Weak as RcWeak};
 use std::sync::atomic::Ordering;
@@ -89,13 +89,76 @@ pub(crate) fn owner_of(id: u64) -> Option<Rc<RefCell<Owner>>> {
     OWNERS.with(|o| o.borrow().get(&id).cloned())
 }
 
+/// What reaches this reactor's owners while [`drain`] is already handling
+/// one (from a call it made): a user request part, a completion to apply,
+/// a nudge to run the router.
+enum Event {
+    Receive(UserMsg),
+    Apply(RcWeak<RefCell<Owner>>, Box<dyn FnOnce(&mut Owner)>),
+    Drive(Rc<RefCell<Owner>>),
+}
+
+thread_local! {
+    /// Events queued while [`drain`] runs on this reactor.
+    static EVENTS: RefCell<VecDeque<Event>> = const { RefCell::new(VecDeque::new()) };
+    /// [`drain`] is running here: an owner may be borrowed.
+    static DRAINING: Cell<bool> = const { Cell::new(false) };
+}
+
+/// This reactor's owner loop: the router's executor runs inside it, and
+/// whatever comes back to an owner from a call it made is queued and
+/// handled here, in order, once the current event is done; so no handler
+/// finds an owner borrowed and nothing waits for a later reactor pass.
+fn drain(first: impl FnOnce()) {
+    struct Running;
+    impl Drop for Running {
+        fn drop(&mut self) {
+            DRAINING.with(|d| d.set(false));
+        }
+    }
+    DRAINING.with(|d| d.set(true));
+    let _running = Running;
+    first();
+    while let Some(ev) = EVENTS.with(|q| q.borrow_mut().pop_front()) {
+        match ev {
+            Event::Receive(msg) => receive(msg),
+            Event::Apply(weak, f) => apply(&weak, f),
+            Event::Drive(rc) => run(&rc),
+        }
+    }
+}
+
+fn draining() -> bool {
+    DRAINING.with(Cell::get)
+}
+
+/// For [`drain`], running on this reactor.
+fn queue(ev: Event) {
+    EVENTS.with(|q| {
+        let mut q = q.borrow_mut();
+        // Back-to-back nudges of one owner: the first covers both.
+        if let (Event::Drive(rc), Some(Event::Drive(last))) = (&ev, q.back()) {
+            if Rc::ptr_eq(rc, last) {
+                return;
+            }
+        }
+        q.push_back(ev);
+    });
+}
+
+/// A user request part, on its owner's reactor.
 pub(crate) fn owner_receive(msg: UserMsg) {
+    if draining() {
+        return queue(Event::Receive(msg));
+    }
+    drain(|| receive(msg));
+}
+
+fn receive(msg: UserMsg) {
     let Some(rc) = owner_of(msg.clone) else {
         return reply(msg.origin, msg.part(), IoStatus::Failed, msg.buf);
     };
-    let Ok(mut guard) = rc.try_borrow_mut() else {
-        return reactor::defer(move || owner_receive(msg));
-    };
+    let mut guard = rc.borrow_mut();
     if guard.router.is_none() {
         // Completed meanwhile: the pass-through path serves it.
         drop(guard);
@@ -134,7 +197,7 @@ pub(crate) fn owner_receive(msg: UserMsg) {
         }
     }
     drop(guard);
-    drive(&rc);
+    run(&rc);
 }
 
 /// A request that reached the owner after the router was dropped.
@@ -181,10 +244,14 @@ pub(crate) fn serve_released(rc: &Rc<RefCell<Owner>>, msg: UserMsg) {
 /// Run the router's commands until there are none, starting background
 /// work when allowed; then publish counters and check for completion.
 pub(crate) fn drive(rc: &Rc<RefCell<Owner>>) {
-    let Ok(mut guard) = rc.try_borrow_mut() else {
-        let rc = rc.clone();
-        return reactor::defer(move || drive(&rc));
-    };
+    if draining() {
+        return queue(Event::Drive(rc.clone()));
+    }
+    drain(|| run(rc));
+}
+
+fn run(rc: &Rc<RefCell<Owner>>) {
+    let mut guard = rc.borrow_mut();
     let o = &mut *guard;
     // One pump per pass: it starts a bounded number of copies, and the
     // next completion or poll starts more, so one pass never runs long.
@@ -363,17 +430,24 @@ pub(crate) fn exec(rc: &Rc<RefCell<Owner>>, o: &mut Owner, c: Command) {
     }
 }
 
-/// From an I/O callback (never inline with `exec`): `f` on the owner, if
-/// it still exists, then drive it.
-pub(crate) fn then_drive(weak: &RcWeak<RefCell<Owner>>, f: impl FnOnce(&mut Owner)) {
+/// From an I/O callback: `f` on the owner, if it still exists, then drive
+/// it.
+pub(crate) fn then_drive(weak: &RcWeak<RefCell<Owner>>, f: impl FnOnce(&mut Owner) + 'static) {
+    if draining() {
+        return queue(Event::Apply(weak.clone(), Box::new(f)));
+    }
+    drain(|| apply(weak, f));
+}
+
+fn apply(weak: &RcWeak<RefCell<Owner>>, f: impl FnOnce(&mut Owner)) {
     let Some(rc) = weak.upgrade() else { return };
     f(&mut rc.borrow_mut());
-    drive(&rc);
+    run(&rc);
 }
 
 /// An op's completion, from an I/O callback.
 pub(crate) fn op_finished(weak: &RcWeak<RefCell<Owner>>, op: OpId, ok: bool, dest_write: bool) {
-    then_drive(weak, |o| {
+    then_drive(weak, move |o| {
         if !ok && dest_write {
             o.sh.err_dest.fetch_add(1, Ordering::Relaxed);
         }
@@ -411,7 +485,7 @@ pub(crate) fn exec_read(
         buf,
         move |mut io| {
             let ok = io.status.is_success();
-            then_drive(&weak, |o| {
+            then_drive(&weak, move |o| {
                 if !ok && from_source {
                     o.sh.err_source.fetch_add(1, Ordering::Relaxed);
                 }
@@ -463,7 +537,7 @@ pub(crate) fn exec_write(
         buf,
         move |mut io| {
             let ok = io.status.is_success();
-            then_drive(&weak, |o| {
+            then_drive(&weak, move |o| {
                 if !ok {
                     o.sh.err_dest.fetch_add(1, Ordering::Relaxed);
                 }
