@@ -626,7 +626,7 @@ pub(crate) fn exec_read_copy(
                 o.dst
                     .submit(BdevIo::new(t, blocks.start, n, data, move |mut io| {
                         let ok = io.status.is_success();
-                        then_drive(&w, |o| {
+                        then_drive(&w, move |o| {
                             o.copy_buf_bytes -= len as u64;
                             if let Some(b) = io.buf.take() {
                                 if o.bufs.len() < 64 {
