@@ -16,6 +16,7 @@
 //! | `WriteZeroesDest` / `DiscardDest` | write zeroes / unmap `blocks` on the destination | `op_done` |
 //! | `FlushDest` | flush the destination | `op_done` |
 //! | `StartCopy` | read `blocks` from the source, write them to the destination at the same offsets (zero detection may write zeroes instead) | `copy_done(copy, ok)` |
+//! | `ReadCopy` | read `blocks` (whole regions) from the source once; put its `read` part into the request's buffer at `(read.start - offset) * block_size` and report the op at once (the user does not wait for the destination); then, if the read succeeded, write `blocks` to the destination (zeroes may become write_zeroes) | `op_done(op, ok)` for the read, then `copy_done(copy, ok)` (false at once if the read failed) |
 //! | `Commit` | ask the clone's [`crate::commit::Committer`] for a round that starts after now (it snapshots the dirty units, 1. flushes the destination, 2. writes the units, 3. flushes the metadata bdev, in that order) | `commit_done(commit, ok)` when that round ended (false if any step failed) |
 //! | `Complete` | complete the user I/O with `status` | — |
 //!
@@ -27,8 +28,28 @@
 //!
 //! * Reads: hydrated regions from the destination, cold regions from the
 //!   source (even with a copy in flight: the source never changes).
-//!   Copy-on-read (optional) queues the cold regions read for hydration
-//!   ahead of the background cursor.
+//! * Copy-on-read (optional), read-triggered copies: a run of cold idle
+//!   regions a read covers (at most [`READ_COPY_MAX_BYTES`] per copy, so
+//!   none with larger regions) is copied by the read itself, one
+//!   `ReadCopy` per run: one source read answers the user and fills the
+//!   destination, and the regions are hydrated when the destination write
+//!   succeeds. Each takes one unit of the budget the executor sets each
+//!   pump ([`Router::set_read_copy_budget`]: the room the link has). The
+//!   regions are busy while it runs, exactly as for any copy: writes,
+//!   write-zeroes and discards to them wait and are re-routed after it, so
+//!   source data never lands over a write acknowledged meanwhile, and the
+//!   read itself is answered from the source data whatever waits behind
+//!   it. A read of a region already busy (a copy or overwrite in flight)
+//!   reads the source and does not wait; the rest of the run, once the
+//!   budget is spent, too. Those regions are queued for the hydrator
+//!   ahead of its cursor, and with background hydration off (or threshold
+//!   0) copy-on-read still copies them, one region per copy, and nothing
+//!   else.
+//! * Background picks: copy-on-read regions first, then the newest region
+//!   right after a recent cold read (a bounded queue of
+//!   64, this router's regions only): users read what they need first.
+//!   Every fourth pick in a row comes from the cursor, so the cursor always
+//!   moves on while reads keep adding hints.
 //! * Writes and write-zeroes: hydrated regions go straight to the
 //!   destination. Whole cold regions go to the destination with no copy and
 //!   are marked hydrated when that write succeeds. A partially covered cold
@@ -335,7 +356,9 @@ pub struct RouterConfig {
     pub hydration_enabled: bool,
     /// Pass whole-region discards on to the destination.
     pub discard_passdown: bool,
-    /// Queue cold regions that are read for hydration ahead of the cursor.
+    /// Hydrate the cold regions that are read: by the read itself within
+    /// the read-copy budget, else queued ahead of the cursor (also with
+    /// background hydration off).
     pub copy_on_read: bool,
 }
 
@@ -1152,11 +1175,13 @@ impl Router {
 
     // ----- background hydration -------------------------------------------
 
-    /// Start background copies: copy-on-read regions first, then cold idle
-    /// regions from the cursor (wrapping, so failed regions are retried),
-    /// batching up to `hydration_batch_size` contiguous regions, while
-    /// fewer than `hydration_threshold` regions are being copied. Returns
-    /// the number of regions started.
+    /// Start background copies: hints first (copy-on-read regions, then
+    /// regions after recent cold reads; at most 3 picks in a row), then
+    /// cold idle regions from the cursor (wrapping, so failed regions are
+    /// retried), batching up to `hydration_batch_size` contiguous regions,
+    /// while fewer than `hydration_threshold` regions are being copied
+    /// (read-triggered copies count). Returns the number of regions
+    /// started.
     pub fn next_background(&mut self, out: &mut Vec<Command>) -> u64 {
         self.next_background_max(out, u64::MAX)
     }
