@@ -177,6 +177,8 @@ struct Params {
     region_kb: u32,
     md_bs: u32,
     workers: u64,
+    /// Copy-on-read: the workers' cold reads start read-triggered copies.
+    copy_on_read: bool,
 }
 
 struct Shared {
@@ -312,6 +314,7 @@ fn opts(p: &Params, rate: u64, threshold: u32, batch: u32) -> CreateOpts {
     o.hydration_mbytes_per_sec = rate;
     o.hydration_threshold = threshold;
     o.hydration_batch_size = batch;
+    o.copy_on_read = p.copy_on_read;
     o
 }
 
@@ -359,6 +362,7 @@ async fn run_seed(seed: u64, rounds: u32) -> Result<(), String> {
         region_kb,
         md_bs: if rng.below(2) == 0 { 512 } else { 4096 },
         workers: 1 + rng.below(4),
+        copy_on_read: rng.below(2) == 0,
     });
     let region_blocks = region_kb as u64 * 1024 / bs as u64;
 
