@@ -715,6 +715,22 @@ impl Sim {
         None
     }
 
+    /// A copy as issued: whole cold regions, no other writer in them.
+    fn check_copy(
+        &self,
+        regions: &std::ops::Range<u64>,
+        blocks: &std::ops::Range<u64>,
+        what: &str,
+    ) {
+        assert_eq!(*blocks, self.geo.region_range_blocks(regions.clone()));
+        for r in regions.clone() {
+            assert!(!self.map.is_hydrated(r), "{what} of hydrated region {r}");
+        }
+        if let Some(e) = self.dest_writers_conflict(blocks, true) {
+            panic!("{what} issued over another writer: {e}");
+        }
+    }
+
     /// Take the router's commands into the pending set, checking the
     /// per-region writer rule as each is issued.
     fn absorb_from(&mut self, owner: usize) {
@@ -735,13 +751,7 @@ impl Sim {
                         regions,
                         blocks,
                     } => {
-                        assert_eq!(blocks, self.geo.region_range_blocks(regions.clone()));
-                        for r in regions.clone() {
-                            assert!(!self.map.is_hydrated(r), "copy of hydrated region {r}");
-                        }
-                        if let Some(e) = self.dest_writers_conflict(&blocks, true) {
-                            panic!("copy issued over another writer: {e}");
-                        }
+                        self.check_copy(&regions, &blocks, "copy");
                         self.stats.copies += 1;
                         self.pending.push(Pending::Copy {
                             copy,
@@ -757,19 +767,13 @@ impl Sim {
                         regions,
                         blocks,
                     } => {
-                        assert_eq!(blocks, self.geo.region_range_blocks(regions.clone()));
+                        self.check_copy(&regions, &blocks, "read copy");
                         assert!(
                             read.start >= blocks.start
                                 && read.end <= blocks.end
                                 && !read.is_empty(),
                             "read {read:?} outside its copy {blocks:?}"
                         );
-                        for r in regions.clone() {
-                            assert!(!self.map.is_hydrated(r), "read copy of hydrated region {r}");
-                        }
-                        if let Some(e) = self.dest_writers_conflict(&blocks, true) {
-                            panic!("read copy issued over another writer: {e}");
-                        }
                         self.stats.read_copies += 1;
                         self.pending.push(Pending::ReadCopy {
                             req,
