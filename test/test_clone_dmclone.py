@@ -512,6 +512,31 @@ def test_copy_on_read_without_background_hydration(wl_factory, datadir, mask):
     wait_for(lambda: (clone_status(t)["hydrated_regions"] == 64, None), 10, "every region read")
 
 
+def test_copy_on_read_answers_before_the_destination_write(wl_factory, datadir):
+    """A read-triggered copy answers the read as soon as the source data is in: with the
+    destination's writes held 2 s (a delay bdev), the read returns the source data while its
+    region is still being copied; the region is hydrated once that write is done."""
+    t = wl_factory()
+    src = make_stamped_file(datadir / "src.img", 256)
+    dst = make_zero_file(datadir / "dst.img", 256 * BS)
+    md = make_zero_file(datadir / "md.img", 1 << 20)
+    t.rpc("bdev_uring_create", **uring(src, "Src", UUID_SRC))
+    t.rpc("bdev_uring_create", **uring(dst, "DstFile", UUID_DST))
+    t.rpc("bdev_delay_create", base_bdev_name="DstFile", name="Dst", avg_read_latency=0,
+          p99_read_latency=0, avg_write_latency=2_000_000, p99_write_latency=2_000_000)
+    t.rpc("bdev_uring_create", **uring(md, "Md", UUID_MD))
+    clone_create(t, region_size_kb=16, no_hydration=True, copy_on_read=True)
+    data = t.read("Clone0", 5 * REGION + 1, 2)
+    assert [classify(data[i * BS:(i + 1) * BS], 5 * REGION + 1 + i) for i in range(2)] == [0, 0]
+    s = clone_status(t)
+    assert (s["hydrated_regions"], s["hydrating_regions"]) == (0, 1), \
+        "the read waited for the destination write, or started no copy: %s" % s
+    wait_for(lambda: (clone_status(t)["hydrated_regions"] == 1, None), 15, "the copy to land")
+    t.flush("Clone0")
+    assert dst.read_bytes()[5 * REGION * BS:6 * REGION * BS] == \
+        src.read_bytes()[5 * REGION * BS:6 * REGION * BS]
+
+
 def test_hydration_rate_limit(wl_factory, datadir):
     t = wl_factory()
     Stack(t, datadir, blocks=4096)                  # 16 MiB
