@@ -41,7 +41,7 @@
 //!   read itself is answered from the source data whatever waits behind
 //!   it. A read of a region already busy (a copy or overwrite in flight)
 //!   reads the source and does not wait; the rest of the run, once the
-//!   budget is spent, too. Those regions are queued for the hydrator
+//!   budget is spent, too; the latter are queued for the hydrator
 //!   ahead of its cursor, and with background hydration off (or threshold
 //!   0) copy-on-read still copies them, one region per copy, and nothing
 //!   else.
@@ -770,9 +770,9 @@ impl Router {
     /// The part of read `id` in the cold regions `cold`: idle runs are
     /// copied by the read (one source read answers it and fills the
     /// destination) while the budget lasts; regions with a copy or
-    /// overwrite in flight, and the rest, read the source (it never
-    /// changes: no need to wait), and with copy-on-read are queued for
-    /// the hydrator.
+    /// overwrite in flight read the source (it never changes: no need to
+    /// wait); once the budget is spent the rest reads the source too and,
+    /// with copy-on-read, is queued for the hydrator.
     fn read_cold(
         &mut self,
         id: ReqId,
@@ -782,7 +782,14 @@ impl Router {
     ) {
         let mut r = cold.start;
         while r < cold.end {
-            if self.may_read_copy() && self.busy_at(r).is_none() {
+            if let Some((_, end)) = self.busy_at(r) {
+                // Being copied or overwritten: the source, without waiting.
+                let end = end.min(cold.end);
+                self.read_source(id, blocks, r..end, out);
+                r = end;
+                continue;
+            }
+            if self.may_read_copy() {
                 let per_copy = (READ_COPY_MAX_BYTES / self.geo.region_size()).max(1);
                 let end = self.next_busy_start(r).min(cold.end).min(r + per_copy);
                 let read = intersect(blocks, &self.geo.region_range_blocks(r..end));
@@ -790,14 +797,8 @@ impl Router {
                 r = end;
                 continue;
             }
-            // One source read for the rest of the run (busy or over budget).
-            let part = intersect(blocks, &self.geo.region_range_blocks(r..cold.end));
-            let op = self.new_op(id, Target::Source, None);
-            out.push(Command::ReadSource {
-                req: id,
-                op,
-                blocks: part,
-            });
+            // Over budget: one source read for the rest of the run.
+            self.read_source(id, blocks, r..cold.end, out);
             if self.cfg.copy_on_read && self.mode == MetadataMode::ReadWrite {
                 for c in r..cold.end {
                     if self.cor_queue.len() >= COR_QUEUE_MAX {
@@ -810,6 +811,23 @@ impl Router {
             }
             break;
         }
+    }
+
+    /// Read the part of `blocks` in cold `regions` from the source.
+    fn read_source(
+        &mut self,
+        id: ReqId,
+        blocks: &Range<u64>,
+        regions: Range<u64>,
+        out: &mut Vec<Command>,
+    ) {
+        let part = intersect(blocks, &self.geo.region_range_blocks(regions));
+        let op = self.new_op(id, Target::Source, None);
+        out.push(Command::ReadSource {
+            req: id,
+            op,
+            blocks: part,
+        });
     }
 
     /// Start a read-triggered copy of cold idle `regions` answering the
