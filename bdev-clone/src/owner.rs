@@ -575,19 +575,7 @@ pub(crate) fn exec_read_copy(
     };
     let bs = o.sh.geo.block_size();
     let len = bytes(&blocks, bs);
-    let buf = match o.bufs.pop() {
-        Some(mut b) if b.capacity() >= len => {
-            b.set_len(len);
-            b
-        }
-        other => {
-            if let Some(b) = other {
-                o.bufs.push(b);
-            }
-            DmaBuf::new(len)
-        }
-    };
-    o.copy_buf_bytes += len as u64;
+    let buf = o.take_copy_buf(len);
     let weak = Rc::downgrade(rc);
     src.read(
         blocks.start,
@@ -600,39 +588,33 @@ pub(crate) fn exec_read_copy(
             then_drive(&weak, move |o| {
                 if !ok {
                     o.sh.err_source.fetch_add(1, Ordering::Relaxed);
-                } else if let Some(rb) = o.reqs.get_mut(&req).and_then(|r| {
-                    let at = ((read.start - r.offset) * bs as u64) as usize;
-                    r.buf.as_mut().map(|b| (b, at))
-                }) {
-                    let (rb, at) = rb;
-                    let from = ((read.start - blocks.start) * bs as u64) as usize;
-                    let n = bytes(&read, bs);
-                    rb.as_mut_slice()[at..at + n].copy_from_slice(&buf.as_slice()[from..from + n]);
+                } else if let Some(r) = o.reqs.get_mut(&req) {
+                    if let Some(rb) = r.buf.as_mut() {
+                        let at = ((read.start - r.offset) * bs as u64) as usize;
+                        let from = ((read.start - blocks.start) * bs as u64) as usize;
+                        let n = bytes(&read, bs);
+                        rb.as_mut_slice()[at..at + n]
+                            .copy_from_slice(&buf.as_slice()[from..from + n]);
+                    }
                 }
                 o.op_done(op, ok);
                 if !ok {
-                    o.copy_buf_bytes -= len as u64;
-                    o.bufs.push(buf);
+                    o.give_copy_buf(len, Some(buf));
                     return o.copy_done(copy, false);
                 }
                 let zero = o.sh.dest_write_zeroes && is_zero(buf.as_slice());
-                let (t, data) = if zero {
-                    o.bufs.push(buf);
-                    (IoType::WriteZeroes, None)
+                // All zeroes: write_zeroes, and the buffer waits beside it.
+                let (t, data, kept) = if zero {
+                    (IoType::WriteZeroes, None, Some(buf))
                 } else {
-                    (IoType::Write, Some(buf))
+                    (IoType::Write, Some(buf), None)
                 };
                 let n = blocks.end - blocks.start;
                 o.dst
                     .submit(BdevIo::new(t, blocks.start, n, data, move |mut io| {
                         let ok = io.status.is_success();
                         then_drive(&w, move |o| {
-                            o.copy_buf_bytes -= len as u64;
-                            if let Some(b) = io.buf.take() {
-                                if o.bufs.len() < 64 {
-                                    o.bufs.push(b);
-                                }
-                            }
+                            o.give_copy_buf(len, io.buf.take().or(kept));
                             if ok {
                                 o.sh.hydrated_bytes.fetch_add(len as u64, Ordering::Relaxed);
                             } else {
@@ -644,6 +626,32 @@ pub(crate) fn exec_read_copy(
             });
         },
     );
+}
+
+impl Owner {
+    /// A copy buffer of `len` bytes, from the reuse list if one is large
+    /// enough; its bytes count in the copy-buffer cap until given back.
+    fn take_copy_buf(&mut self, len: usize) -> DmaBuf {
+        self.copy_buf_bytes += len as u64;
+        match self.bufs.iter().position(|b| b.capacity() >= len) {
+            Some(i) => {
+                let mut b = self.bufs.swap_remove(i);
+                b.set_len(len);
+                b
+            }
+            None => DmaBuf::new(len),
+        }
+    }
+
+    /// Give back a buffer from [`Owner::take_copy_buf`] of `len` bytes.
+    fn give_copy_buf(&mut self, len: usize, buf: Option<DmaBuf>) {
+        self.copy_buf_bytes -= len as u64;
+        if let Some(b) = buf {
+            if self.bufs.len() < 64 {
+                self.bufs.push(b);
+            }
+        }
+    }
 }
 
 impl Owner {
