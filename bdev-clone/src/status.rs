@@ -111,36 +111,6 @@ pub trait Named: Copy + 'static {
     }
 }
 
-impl Named for CloneState {
-    const ALL: &'static [Self] = &[
-        Self::Hydrating,
-        Self::Paused,
-        Self::Hydrated,
-        Self::ReadOnly,
-        Self::Failed,
-    ];
-    fn name(self) -> &'static str {
-        match self {
-            Self::Hydrating => "hydrating",
-            Self::Paused => "paused",
-            Self::Hydrated => "hydrated",
-            Self::ReadOnly => "read_only",
-            Self::Failed => "failed",
-        }
-    }
-}
-
-impl Named for PausedReason {
-    const ALL: &'static [Self] = &[Self::User, Self::SourceErrors, Self::DestErrors];
-    fn name(self) -> &'static str {
-        match self {
-            Self::User => "user",
-            Self::SourceErrors => "source_errors",
-            Self::DestErrors => "dest_errors",
-        }
-    }
-}
-
 /// `metadata.mode` on the wire is [`MetadataMode::short_name`].
 impl Named for MetadataMode {
     const ALL: &'static [Self] = &[Self::ReadWrite, Self::ReadOnly, Self::Failed];
@@ -149,9 +119,19 @@ impl Named for MetadataMode {
     }
 }
 
-/// serde's `into` / `try_from` for the [`Named`] enums.
-macro_rules! named_serde {
-    ($($t:ty),*) => {$(
+/// A [`Named`] enum from its table of variants and wire names, with
+/// serde's `into` / `try_from` conversions.
+macro_rules! named {
+    ($t:ty { $($v:ident => $n:literal),* $(,)? }) => {
+        impl Named for $t {
+            const ALL: &'static [Self] = &[$(Self::$v),*];
+            fn name(self) -> &'static str {
+                match self {
+                    $(Self::$v => $n),*
+                }
+            }
+        }
+
         impl From<$t> for &'static str {
             fn from(v: $t) -> Self {
                 v.name()
@@ -164,9 +144,22 @@ macro_rules! named_serde {
                 <$t>::parse(&s)
             }
         }
-    )*};
+    };
 }
-named_serde!(CloneState, PausedReason);
+
+named!(CloneState {
+    Hydrating => "hydrating",
+    Paused => "paused",
+    Hydrated => "hydrated",
+    ReadOnly => "read_only",
+    Failed => "failed",
+});
+
+named!(PausedReason {
+    User => "user",
+    SourceErrors => "source_errors",
+    DestErrors => "dest_errors",
+});
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Progress {
