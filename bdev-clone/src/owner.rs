@@ -48,6 +48,15 @@ impl OwnerReq {
             offset: self.offset,
         }
     }
+
+    /// Where the op on `blocks` (block size `bs`) sits in this request's
+    /// buffer: byte offset and length, and whether it is the whole request
+    /// (then the request's own buffer goes down, no bounce buffer).
+    fn span(&self, blocks: &Range<u64>, bs: u32) -> (usize, usize, bool) {
+        let at = ((blocks.start - self.offset) * bs as u64) as usize;
+        let whole = blocks.start == self.offset && blocks.end - blocks.start == self.num;
+        (at, bytes(blocks, bs), whole)
+    }
 }
 
 pub(crate) struct Owner {
@@ -468,9 +477,7 @@ pub(crate) fn exec_read(
     let (Some(ch), Some(r)) = (ch, o.reqs.get_mut(&req)) else {
         return o.op_done(op, false);
     };
-    let len = bytes(&blocks, bs);
-    let at = ((blocks.start - r.offset) * bs as u64) as usize;
-    let whole = blocks.start == r.offset && blocks.end - blocks.start == r.num;
+    let (at, len, whole) = r.span(&blocks, bs);
     let (buf, bounce) = match (whole, r.buf.take()) {
         (true, Some(b)) => (b, false),
         (_, b) => {
@@ -516,9 +523,7 @@ pub(crate) fn exec_write(
     let Some(r) = o.reqs.get_mut(&req) else {
         return o.op_done(op, false);
     };
-    let len = bytes(&blocks, bs);
-    let at = ((blocks.start - r.offset) * bs as u64) as usize;
-    let whole = blocks.start == r.offset && blocks.end - blocks.start == r.num;
+    let (at, len, whole) = r.span(&blocks, bs);
     let (buf, bounce) = match (whole, r.buf.take()) {
         (true, Some(b)) => (b, false),
         (_, Some(b)) => {
