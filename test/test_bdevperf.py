@@ -59,22 +59,15 @@ def test_verify_malloc_4k_blocks_large_io(workdir):
     assert_clean_run(r)
 
 
-def test_verify_uring_file(workdir, datadir):
-    path = make_file(datadir, "uring.img")
+@pytest.mark.parametrize("method,name,bs", [("bdev_uring_create", "URING0", 512),
+                                            ("bdev_aio_create", "AIO0", 4096)])
+def test_verify_file(workdir, datadir, method, name, bs):
+    path = make_file(datadir, name.lower() + ".img")
     cfg = write_bdev_config(workdir / "bp.json", [
-        ("bdev_uring_create", {"name": "URING0", "filename": path, "block_size": 512})])
+        (method, {"name": name, "filename": path, "block_size": bs})])
     r = run_bdevperf(cfg, "-q", 16, "-o", 4096, "-w", "verify")
     assert_clean_run(r)
-    check_jobs(r, ["URING0"])
-
-
-def test_verify_aio_file(workdir, datadir):
-    path = make_file(datadir, "aio.img")
-    cfg = write_bdev_config(workdir / "bp.json", [
-        ("bdev_aio_create", {"name": "AIO0", "filename": path, "block_size": 4096})])
-    r = run_bdevperf(cfg, "-q", 16, "-o", 4096, "-w", "verify")
-    assert_clean_run(r)
-    check_jobs(r, ["AIO0"])
+    check_jobs(r, [name])
 
 
 def test_verify_data_lands_in_file(workdir, datadir):

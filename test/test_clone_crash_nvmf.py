@@ -33,7 +33,7 @@ import time
 import pytest
 
 import nvmf_probe as probe
-from conftest import SMALL, Target
+from conftest import SMALL
 from test_nvmf_target import ADDR, free_port
 
 NQN = "nqn.2016-06.io.spdk:clonecrash"
@@ -145,27 +145,9 @@ class Model:
             self.ops[b] = []
 
 
-class CrashTarget(Target):
-    """Two reactors, interrupt mode; optional --json config."""
-
-    @property
-    def argv(self):
-        return [a if a != "0x1" else "0x3" for a in super().argv]
-
-
 @pytest.fixture
-def targets(request, workdir):
-    started = []
-    request.node._clone_targets = started
-
-    def start(args=(), sock=None):
-        t = CrashTarget(workdir, args=args, sock=sock, name="tgt%d" % len(started))
-        started.append(t)
-        return t.start()
-
-    yield start
-    for t in reversed(started):
-        t.kill()
+def targets(tgt2_factory):
+    return tgt2_factory
 
 
 def wait_nvmf(port, timeout=15.0):

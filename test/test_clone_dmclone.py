@@ -471,6 +471,72 @@ def test_copy_on_read(wl_factory, datadir, mask):
     assert st.dst_path.read_bytes() == st.src_image
 
 
+def test_copy_on_read_without_background_hydration(wl_factory, datadir, mask):
+    """copy_on_read with no_hydration hydrates exactly the regions read (a cold read is
+    answered by the source read that also fills the destination, router.rs "read-triggered
+    copies"); they are hydrated in the status, on the destination after a flush, and still
+    hydrated after a restart; nothing else is copied."""
+    t = wl_factory(mask=mask)
+    st = Stack(t, datadir, blocks=256)                     # 64 regions of 16 KiB
+    clone_create(t, region_size_kb=16, no_hydration=True, copy_on_read=True)
+    # A partial region, three whole regions in one read, the last block; back to back, so
+    # some reads find the copy budget spent and their regions are queued instead.
+    reads = [(10 * REGION + 1, 2), (20 * REGION, 3 * REGION), (63 * REGION + 3, 1),
+             (40 * REGION, 1), (41 * REGION, 1), (42 * REGION + 2, 2)]
+    want = [10, 20, 21, 22, 40, 41, 42, 63]
+    for off, n in reads:
+        data = t.read("Clone0", off, n)
+        assert [classify(data[i * BS:(i + 1) * BS], off + i) for i in range(n)] == [0] * n
+
+    def read_ones_hydrated():
+        s = clone_status(t)
+        return s["hydrated_regions"] == len(want) and s["hydrating_regions"] == 0, s
+    wait_for(read_ones_hydrated, 10, "the regions read to be hydrated")
+    s = clone_status(t)
+    assert (s["hydration_enabled"], s["state"], s["copy_on_read"]) == (False, "paused", True), s
+    t.flush("Clone0")
+    dst = st.dst_path.read_bytes()
+    size = REGION * BS
+    copied = [r for r in range(64) if dst[r * size:(r + 1) * size] == st.src_image[r * size:(r + 1) * size]]
+    assert copied == want, "regions on the destination: %s" % copied
+    t.stop()
+    # Restart on the same files: the regions read come back hydrated.
+    t = wl_factory(mask=mask)
+    t.rpc("bdev_uring_create", **uring(st.src_path, "Src", UUID_SRC))
+    t.rpc("bdev_uring_create", **uring(st.dst_path, "Dst", UUID_DST))
+    t.rpc("bdev_uring_create", **uring(st.md_path, "Md", UUID_MD))
+    clone_create(t, region_size_kb=16, no_hydration=True, copy_on_read=True)
+    assert clone_status(t)["hydrated_regions"] == len(want)
+    st.t = t
+    st.check_clone()        # reads every block: copy-on-read hydrates the rest
+    wait_for(lambda: (clone_status(t)["hydrated_regions"] == 64, None), 10, "every region read")
+
+
+def test_copy_on_read_answers_before_the_destination_write(wl_factory, datadir):
+    """A read-triggered copy answers the read as soon as the source data is in: with the
+    destination's writes held 2 s (a delay bdev), the read returns the source data while its
+    region is still being copied; the region is hydrated once that write is done."""
+    t = wl_factory()
+    src = make_stamped_file(datadir / "src.img", 256)
+    dst = make_zero_file(datadir / "dst.img", 256 * BS)
+    md = make_zero_file(datadir / "md.img", 1 << 20)
+    t.rpc("bdev_uring_create", **uring(src, "Src", UUID_SRC))
+    t.rpc("bdev_uring_create", **uring(dst, "DstFile", UUID_DST))
+    t.rpc("bdev_delay_create", base_bdev_name="DstFile", name="Dst", avg_read_latency=0,
+          p99_read_latency=0, avg_write_latency=2_000_000, p99_write_latency=2_000_000)
+    t.rpc("bdev_uring_create", **uring(md, "Md", UUID_MD))
+    clone_create(t, region_size_kb=16, no_hydration=True, copy_on_read=True)
+    data = t.read("Clone0", 5 * REGION + 1, 2)
+    assert [classify(data[i * BS:(i + 1) * BS], 5 * REGION + 1 + i) for i in range(2)] == [0, 0]
+    s = clone_status(t)
+    assert (s["hydrated_regions"], s["hydrating_regions"]) == (0, 1), \
+        "the read waited for the destination write, or started no copy: %s" % s
+    wait_for(lambda: (clone_status(t)["hydrated_regions"] == 1, None), 15, "the copy to land")
+    t.flush("Clone0")
+    assert dst.read_bytes()[5 * REGION * BS:6 * REGION * BS] == \
+        src.read_bytes()[5 * REGION * BS:6 * REGION * BS]
+
+
 def test_hydration_rate_limit(wl_factory, datadir):
     t = wl_factory()
     Stack(t, datadir, blocks=4096)                  # 16 MiB

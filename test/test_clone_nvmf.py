@@ -28,7 +28,6 @@ from pathlib import Path
 
 import pytest
 
-from conftest import Target
 from test_nvmf_target import ADDR, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,20 +41,6 @@ REGION_KB = 64
 BS = 512
 FIO1 = (16 * MiB, 8 * MiB)
 FIO2 = (24 * MiB, 4 * MiB)
-
-
-class TwoReactorTarget(Target):
-    @property
-    def argv(self):
-        return [a if a != "0x1" else "0x3" for a in super().argv]
-
-
-@pytest.fixture
-def tgt2(request, workdir):
-    t = TwoReactorTarget(workdir, name="tgt-2r")
-    request.node._clone_targets = [t]
-    yield t.start()
-    t.kill()
 
 
 def status(tgt, name):
@@ -226,25 +211,13 @@ def test_clone_over_nvmf_linux_host(tgt2, datadir, linux_guest):
           "total %.1f s" % took)
 
 
-def test_linux_host_rides_out_kill9_of_the_target(request, workdir, datadir, linux_guest):
+def test_linux_host_rides_out_kill9_of_the_target(tgt2_factory, workdir, datadir, linux_guest):
     """The Linux host keeps reading a hydrating clone (every read compared)
     while clone_tgt is killed with SIGKILL and restarted from its saved config:
     nvme-tcp reconnects, the reads in flight are retried, the flushed writes are
     there, the clone resumes hydrating from its metadata and finishes; the
     destination is then the source plus exactly the host's writes."""
-    started = []
-    request.node._clone_targets = started
-
-    def start(args=(), sock=None):
-        t = TwoReactorTarget(workdir, args=args, sock=sock, name="tgt%d" % len(started))
-        started.append(t)
-        return t.start()
-
-    try:
-        _rides_out_kill9(start, workdir, datadir, linux_guest)
-    finally:
-        for t in reversed(started):
-            t.kill()
+    _rides_out_kill9(tgt2_factory, workdir, datadir, linux_guest)
 
 
 def _rides_out_kill9(start, workdir, datadir, linux_guest):

@@ -241,6 +241,7 @@ impl Owner {
     /// `MAX_COPY_STARTS_PER_PASS`, within the in-flight caps; while paused
     /// by errors, one probe copy when its back-off has expired.
     pub(crate) fn pump(&mut self) {
+        self.set_read_copy_budget();
         let sh = self.sh.clone();
         if sh.kick.swap(false, Ordering::AcqRel) && sh.paused.load(Ordering::Acquire) == PAUSE_NONE
         {
@@ -253,16 +254,15 @@ impl Owner {
         };
         sync_mode(&sh, router);
         let paused = sh.paused.load(Ordering::Relaxed) != PAUSE_NONE;
-        let enabled = sh.hydration_enabled.load(Ordering::Relaxed)
-            && sh.mode() == MetadataMode::ReadWrite
-            && !self.stopping
-            && !self.quiesced;
+        let running = sh.mode() == MetadataMode::ReadWrite && !self.stopping && !self.quiesced;
+        let enabled = sh.hydration_enabled.load(Ordering::Relaxed) && running;
         let cfg = router.config_mut();
         cfg.hydration_enabled = enabled;
         cfg.hydration_threshold = sh.threshold.load(Ordering::Relaxed) as u64;
         cfg.hydration_batch_size = sh.batch.load(Ordering::Relaxed).max(1) as u64;
         cfg.copy_on_read = sh.copy_on_read.load(Ordering::Relaxed);
-        if !enabled || sh.map.is_complete() {
+        // Copy-on-read copies the regions read even with hydration off.
+        if !(enabled || running && cfg.copy_on_read) || sh.map.is_complete() {
             return;
         }
         let now = reactor::now_ns();
@@ -396,7 +396,7 @@ pub(crate) fn start_copy(rc: &Rc<RefCell<Owner>>, o: &mut Owner, copy: CopyId, b
     let (dst, sh, weak) = (o.dst.clone(), o.sh.clone(), Rc::downgrade(rc));
     reactor::spawn_local(async move {
         let (res, buf) = copy_blocks(&src, &dst, &sh, blocks.clone(), buf).await;
-        then_drive(&weak, |o| {
+        then_drive(&weak, move |o| {
             o.copies_in_flight -= 1;
             o.copy_buf_bytes -= chunk as u64;
             if o.bufs.len() < 64 {

@@ -5,8 +5,8 @@
 //! contract in `router.rs` says, and feeds completions back; [`drive`] runs
 //! the router until it has nothing more to say.
 
-use std::cell::RefCell;
-use std::collections::HashMap;
+use std::cell::{Cell, RefCell};
+use std::collections::{HashMap, VecDeque};
 use std::ops::Range;
 use std::rc::{Rc, Weak as RcWeak};
 use std::sync::atomic::Ordering;
@@ -20,11 +20,13 @@ use crate::channel::{reply, send_to, Part, UserMsg};
 use crate::clone::Shared;
 use crate::committer::{committer_request, start_round, Committer, Waiter, COMMIT_PERIOD};
 use crate::error::CloneError;
-use crate::hydration::{start_copy, write_zeroes, HYDRATION_POLL, PROBE_MIN_NS};
+use crate::hydration::{
+    is_zero, start_copy, write_zeroes, HYDRATION_POLL, MAX_COPY_BUF_BYTES, PAUSE_NONE, PROBE_MIN_NS,
+};
 use crate::lifecycle::release_all;
 use crate::metadata;
-use crate::router::MetadataMode;
 use crate::router::{Command, CommitId, CopyId, IoKind, OpId, ReqId, Request, Router, Status};
+use crate::router::{MetadataMode, READ_COPY_MAX_BYTES};
 
 thread_local! {
     /// Owners living on this reactor, by clone id.
@@ -45,6 +47,15 @@ impl OwnerReq {
             token: self.token,
             offset: self.offset,
         }
+    }
+
+    /// Where the op on `blocks` (block size `bs`) sits in this request's
+    /// buffer: byte offset and length, and whether it is the whole request
+    /// (then the request's own buffer goes down, no bounce buffer).
+    fn span(&self, blocks: &Range<u64>, bs: u32) -> (usize, usize, bool) {
+        let at = ((blocks.start - self.offset) * bs as u64) as usize;
+        let whole = blocks.start == self.offset && blocks.end - blocks.start == self.num;
+        (at, bytes(blocks, bs), whole)
     }
 }
 
@@ -87,13 +98,76 @@ pub(crate) fn owner_of(id: u64) -> Option<Rc<RefCell<Owner>>> {
     OWNERS.with(|o| o.borrow().get(&id).cloned())
 }
 
+/// What reaches this reactor's owners while [`drain`] is already handling
+/// one (from a call it made): a user request part, a completion to apply,
+/// a nudge to run the router.
+enum Event {
+    Receive(UserMsg),
+    Apply(RcWeak<RefCell<Owner>>, Box<dyn FnOnce(&mut Owner)>),
+    Drive(Rc<RefCell<Owner>>),
+}
+
+thread_local! {
+    /// Events queued while [`drain`] runs on this reactor.
+    static EVENTS: RefCell<VecDeque<Event>> = const { RefCell::new(VecDeque::new()) };
+    /// [`drain`] is running here: an owner may be borrowed.
+    static DRAINING: Cell<bool> = const { Cell::new(false) };
+}
+
+/// This reactor's owner loop: the router's executor runs inside it, and
+/// whatever comes back to an owner from a call it made is queued and
+/// handled here, in order, once the current event is done; so no handler
+/// finds an owner borrowed and nothing waits for a later reactor pass.
+fn drain(first: impl FnOnce()) {
+    struct Running;
+    impl Drop for Running {
+        fn drop(&mut self) {
+            DRAINING.with(|d| d.set(false));
+        }
+    }
+    DRAINING.with(|d| d.set(true));
+    let _running = Running;
+    first();
+    while let Some(ev) = EVENTS.with(|q| q.borrow_mut().pop_front()) {
+        match ev {
+            Event::Receive(msg) => receive(msg),
+            Event::Apply(weak, f) => apply(&weak, f),
+            Event::Drive(rc) => run(&rc),
+        }
+    }
+}
+
+fn draining() -> bool {
+    DRAINING.with(Cell::get)
+}
+
+/// For [`drain`], running on this reactor.
+fn queue(ev: Event) {
+    EVENTS.with(|q| {
+        let mut q = q.borrow_mut();
+        // Back-to-back nudges of one owner: the first covers both.
+        if let (Event::Drive(rc), Some(Event::Drive(last))) = (&ev, q.back()) {
+            if Rc::ptr_eq(rc, last) {
+                return;
+            }
+        }
+        q.push_back(ev);
+    });
+}
+
+/// A user request part, on its owner's reactor.
 pub(crate) fn owner_receive(msg: UserMsg) {
+    if draining() {
+        return queue(Event::Receive(msg));
+    }
+    drain(|| receive(msg));
+}
+
+fn receive(msg: UserMsg) {
     let Some(rc) = owner_of(msg.clone) else {
         return reply(msg.origin, msg.part(), IoStatus::Failed, msg.buf);
     };
-    let Ok(mut guard) = rc.try_borrow_mut() else {
-        return reactor::defer(move || owner_receive(msg));
-    };
+    let mut guard = rc.borrow_mut();
     if guard.router.is_none() {
         // Completed meanwhile: the pass-through path serves it.
         drop(guard);
@@ -132,7 +206,7 @@ pub(crate) fn owner_receive(msg: UserMsg) {
         }
     }
     drop(guard);
-    drive(&rc);
+    run(&rc);
 }
 
 /// A request that reached the owner after the router was dropped.
@@ -179,10 +253,14 @@ pub(crate) fn serve_released(rc: &Rc<RefCell<Owner>>, msg: UserMsg) {
 /// Run the router's commands until there are none, starting background
 /// work when allowed; then publish counters and check for completion.
 pub(crate) fn drive(rc: &Rc<RefCell<Owner>>) {
-    let Ok(mut guard) = rc.try_borrow_mut() else {
-        let rc = rc.clone();
-        return reactor::defer(move || drive(&rc));
-    };
+    if draining() {
+        return queue(Event::Drive(rc.clone()));
+    }
+    drain(|| run(rc));
+}
+
+fn run(rc: &Rc<RefCell<Owner>>) {
+    let mut guard = rc.borrow_mut();
     let o = &mut *guard;
     // One pump per pass: it starts a bounded number of copies, and the
     // next completion or poll starts more, so one pass never runs long.
@@ -335,6 +413,14 @@ pub(crate) fn exec(rc: &Rc<RefCell<Owner>>, o: &mut Owner, c: Command) {
             });
         }
         Command::StartCopy { copy, blocks, .. } => start_copy(rc, o, copy, blocks),
+        Command::ReadCopy {
+            req,
+            op,
+            read,
+            copy,
+            blocks,
+            ..
+        } => exec_read_copy(rc, o, req, op, read, copy, blocks),
         Command::Commit { commit, .. } => {
             let (id, reactor) = (o.sh.id, reactor::current().unwrap_or(0));
             send_to(o.sh.home, move || {
@@ -353,17 +439,24 @@ pub(crate) fn exec(rc: &Rc<RefCell<Owner>>, o: &mut Owner, c: Command) {
     }
 }
 
-/// From an I/O callback (never inline with `exec`): `f` on the owner, if
-/// it still exists, then drive it.
-pub(crate) fn then_drive(weak: &RcWeak<RefCell<Owner>>, f: impl FnOnce(&mut Owner)) {
+/// From an I/O callback: `f` on the owner, if it still exists, then drive
+/// it.
+pub(crate) fn then_drive(weak: &RcWeak<RefCell<Owner>>, f: impl FnOnce(&mut Owner) + 'static) {
+    if draining() {
+        return queue(Event::Apply(weak.clone(), Box::new(f)));
+    }
+    drain(|| apply(weak, f));
+}
+
+fn apply(weak: &RcWeak<RefCell<Owner>>, f: impl FnOnce(&mut Owner)) {
     let Some(rc) = weak.upgrade() else { return };
     f(&mut rc.borrow_mut());
-    drive(&rc);
+    run(&rc);
 }
 
 /// An op's completion, from an I/O callback.
 pub(crate) fn op_finished(weak: &RcWeak<RefCell<Owner>>, op: OpId, ok: bool, dest_write: bool) {
-    then_drive(weak, |o| {
+    then_drive(weak, move |o| {
         if !ok && dest_write {
             o.sh.err_dest.fetch_add(1, Ordering::Relaxed);
         }
@@ -384,9 +477,7 @@ pub(crate) fn exec_read(
     let (Some(ch), Some(r)) = (ch, o.reqs.get_mut(&req)) else {
         return o.op_done(op, false);
     };
-    let len = bytes(&blocks, bs);
-    let at = ((blocks.start - r.offset) * bs as u64) as usize;
-    let whole = blocks.start == r.offset && blocks.end - blocks.start == r.num;
+    let (at, len, whole) = r.span(&blocks, bs);
     let (buf, bounce) = match (whole, r.buf.take()) {
         (true, Some(b)) => (b, false),
         (_, b) => {
@@ -401,7 +492,7 @@ pub(crate) fn exec_read(
         buf,
         move |mut io| {
             let ok = io.status.is_success();
-            then_drive(&weak, |o| {
+            then_drive(&weak, move |o| {
                 if !ok && from_source {
                     o.sh.err_source.fetch_add(1, Ordering::Relaxed);
                 }
@@ -432,9 +523,7 @@ pub(crate) fn exec_write(
     let Some(r) = o.reqs.get_mut(&req) else {
         return o.op_done(op, false);
     };
-    let len = bytes(&blocks, bs);
-    let at = ((blocks.start - r.offset) * bs as u64) as usize;
-    let whole = blocks.start == r.offset && blocks.end - blocks.start == r.num;
+    let (at, len, whole) = r.span(&blocks, bs);
     let (buf, bounce) = match (whole, r.buf.take()) {
         (true, Some(b)) => (b, false),
         (_, Some(b)) => {
@@ -453,7 +542,7 @@ pub(crate) fn exec_write(
         buf,
         move |mut io| {
             let ok = io.status.is_success();
-            then_drive(&weak, |o| {
+            then_drive(&weak, move |o| {
                 if !ok {
                     o.sh.err_dest.fetch_add(1, Ordering::Relaxed);
                 }
@@ -468,6 +557,142 @@ pub(crate) fn exec_write(
     );
     io.fua = fua;
     o.dst.submit(io);
+}
+
+/// Execute a `ReadCopy`: one source read of whole regions; the request's
+/// part is copied into its buffer and its op reported at once (the user
+/// does not wait for the destination), then the same buffer is written to
+/// the destination (zeroes as write_zeroes when it can) and the copy
+/// reported.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn exec_read_copy(
+    rc: &Rc<RefCell<Owner>>,
+    o: &mut Owner,
+    req: ReqId,
+    op: OpId,
+    read: Range<u64>,
+    copy: CopyId,
+    blocks: Range<u64>,
+) {
+    let Some(src) = o.src.clone() else {
+        o.op_done(op, false);
+        return o.copy_done(copy, false);
+    };
+    let bs = o.sh.geo.block_size();
+    let len = bytes(&blocks, bs);
+    let buf = o.take_copy_buf(len);
+    let weak = Rc::downgrade(rc);
+    src.read(
+        blocks.start,
+        blocks.end - blocks.start,
+        buf,
+        move |mut io| {
+            let buf = io.buf.take().unwrap_or_else(|| DmaBuf::new(0));
+            let ok = io.status.is_success() && buf.len() >= len;
+            let w = weak.clone();
+            then_drive(&weak, move |o| {
+                if !ok {
+                    o.sh.err_source.fetch_add(1, Ordering::Relaxed);
+                } else if let Some(r) = o.reqs.get_mut(&req) {
+                    if let Some(rb) = r.buf.as_mut() {
+                        let at = ((read.start - r.offset) * bs as u64) as usize;
+                        let from = ((read.start - blocks.start) * bs as u64) as usize;
+                        let n = bytes(&read, bs);
+                        rb.as_mut_slice()[at..at + n]
+                            .copy_from_slice(&buf.as_slice()[from..from + n]);
+                    }
+                }
+                o.op_done(op, ok);
+                if !ok {
+                    o.give_copy_buf(len, Some(buf));
+                    return o.copy_done(copy, false);
+                }
+                let zero = o.sh.dest_write_zeroes && is_zero(buf.as_slice());
+                // All zeroes: write_zeroes, and the buffer waits beside it.
+                let (t, data, kept) = if zero {
+                    (IoType::WriteZeroes, None, Some(buf))
+                } else {
+                    (IoType::Write, Some(buf), None)
+                };
+                let n = blocks.end - blocks.start;
+                o.dst
+                    .submit(BdevIo::new(t, blocks.start, n, data, move |mut io| {
+                        let ok = io.status.is_success();
+                        then_drive(&w, move |o| {
+                            o.give_copy_buf(len, io.buf.take().or(kept));
+                            if ok {
+                                o.sh.hydrated_bytes.fetch_add(len as u64, Ordering::Relaxed);
+                            } else {
+                                o.sh.err_dest.fetch_add(1, Ordering::Relaxed);
+                            }
+                            o.copy_done(copy, ok);
+                        });
+                    }));
+            });
+        },
+    );
+}
+
+impl Owner {
+    /// A copy buffer of `len` bytes, from the reuse list if one is large
+    /// enough; its bytes count in the copy-buffer cap until given back.
+    fn take_copy_buf(&mut self, len: usize) -> DmaBuf {
+        self.copy_buf_bytes += len as u64;
+        match self.bufs.iter().position(|b| b.capacity() >= len) {
+            Some(i) => {
+                let mut b = self.bufs.swap_remove(i);
+                b.set_len(len);
+                b
+            }
+            None => DmaBuf::new(len),
+        }
+    }
+
+    /// Give back a buffer from [`Owner::take_copy_buf`] of `len` bytes.
+    fn give_copy_buf(&mut self, len: usize, buf: Option<DmaBuf>) {
+        self.copy_buf_bytes -= len as u64;
+        if let Some(b) = buf {
+            if self.bufs.len() < 64 {
+                self.bufs.push(b);
+            }
+        }
+    }
+}
+
+impl Owner {
+    /// Set the router's read-triggered copy budget (each pump). Until the
+    /// link controller says how much room the link has, it is the copy
+    /// threshold (at least 1: copy-on-read hydrates what is read also
+    /// with background hydration off or paused by the user) less the
+    /// read copies in flight, within the copy buffer cap; none while the
+    /// clone stops, is paused by errors or is not read-write. Read copies
+    /// are user I/O: the rate limit does not hold them back, but their
+    /// bytes are taken from its bucket, so background copies make room.
+    pub(crate) fn set_read_copy_budget(&mut self) {
+        let sh = self.sh.clone();
+        let Some(router) = self.router.as_mut() else {
+            return;
+        };
+        let started = router.take_read_copy_regions();
+        if sh.mbytes_per_sec.load(Ordering::Relaxed) > 0 {
+            self.tokens -= (started * sh.geo.region_size()) as f64;
+        }
+        let on = sh.copy_on_read.load(Ordering::Relaxed)
+            && sh.mode() == MetadataMode::ReadWrite
+            && sh.paused.load(Ordering::Relaxed) == PAUSE_NONE
+            && !self.stopping
+            && !self.quiesced;
+        let budget = if on {
+            let room = MAX_COPY_BUF_BYTES.saturating_sub(self.copy_buf_bytes) / READ_COPY_MAX_BYTES;
+            (sh.threshold.load(Ordering::Relaxed) as u64)
+                .max(1)
+                .saturating_sub(router.stats().read_copies_in_flight as u64)
+                .min(room)
+        } else {
+            0
+        };
+        router.set_read_copy_budget(budget);
+    }
 }
 
 /// Build owner `idx` on this reactor (channels, pollers; the committer

@@ -16,6 +16,7 @@
 //! | `WriteZeroesDest` / `DiscardDest` | write zeroes / unmap `blocks` on the destination | `op_done` |
 //! | `FlushDest` | flush the destination | `op_done` |
 //! | `StartCopy` | read `blocks` from the source, write them to the destination at the same offsets (zero detection may write zeroes instead) | `copy_done(copy, ok)` |
+//! | `ReadCopy` | read `blocks` (whole regions) from the source once; put its `read` part into the request's buffer at `(read.start - offset) * block_size` and report the op at once (the user does not wait for the destination); then, if the read succeeded, write `blocks` to the destination (zeroes may become write_zeroes) | `op_done(op, ok)` for the read, then `copy_done(copy, ok)` (false at once if the read failed) |
 //! | `Commit` | ask the clone's [`crate::commit::Committer`] for a round that starts after now (it snapshots the dirty units, 1. flushes the destination, 2. writes the units, 3. flushes the metadata bdev, in that order) | `commit_done(commit, ok)` when that round ended (false if any step failed) |
 //! | `Complete` | complete the user I/O with `status` | — |
 //!
@@ -27,8 +28,28 @@
 //!
 //! * Reads: hydrated regions from the destination, cold regions from the
 //!   source (even with a copy in flight: the source never changes).
-//!   Copy-on-read (optional) queues the cold regions read for hydration
-//!   ahead of the background cursor.
+//! * Copy-on-read (optional), read-triggered copies: a run of cold idle
+//!   regions a read covers (at most [`READ_COPY_MAX_BYTES`] per copy, so
+//!   none with larger regions) is copied by the read itself, one
+//!   `ReadCopy` per run: one source read answers the user and fills the
+//!   destination, and the regions are hydrated when the destination write
+//!   succeeds. Each takes one unit of the budget the executor sets each
+//!   pump ([`Router::set_read_copy_budget`]: the room the link has). The
+//!   regions are busy while it runs, exactly as for any copy: writes,
+//!   write-zeroes and discards to them wait and are re-routed after it, so
+//!   source data never lands over a write acknowledged meanwhile, and the
+//!   read itself is answered from the source data whatever waits behind
+//!   it. A read of a region already busy (a copy or overwrite in flight)
+//!   reads the source and does not wait; the rest of the run, once the
+//!   budget is spent, too; the latter are queued for the hydrator
+//!   ahead of its cursor, and with background hydration off (or threshold
+//!   0) copy-on-read still copies them, one region per copy, and nothing
+//!   else.
+//! * Background picks: copy-on-read regions first, then the newest region
+//!   right after a recent cold read (a bounded queue of
+//!   64, this router's regions only): users read what they need first.
+//!   Every fourth pick in a row comes from the cursor, so the cursor always
+//!   moves on while reads keep adding hints.
 //! * Writes and write-zeroes: hydrated regions go straight to the
 //!   destination. Whole cold regions go to the destination with no copy and
 //!   are marked hydrated when that write succeeds. A partially covered cold
@@ -84,6 +105,17 @@ pub type CommitId = u64;
 
 /// Most regions remembered for copy-on-read.
 const COR_QUEUE_MAX: usize = 4096;
+
+/// Most regions remembered as following recent cold reads (newest kept).
+const NEAR_QUEUE_MAX: usize = 64;
+
+/// Of every `HINT_RUN + 1` background copies at most `HINT_RUN` start at a
+/// hint (copy-on-read or near-read regions); the next comes from the
+/// cursor, which so always moves on.
+const HINT_RUN: u32 = 3;
+
+/// Largest read-triggered copy: one buffer holds it.
+pub const READ_COPY_MAX_BYTES: u64 = 1 << 20;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum IoKind {
@@ -243,6 +275,19 @@ pub enum Command {
         req: ReqId,
         op: OpId,
     },
+    /// A read-triggered copy: read whole cold `regions` (`blocks`) from
+    /// the source once; answer the request's part `read` from that data
+    /// (`op_done(op)` as soon as the source data is in, before the
+    /// destination write), then write `blocks` to the destination
+    /// (`copy_done(copy)`).
+    ReadCopy {
+        req: ReqId,
+        op: OpId,
+        read: Range<u64>,
+        copy: CopyId,
+        regions: Range<u64>,
+        blocks: Range<u64>,
+    },
     /// Copy whole regions source -> destination.
     StartCopy {
         copy: CopyId,
@@ -311,7 +356,9 @@ pub struct RouterConfig {
     pub hydration_enabled: bool,
     /// Pass whole-region discards on to the destination.
     pub discard_passdown: bool,
-    /// Queue cold regions that are read for hydration ahead of the cursor.
+    /// Hydrate the cold regions that are read: by the read itself within
+    /// the read-copy budget, else queued ahead of the cursor (also with
+    /// background hydration off).
     pub copy_on_read: bool,
 }
 
@@ -350,6 +397,10 @@ pub struct RouterStats {
     pub commit_in_flight: bool,
     pub commits: u64,
     pub copy_failures: u64,
+    /// Read-triggered copies in flight (counted in `copies_in_flight`).
+    pub read_copies_in_flight: usize,
+    /// Read-triggered copies started since the router was made.
+    pub read_copies: u64,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -412,10 +463,23 @@ pub struct Router {
     ops: HashMap<OpId, OpState>,
     /// Busy intervals by first region; never overlapping; cold regions only.
     busy: BTreeMap<u64, Busy>,
-    copies: HashMap<CopyId, u64>,
+    /// Copies in flight: (first region, read-triggered).
+    copies: HashMap<CopyId, (u64, bool)>,
     regions_copying: u64,
     cursor: u64,
     cor_queue: VecDeque<u64>,
+    /// Regions right after recent cold reads, newest last.
+    near_queue: VecDeque<u64>,
+    /// Background copies started at a hint since the cursor's last one.
+    hint_streak: u32,
+    /// Read-triggered copies this router may still start (the executor
+    /// sets it each pump).
+    read_copy_budget: u64,
+    read_copies_in_flight: usize,
+    read_copies: u64,
+    /// Regions of read-triggered copies started since the executor last
+    /// asked ([`Router::take_read_copy_regions`]).
+    read_copy_regions: u64,
     commit: Option<InFlightCommit>,
     /// A commit is wanted as soon as the one in flight completes.
     commit_again: bool,
@@ -461,6 +525,12 @@ impl Router {
             regions_copying: 0,
             cursor: 0,
             cor_queue: VecDeque::new(),
+            near_queue: VecDeque::new(),
+            hint_streak: 0,
+            read_copy_budget: 0,
+            read_copies_in_flight: 0,
+            read_copies: 0,
+            read_copy_regions: 0,
             commit: None,
             commit_again: false,
             commit_waiters: Vec::new(),
@@ -544,6 +614,19 @@ impl Router {
             self.mode = MetadataMode::ReadOnly;
         }
     }
+    /// How many read-triggered copies may start from now until the next
+    /// call (the executor sets it each pump from the room the link has;
+    /// each copy started takes one). 0: cold reads only read the source.
+    pub fn set_read_copy_budget(&mut self, n: u64) {
+        self.read_copy_budget = n;
+    }
+
+    /// Regions covered by read-triggered copies started since the last
+    /// call (the executor charges them to the hydration rate limit).
+    pub fn take_read_copy_regions(&mut self) -> u64 {
+        std::mem::take(&mut self.read_copy_regions)
+    }
+
     /// Background hydration cursor (next region the hydrator looks at).
     pub fn cursor(&self) -> u64 {
         self.cursor
@@ -559,6 +642,8 @@ impl Router {
             commit_in_flight: self.commit.is_some(),
             commits: self.commits,
             copy_failures: self.copy_failures,
+            read_copies_in_flight: self.read_copies_in_flight,
+            read_copies: self.read_copies,
         }
     }
 
@@ -656,8 +741,8 @@ impl Router {
             } else {
                 self.map.run_of_unhydrated(r, max)
             };
-            let part = intersect(&blocks, &self.geo.region_range_blocks(r..r + n));
             if hydrated {
+                let part = intersect(&blocks, &self.geo.region_range_blocks(r..r + n));
                 let op = self.new_op(id, Target::Dest, None);
                 out.push(Command::ReadDest {
                     req: id,
@@ -665,25 +750,123 @@ impl Router {
                     blocks: part,
                 });
             } else {
-                let op = self.new_op(id, Target::Source, None);
-                out.push(Command::ReadSource {
-                    req: id,
-                    op,
-                    blocks: part,
-                });
-                if self.cfg.copy_on_read && self.mode == MetadataMode::ReadWrite {
-                    for c in r..r + n {
-                        if self.cor_queue.len() >= COR_QUEUE_MAX {
-                            break;
-                        }
-                        if self.busy_at(c).is_none() {
-                            self.cor_queue.push_back(c);
-                        }
-                    }
-                }
+                self.read_cold(id, &blocks, r..r + n, out);
             }
             r += n;
         }
+        if !self.map.is_hydrated(regs.end - 1) {
+            self.hint_after_read(regs.end);
+        }
+    }
+
+    /// Whether cold reads may start read-triggered copies now.
+    fn may_read_copy(&self) -> bool {
+        self.cfg.copy_on_read
+            && self.mode == MetadataMode::ReadWrite
+            && self.read_copy_budget > 0
+            && self.geo.region_size() <= READ_COPY_MAX_BYTES
+    }
+
+    /// The part of read `id` in the cold regions `cold`: idle runs are
+    /// copied by the read (one source read answers it and fills the
+    /// destination) while the budget lasts; regions with a copy or
+    /// overwrite in flight read the source (it never changes: no need to
+    /// wait); once the budget is spent the rest reads the source too and,
+    /// with copy-on-read, is queued for the hydrator.
+    fn read_cold(
+        &mut self,
+        id: ReqId,
+        blocks: &Range<u64>,
+        cold: Range<u64>,
+        out: &mut Vec<Command>,
+    ) {
+        let mut r = cold.start;
+        while r < cold.end {
+            if let Some((_, end)) = self.busy_at(r) {
+                // Being copied or overwritten: the source, without waiting.
+                let end = end.min(cold.end);
+                self.read_source(id, blocks, r..end, out);
+                r = end;
+                continue;
+            }
+            if self.may_read_copy() {
+                let per_copy = (READ_COPY_MAX_BYTES / self.geo.region_size()).max(1);
+                let end = self.next_busy_start(r).min(cold.end).min(r + per_copy);
+                let read = intersect(blocks, &self.geo.region_range_blocks(r..end));
+                self.read_copy(id, read, r..end, out);
+                r = end;
+                continue;
+            }
+            // Over budget: one source read for the rest of the run.
+            self.read_source(id, blocks, r..cold.end, out);
+            if self.cfg.copy_on_read && self.mode == MetadataMode::ReadWrite {
+                for c in r..cold.end {
+                    if self.cor_queue.len() >= COR_QUEUE_MAX {
+                        break;
+                    }
+                    if self.busy_at(c).is_none() {
+                        self.cor_queue.push_back(c);
+                    }
+                }
+            }
+            break;
+        }
+    }
+
+    /// Read the part of `blocks` in cold `regions` from the source.
+    fn read_source(
+        &mut self,
+        id: ReqId,
+        blocks: &Range<u64>,
+        regions: Range<u64>,
+        out: &mut Vec<Command>,
+    ) {
+        let part = intersect(blocks, &self.geo.region_range_blocks(regions));
+        let op = self.new_op(id, Target::Source, None);
+        out.push(Command::ReadSource {
+            req: id,
+            op,
+            blocks: part,
+        });
+    }
+
+    /// Start a read-triggered copy of cold idle `regions` answering the
+    /// part `read` of request `id`; the regions are busy until it ends.
+    fn read_copy(
+        &mut self,
+        id: ReqId,
+        read: Range<u64>,
+        regions: Range<u64>,
+        out: &mut Vec<Command>,
+    ) {
+        self.read_copy_budget -= 1;
+        self.read_copies += 1;
+        self.read_copies_in_flight += 1;
+        self.read_copy_regions += regions.end - regions.start;
+        let op = self.new_op(id, Target::Source, None);
+        let copy = self.begin_copy(regions.clone(), true);
+        out.push(Command::ReadCopy {
+            req: id,
+            op,
+            read,
+            copy,
+            blocks: self.geo.region_range_blocks(regions.clone()),
+            regions,
+        });
+    }
+
+    /// Remember region `r`, right after a cold read, for the hydrator.
+    fn hint_after_read(&mut self, r: u64) {
+        if r >= self.geo.num_regions() || !self.owned(r) || self.map.is_hydrated(r) {
+            return;
+        }
+        if self.near_queue.back() == Some(&r) {
+            return;
+        }
+        if self.near_queue.len() >= NEAR_QUEUE_MAX {
+            self.near_queue.pop_front();
+        }
+        self.near_queue.push_back(r);
     }
 
     fn route_write(
@@ -915,10 +1098,13 @@ impl Router {
         ok: bool,
         out: &mut Vec<Command>,
     ) -> Result<(), RouterError> {
-        let start = self.copies.remove(&copy).ok_or(RouterError::Unknown {
+        let (start, read) = self.copies.remove(&copy).ok_or(RouterError::Unknown {
             what: "copy",
             id: copy,
         })?;
+        if read {
+            self.read_copies_in_flight -= 1;
+        }
         let busy = self.busy.remove(&start).expect("copy holds its interval");
         let regions = start..busy.end;
         self.regions_copying -= regions.end - regions.start;
@@ -1007,11 +1193,13 @@ impl Router {
 
     // ----- background hydration -------------------------------------------
 
-    /// Start background copies: copy-on-read regions first, then cold idle
-    /// regions from the cursor (wrapping, so failed regions are retried),
-    /// batching up to `hydration_batch_size` contiguous regions, while
-    /// fewer than `hydration_threshold` regions are being copied. Returns
-    /// the number of regions started.
+    /// Start background copies: hints first (copy-on-read regions, then
+    /// regions after recent cold reads; at most 3 picks in a row), then
+    /// cold idle regions from the cursor (wrapping, so failed regions are
+    /// retried), batching up to `hydration_batch_size` contiguous regions,
+    /// while fewer than `hydration_threshold` regions are being copied
+    /// (read-triggered copies count). Returns the number of regions
+    /// started.
     pub fn next_background(&mut self, out: &mut Vec<Command>) -> u64 {
         self.next_background_max(out, u64::MAX)
     }
@@ -1020,18 +1208,32 @@ impl Router {
     /// the executor bounds the work of one call and its copy buffers in
     /// flight, whatever the threshold.
     pub fn next_background_max(&mut self, out: &mut Vec<Command>, max_copies: u64) -> u64 {
-        if !self.cfg.hydration_enabled || self.mode != MetadataMode::ReadWrite {
+        if self.mode != MetadataMode::ReadWrite {
             return 0;
         }
+        // Background hydration off or paused (threshold 0): with
+        // copy-on-read the regions read still get copied, one at a time
+        // and one copy in flight at least, and nothing else.
+        let cor_only = !self.cfg.hydration_enabled || self.cfg.hydration_threshold == 0;
+        if cor_only && !self.cfg.copy_on_read {
+            return 0;
+        }
+        let threshold = self.cfg.hydration_threshold.max(cor_only as u64);
+        let batch = if cor_only {
+            1
+        } else {
+            self.cfg.hydration_batch_size.max(1)
+        };
         let mut started = 0;
         let mut copies = 0;
-        while self.regions_copying < self.cfg.hydration_threshold && copies < max_copies {
-            let budget = self
-                .cfg
-                .hydration_batch_size
-                .max(1)
-                .min(self.cfg.hydration_threshold - self.regions_copying);
-            let Some((r, from_cursor)) = self.pick_candidate() else {
+        while self.regions_copying < threshold && copies < max_copies {
+            let budget = batch.min(threshold - self.regions_copying);
+            let picked = if cor_only {
+                self.pick_read_region().map(|r| (r, false))
+            } else {
+                self.pick_candidate()
+            };
+            let Some((r, from_cursor)) = picked else {
                 break;
             };
             let cap = (self.next_busy_start(r) - r)
@@ -1052,12 +1254,48 @@ impl Router {
         started
     }
 
+    /// The next region to copy, and whether it came from the cursor: a
+    /// hint first (copy-on-read regions, then the newest region following
+    /// a cold read), except that every `HINT_RUN + 1`th pick is the
+    /// cursor's.
     fn pick_candidate(&mut self) -> Option<(u64, bool)> {
-        while let Some(r) = self.cor_queue.pop_front() {
-            if !self.map.is_hydrated(r) && self.busy_at(r).is_none() {
+        if self.hint_streak < HINT_RUN {
+            if let Some(r) = self.pick_hint() {
+                self.hint_streak += 1;
                 return Some((r, false));
             }
         }
+        let picked = self.pick_from_cursor();
+        if picked.is_some() {
+            self.hint_streak = 0;
+        }
+        picked
+    }
+
+    /// The next copy-on-read region still cold and idle.
+    fn pick_read_region(&mut self) -> Option<u64> {
+        while let Some(r) = self.cor_queue.pop_front() {
+            if !self.map.is_hydrated(r) && self.busy_at(r).is_none() {
+                return Some(r);
+            }
+        }
+        None
+    }
+
+    fn pick_hint(&mut self) -> Option<u64> {
+        if let Some(r) = self.pick_read_region() {
+            return Some(r);
+        }
+        // Newest first: the reader is there now.
+        while let Some(r) = self.near_queue.pop_back() {
+            if !self.map.is_hydrated(r) && self.busy_at(r).is_none() {
+                return Some(r);
+            }
+        }
+        None
+    }
+
+    fn pick_from_cursor(&mut self) -> Option<(u64, bool)> {
         let n = self.geo.num_regions();
         let mut pos = self.cursor.min(n - 1);
         let mut travelled = 0u64;
@@ -1100,9 +1338,20 @@ impl Router {
     }
 
     fn start_copy(&mut self, regions: Range<u64>, out: &mut Vec<Command>) -> CopyId {
+        let copy = self.begin_copy(regions.clone(), false);
+        out.push(Command::StartCopy {
+            copy,
+            blocks: self.geo.region_range_blocks(regions.clone()),
+            regions,
+        });
+        copy
+    }
+
+    /// A new copy of `regions`: they are busy until `copy_done`.
+    fn begin_copy(&mut self, regions: Range<u64>, read: bool) -> CopyId {
         let copy = self.next_copy;
         self.next_copy += 1;
-        self.copies.insert(copy, regions.start);
+        self.copies.insert(copy, (regions.start, read));
         self.busy.insert(
             regions.start,
             Busy {
@@ -1111,11 +1360,6 @@ impl Router {
             },
         );
         self.regions_copying += regions.end - regions.start;
-        out.push(Command::StartCopy {
-            copy,
-            blocks: self.geo.region_range_blocks(regions.clone()),
-            regions,
-        });
         copy
     }
 

@@ -52,6 +52,10 @@ struct Setup {
     stripes: (u64, u64),
     failures: bool,
     seed: u64,
+    /// Read-triggered copies per pump (with copy-on-read).
+    read_budget: u64,
+    /// Reads and writes of the same blocks in flight together.
+    overlap: bool,
 }
 
 fn setup() -> impl Strategy<Value = Setup> {
@@ -71,6 +75,8 @@ fn setup() -> impl Strategy<Value = Setup> {
         (1u64..4, prop_oneof![Just(1u64), Just(2), Just(64)]),
         any::<bool>(),
         any::<u64>(),
+        prop_oneof![Just(0u64), Just(1), Just(3), Just(u64::MAX)],
+        any::<bool>(),
     )
         .prop_map(
             |(
@@ -84,6 +90,8 @@ fn setup() -> impl Strategy<Value = Setup> {
                 stripes,
                 failures,
                 seed,
+                read_budget,
+                overlap,
             )| Setup {
                 shape,
                 source_blocks,
@@ -95,6 +103,8 @@ fn setup() -> impl Strategy<Value = Setup> {
                 stripes,
                 failures,
                 seed,
+                read_budget,
+                overlap,
             },
         )
 }
@@ -117,6 +127,8 @@ fn build(s: &Setup) -> Sim {
         regions: s.stripes.1,
     };
     let mut sim = Sim::with_shape(geo, config(s), stripes, s.md_units_per_block, s.seed);
+    sim.set_read_budget(s.read_budget);
+    sim.overlap_reads = s.overlap;
     if s.failures {
         sim.fail_source = 12;
         sim.fail_dest = 8;
@@ -203,6 +215,8 @@ proptest! {
             }
         }
         let mut restarted = sim.crash_and_restart(config(&s), s.seed ^ 0x55);
+        restarted.set_read_budget(s.read_budget);
+        restarted.overlap_reads = s.overlap;
         restarted.check();
         for a in &after {
             if !matches!(a, Action::Crash) {
@@ -229,6 +243,8 @@ fn long_run_with_failures() {
             stripes: (1 + seed % 3, [64, 1, 2][(seed / 3 % 3) as usize]),
             failures: true,
             seed,
+            read_budget: [0, 1, 2, u64::MAX][(seed % 4) as usize],
+            overlap: seed % 3 != 1,
         };
         let mut sim = build(&s);
         sim.fail_commit = if seed % 4 != 3 { 0 } else { 2 };
@@ -254,6 +270,9 @@ fn long_run_with_failures() {
         if seed % 4 != 3 {
             // No commit failures: it stays read-write and hydrates.
             assert!(sim.stats.copies > 50, "{:?}", sim.stats);
+        }
+        if s.copy_on_read && s.read_budget > 0 {
+            assert!(sim.stats.read_copies > 20, "{:?}", sim.stats);
         }
     }
 }

@@ -74,6 +74,9 @@ struct UserReq {
     flush_snap: Option<(Vec<Vec<Val>>, u64)>,
     /// Blocks whose value this request changes (discard: whole regions).
     affected: std::ops::Range<u64>,
+    /// Reads: per block, the values it may return besides `cur` at its
+    /// completion (`cur` at its submission, and every write racing it).
+    seen: Vec<Vec<Val>>,
 }
 
 /// Who waits for a commit round (`committer.rs`'s `Waiter`).
@@ -100,6 +103,16 @@ enum Pending {
         owner: usize,
     },
     Copy {
+        copy: u64,
+        blocks: std::ops::Range<u64>,
+        owner: usize,
+    },
+    /// A read-triggered copy's source read (its destination write is a
+    /// `Copy` once it is in).
+    ReadCopy {
+        req: ReqId,
+        op: u64,
+        read: std::ops::Range<u64>,
         copy: u64,
         blocks: std::ops::Range<u64>,
         owner: usize,
@@ -152,6 +165,7 @@ pub struct SimStats {
     pub requests_done: u64,
     pub requests_failed: u64,
     pub copies: u64,
+    pub read_copies: u64,
     pub commits_issued: u64,
     pub flush_dest: u64,
 }
@@ -202,6 +216,28 @@ pub struct Sim {
     pub trace: Vec<Command>,
     pub keep_trace: bool,
     pub completions: Vec<(ReqId, Status)>,
+    /// Read-triggered copies each router may start per pump (`background`).
+    pub read_budget: u64,
+    /// Let reads and writes to the same blocks be in flight together (a
+    /// read may then return any value the block had meanwhile).
+    pub overlap_reads: bool,
+    /// With `keep_trace`: what each successful read returned.
+    pub read_results: HashMap<ReqId, Vec<u64>>,
+}
+
+fn intersect(a: &std::ops::Range<u64>, b: &std::ops::Range<u64>) -> std::ops::Range<u64> {
+    let s = a.start.max(b.start);
+    s..a.end.min(b.end).max(s)
+}
+
+trait Blocks {
+    fn span(&self) -> std::ops::Range<u64>;
+}
+
+impl Blocks for Request {
+    fn span(&self) -> std::ops::Range<u64> {
+        self.offset_blocks..self.offset_blocks + self.num_blocks
+    }
 }
 
 fn blank_md(num_regions: u64) -> Vec<u8> {
@@ -337,6 +373,9 @@ impl Sim {
             trace: Vec::new(),
             keep_trace: false,
             completions: Vec::new(),
+            read_budget: 0,
+            overlap_reads: false,
+            read_results: HashMap::new(),
         }
     }
 
@@ -374,9 +413,11 @@ impl Sim {
     pub fn try_submit(&mut self, kind: IoKind, offset: u64, len: u64, fua: bool) -> Option<ReqId> {
         if kind != IoKind::Flush {
             let end = offset + len;
+            let overlap = self.overlap_reads;
             let clash = self.reqs.values().any(|u| {
                 u.req.kind != IoKind::Flush
                     && !(u.req.kind == IoKind::Read && kind == IoKind::Read)
+                    && !(overlap && (u.req.kind == IoKind::Read || kind == IoKind::Read))
                     && u.req.offset_blocks < end
                     && offset < u.req.offset_blocks + u.req.num_blocks
             });
@@ -422,6 +463,32 @@ impl Sim {
             });
         }
         let flush_snap = (req.kind == IoKind::Flush).then(|| (self.cur.clone(), self.model_seq));
+        // A read may return what the block held when it was submitted, or
+        // anything written meanwhile (by a write in flight or later).
+        let mut seen = Vec::new();
+        if req.kind == IoKind::Read && in_range {
+            seen = blocks
+                .clone()
+                .map(|b| self.cur[b as usize].clone())
+                .collect();
+            for u in self.reqs.values() {
+                let v = match u.req.kind {
+                    IoKind::Write => Some(u.tag),
+                    IoKind::WriteZeroes => Some(ZERO),
+                    _ => None,
+                };
+                for b in intersect(&u.affected, &blocks) {
+                    seen[(b - blocks.start) as usize].push(v);
+                }
+            }
+        }
+        for u in self.reqs.values_mut() {
+            if u.req.kind == IoKind::Read && !u.seen.is_empty() {
+                for b in intersect(&affected, &u.req.span()) {
+                    u.seen[(b - u.req.offset_blocks) as usize].push(val);
+                }
+            }
+        }
         self.reqs.insert(
             id,
             UserReq {
@@ -437,6 +504,7 @@ impl Sim {
                 tag,
                 flush_snap,
                 affected,
+                seen,
             },
         );
         if self.mode() == MetadataMode::Failed {
@@ -535,6 +603,7 @@ impl Sim {
         let mut n = 0;
         for i in 0..self.routers.len() {
             self.sync_mode(i);
+            self.routers[i].set_read_copy_budget(self.read_budget);
             let mut out = std::mem::take(&mut self.out);
             n += self.routers[i].next_background(&mut out);
             self.out = out;
@@ -623,7 +692,9 @@ impl Sim {
         let regions = region_blocks_of(&self.geo, blocks);
         for p in &self.pending {
             let (other, other_exclusive) = match p {
-                Pending::Copy { blocks, .. } => (blocks.clone(), true),
+                Pending::Copy { blocks, .. } | Pending::ReadCopy { blocks, .. } => {
+                    (blocks.clone(), true)
+                }
                 Pending::User {
                     cmd:
                         Command::WriteDest { blocks, .. }
@@ -642,6 +713,22 @@ impl Sim {
             }
         }
         None
+    }
+
+    /// A copy as issued: whole cold regions, no other writer in them.
+    fn check_copy(
+        &self,
+        regions: &std::ops::Range<u64>,
+        blocks: &std::ops::Range<u64>,
+        what: &str,
+    ) {
+        assert_eq!(*blocks, self.geo.region_range_blocks(regions.clone()));
+        for r in regions.clone() {
+            assert!(!self.map.is_hydrated(r), "{what} of hydrated region {r}");
+        }
+        if let Some(e) = self.dest_writers_conflict(blocks, true) {
+            panic!("{what} issued over another writer: {e}");
+        }
     }
 
     /// Take the router's commands into the pending set, checking the
@@ -664,15 +751,34 @@ impl Sim {
                         regions,
                         blocks,
                     } => {
-                        assert_eq!(blocks, self.geo.region_range_blocks(regions.clone()));
-                        for r in regions.clone() {
-                            assert!(!self.map.is_hydrated(r), "copy of hydrated region {r}");
-                        }
-                        if let Some(e) = self.dest_writers_conflict(&blocks, true) {
-                            panic!("copy issued over another writer: {e}");
-                        }
+                        self.check_copy(&regions, &blocks, "copy");
                         self.stats.copies += 1;
                         self.pending.push(Pending::Copy {
+                            copy,
+                            blocks,
+                            owner,
+                        });
+                    }
+                    Command::ReadCopy {
+                        req,
+                        op,
+                        read,
+                        copy,
+                        regions,
+                        blocks,
+                    } => {
+                        self.check_copy(&regions, &blocks, "read copy");
+                        assert!(
+                            read.start >= blocks.start
+                                && read.end <= blocks.end
+                                && !read.is_empty(),
+                            "read {read:?} outside its copy {blocks:?}"
+                        );
+                        self.stats.read_copies += 1;
+                        self.pending.push(Pending::ReadCopy {
+                            req,
+                            op,
+                            read,
                             copy,
                             blocks,
                             owner,
@@ -839,6 +945,37 @@ impl Sim {
                 self.routers[owner].copy_done(copy, ok, &mut out).unwrap();
                 Some(owner)
             }
+            Pending::ReadCopy {
+                req,
+                op,
+                read,
+                copy,
+                blocks,
+                owner,
+            } => {
+                // The user's part is answered from the source data as soon
+                // as it is in; the destination write follows.
+                if ok {
+                    let user = self.parts[&req].user;
+                    let u = self.reqs.get_mut(&user).expect("read of a live request");
+                    for b in read {
+                        u.buf[(b - u.req.offset_blocks) as usize] = Some(self.source[b as usize]);
+                    }
+                }
+                self.routers[owner].op_done(op, ok, &mut out).unwrap();
+                if ok {
+                    self.pending.push(Pending::Copy {
+                        copy,
+                        blocks,
+                        owner,
+                    });
+                } else {
+                    self.routers[owner]
+                        .copy_done(copy, false, &mut out)
+                        .unwrap();
+                }
+                Some(owner)
+            }
             Pending::CommitDestFlush {
                 round,
                 units,
@@ -902,7 +1039,7 @@ impl Sim {
                 Command::ReadSource { .. } => self.fail_source,
                 _ => self.fail_dest,
             },
-            Pending::Copy { .. } => self.fail_source,
+            Pending::Copy { .. } | Pending::ReadCopy { .. } => self.fail_source,
             _ => self.fail_commit,
         };
         !self.rng.chance(rate)
@@ -923,10 +1060,17 @@ impl Sim {
             IoKind::Read => {
                 if ok {
                     self.stats.reads_checked += 1;
+                    if self.keep_trace {
+                        let got = u.buf.iter().map(|v| v.unwrap_or(u64::MAX)).collect();
+                        self.read_results.insert(id, got);
+                    }
                     for (i, v) in u.buf.iter().enumerate() {
                         let b = u.req.offset_blocks + i as u64;
                         let v = v.unwrap_or_else(|| panic!("read {id} block {b} never filled"));
-                        let allowed = &self.cur[b as usize];
+                        let mut allowed = self.cur[b as usize].clone();
+                        if let Some(s) = u.seen.get(i) {
+                            allowed.extend(s.iter().copied());
+                        }
                         assert!(
                             allowed.iter().any(|a| a.is_none() || *a == Some(v)),
                             "read {id} block {b} returned {v:#x}, allowed {allowed:x?}"
@@ -1173,6 +1317,15 @@ impl Sim {
         )
     }
 
+    /// Let every router start `n` read-triggered copies now (and per
+    /// `background` pump from now on).
+    pub fn set_read_budget(&mut self, n: u64) {
+        self.read_budget = n;
+        for r in &mut self.routers {
+            r.set_read_copy_budget(n);
+        }
+    }
+
     /// Pending items, for targeted tests.
     pub fn pending_kinds(&self) -> Vec<&'static str> {
         self.pending
@@ -1188,6 +1341,7 @@ impl Sim {
                     _ => "other",
                 },
                 Pending::Copy { .. } => "copy",
+                Pending::ReadCopy { .. } => "read_copy",
                 Pending::CommitDestFlush { .. } => "commit_dest_flush",
                 Pending::CommitWrite { .. } => "commit_write",
                 Pending::CommitMdFlush { .. } => "commit_md_flush",

@@ -24,12 +24,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use ::rpc::{register_typed, DecodeError, RpcError, RUNTIME};
+use ::rpc::{DecodeError, RpcError};
 use reactor::TimerId;
 use serde::Deserialize;
 use serde_json::{json, Value};
 use uuid::Uuid;
 
+use crate::rpc::{register_action, register_create, register_delete};
 use crate::stacked::{self, Base};
 use crate::{
     Bdev, BdevError, BdevIo, BdevOps, BoxFuture, ChannelOps, ClaimType, IoChannel, IoStatus, IoType,
@@ -404,12 +405,6 @@ pub fn update_latency(name: &str, latency_type: &str, latency_us: u64) -> Result
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct DeleteParams {
-    name: String,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
 struct UpdateLatencyParams {
     delay_bdev_name: String,
     latency_type: String,
@@ -417,31 +412,13 @@ struct UpdateLatencyParams {
 }
 
 pub fn register_methods() {
-    register_typed(
-        "bdev_delay_create",
-        RUNTIME,
-        DecodeError::Internal,
-        |p: CreateParams| async move {
-            let b = create(p).map_err(RpcError::from)?;
-            Ok(b.name().to_string())
-        },
-    );
-    register_typed(
-        "bdev_delay_delete",
-        RUNTIME,
-        DecodeError::Internal,
-        |p: DeleteParams| async move {
-            crate::unregister_by_name(&p.name, MODULE_NAME).await?;
-            Ok(true)
-        },
-    );
-    register_typed(
+    register_create("bdev_delay_create", DecodeError::Internal, create);
+    register_delete("bdev_delay_delete", MODULE_NAME, DecodeError::Internal);
+    register_action(
         "bdev_delay_update_latency",
-        RUNTIME,
         DecodeError::Internal,
         |p: UpdateLatencyParams| async move {
-            update_latency(&p.delay_bdev_name, &p.latency_type, p.latency_us)?;
-            Ok(true)
+            update_latency(&p.delay_bdev_name, &p.latency_type, p.latency_us)
         },
     );
 }
@@ -451,6 +428,7 @@ mod tests {
     use super::*;
     use crate::modules::malloc;
     use crate::util::{self, run_on_reactor};
+    use ::rpc::RUNTIME;
     use reactor::DmaBuf;
 
     fn mk_malloc(name: &str, blocks: u64) -> Arc<Bdev> {
