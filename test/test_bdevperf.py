@@ -234,13 +234,18 @@ def test_qos_bandwidth_limit(workdir):
 
 # --- error injection ----------------------------------------------------------------------
 
-def test_error_injection_fails_reads(workdir):
-    cfg = write_bdev_config(workdir / "bp.json", [
+def read_failures_config(workdir):
+    """EE_Malloc0 over Malloc0 with 10 read failures injected."""
+    return write_bdev_config(workdir / "bp.json", [
         malloc("Malloc0"),
         ("bdev_error_create", {"base_name": "Malloc0"}),
         ("bdev_error_inject_error", {"name": "EE_Malloc0", "io_type": "read",
                                      "error_type": "failure", "num": 10}),
     ])
+
+
+def test_error_injection_fails_reads(workdir):
+    cfg = read_failures_config(workdir)
     r = run_bdevperf(cfg, "-q", 16, "-o", 4096, "-w", "randread", "-T", "EE_Malloc0", secs=1)
     assert r.returncode != 0, "injected read failures did not fail the run:\n" + r.describe()
     assert r.total is not None, r.describe()
@@ -249,12 +254,7 @@ def test_error_injection_fails_reads(workdir):
 
 def test_error_injection_writes_only(workdir):
     """Read errors injected; a write workload is untouched."""
-    cfg = write_bdev_config(workdir / "bp.json", [
-        malloc("Malloc0"),
-        ("bdev_error_create", {"base_name": "Malloc0"}),
-        ("bdev_error_inject_error", {"name": "EE_Malloc0", "io_type": "read",
-                                     "error_type": "failure", "num": 10}),
-    ])
+    cfg = read_failures_config(workdir)
     r = run_bdevperf(cfg, "-q", 16, "-o", 4096, "-w", "randwrite", "-T", "EE_Malloc0", secs=1)
     assert_clean_run(r)
 
