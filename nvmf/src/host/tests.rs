@@ -434,9 +434,6 @@ fn handle_cmd(
                         r2tl: len as u32 + if bad { 512 } else { 0 },
                     },
                 );
-                if bad {
-                    return;
-                }
             }
         }
         spec::nvm::WRITE_ZEROES => {
