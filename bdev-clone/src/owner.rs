@@ -3,7 +3,9 @@
 //! with its own [`Router`] over the shared map. The owner executes the
 //! router's commands (reads, writes, copies, commits) as the executor
 //! contract in `router.rs` says, and feeds completions back; [`drive`] runs
-//! the router until it has nothing more to say.
+//! the router until it has nothing more to say. Requests, completions and
+//! nudges reach the owners through one loop per reactor (`drain`), which
+//! queues what arrives while it runs instead of finding an owner borrowed.
 
 use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, VecDeque};
