@@ -28,6 +28,7 @@ from pathlib import Path
 
 import pytest
 
+from clone_util import slow_source_clone
 from test_nvmf_target import ADDR, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -241,13 +242,7 @@ def _rides_out_kill9(start, workdir, datadir, linux_guest):
 
     port = free_port()
     tgt = start()
-    tgt.rpc("bdev_uring_create", name="SrcFile", filename=str(src), block_size=BS)
-    tgt.rpc("bdev_delay_create", name="Src", base_bdev_name="SrcFile", avg_read_latency=500,
-            p99_read_latency=1000, avg_write_latency=500, p99_write_latency=1000)
-    tgt.rpc("bdev_uring_create", name="Dst", filename=str(dst), block_size=BS)
-    tgt.rpc("bdev_uring_create", name="Meta", filename=str(meta), block_size=BS)
-    tgt.rpc("bdev_clone_create", name="Clone0", source_bdev_name="Src", dest_bdev_name="Dst",
-            metadata_bdev_name="Meta", region_size_kb=REGION_KB, hydration_mbytes_per_sec=1)
+    slow_source_clone(tgt, src, dst, meta, BS, read_us=500, region_kb=REGION_KB, rate_mbps=1)
     tgt.rpc("nvmf_create_transport", trtype="TCP")
     tgt.rpc("nvmf_create_subsystem", nqn=NQN, allow_any_host=True, serial_number="CLONENVMF0002",
             model_number="clone-tgt kill test")

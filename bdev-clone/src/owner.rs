@@ -3,7 +3,9 @@
 //! with its own [`Router`] over the shared map. The owner executes the
 //! router's commands (reads, writes, copies, commits) as the executor
 //! contract in `router.rs` says, and feeds completions back; [`drive`] runs
-//! the router until it has nothing more to say.
+//! the router until it has nothing more to say. Requests, completions and
+//! nudges reach the owners through one loop per reactor (`drain`), which
+//! queues what arrives while it runs instead of finding an owner borrowed.
 
 use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, VecDeque};
@@ -485,30 +487,58 @@ pub(crate) fn exec_read(
             (DmaBuf::new(len), true)
         }
     };
-    let weak = Rc::downgrade(rc);
+    let count = |sh: &Shared| sh.err_source.fetch_add(1, Ordering::Relaxed);
+    let moved = Moved {
+        req,
+        op,
+        bounce,
+        read_into: Some(at..at + len),
+        count_error: from_source.then_some(count),
+    };
     ch.read(
         blocks.start,
         blocks.end - blocks.start,
         buf,
+        moved.callback(rc),
+    );
+}
+
+/// An op moving a request's data, for its I/O callback.
+struct Moved {
+    req: ReqId,
+    op: OpId,
+    /// The I/O used a bounce buffer, not the request's own.
+    bounce: bool,
+    /// A read: where its data goes in the request's buffer.
+    read_into: Option<Range<usize>>,
+    count_error: Option<fn(&Shared) -> u64>,
+}
+
+impl Moved {
+    /// Count a failure, give the request its buffer back (or copy a read
+    /// through a bounce buffer into it), then the op is done.
+    fn callback(self, rc: &Rc<RefCell<Owner>>) -> impl FnOnce(Box<BdevIo>) + 'static {
+        let weak = Rc::downgrade(rc);
         move |mut io| {
             let ok = io.status.is_success();
             then_drive(&weak, move |o| {
-                if !ok && from_source {
-                    o.sh.err_source.fetch_add(1, Ordering::Relaxed);
+                if let (false, Some(count)) = (ok, self.count_error) {
+                    count(&o.sh);
                 }
-                if let (Some(buf), Some(r)) = (io.buf.take(), o.reqs.get_mut(&req)) {
-                    if !bounce {
-                        r.buf = Some(buf);
-                    } else if ok {
-                        if let Some(rb) = r.buf.as_mut() {
-                            rb.as_mut_slice()[at..at + len].copy_from_slice(&buf.as_slice()[..len]);
+                if let (Some(buf), Some(r)) = (io.buf.take(), o.reqs.get_mut(&self.req)) {
+                    match (self.bounce, self.read_into, r.buf.as_mut()) {
+                        (false, ..) => r.buf = Some(buf),
+                        (true, Some(into), Some(rb)) if ok => {
+                            rb.as_mut_slice()[into.clone()]
+                                .copy_from_slice(&buf.as_slice()[..into.len()]);
                         }
+                        _ => {}
                     }
                 }
-                o.op_done(op, ok);
+                o.op_done(self.op, ok);
             });
-        },
-    );
+        }
+    }
 }
 
 pub(crate) fn exec_write(
@@ -535,25 +565,19 @@ pub(crate) fn exec_write(
         }
         (_, None) => return o.op_done(op, false),
     };
-    let weak = Rc::downgrade(rc);
+    let count = |sh: &Shared| sh.err_dest.fetch_add(1, Ordering::Relaxed);
+    let moved = Moved {
+        req,
+        op,
+        bounce,
+        read_into: None,
+        count_error: Some(count),
+    };
     let mut io = BdevIo::write(
         blocks.start,
         blocks.end - blocks.start,
         buf,
-        move |mut io| {
-            let ok = io.status.is_success();
-            then_drive(&weak, move |o| {
-                if !ok {
-                    o.sh.err_dest.fetch_add(1, Ordering::Relaxed);
-                }
-                if !bounce {
-                    if let (Some(buf), Some(r)) = (io.buf.take(), o.reqs.get_mut(&req)) {
-                        r.buf = Some(buf);
-                    }
-                }
-                o.op_done(op, ok);
-            });
-        },
+        moved.callback(rc),
     );
     io.fua = fua;
     o.dst.submit(io);

@@ -80,23 +80,15 @@ pub fn bdev_info_json(b: &Bdev) -> Value {
     m.insert("block_size".into(), json!(b.block_size()));
     m.insert("num_blocks".into(), json!(b.num_blocks()));
     let h = b.io_hints();
-    m.insert(
-        "preferred_write_alignment".into(),
-        json!(h.preferred_write_alignment),
-    );
-    m.insert(
-        "preferred_write_granularity".into(),
-        json!(h.preferred_write_granularity),
-    );
-    m.insert("optimal_write_size".into(), json!(h.optimal_write_size));
-    m.insert(
-        "preferred_unmap_alignment".into(),
-        json!(h.preferred_unmap_alignment),
-    );
-    m.insert(
-        "preferred_unmap_granularity".into(),
-        json!(h.preferred_unmap_granularity),
-    );
+    for (k, v) in [
+        ("preferred_write_alignment", h.preferred_write_alignment),
+        ("preferred_write_granularity", h.preferred_write_granularity),
+        ("optimal_write_size", h.optimal_write_size),
+        ("preferred_unmap_alignment", h.preferred_unmap_alignment),
+        ("preferred_unmap_granularity", h.preferred_unmap_granularity),
+    ] {
+        m.insert(k.into(), json!(v));
+    }
     m.insert("uuid".into(), json!(b.uuid().to_string()));
     let q = b.qos_limits();
     m.insert(

@@ -426,14 +426,10 @@ pub fn register_methods() {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::modules::malloc;
+    use crate::tests::{mk as mk_malloc, pattern, two_cores};
     use crate::util::{self, run_on_reactor};
     use ::rpc::RUNTIME;
     use reactor::DmaBuf;
-
-    fn mk_malloc(name: &str, blocks: u64) -> Arc<Bdev> {
-        malloc::create(malloc::CreateParams::new(name, 512, blocks)).unwrap()
-    }
 
     fn params(name: &str, base: &str, read_us: u64, write_us: u64) -> CreateParams {
         CreateParams {
@@ -445,14 +441,6 @@ mod tests {
             p99_write_latency: write_us,
             uuid: None,
         }
-    }
-
-    fn pattern(len: usize, seed: u8) -> DmaBuf {
-        let mut b = DmaBuf::new(len);
-        for (i, x) in b.as_mut_slice().iter_mut().enumerate() {
-            *x = (i as u8).wrapping_mul(13).wrapping_add(seed);
-        }
-        b
     }
 
     #[test]
@@ -786,11 +774,7 @@ mod tests {
 
     #[test]
     fn reset_reaches_other_reactors() {
-        if std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(1)
-            < 2
-        {
+        if !two_cores() {
             return;
         }
         let status = run_on_reactor(0x3, || async {

@@ -462,25 +462,13 @@ pub fn register_methods() {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::modules::malloc;
+    use crate::tests::{mk as mk_malloc, pattern, two_cores};
     use crate::util::{self, run_on_reactor};
     use ::rpc::{RpcError, RUNTIME};
     use std::time::Duration;
 
-    fn mk_malloc(name: &str, blocks: u64) -> Arc<Bdev> {
-        malloc::create(malloc::CreateParams::new(name, 512, blocks)).unwrap()
-    }
-
     fn inject(name: &str, io_type: InjectIoType, error_type: ErrorType, num: u32) -> InjectParams {
         InjectParams::new(name, io_type, error_type, num)
-    }
-
-    fn pattern(len: usize, seed: u8) -> DmaBuf {
-        let mut b = DmaBuf::new(len);
-        for (i, x) in b.as_mut_slice().iter_mut().enumerate() {
-            *x = (i as u8).wrapping_mul(17).wrapping_add(seed);
-        }
-        b
     }
 
     #[test]
@@ -821,11 +809,7 @@ mod tests {
 
     #[test]
     fn reset_fails_pending_on_other_reactors() {
-        if std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(1)
-            < 2
-        {
+        if !two_cores() {
             return;
         }
         let status = run_on_reactor(0x3, || async {

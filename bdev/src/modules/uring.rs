@@ -971,6 +971,7 @@ mod tests {
     use serde_json::json;
 
     use super::*;
+    use crate::tests::two_cores;
     use crate::util::{self, run_on_reactor};
 
     /// A sparse temp file of `size` bytes in `dir`, or None if `dir` is
@@ -1599,11 +1600,7 @@ mod tests {
 
     #[test]
     fn channels_on_two_reactors() {
-        if std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(1)
-            < 2
-        {
+        if !two_cores() {
             return;
         }
         let Some(f) = tmpfile_in("/var/tmp", 1 << 20) else {
