@@ -45,8 +45,10 @@ def check_jobs(r, expected):
         % (sorted(r.jobs), sorted(expected), r.describe())
     total_iops = sum(j["iops"] for j in r.jobs.values())
     assert abs(total_iops - r.total["iops"]) <= max(1.0, 0.01 * r.total["iops"]), r.describe()
+    # The job stops at -t: a generous bound, as a loaded machine drains the
+    # last I/Os late (a job that never stopped would still fail).
     for j in r.jobs.values():
-        assert 0 < j["runtime_s"] <= PERF_SECS + 1, r.describe()
+        assert 0 < j["runtime_s"] <= PERF_SECS + 10, r.describe()
 
 
 # --- verify on every backing ---------------------------------------------------------
