@@ -1289,14 +1289,17 @@ impl Conn {
             return;
         };
         let (ns, ch) = (ns.clone(), ch.clone());
-        let rcw = rc.clone();
-        let done = move |io: Box<BdevIo>| io_done(&rcw, i, io);
+        let done = nvm_cmd::Completion {
+            done: io_done,
+            arg: rc.clone(),
+            ctx: i as u64,
+        };
         stats(self.reactor)
             .pending_bdev_io
             .fetch_add(1, Ordering::Relaxed);
         let max_xfer = self.opts.max_xfer();
         let slot = &mut self.slots[i];
-        match nvm_cmd::submit(sqe, &ns, &ch, &mut slot.buf, slot.len, max_xfer, done) {
+        match nvm_cmd::submit(sqe, &ns, &ch, &mut slot.buf, slot.len, max_xfer, &done) {
             nvm_cmd::Submitted::Pending(n) => slot.pending = n,
             nvm_cmd::Submitted::Now(st) => self.fail_pending(i, st),
         }
@@ -1310,7 +1313,18 @@ impl Conn {
     }
 }
 
-fn io_done(rc: &ConnRc, i: usize, mut io: Box<BdevIo>) {
+/// Completion of a command's bdev I/O: `cb_arg` is the connection,
+/// `cb_ctx` the command's slot.
+fn io_done(mut io: Box<BdevIo>) {
+    let Some(rc) = io
+        .cb_arg
+        .take()
+        .and_then(|a| a.downcast::<RefCell<Conn>>().ok())
+    else {
+        tracing::error!(io = ?io, "NVMe/TCP I/O completed without its connection");
+        return;
+    };
+    let i = io.cb_ctx as usize;
     let mut c = rc.borrow_mut();
     let st = nvm_cmd::status_of(io.status);
     let s = &mut c.slots[i];
@@ -1319,6 +1333,7 @@ fn io_done(rc: &ConnRc, i: usize, mut io: Box<BdevIo>) {
         if !st.is_success() {
             s.status = st;
         }
+        io.free();
         return;
     }
     let st = if s.status.is_success() { st } else { s.status };
@@ -1332,13 +1347,15 @@ fn io_done(rc: &ConnRc, i: usize, mut io: Box<BdevIo>) {
         let s = &mut c.slots[i];
         s.state = SlotState::Free;
         s.buf = None;
+        io.free();
         return;
     }
     if !st.is_success() {
         tracing::debug!(conn = c.id, io = ?io, status = %st, "I/O failed");
     }
+    io.free();
     c.finish(i, Done::err(st));
-    c.schedule_flush(rc);
+    c.schedule_flush(&rc);
 }
 
 /// At most this many iovecs per SendMsg (UIO_MAXIOV); the rest goes next.
