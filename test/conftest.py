@@ -144,8 +144,10 @@ def short_tmpdir(prefix="ctgt-"):
 class Target:
     """One clone_tgt process serving JSON-RPC on `sock`."""
 
-    def __init__(self, workdir, args=(), sock=None, name="tgt", rpc_server=True):
+    def __init__(self, workdir, args=(), sock=None, name="tgt", rpc_server=True, busy=False):
         self.workdir = Path(workdir)
+        # Busy-polling, as in production (one core spins for the test's length).
+        self.busy = busy
         self.name = name
         self.sock = Path(sock) if sock else self.workdir / "spdk.sock"
         self._own_dir = None
@@ -164,7 +166,7 @@ class Target:
 
     @property
     def argv(self):
-        argv = [str(TGT_BIN), "--interrupt-mode", "-m", "0x1", "--no-huge"]
+        argv = [str(TGT_BIN)] + ([] if self.busy else ["--interrupt-mode"]) + ["-m", "0x1", "--no-huge"]
         if self.rpc_server:
             argv += ["-r", str(self.sock)]
         return argv + self.extra_args
@@ -372,13 +374,13 @@ def datadir():
 
 @pytest.fixture
 def tgt_factory(request, workdir):
-    """start(*extra_args, wait=True, sock=None, name=None, rpc_server=True) -> Target"""
+    """start(*extra_args, wait=True, sock=None, name=None, rpc_server=True, busy=False) -> Target"""
     started = []
     request.node._clone_targets = started
 
-    def start(*args, wait=True, sock=None, name=None, rpc_server=True):
+    def start(*args, wait=True, sock=None, name=None, rpc_server=True, busy=False):
         t = Target(workdir, args=args, sock=sock, name=name or "tgt%d" % len(started),
-                   rpc_server=rpc_server)
+                   rpc_server=rpc_server, busy=busy)
         started.append(t)
         return t.start(wait=wait)
 

@@ -4,15 +4,20 @@
 //! * A listener accepts on reactor 0 (io_uring Accept) and hands each new
 //!   socket to a reactor, round-robin (SPDK's poll-group assignment). Each
 //!   queue is its own connection and lives on one reactor from then on.
-//! * A connection keeps one Recv in flight into its receive buffer, decodes
-//!   whole PDUs from it, and appends responses to a transmit buffer that is
-//!   sent once per reactor iteration (batched; one Send in flight). Both
-//!   complete through io_uring, so `--interrupt-mode` wakes on socket
-//!   readiness.
+//! * Each reactor drives its connections from one poller (its poll group,
+//!   as SPDK's): per iteration, a connection receives what its socket holds
+//!   and decodes whole PDUs from it, and everything queued for the host
+//!   (responses, R2Ts, C2H data straight from the bdev's buffers) leaves in
+//!   one gathering sendmsg. Plain non-blocking recv/sendmsg: busy-polling,
+//!   sockets that were idle at the last look are asked first with one
+//!   poll(2) for the whole group (a recv spinning on an idle socket takes
+//!   its lock every time and holds up the kernel's receive path); in
+//!   `--interrupt-mode` a socket with nothing to read (or no room to send)
+//!   gets an io_uring poll, whose completion wakes the reactor.
 //! * Commands live in per-connection slots (reused: no allocation per
 //!   command beyond the bdev layer's own I/O descriptor and data buffers).
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
@@ -160,6 +165,12 @@ type ConnRc = Rc<RefCell<Conn>>;
 
 thread_local! {
     static CONNS: RefCell<HashMap<u64, ConnRc>> = RefCell::new(HashMap::new());
+    /// The poller driving this reactor's connections (registered with the
+    /// first one).
+    static GROUP: RefCell<Option<reactor::Poller>> = const { RefCell::new(None) };
+    /// The group poller's working lists, kept to allocate nothing per poll.
+    static GROUP_SCRATCH: RefCell<(Vec<ConnRc>, Vec<libc::pollfd>)> =
+        const { RefCell::new((Vec::new(), Vec::new())) };
 }
 
 fn get_conn(id: u64) -> Option<ConnRc> {
@@ -271,7 +282,8 @@ impl Queue {
 
 pub struct Conn {
     id: u64,
-    fd: OwnedFd,
+    /// Shared with the io_uring polls armed on it, so the fd outlives them.
+    fd: Rc<OwnedFd>,
     reactor: u32,
     listen: ListenAddr,
     local_ip: String,
@@ -283,22 +295,23 @@ pub struct Conn {
     rx: Box<[u8]>,
     rx_start: usize,
     rx_end: usize,
-    recv_inflight: bool,
+    /// The last receive found nothing: busy-polling asks poll(2) first.
+    rx_idle: bool,
+    /// What is queued for the host: PDU bytes, with buffers sent without
+    /// copying in between ((position in `tx` they precede, buffer, length)).
     tx: Vec<u8>,
-    /// Buffers sent without copying: (position in `tx` they precede, buffer,
-    /// length).
     tx_bufs: Vec<(usize, DmaBuf, usize)>,
-    /// What the Send in flight (or the last one) carries.
-    tx_busy: Vec<u8>,
-    busy_bufs: Vec<(usize, DmaBuf, usize)>,
-    busy_len: usize,
-    /// Bytes of the busy batch already sent.
+    /// Bytes of the queue already sent (a partial send leaves the rest).
     tx_off: usize,
-    /// iovecs and msghdr of the SendMsg in flight (stable addresses).
+    /// The socket took less than offered: wait until it is writable.
+    tx_blocked: bool,
+    /// iovecs of the next sendmsg (kept to allocate nothing per send).
     iov: Vec<libc::iovec>,
-    msg: Box<libc::msghdr>,
-    send_inflight: bool,
-    flush_scheduled: bool,
+    /// The reactor sleeps when idle: arm io_uring polls for wakeups.
+    interrupt: bool,
+    /// An io_uring poll for POLLIN / POLLOUT is in flight.
+    armed_in: Rc<Cell<bool>>,
+    armed_out: Rc<Cell<bool>>,
     q: Option<Queue>,
     slots: Vec<Slot>,
     free: Vec<u16>,
@@ -335,7 +348,7 @@ fn start_conn(fd: OwnedFd, listen: ListenAddr) {
     });
     let c = Conn {
         id,
-        fd,
+        fd: Rc::new(fd),
         reactor: r,
         listen,
         local_ip,
@@ -347,18 +360,15 @@ fn start_conn(fd: OwnedFd, listen: ListenAddr) {
         rx: vec![0u8; RX_BUF].into_boxed_slice(),
         rx_start: 0,
         rx_end: 0,
-        recv_inflight: false,
+        rx_idle: true,
         tx: Vec::with_capacity(64 * 1024),
         tx_bufs: Vec::with_capacity(64),
-        tx_busy: Vec::with_capacity(64 * 1024),
-        busy_bufs: Vec::with_capacity(64),
-        busy_len: 0,
         tx_off: 0,
+        tx_blocked: false,
         iov: Vec::with_capacity(MAX_IOV),
-        // SAFETY: msghdr is plain data; all-zero is a valid empty header.
-        msg: Box::new(unsafe { std::mem::zeroed() }),
-        send_inflight: false,
-        flush_scheduled: false,
+        interrupt: reactor::is_interrupt_mode(),
+        armed_in: Rc::new(Cell::new(false)),
+        armed_out: Rc::new(Cell::new(false)),
         q: None,
         slots: Vec::new(),
         free: Vec::new(),
@@ -374,7 +384,10 @@ fn start_conn(fd: OwnedFd, listen: ListenAddr) {
         .fetch_add(1, Ordering::Relaxed);
     let rc = Rc::new(RefCell::new(c));
     CONNS.with(|m| m.borrow_mut().insert(id, rc.clone()));
-    arm_recv(&rc);
+    GROUP.with(|g| {
+        g.borrow_mut()
+            .get_or_insert_with(|| reactor::poller_register(Duration::ZERO, poll_group));
+    });
     // A host that never sends ICReq is dropped (Linux waits 10 s itself).
     let w = Rc::downgrade(&rc);
     reactor::set_timer(Duration::from_secs(30), move || {
@@ -387,98 +400,52 @@ fn start_conn(fd: OwnedFd, listen: ListenAddr) {
     });
 }
 
-fn arm_recv(rc: &ConnRc) {
-    let mut c = rc.borrow_mut();
-    if c.recv_inflight || c.phase == Phase::Closed || c.phase == Phase::Terminating {
-        return;
+/// This reactor's poll group: every connection receives and sends what it
+/// can without blocking. Busy-polling, the sockets that had nothing to do at
+/// the last look are asked first, all with one poll(2).
+fn poll_group() -> reactor::PollStatus {
+    let (mut conns, mut fds) = GROUP_SCRATCH.with(|g| std::mem::take(&mut *g.borrow_mut()));
+    CONNS.with(|m| conns.extend(m.borrow().values().cloned()));
+    let interrupt = reactor::is_interrupt_mode();
+    fds.clear();
+    if !interrupt {
+        fds.extend(conns.iter().map(|rc| rc.borrow().readiness_query()));
+        if !net::poll_now(&mut fds) && fds.iter().all(|p| p.fd >= 0) {
+            // Every socket was idle and still is.
+            conns.clear();
+            GROUP_SCRATCH.with(|g| *g.borrow_mut() = (conns, fds));
+            return reactor::PollStatus::Idle;
+        }
     }
-    if let Some(d) = c.direct.filter(|d| !d.digest_pending) {
-        let fd = c.fd.as_raw_fd();
-        let Some(b) = c.slots[d.slot].buf.as_mut() else {
-            c.close("direct receive without a buffer");
-            return;
-        };
-        let ptr = b.as_mut_slice()[d.off..d.end].as_mut_ptr();
-        let e = op::Recv::new(ty::Fd(fd), ptr, (d.end - d.off) as u32).build();
-        c.recv_inflight = true;
-        drop(c);
-        let rc2 = rc.clone();
-        // SAFETY: the slot's buffer is owned by the connection (kept alive by
-        // the callback) and stays in the slot while it awaits data: nothing
-        // takes or replaces it until this Recv completes.
-        unsafe { reactor::uring::submit(e, move |res| on_recv(&rc2, res)) };
-        return;
+    let mut busy = false;
+    for (k, rc) in conns.iter().enumerate() {
+        let revents = fds.get(k).map_or(0, |p| p.revents);
+        busy |= drive(rc, revents);
     }
-    if c.rx_start == c.rx_end {
-        c.rx_start = 0;
-        c.rx_end = 0;
-    } else if c.rx_end == c.rx.len() || c.rx.len() - c.rx_end < 4096 {
-        let (s, e) = (c.rx_start, c.rx_end);
-        c.rx.copy_within(s..e, 0);
-        c.rx_start = 0;
-        c.rx_end = e - s;
+    conns.clear();
+    GROUP_SCRATCH.with(|g| *g.borrow_mut() = (conns, fds));
+    if busy {
+        reactor::PollStatus::Busy
+    } else {
+        reactor::PollStatus::Idle
     }
-    let end = c.rx_end;
-    let room = c.rx.len() - end;
-    if room == 0 {
-        // Cannot happen: the buffer holds two maximal PDUs.
-        c.close("receive buffer full");
-        return;
-    }
-    let ptr = c.rx[end..].as_mut_ptr();
-    let e = op::Recv::new(ty::Fd(c.fd.as_raw_fd()), ptr, room as u32).build();
-    c.recv_inflight = true;
-    drop(c);
-    let rc2 = rc.clone();
-    // SAFETY: the buffer belongs to the connection, which the callback keeps
-    // alive; it is neither moved nor resized while the Recv is in flight.
-    unsafe { reactor::uring::submit(e, move |res| on_recv(&rc2, res)) };
 }
 
-fn on_recv(rc: &ConnRc, res: i32) {
-    {
-        let mut c = rc.borrow_mut();
-        c.recv_inflight = false;
-        if c.phase == Phase::Closed {
-            c.maybe_release();
-            return;
-        }
-        if res <= 0 {
-            if res == -libc::EINTR || res == -libc::EAGAIN {
-                drop(c);
-                arm_recv(rc);
-                return;
-            }
-            let why = if res == 0 {
-                "connection closed by host".to_string()
-            } else {
-                format!("recv failed: {}", std::io::Error::from_raw_os_error(-res))
-            };
-            c.close(&why);
-            return;
-        }
-        match c.direct {
-            Some(mut d) if !d.digest_pending => {
-                d.off += res as usize;
-                if d.off == d.end {
-                    if d.ddgst {
-                        d.digest_pending = true;
-                        c.direct = Some(d);
-                    } else if let Err(e) = c.direct_done(rc, None) {
-                        c.fatal(e, &[]);
-                    }
-                } else {
-                    c.direct = Some(d);
-                }
-                c.schedule_flush(rc);
-            }
-            _ => {
-                c.rx_end += res as usize;
-                process(rc, &mut c);
-            }
-        }
+/// One connection's turn in the poll group (`revents`: what poll(2) saw, if
+/// it was asked). True if anything moved.
+fn drive(rc: &ConnRc, revents: i16) -> bool {
+    let mut c = rc.borrow_mut();
+    let mut busy = false;
+    if c.may_receive(revents) {
+        busy |= c.receive(rc);
     }
-    arm_recv(rc);
+    if c.phase != Phase::Closed && c.tx_pending() > 0 && c.may_send(revents) {
+        busy |= c.send();
+    }
+    if c.phase == Phase::Terminating && c.tx_pending() == 0 {
+        c.close("termination request sent");
+    }
+    busy
 }
 
 fn process(rc: &ConnRc, c: &mut Conn) {
@@ -534,7 +501,6 @@ fn process(rc: &ConnRc, c: &mut Conn) {
         }
     }
     c.rx = rx;
-    c.schedule_flush(rc);
 }
 
 /// The TCP transport as the target sees it.
@@ -568,9 +534,7 @@ pub fn close_conn(id: u64, why: &str) {
 /// Deliver queued asynchronous events to pending AERs of connection `id`.
 pub fn deliver_events(id: u64) {
     if let Some(rc) = get_conn(id) {
-        let mut c = rc.borrow_mut();
-        c.deliver_events();
-        c.schedule_flush(&rc);
+        rc.borrow_mut().deliver_events();
     }
 }
 
@@ -579,18 +543,250 @@ impl Conn {
         self.q.as_ref().map_or(0, |q| q.qid)
     }
 
-    fn schedule_flush(&mut self, rc: &ConnRc) {
-        if self.flush_scheduled || self.send_inflight || self.tx.is_empty() {
+    /// The poll(2) entry for this socket in the poll group: what it waits
+    /// for (a negative fd when it has something to do without asking).
+    fn readiness_query(&self) -> libc::pollfd {
+        let mut events = 0;
+        if self.rx_idle {
+            events |= libc::POLLIN;
+        }
+        if self.tx_blocked {
+            events |= libc::POLLOUT;
+        }
+        let busy = !self.rx_idle || (self.tx_pending() > 0 && !self.tx_blocked);
+        libc::pollfd {
+            fd: if busy || events == 0 || self.phase == Phase::Closed {
+                -1
+            } else {
+                self.fd.as_raw_fd()
+            },
+            events,
+            revents: 0,
+        }
+    }
+
+    fn may_receive(&self, revents: i16) -> bool {
+        if self.phase != Phase::Ready && self.phase != Phase::WaitIcReq {
+            return false;
+        }
+        if self.interrupt {
+            !self.armed_in.get()
+        } else {
+            !self.rx_idle || revents & (libc::POLLIN | libc::POLLERR | libc::POLLHUP) != 0
+        }
+    }
+
+    fn may_send(&self, revents: i16) -> bool {
+        if self.interrupt {
+            !self.armed_out.get()
+        } else {
+            !self.tx_blocked || revents & (libc::POLLOUT | libc::POLLERR | libc::POLLHUP) != 0
+        }
+    }
+
+    /// In interrupt mode, have the reactor woken when the socket becomes
+    /// readable (`out` false) or writable (`out` true).
+    fn arm(&self, out: bool) {
+        if !self.interrupt || self.phase == Phase::Closed {
             return;
         }
-        self.flush_scheduled = true;
-        let rc = rc.clone();
-        // One send per reactor iteration gathers every response queued by
-        // this iteration's completions.
-        reactor::defer(move || {
-            rc.borrow_mut().flush_scheduled = false;
-            flush(&rc);
-        });
+        let flag = if out { &self.armed_out } else { &self.armed_in };
+        if flag.replace(true) {
+            return;
+        }
+        let (flag, fd) = (flag.clone(), self.fd.clone());
+        let ev = if out { libc::POLLOUT } else { libc::POLLIN };
+        let e = op::PollAdd::new(ty::Fd(fd.as_raw_fd()), ev as u32).build();
+        // SAFETY: a poll references no memory; the callback keeps the fd open
+        // until the poll completes (`close` shuts the socket down, which
+        // completes it).
+        unsafe {
+            reactor::uring::submit(e, move |_| {
+                flag.set(false);
+                drop(fd);
+            })
+        };
+    }
+
+    /// One non-blocking receive: into the receive buffer (then decode and
+    /// handle its PDUs), or straight into a command's buffer during a direct
+    /// H2CData receive. True if bytes came.
+    fn receive(&mut self, rc: &ConnRc) -> bool {
+        let room;
+        let r = match self.direct.filter(|d| !d.digest_pending) {
+            Some(d) => match self.slots[d.slot].buf.as_mut() {
+                Some(b) => {
+                    room = d.end - d.off;
+                    net::recv(&*self.fd, &mut b.as_mut_slice()[d.off..d.end])
+                }
+                None => {
+                    self.close("direct receive without a buffer");
+                    return false;
+                }
+            },
+            None => {
+                if self.rx_start == self.rx_end {
+                    self.rx_start = 0;
+                    self.rx_end = 0;
+                } else if self.rx.len() - self.rx_end < 4096 {
+                    let (s, e) = (self.rx_start, self.rx_end);
+                    self.rx.copy_within(s..e, 0);
+                    self.rx_start = 0;
+                    self.rx_end = e - s;
+                }
+                if self.rx_end == self.rx.len() {
+                    // Cannot happen: the buffer holds two maximal PDUs.
+                    self.close("receive buffer full");
+                    return false;
+                }
+                room = self.rx.len() - self.rx_end;
+                net::recv(&*self.fd, &mut self.rx[self.rx_end..])
+            }
+        };
+        let n = match r {
+            net::Xfer::Done(n) => n,
+            net::Xfer::WouldBlock => {
+                self.rx_idle = true;
+                self.arm(false);
+                return false;
+            }
+            net::Xfer::Closed => {
+                self.close("connection closed by host");
+                return false;
+            }
+            net::Xfer::Err(e) => {
+                self.close(&format!("recv failed: {e}"));
+                return false;
+            }
+        };
+        // Less than asked for: the socket is drained. Ask for readiness next
+        // time rather than make a recv that finds nothing.
+        self.rx_idle = n < room;
+        if self.rx_idle {
+            self.arm(false);
+        }
+        match self.direct {
+            Some(mut d) if !d.digest_pending => {
+                d.off += n;
+                if d.off < d.end {
+                    self.direct = Some(d);
+                } else if d.ddgst {
+                    d.digest_pending = true;
+                    self.direct = Some(d);
+                } else if let Err(e) = self.direct_done(rc, None) {
+                    self.fatal(e, &[]);
+                }
+            }
+            _ => {
+                self.rx_end += n;
+                process(rc, self);
+            }
+        }
+        true
+    }
+
+    /// Bytes queued for the host and not yet sent.
+    fn tx_pending(&self) -> usize {
+        self.tx.len() + self.tx_bufs.iter().map(|b| b.2).sum::<usize>() - self.tx_off
+    }
+
+    /// Send what is queued, in as few gathering sendmsg calls as the socket
+    /// takes; what it does not take stays queued (its buffers with it).
+    /// True if bytes went.
+    fn send(&mut self) -> bool {
+        let mut sent_any = false;
+        loop {
+            // iovecs for what is left of the queue, skipping `tx_off` bytes.
+            self.iov.clear();
+            let mut skip = self.tx_off;
+            let mut offered = 0;
+            let mut push = |iov: &mut Vec<libc::iovec>, sl: &[u8]| {
+                if skip >= sl.len() {
+                    skip -= sl.len();
+                    return;
+                }
+                if iov.len() < MAX_IOV {
+                    iov.push(libc::iovec {
+                        iov_base: sl[skip..].as_ptr() as *mut libc::c_void,
+                        iov_len: sl.len() - skip,
+                    });
+                    offered += sl.len() - skip;
+                }
+                skip = 0;
+            };
+            let mut prev = 0;
+            for (pos, b, n) in self.tx_bufs.iter() {
+                push(&mut self.iov, &self.tx[prev..*pos]);
+                push(&mut self.iov, &b.as_slice()[..*n]);
+                prev = *pos;
+            }
+            push(&mut self.iov, &self.tx[prev..]);
+            // SAFETY: the iovecs point into `tx` and the buffers of
+            // `tx_bufs`, which are neither changed nor dropped during the call.
+            let r = unsafe { net::sendv_raw(&*self.fd, &self.iov) };
+            match r {
+                net::Xfer::Done(n) => {
+                    sent_any = true;
+                    self.tx_off += n;
+                    if self.tx_pending() == 0 {
+                        // All sent: the buffers go back to the pool.
+                        self.tx.clear();
+                        self.tx_bufs.clear();
+                        self.tx_off = 0;
+                        self.tx_blocked = false;
+                        return true;
+                    }
+                    if n < offered {
+                        // The socket buffer is full.
+                        break;
+                    }
+                    // More iovecs than one sendmsg takes: go on.
+                }
+                net::Xfer::WouldBlock | net::Xfer::Closed => break,
+                net::Xfer::Err(e) => {
+                    self.close(&format!("send failed: {e}"));
+                    return sent_any;
+                }
+            }
+        }
+        self.tx_compact();
+        self.tx_blocked = true;
+        self.arm(true);
+        sent_any
+    }
+
+    /// Drop what a partial send sent from the head of the queue: its
+    /// buffers go back to the pool now, not once the queue drains (which a
+    /// host reading as fast as we queue may never let happen).
+    fn tx_compact(&mut self) {
+        let mut off = self.tx_off;
+        let (mut tx_cut, mut bufs_cut) = (0, 0);
+        let mut in_buf = false;
+        for (pos, _, n) in self.tx_bufs.iter() {
+            let run = pos - tx_cut;
+            if off < run {
+                break;
+            }
+            off -= run;
+            tx_cut = *pos;
+            if off < *n {
+                in_buf = true;
+                break;
+            }
+            off -= n;
+            bufs_cut += 1;
+        }
+        if !in_buf {
+            // The sent part ends in a run of PDU bytes.
+            tx_cut += off;
+            off = 0;
+        }
+        self.tx.drain(..tx_cut);
+        self.tx_bufs.drain(..bufs_cut);
+        for b in self.tx_bufs.iter_mut() {
+            b.0 -= tx_cut;
+        }
+        self.tx_off = off;
     }
 
     fn fatal(&mut self, e: PduError, hdr: &[u8]) {
@@ -644,21 +840,18 @@ impl Conn {
             self.detach_queue();
         }
         self.phase = Phase::Closed;
-        // Wakes any Recv/Send in flight.
-        net::shutdown(&self.fd);
-        self.maybe_release();
-    }
-
-    /// Drop the registry's reference once no io_uring op uses the buffers
-    /// (in-flight bdev I/O keeps its own reference).
-    fn maybe_release(&mut self) {
-        if self.phase == Phase::Closed && !self.recv_inflight && !self.send_inflight {
-            let id = self.id;
-            // Deferred: we may be inside a borrow of this very connection.
-            reactor::defer(move || {
-                CONNS.with(|m| m.borrow_mut().remove(&id));
-            });
-        }
+        // Completes the polls armed on the socket.
+        net::shutdown(&*self.fd);
+        // What was not sent is dropped (the buffers go back to the pool).
+        self.tx.clear();
+        self.tx_bufs.clear();
+        self.tx_off = 0;
+        // The registry's reference goes; in-flight bdev I/O keeps its own.
+        // Deferred: we may be inside a borrow of the registry.
+        let id = self.id;
+        reactor::defer(move || {
+            CONNS.with(|m| m.borrow_mut().remove(&id));
+        });
     }
 
     fn alloc_slot(&mut self) -> Result<usize, PduError> {
@@ -1355,91 +1548,10 @@ fn io_done(mut io: Box<BdevIo>) {
     }
     io.free();
     c.finish(i, Done::err(st));
-    c.schedule_flush(&rc);
 }
 
 /// At most this many iovecs per SendMsg (UIO_MAXIOV); the rest goes next.
 const MAX_IOV: usize = 1024;
-
-fn flush(rc: &ConnRc) {
-    let mut c = rc.borrow_mut();
-    if c.send_inflight {
-        return;
-    }
-    if c.phase == Phase::Closed {
-        c.maybe_release();
-        return;
-    }
-    let c = &mut *c;
-    if c.tx_off >= c.busy_len {
-        // Previous batch fully sent: its buffers go back to the pool.
-        c.busy_bufs.clear();
-        if c.tx.is_empty() {
-            if c.phase == Phase::Terminating {
-                c.close("termination request sent");
-            }
-            return;
-        }
-        std::mem::swap(&mut c.tx, &mut c.tx_busy);
-        std::mem::swap(&mut c.tx_bufs, &mut c.busy_bufs);
-        c.tx.clear();
-        c.tx_bufs.clear();
-        c.tx_off = 0;
-        c.busy_len = c.tx_busy.len() + c.busy_bufs.iter().map(|b| b.2).sum::<usize>();
-    }
-    // iovecs for what is left of the batch, skipping `tx_off` bytes.
-    c.iov.clear();
-    let mut skip = c.tx_off;
-    let mut prev = 0;
-    let mut push = |iov: &mut Vec<libc::iovec>, sl: &[u8]| {
-        if skip >= sl.len() {
-            skip -= sl.len();
-            return;
-        }
-        if iov.len() < MAX_IOV {
-            iov.push(libc::iovec {
-                iov_base: sl[skip..].as_ptr() as *mut libc::c_void,
-                iov_len: sl.len() - skip,
-            });
-        }
-        skip = 0;
-    };
-    for (pos, b, n) in c.busy_bufs.iter() {
-        push(&mut c.iov, &c.tx_busy[prev..*pos]);
-        push(&mut c.iov, &b.as_slice()[..*n]);
-        prev = *pos;
-    }
-    push(&mut c.iov, &c.tx_busy[prev..]);
-    c.msg.msg_iov = c.iov.as_mut_ptr();
-    c.msg.msg_iovlen = c.iov.len() as _;
-    let e = op::SendMsg::new(ty::Fd(c.fd.as_raw_fd()), &*c.msg as *const libc::msghdr)
-        .flags(libc::MSG_NOSIGNAL as u32)
-        .build();
-    c.send_inflight = true;
-    let rc2 = rc.clone();
-    // SAFETY: `msg`, `iov`, `tx_busy` and `busy_bufs` (which the iovecs point
-    // into) are not touched while the SendMsg is in flight: new output goes
-    // to `tx`/`tx_bufs`, and the callback keeps the connection alive.
-    unsafe {
-        reactor::uring::submit(e, move |res| {
-            {
-                let mut c = rc2.borrow_mut();
-                c.send_inflight = false;
-                if res < 0 {
-                    if res != -libc::EINTR && res != -libc::EAGAIN {
-                        let why =
-                            format!("send failed: {}", std::io::Error::from_raw_os_error(-res));
-                        c.close(&why);
-                        return;
-                    }
-                } else {
-                    c.tx_off += res as usize;
-                }
-            }
-            flush(&rc2);
-        });
-    }
-}
 
 /// The connections of this reactor as JSON for `nvmf_subsystem_get_qpairs`.
 pub fn local_qpairs(nqn: &str) -> Vec<serde_json::Value> {
