@@ -1,5 +1,5 @@
 //! The TCP transport: listeners, and connections (queue pairs) as state
-//! machines driven by the reactor's io_uring.
+//! machines driven by their reactor's poll group.
 //!
 //! * A listener accepts on reactor 0 (io_uring Accept) and hands each new
 //!   socket to a reactor, round-robin (SPDK's poll-group assignment). Each
@@ -14,8 +14,9 @@
 //!   its lock every time and holds up the kernel's receive path); in
 //!   `--interrupt-mode` a socket with nothing to read (or no room to send)
 //!   gets an io_uring poll, whose completion wakes the reactor.
-//! * Commands live in per-connection slots (reused: no allocation per
-//!   command beyond the bdev layer's own I/O descriptor and data buffers).
+//! * Commands live in per-connection slots (reused); their bdev I/Os come
+//!   from the reactor's descriptor cache and complete through a function
+//!   (`BdevIo::with_fn`): no allocation per command beyond data buffers.
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
@@ -280,6 +281,121 @@ impl Queue {
     }
 }
 
+/// What a connection has queued for its host, in order: PDU bytes, with
+/// buffers sent in place (no copy) between them, and how much of it the
+/// socket already took.
+struct TxQueue {
+    bytes: Vec<u8>,
+    /// (position in `bytes` the buffer precedes, buffer, its length to send)
+    bufs: Vec<(usize, DmaBuf, usize)>,
+    /// Bytes of the queue already sent.
+    off: usize,
+}
+
+impl Default for TxQueue {
+    fn default() -> Self {
+        TxQueue {
+            bytes: Vec::with_capacity(64 * 1024),
+            bufs: Vec::with_capacity(64),
+            off: 0,
+        }
+    }
+}
+
+impl TxQueue {
+    /// Queue the first `n` bytes of `b` after the bytes queued so far.
+    fn push_buf(&mut self, b: DmaBuf, n: usize) {
+        self.bufs.push((self.bytes.len(), b, n));
+    }
+
+    /// Bytes queued and not yet sent.
+    fn pending(&self) -> usize {
+        self.bytes.len() + self.bufs.iter().map(|b| b.2).sum::<usize>() - self.off
+    }
+
+    /// Fill `iov` with what is left to send (at most [`MAX_IOV`] entries);
+    /// returns the bytes they cover. They point into the queue: valid until
+    /// it next changes.
+    fn iovecs(&self, iov: &mut Vec<libc::iovec>) -> usize {
+        iov.clear();
+        let mut skip = self.off;
+        let mut offered = 0;
+        let mut push = |iov: &mut Vec<libc::iovec>, sl: &[u8]| {
+            if skip >= sl.len() {
+                skip -= sl.len();
+                return;
+            }
+            if iov.len() < MAX_IOV {
+                iov.push(libc::iovec {
+                    iov_base: sl[skip..].as_ptr() as *mut libc::c_void,
+                    iov_len: sl.len() - skip,
+                });
+                offered += sl.len() - skip;
+            }
+            skip = 0;
+        };
+        let mut prev = 0;
+        for (pos, b, n) in self.bufs.iter() {
+            push(iov, &self.bytes[prev..*pos]);
+            push(iov, &b.as_slice()[..*n]);
+            prev = *pos;
+        }
+        push(iov, &self.bytes[prev..]);
+        offered
+    }
+
+    /// `n` more bytes were sent; true (and the queue emptied, its buffers
+    /// back to the pool) when that was all of it.
+    fn advance(&mut self, n: usize) -> bool {
+        self.off += n;
+        if self.pending() > 0 {
+            return false;
+        }
+        self.clear();
+        true
+    }
+
+    fn clear(&mut self) {
+        self.bytes.clear();
+        self.bufs.clear();
+        self.off = 0;
+    }
+
+    /// Drop what was sent from the head of the queue: its buffers go back
+    /// to the pool now, not once the queue drains (which a host reading as
+    /// fast as we queue may never let happen).
+    fn compact(&mut self) {
+        let mut off = self.off;
+        let (mut cut, mut bufs_cut) = (0, 0);
+        let mut in_buf = false;
+        for (pos, _, n) in self.bufs.iter() {
+            let run = pos - cut;
+            if off < run {
+                break;
+            }
+            off -= run;
+            cut = *pos;
+            if off < *n {
+                in_buf = true;
+                break;
+            }
+            off -= n;
+            bufs_cut += 1;
+        }
+        if !in_buf {
+            // The sent part ends in a run of PDU bytes.
+            cut += off;
+            off = 0;
+        }
+        self.bytes.drain(..cut);
+        self.bufs.drain(..bufs_cut);
+        for b in self.bufs.iter_mut() {
+            b.0 -= cut;
+        }
+        self.off = off;
+    }
+}
+
 pub struct Conn {
     id: u64,
     /// Shared with the io_uring polls armed on it, so the fd outlives them.
@@ -297,12 +413,8 @@ pub struct Conn {
     rx_end: usize,
     /// The last receive found nothing: busy-polling asks poll(2) first.
     rx_idle: bool,
-    /// What is queued for the host: PDU bytes, with buffers sent without
-    /// copying in between ((position in `tx` they precede, buffer, length)).
-    tx: Vec<u8>,
-    tx_bufs: Vec<(usize, DmaBuf, usize)>,
-    /// Bytes of the queue already sent (a partial send leaves the rest).
-    tx_off: usize,
+    /// What is queued for the host.
+    tx: TxQueue,
     /// The socket took less than offered: wait until it is writable.
     tx_blocked: bool,
     /// iovecs of the next sendmsg (kept to allocate nothing per send).
@@ -361,9 +473,7 @@ fn start_conn(fd: OwnedFd, listen: ListenAddr) {
         rx_start: 0,
         rx_end: 0,
         rx_idle: true,
-        tx: Vec::with_capacity(64 * 1024),
-        tx_bufs: Vec::with_capacity(64),
-        tx_off: 0,
+        tx: TxQueue::default(),
         tx_blocked: false,
         iov: Vec::with_capacity(MAX_IOV),
         interrupt: reactor::is_interrupt_mode(),
@@ -685,9 +795,8 @@ impl Conn {
         true
     }
 
-    /// Bytes queued for the host and not yet sent.
     fn tx_pending(&self) -> usize {
-        self.tx.len() + self.tx_bufs.iter().map(|b| b.2).sum::<usize>() - self.tx_off
+        self.tx.pending()
     }
 
     /// Send what is queued, in as few gathering sendmsg calls as the socket
@@ -696,43 +805,14 @@ impl Conn {
     fn send(&mut self) -> bool {
         let mut sent_any = false;
         loop {
-            // iovecs for what is left of the queue, skipping `tx_off` bytes.
-            self.iov.clear();
-            let mut skip = self.tx_off;
-            let mut offered = 0;
-            let mut push = |iov: &mut Vec<libc::iovec>, sl: &[u8]| {
-                if skip >= sl.len() {
-                    skip -= sl.len();
-                    return;
-                }
-                if iov.len() < MAX_IOV {
-                    iov.push(libc::iovec {
-                        iov_base: sl[skip..].as_ptr() as *mut libc::c_void,
-                        iov_len: sl.len() - skip,
-                    });
-                    offered += sl.len() - skip;
-                }
-                skip = 0;
-            };
-            let mut prev = 0;
-            for (pos, b, n) in self.tx_bufs.iter() {
-                push(&mut self.iov, &self.tx[prev..*pos]);
-                push(&mut self.iov, &b.as_slice()[..*n]);
-                prev = *pos;
-            }
-            push(&mut self.iov, &self.tx[prev..]);
-            // SAFETY: the iovecs point into `tx` and the buffers of
-            // `tx_bufs`, which are neither changed nor dropped during the call.
+            let offered = self.tx.iovecs(&mut self.iov);
+            // SAFETY: the iovecs point into the queue's bytes and buffers,
+            // which are neither changed nor dropped during the call.
             let r = unsafe { net::sendv_raw(&*self.fd, &self.iov) };
             match r {
                 net::Xfer::Done(n) => {
                     sent_any = true;
-                    self.tx_off += n;
-                    if self.tx_pending() == 0 {
-                        // All sent: the buffers go back to the pool.
-                        self.tx.clear();
-                        self.tx_bufs.clear();
-                        self.tx_off = 0;
+                    if self.tx.advance(n) {
                         self.tx_blocked = false;
                         return true;
                     }
@@ -749,44 +829,10 @@ impl Conn {
                 }
             }
         }
-        self.tx_compact();
+        self.tx.compact();
         self.tx_blocked = true;
         self.arm(true);
         sent_any
-    }
-
-    /// Drop what a partial send sent from the head of the queue: its
-    /// buffers go back to the pool now, not once the queue drains (which a
-    /// host reading as fast as we queue may never let happen).
-    fn tx_compact(&mut self) {
-        let mut off = self.tx_off;
-        let (mut tx_cut, mut bufs_cut) = (0, 0);
-        let mut in_buf = false;
-        for (pos, _, n) in self.tx_bufs.iter() {
-            let run = pos - tx_cut;
-            if off < run {
-                break;
-            }
-            off -= run;
-            tx_cut = *pos;
-            if off < *n {
-                in_buf = true;
-                break;
-            }
-            off -= n;
-            bufs_cut += 1;
-        }
-        if !in_buf {
-            // The sent part ends in a run of PDU bytes.
-            tx_cut += off;
-            off = 0;
-        }
-        self.tx.drain(..tx_cut);
-        self.tx_bufs.drain(..bufs_cut);
-        for b in self.tx_bufs.iter_mut() {
-            b.0 -= tx_cut;
-        }
-        self.tx_off = off;
     }
 
     fn fatal(&mut self, e: PduError, hdr: &[u8]) {
@@ -794,7 +840,7 @@ impl Conn {
         if self.phase == Phase::Closed || self.phase == Phase::Terminating {
             return;
         }
-        Encoder::term_req(&mut self.tx, true, e.fes, e.fei, hdr);
+        Encoder::term_req(&mut self.tx.bytes, true, e.fes, e.fei, hdr);
         self.phase = Phase::Terminating;
         self.detach_queue();
         // Give the host a moment to read the TermReq, then close anyway.
@@ -844,8 +890,6 @@ impl Conn {
         net::shutdown(&*self.fd);
         // What was not sent is dropped (the buffers go back to the pool).
         self.tx.clear();
-        self.tx_bufs.clear();
-        self.tx_off = 0;
         // The registry's reference goes; in-flight bdev I/O keeps its own.
         // Deferred: we may be inside a borrow of the registry.
         let id = self.id;
@@ -888,7 +932,7 @@ impl Conn {
                 };
                 self.max_r2t = ic.maxr2t.saturating_add(1);
                 Encoder::icresp(
-                    &mut self.tx,
+                    &mut self.tx.bytes,
                     &IcResp {
                         pfv: 0,
                         cpda: 0,
@@ -1026,7 +1070,7 @@ impl Conn {
                         r2to: 0,
                         r2tl: len,
                     };
-                    self.enc.r2t(&mut self.tx, &r);
+                    self.enc.r2t(&mut self.tx.bytes, &r);
                 } else {
                     self.execute(rc, i);
                 }
@@ -1250,15 +1294,15 @@ impl Conn {
                     success,
                 };
                 match (&d.data, buf) {
-                    (Some(v), _) => self.enc.data_pdu(&mut self.tx, true, &h, &v[..n]),
+                    (Some(v), _) => self.enc.data_pdu(&mut self.tx.bytes, true, &h, &v[..n]),
                     (None, Some(b)) => {
                         // Zero copy: the bdev's buffer goes out as its own
                         // iovec between the header and the digest.
-                        self.enc.data_header(&mut self.tx, true, &h);
+                        self.enc.data_header(&mut self.tx.bytes, true, &h);
                         let digest = self.enc.ddgst.then(|| pdu::crc32c(&b.as_slice()[..n]));
-                        self.tx_bufs.push((self.tx.len(), b, n));
+                        self.tx.push_buf(b, n);
                         if let Some(dg) = digest {
-                            self.tx.extend_from_slice(&dg.to_le_bytes());
+                            self.tx.bytes.extend_from_slice(&dg.to_le_bytes());
                         }
                     }
                     (None, None) => {}
@@ -1278,7 +1322,7 @@ impl Conn {
                 cid: sqe.cid,
                 status: d.status,
             };
-            self.enc.capsule_resp(&mut self.tx, &cqe);
+            self.enc.capsule_resp(&mut self.tx.bytes, &cqe);
         }
         if qid != 0 {
             stats(self.reactor)
@@ -1550,7 +1594,7 @@ fn io_done(mut io: Box<BdevIo>) {
     c.finish(i, Done::err(st));
 }
 
-/// At most this many iovecs per SendMsg (UIO_MAXIOV); the rest goes next.
+/// At most this many iovecs per sendmsg (UIO_MAXIOV); the rest goes next.
 const MAX_IOV: usize = 1024;
 
 /// The connections of this reactor as JSON for `nvmf_subsystem_get_qpairs`.
@@ -1582,4 +1626,99 @@ pub fn local_qpairs(nqn: &str) -> Vec<serde_json::Value> {
             })
             .collect()
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A queue of PDU bytes and buffers, with the byte stream it stands for.
+    fn queue() -> (TxQueue, Vec<u8>) {
+        let mut q = TxQueue::default();
+        let mut want = Vec::new();
+        let mut tag = 0u8;
+        let mut bytes = |q: &mut TxQueue, want: &mut Vec<u8>, n: usize| {
+            for _ in 0..n {
+                tag = tag.wrapping_add(1);
+                q.bytes.push(tag);
+                want.push(tag);
+            }
+        };
+        for (hdr, buf, tail) in [(24, 100, 4), (16, 0, 0), (24, 37, 0), (0, 5, 16)] {
+            bytes(&mut q, &mut want, hdr);
+            if buf > 0 {
+                let mut b = DmaBuf::new(buf + 3);
+                for (i, x) in b.as_mut_slice().iter_mut().enumerate() {
+                    *x = 0x80 | i as u8;
+                }
+                want.extend_from_slice(&b.as_slice()[..buf]);
+                q.push_buf(b, buf);
+            }
+            bytes(&mut q, &mut want, tail);
+        }
+        (q, want)
+    }
+
+    fn gathered(q: &TxQueue) -> Vec<u8> {
+        let mut iov = Vec::new();
+        let n = q.iovecs(&mut iov);
+        let mut out = Vec::new();
+        for v in &iov {
+            // SAFETY: the iovecs point into `q`, alive and unchanged here.
+            out.extend_from_slice(unsafe {
+                std::slice::from_raw_parts(v.iov_base as *const u8, v.iov_len)
+            });
+        }
+        assert_eq!(out.len(), n);
+        out
+    }
+
+    #[test]
+    fn partial_sends_resume_where_they_stopped() {
+        let (q, want) = queue();
+        assert_eq!(gathered(&q), want);
+        // Every split point, twice over (in a header run, a buffer, a
+        // digest, the tail), with and without compaction in between.
+        for a in 0..=want.len() {
+            for b in [0, 1, 7, 40] {
+                for compact in [false, true] {
+                    let (mut q, _) = queue();
+                    let bufs = q.bufs.len();
+                    let done = q.advance(a);
+                    assert_eq!(done, a == want.len());
+                    if compact {
+                        q.compact();
+                        // Buffers wholly sent are gone; the rest stay.
+                        assert!(q.bufs.len() <= bufs);
+                    }
+                    assert_eq!(gathered(&q), want[a..], "after {a}");
+                    assert_eq!(q.pending(), want.len() - a);
+                    let b = b.min(want.len() - a);
+                    q.advance(b);
+                    if compact {
+                        q.compact();
+                    }
+                    assert_eq!(gathered(&q), want[a + b..], "after {a} + {b}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn compaction_frees_sent_buffers_and_keeps_order() {
+        let (mut q, want) = queue();
+        // Past the first buffer (24 + 100 bytes) and into the next run.
+        q.advance(130);
+        q.compact();
+        assert_eq!(q.bufs.len(), 2);
+        assert_eq!(q.off, 0);
+        assert_eq!(gathered(&q), want[130..]);
+        // New output after a compaction goes after what is left.
+        q.bytes.extend_from_slice(b"more");
+        let mut w = want[130..].to_vec();
+        w.extend_from_slice(b"more");
+        assert_eq!(gathered(&q), w);
+        assert!(q.advance(w.len()));
+        assert!(q.bytes.is_empty() && q.bufs.is_empty() && q.off == 0);
+    }
 }
