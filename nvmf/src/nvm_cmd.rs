@@ -2,10 +2,10 @@
 //! turned into bdev I/O on a namespace's channel, for any transport.
 //!
 //! The transport owns the command's data buffer and its completion: it calls
-//! [`submit`] with the buffer it received (writes, DSM ranges), and each bdev
-//! I/O completes through the [`Completion`] it passes (a function and its
-//! context, so a command allocates nothing); [`status_of`] maps the bdev's
-//! status to an NVMe status.
+//! [`submit`] with a [`Command`] holding the buffer it received (writes, DSM
+//! ranges), and each bdev I/O completes through the [`Completion`] it passes
+//! (a function and its context, so a command allocates nothing);
+//! [`status_of`] maps the bdev's status to an NVMe status.
 
 use std::any::Any;
 use std::rc::Rc;
@@ -62,30 +62,34 @@ pub fn is_supported(opc: u8) -> bool {
     )
 }
 
-/// Submit the NVM command `sqe` to namespace `ns` through `ch`.
-///
-/// `data` is the host's data for the command (taken by writes and DSM),
-/// `data_len` the transfer length its SGL announced, `max_xfer` the
-/// transport's largest transfer. Read data comes back in the completed I/O's
-/// buffer.
-pub fn submit(
-    sqe: &Sqe,
-    ns: &Namespace,
-    ch: &IoChannel,
-    data: &mut Option<DmaBuf>,
-    data_len: u32,
-    max_xfer: u32,
-    done: &Completion,
-) -> Submitted {
-    let r = match sqe.opc {
-        nvm::READ | nvm::WRITE => read_write(sqe, ns, ch, data, data_len, max_xfer, done),
-        nvm::FLUSH if !ns.bdev.io_type_supported(IoType::Flush) => Ok(0),
+/// An NVM command to execute, with what it needs.
+pub struct Command<'a> {
+    pub sqe: &'a Sqe,
+    pub ns: &'a Namespace,
+    /// The namespace's channel on this reactor.
+    pub ch: &'a IoChannel,
+    /// The host's data for the command (taken by writes and DSM).
+    pub data: &'a mut Option<DmaBuf>,
+    /// The transfer length the command's SGL announced.
+    pub data_len: u32,
+    /// The transport's largest transfer.
+    pub max_xfer: u32,
+    pub done: &'a Completion,
+}
+
+/// Submit an NVM command to its namespace. Read data comes back in the
+/// completed I/O's buffer.
+pub fn submit(mut c: Command<'_>) -> Submitted {
+    let r = match c.sqe.opc {
+        nvm::READ | nvm::WRITE => read_write(&mut c),
+        nvm::FLUSH if !c.ns.bdev.io_type_supported(IoType::Flush) => Ok(0),
         nvm::FLUSH => {
-            ch.submit(done.io(IoType::Flush, 0, ns.num_blocks(), None));
+            let io = c.done.io(IoType::Flush, 0, c.ns.num_blocks(), None);
+            c.ch.submit(io);
             Ok(1)
         }
-        nvm::WRITE_ZEROES => write_zeroes(sqe, ns, ch, done),
-        nvm::DATASET_MANAGEMENT => deallocate(sqe, ns, ch, data, data_len, done),
+        nvm::WRITE_ZEROES => write_zeroes(&c),
+        nvm::DATASET_MANAGEMENT => deallocate(&mut c),
         _ => Err(Status::generic(sc::INVALID_OPCODE)),
     };
     match r {
@@ -99,68 +103,56 @@ pub fn submit(
 /// or the status to complete the command with at once.
 type Issued = Result<u32, Status>;
 
-fn read_write(
-    sqe: &Sqe,
-    ns: &Namespace,
-    ch: &IoChannel,
-    data: &mut Option<DmaBuf>,
-    data_len: u32,
-    max_xfer: u32,
-    done: &Completion,
-) -> Issued {
+fn read_write(c: &mut Command<'_>) -> Issued {
+    let (sqe, ns) = (c.sqe, c.ns);
     let (slba, nlb) = lba_range(sqe, ns)?;
     let need = nlb * ns.block_size as u64;
-    if need > data_len as u64 {
+    if need > c.data_len as u64 {
         return Err(Status::generic(sc::DATA_SGL_LENGTH_INVALID));
     }
-    if need > max_xfer as u64 {
+    if need > c.max_xfer as u64 {
         return Err(Status::generic(sc::INVALID_FIELD));
     }
     let mut io = if sqe.opc == nvm::READ {
-        done.io(IoType::Read, slba, nlb, Some(DmaBuf::new(need as usize)))
+        c.done
+            .io(IoType::Read, slba, nlb, Some(DmaBuf::new(need as usize)))
     } else {
-        let Some(buf) = data.take() else {
+        let Some(buf) = c.data.take() else {
             return Err(Status::generic(sc::DATA_SGL_LENGTH_INVALID));
         };
-        done.io(IoType::Write, slba, nlb, Some(buf))
+        c.done.io(IoType::Write, slba, nlb, Some(buf))
     };
     io.fua = sqe.opc == nvm::WRITE && sqe.fua();
-    ch.submit(io);
+    c.ch.submit(io);
     Ok(1)
 }
 
-fn write_zeroes(sqe: &Sqe, ns: &Namespace, ch: &IoChannel, done: &Completion) -> Issued {
-    let (slba, nlb) = lba_range(sqe, ns)?;
-    let bytes = nlb * ns.block_size as u64;
-    let io = if ns.bdev.io_type_supported(IoType::WriteZeroes) {
-        done.io(IoType::WriteZeroes, slba, nlb, None)
+fn write_zeroes(c: &Command<'_>) -> Issued {
+    let (slba, nlb) = lba_range(c.sqe, c.ns)?;
+    let bytes = nlb * c.ns.block_size as u64;
+    let io = if c.ns.bdev.io_type_supported(IoType::WriteZeroes) {
+        c.done.io(IoType::WriteZeroes, slba, nlb, None)
     } else if bytes <= ZEROES_BY_WRITE_MAX {
         let zeroes = DmaBuf::zeroed(bytes as usize);
-        let mut io = done.io(IoType::Write, slba, nlb, Some(zeroes));
-        io.fua = sqe.fua();
+        let mut io = c.done.io(IoType::Write, slba, nlb, Some(zeroes));
+        io.fua = c.sqe.fua();
         io
     } else {
         return Err(Status::generic(sc::INVALID_FIELD));
     };
-    ch.submit(io);
+    c.ch.submit(io);
     Ok(1)
 }
 
 /// Dataset Management: deallocate ranges become unmaps (other attributes
 /// are hints we may ignore); empty ranges are skipped.
-fn deallocate(
-    sqe: &Sqe,
-    ns: &Namespace,
-    ch: &IoChannel,
-    data: &mut Option<DmaBuf>,
-    data_len: u32,
-    done: &Completion,
-) -> Issued {
+fn deallocate(c: &mut Command<'_>) -> Issued {
+    let (sqe, ns) = (c.sqe, c.ns);
     let nr = dsm::num_ranges(sqe.cdw10);
-    let Some(buf) = data.take() else {
+    let Some(buf) = c.data.take() else {
         return Err(Status::generic(sc::DATA_SGL_LENGTH_INVALID));
     };
-    if (data_len as usize) < nr * dsm::RANGE_SIZE {
+    if (c.data_len as usize) < nr * dsm::RANGE_SIZE {
         return Err(Status::generic(sc::DATA_SGL_LENGTH_INVALID));
     }
     if sqe.cdw11 & dsm::ATTR_DEALLOCATE == 0 || !ns.bdev.io_type_supported(IoType::Unmap) {
@@ -175,7 +167,7 @@ fn deallocate(
         }
     }
     for r in &ranges {
-        ch.submit(done.io(IoType::Unmap, r.slba, r.nlb as u64, None));
+        c.ch.submit(c.done.io(IoType::Unmap, r.slba, r.nlb as u64, None));
     }
     Ok(ranges.len() as u32)
 }

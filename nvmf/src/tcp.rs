@@ -1536,7 +1536,16 @@ impl Conn {
             .fetch_add(1, Ordering::Relaxed);
         let max_xfer = self.opts.max_xfer();
         let slot = &mut self.slots[i];
-        match nvm_cmd::submit(sqe, &ns, &ch, &mut slot.buf, slot.len, max_xfer, &done) {
+        let cmd = nvm_cmd::Command {
+            sqe,
+            ns: &ns,
+            ch: &ch,
+            data: &mut slot.buf,
+            data_len: slot.len,
+            max_xfer,
+            done: &done,
+        };
+        match nvm_cmd::submit(cmd) {
             nvm_cmd::Submitted::Pending(n) => slot.pending = n,
             nvm_cmd::Submitted::Now(st) => self.fail_pending(i, st),
         }
