@@ -890,12 +890,17 @@ impl Conn {
         net::shutdown(&*self.fd);
         // What was not sent is dropped (the buffers go back to the pool).
         self.tx.clear();
-        // The registry's reference goes; in-flight bdev I/O keeps its own.
-        // Deferred: we may be inside a borrow of the registry.
+        // The registry's reference goes (the caller holds another); in-flight
+        // bdev I/O keeps its own. Now, not later: a reactor stopping drops
+        // what its registry still holds only at thread exit. Deferred only
+        // from inside a borrow of the registry.
         let id = self.id;
-        reactor::defer(move || {
-            CONNS.with(|m| m.borrow_mut().remove(&id));
-        });
+        let removed = CONNS.with(|m| m.try_borrow_mut().map(|mut m| m.remove(&id)).is_ok());
+        if !removed {
+            reactor::defer(move || {
+                CONNS.with(|m| m.borrow_mut().remove(&id));
+            });
+        }
     }
 
     fn alloc_slot(&mut self) -> Result<usize, PduError> {
