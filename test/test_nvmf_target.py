@@ -568,6 +568,25 @@ def test_slow_reader_gets_every_read(tgt_factory, polling, digests):
     a.close()
 
 
+@pytest.mark.parametrize("polling", ["interrupt", "busy"])
+def test_stop_with_hosts_connected(tgt_factory, polling):
+    """SIGTERM while a host holds an admin and an I/O queue (the I/O queue
+    with a namespace channel open): the target exits 0, its connections
+    closed before the reactors stop."""
+    tgt = tgt_factory(busy=(polling == "busy"))
+    port = free_port()
+    setup_target(tgt, port)
+    a = P.admin_session(ADDR, port, NQN)
+    io = P.io_session(ADDR, port, NQN, a.cntlid)
+    data = os.urandom(4096)
+    io.write(1, 0, data)
+    assert io.read(1, 0, 8)[1] == data
+    tgt.stop("SIGTERM")
+    assert io.expect_eof() and a.expect_eof()
+    io.close()
+    a.close()
+
+
 def _term(port, payload, icreq=True, **kw):
     c = P.Conn(ADDR, port, **kw)
     if icreq:
