@@ -104,7 +104,7 @@ for rep in $(seq "$REPEAT"); do
         run "$name" "$WORK/local.json" -w "$1" -o "$2" -q "$3"
         printf "%-40s %12s %10s %10s\n" "local $1 $(( $2 / 1024 ))KiB QD$3" \
             "$(iops "$WORK/$name.out")" "$(mibs "$WORK/$name.out")" "$(p99 "$WORK/$name.out")"
-        echo "local $1-$2 $(iops "$WORK/$name.out") 0" >>"$RESULTS"
+        echo "local $1-$2 $(iops "$WORK/$name.out") -" >>"$RESULTS"
     done
     for build in "${BUILDS[@]}"; do
         if [ "$build" = this ]; then start_tgt "$TGT"; else start_tgt "$BENCH_BIN_DIR/clone_tgt"; fi
