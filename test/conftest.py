@@ -145,9 +145,12 @@ def short_tmpdir(prefix="ctgt-"):
 class Target:
     """One clone_tgt process serving JSON-RPC on `sock`."""
 
-    def __init__(self, workdir, args=(), sock=None, name="tgt", rpc_server=True, mask="0x1"):
+    def __init__(self, workdir, args=(), sock=None, name="tgt", rpc_server=True, mask="0x1",
+                 busy=False):
         self.workdir = Path(workdir)
         self.mask = mask
+        # Busy-polling, as in production (one core spins for the test's length).
+        self.busy = busy
         self.name = name
         self.sock = Path(sock) if sock else self.workdir / "spdk.sock"
         self._own_dir = None
@@ -166,7 +169,8 @@ class Target:
 
     @property
     def argv(self):
-        argv = [str(TGT_BIN), "--interrupt-mode", "-m", self.mask, "--no-huge"]
+        argv = [str(TGT_BIN)] + ([] if self.busy else ["--interrupt-mode"])
+        argv += ["-m", self.mask, "--no-huge"]
         if self.rpc_server:
             argv += ["-r", str(self.sock)]
         return argv + self.extra_args
@@ -383,14 +387,14 @@ def datadir():
 
 @pytest.fixture
 def tgt_factory(request, workdir):
-    """start(*extra_args, wait=True, sock=None, name=None, rpc_server=True, mask="0x1")
-    -> Target"""
+    """start(*extra_args, wait=True, sock=None, name=None, rpc_server=True, mask="0x1",
+    busy=False) -> Target"""
     started = []
     request.node._clone_targets = started
 
-    def start(*args, wait=True, sock=None, name=None, rpc_server=True, mask="0x1"):
+    def start(*args, wait=True, sock=None, name=None, rpc_server=True, mask="0x1", busy=False):
         t = Target(workdir, args=args, sock=sock, name=name or "tgt%d" % len(started),
-                   rpc_server=rpc_server, mask=mask)
+                   rpc_server=rpc_server, mask=mask, busy=busy)
         started.append(t)
         return t.start(wait=wait)
 

@@ -8,6 +8,7 @@ malformed PDUs and read the C2HTermReq that must come back.
 
 import socket
 import struct
+import time
 import uuid
 
 DISCOVERY_NQN = "nqn.2014-08.org.nvmexpress.discovery"
@@ -55,9 +56,18 @@ def sqe(opc, cid, nsid=0, sgl=(0, 0, 0x5A), cdw=(0, 0, 0, 0, 0, 0), flags=0x40):
 
 
 class Conn:
-    def __init__(self, addr, port, hdgst=False, ddgst=False, timeout=10.0):
-        self.s = socket.create_connection((addr, port), timeout=timeout)
+    def __init__(self, addr, port, hdgst=False, ddgst=False, timeout=10.0, rcvbuf=None):
+        if rcvbuf is None:
+            self.s = socket.create_connection((addr, port), timeout=timeout)
+        else:
+            # Set before connecting: the window offered to the target stays small.
+            self.s = socket.socket(socket.AF_INET6 if ":" in addr else socket.AF_INET)
+            self.s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+            self.s.settimeout(timeout)
+            self.s.connect((addr, port))
         self.s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        # (bytes per recv, pause before each): a host that reads slowly.
+        self.slow = None
         self.hdgst, self.ddgst = hdgst, ddgst
         self.cid = 0
         self.maxh2c = 0
@@ -76,7 +86,11 @@ class Conn:
     def recv_exact(self, n):
         out = b""
         while len(out) < n:
-            chunk = self.s.recv(n - len(out))
+            want = n - len(out)
+            if self.slow:
+                want = min(want, self.slow[0])
+                time.sleep(self.slow[1])
+            chunk = self.s.recv(want)
             if not chunk:
                 raise Closed("connection closed after %d of %d bytes" % (len(out), n))
             out += chunk

@@ -28,7 +28,9 @@ pub(crate) struct ChannelInner {
 impl Drop for ChannelInner {
     fn drop(&mut self) {
         self.bdev.stats.retire(&self.stat);
-        CHANNELS.with(|c| {
+        // `try_with`: a channel still held when its thread exits may be
+        // dropped after the registry's own thread-local is gone.
+        let _ = CHANNELS.try_with(|c| {
             if let Ok(mut c) = c.try_borrow_mut() {
                 if let Some(w) = c.get(&self.bdev.id) {
                     if w.strong_count() == 0 {

@@ -1,18 +1,24 @@
 //! The TCP transport: listeners, and connections (queue pairs) as state
-//! machines driven by the reactor's io_uring.
+//! machines driven by their reactor's poll group.
 //!
 //! * A listener accepts on reactor 0 (io_uring Accept) and hands each new
 //!   socket to a reactor, round-robin (SPDK's poll-group assignment). Each
 //!   queue is its own connection and lives on one reactor from then on.
-//! * A connection keeps one Recv in flight into its receive buffer, decodes
-//!   whole PDUs from it, and appends responses to a transmit buffer that is
-//!   sent once per reactor iteration (batched; one Send in flight). Both
-//!   complete through io_uring, so `--interrupt-mode` wakes on socket
-//!   readiness.
-//! * Commands live in per-connection slots (reused: no allocation per
-//!   command beyond the bdev layer's own I/O descriptor and data buffers).
+//! * Each reactor drives its connections from one poller (its poll group,
+//!   as SPDK's): per iteration, a connection receives what its socket holds
+//!   and decodes whole PDUs from it, and everything queued for the host
+//!   (responses, R2Ts, C2H data straight from the bdev's buffers) leaves in
+//!   one gathering sendmsg. Plain non-blocking recv/sendmsg: busy-polling,
+//!   sockets that were idle at the last look are asked first with one
+//!   poll(2) for the whole group (a recv spinning on an idle socket takes
+//!   its lock every time and holds up the kernel's receive path); in
+//!   `--interrupt-mode` a socket with nothing to read (or no room to send)
+//!   gets an io_uring poll, whose completion wakes the reactor.
+//! * Commands live in per-connection slots (reused); their bdev I/Os come
+//!   from the reactor's descriptor cache and complete through a function
+//!   (`BdevIo::with_fn`): no allocation per command beyond data buffers.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
@@ -160,6 +166,12 @@ type ConnRc = Rc<RefCell<Conn>>;
 
 thread_local! {
     static CONNS: RefCell<HashMap<u64, ConnRc>> = RefCell::new(HashMap::new());
+    /// The poller driving this reactor's connections (registered with the
+    /// first one).
+    static GROUP: RefCell<Option<reactor::Poller>> = const { RefCell::new(None) };
+    /// The group poller's working lists, kept to allocate nothing per poll.
+    static GROUP_SCRATCH: RefCell<(Vec<ConnRc>, Vec<libc::pollfd>)> =
+        const { RefCell::new((Vec::new(), Vec::new())) };
 }
 
 fn get_conn(id: u64) -> Option<ConnRc> {
@@ -269,9 +281,125 @@ impl Queue {
     }
 }
 
+/// What a connection has queued for its host, in order: PDU bytes, with
+/// buffers sent in place (no copy) between them, and how much of it the
+/// socket already took.
+struct TxQueue {
+    bytes: Vec<u8>,
+    /// (position in `bytes` the buffer precedes, buffer, its length to send)
+    bufs: Vec<(usize, DmaBuf, usize)>,
+    /// Bytes of the queue already sent.
+    off: usize,
+}
+
+impl Default for TxQueue {
+    fn default() -> Self {
+        TxQueue {
+            bytes: Vec::with_capacity(64 * 1024),
+            bufs: Vec::with_capacity(64),
+            off: 0,
+        }
+    }
+}
+
+impl TxQueue {
+    /// Queue the first `n` bytes of `b` after the bytes queued so far.
+    fn push_buf(&mut self, b: DmaBuf, n: usize) {
+        self.bufs.push((self.bytes.len(), b, n));
+    }
+
+    /// Bytes queued and not yet sent.
+    fn pending(&self) -> usize {
+        self.bytes.len() + self.bufs.iter().map(|b| b.2).sum::<usize>() - self.off
+    }
+
+    /// Fill `iov` with what is left to send (at most [`MAX_IOV`] entries);
+    /// returns the bytes they cover. They point into the queue: valid until
+    /// it next changes.
+    fn iovecs(&self, iov: &mut Vec<libc::iovec>) -> usize {
+        iov.clear();
+        let mut skip = self.off;
+        let mut offered = 0;
+        let mut push = |iov: &mut Vec<libc::iovec>, sl: &[u8]| {
+            if skip >= sl.len() {
+                skip -= sl.len();
+                return;
+            }
+            if iov.len() < MAX_IOV {
+                iov.push(libc::iovec {
+                    iov_base: sl[skip..].as_ptr() as *mut libc::c_void,
+                    iov_len: sl.len() - skip,
+                });
+                offered += sl.len() - skip;
+            }
+            skip = 0;
+        };
+        let mut prev = 0;
+        for (pos, b, n) in self.bufs.iter() {
+            push(iov, &self.bytes[prev..*pos]);
+            push(iov, &b.as_slice()[..*n]);
+            prev = *pos;
+        }
+        push(iov, &self.bytes[prev..]);
+        offered
+    }
+
+    /// `n` more bytes were sent; true (and the queue emptied, its buffers
+    /// back to the pool) when that was all of it.
+    fn advance(&mut self, n: usize) -> bool {
+        self.off += n;
+        if self.pending() > 0 {
+            return false;
+        }
+        self.clear();
+        true
+    }
+
+    fn clear(&mut self) {
+        self.bytes.clear();
+        self.bufs.clear();
+        self.off = 0;
+    }
+
+    /// Drop what was sent from the head of the queue: its buffers go back
+    /// to the pool now, not once the queue drains (which a host reading as
+    /// fast as we queue may never let happen).
+    fn compact(&mut self) {
+        let mut off = self.off;
+        let (mut cut, mut bufs_cut) = (0, 0);
+        let mut in_buf = false;
+        for (pos, _, n) in self.bufs.iter() {
+            let run = pos - cut;
+            if off < run {
+                break;
+            }
+            off -= run;
+            cut = *pos;
+            if off < *n {
+                in_buf = true;
+                break;
+            }
+            off -= n;
+            bufs_cut += 1;
+        }
+        if !in_buf {
+            // The sent part ends in a run of PDU bytes.
+            cut += off;
+            off = 0;
+        }
+        self.bytes.drain(..cut);
+        self.bufs.drain(..bufs_cut);
+        for b in self.bufs.iter_mut() {
+            b.0 -= cut;
+        }
+        self.off = off;
+    }
+}
+
 pub struct Conn {
     id: u64,
-    fd: OwnedFd,
+    /// Shared with the io_uring polls armed on it, so the fd outlives them.
+    fd: Rc<OwnedFd>,
     reactor: u32,
     listen: ListenAddr,
     local_ip: String,
@@ -283,22 +411,19 @@ pub struct Conn {
     rx: Box<[u8]>,
     rx_start: usize,
     rx_end: usize,
-    recv_inflight: bool,
-    tx: Vec<u8>,
-    /// Buffers sent without copying: (position in `tx` they precede, buffer,
-    /// length).
-    tx_bufs: Vec<(usize, DmaBuf, usize)>,
-    /// What the Send in flight (or the last one) carries.
-    tx_busy: Vec<u8>,
-    busy_bufs: Vec<(usize, DmaBuf, usize)>,
-    busy_len: usize,
-    /// Bytes of the busy batch already sent.
-    tx_off: usize,
-    /// iovecs and msghdr of the SendMsg in flight (stable addresses).
+    /// The last receive found nothing: busy-polling asks poll(2) first.
+    rx_idle: bool,
+    /// What is queued for the host.
+    tx: TxQueue,
+    /// The socket took less than offered: wait until it is writable.
+    tx_blocked: bool,
+    /// iovecs of the next sendmsg (kept to allocate nothing per send).
     iov: Vec<libc::iovec>,
-    msg: Box<libc::msghdr>,
-    send_inflight: bool,
-    flush_scheduled: bool,
+    /// The reactor sleeps when idle: arm io_uring polls for wakeups.
+    interrupt: bool,
+    /// An io_uring poll for POLLIN / POLLOUT is in flight.
+    armed_in: Rc<Cell<bool>>,
+    armed_out: Rc<Cell<bool>>,
     q: Option<Queue>,
     slots: Vec<Slot>,
     free: Vec<u16>,
@@ -335,7 +460,7 @@ fn start_conn(fd: OwnedFd, listen: ListenAddr) {
     });
     let c = Conn {
         id,
-        fd,
+        fd: Rc::new(fd),
         reactor: r,
         listen,
         local_ip,
@@ -347,18 +472,13 @@ fn start_conn(fd: OwnedFd, listen: ListenAddr) {
         rx: vec![0u8; RX_BUF].into_boxed_slice(),
         rx_start: 0,
         rx_end: 0,
-        recv_inflight: false,
-        tx: Vec::with_capacity(64 * 1024),
-        tx_bufs: Vec::with_capacity(64),
-        tx_busy: Vec::with_capacity(64 * 1024),
-        busy_bufs: Vec::with_capacity(64),
-        busy_len: 0,
-        tx_off: 0,
+        rx_idle: true,
+        tx: TxQueue::default(),
+        tx_blocked: false,
         iov: Vec::with_capacity(MAX_IOV),
-        // SAFETY: msghdr is plain data; all-zero is a valid empty header.
-        msg: Box::new(unsafe { std::mem::zeroed() }),
-        send_inflight: false,
-        flush_scheduled: false,
+        interrupt: reactor::is_interrupt_mode(),
+        armed_in: Rc::new(Cell::new(false)),
+        armed_out: Rc::new(Cell::new(false)),
         q: None,
         slots: Vec::new(),
         free: Vec::new(),
@@ -374,7 +494,10 @@ fn start_conn(fd: OwnedFd, listen: ListenAddr) {
         .fetch_add(1, Ordering::Relaxed);
     let rc = Rc::new(RefCell::new(c));
     CONNS.with(|m| m.borrow_mut().insert(id, rc.clone()));
-    arm_recv(&rc);
+    GROUP.with(|g| {
+        g.borrow_mut()
+            .get_or_insert_with(|| reactor::poller_register(Duration::ZERO, poll_group));
+    });
     // A host that never sends ICReq is dropped (Linux waits 10 s itself).
     let w = Rc::downgrade(&rc);
     reactor::set_timer(Duration::from_secs(30), move || {
@@ -387,98 +510,52 @@ fn start_conn(fd: OwnedFd, listen: ListenAddr) {
     });
 }
 
-fn arm_recv(rc: &ConnRc) {
-    let mut c = rc.borrow_mut();
-    if c.recv_inflight || c.phase == Phase::Closed || c.phase == Phase::Terminating {
-        return;
+/// This reactor's poll group: every connection receives and sends what it
+/// can without blocking. Busy-polling, the sockets that had nothing to do at
+/// the last look are asked first, all with one poll(2).
+fn poll_group() -> reactor::PollStatus {
+    let (mut conns, mut fds) = GROUP_SCRATCH.with(|g| std::mem::take(&mut *g.borrow_mut()));
+    CONNS.with(|m| conns.extend(m.borrow().values().cloned()));
+    let interrupt = reactor::is_interrupt_mode();
+    fds.clear();
+    if !interrupt {
+        fds.extend(conns.iter().map(|rc| rc.borrow().readiness_query()));
+        if !net::poll_now(&mut fds) && fds.iter().all(|p| p.fd >= 0) {
+            // Every socket was idle and still is.
+            conns.clear();
+            GROUP_SCRATCH.with(|g| *g.borrow_mut() = (conns, fds));
+            return reactor::PollStatus::Idle;
+        }
     }
-    if let Some(d) = c.direct.filter(|d| !d.digest_pending) {
-        let fd = c.fd.as_raw_fd();
-        let Some(b) = c.slots[d.slot].buf.as_mut() else {
-            c.close("direct receive without a buffer");
-            return;
-        };
-        let ptr = b.as_mut_slice()[d.off..d.end].as_mut_ptr();
-        let e = op::Recv::new(ty::Fd(fd), ptr, (d.end - d.off) as u32).build();
-        c.recv_inflight = true;
-        drop(c);
-        let rc2 = rc.clone();
-        // SAFETY: the slot's buffer is owned by the connection (kept alive by
-        // the callback) and stays in the slot while it awaits data: nothing
-        // takes or replaces it until this Recv completes.
-        unsafe { reactor::uring::submit(e, move |res| on_recv(&rc2, res)) };
-        return;
+    let mut busy = false;
+    for (k, rc) in conns.iter().enumerate() {
+        let revents = fds.get(k).map_or(0, |p| p.revents);
+        busy |= drive(rc, revents);
     }
-    if c.rx_start == c.rx_end {
-        c.rx_start = 0;
-        c.rx_end = 0;
-    } else if c.rx_end == c.rx.len() || c.rx.len() - c.rx_end < 4096 {
-        let (s, e) = (c.rx_start, c.rx_end);
-        c.rx.copy_within(s..e, 0);
-        c.rx_start = 0;
-        c.rx_end = e - s;
+    conns.clear();
+    GROUP_SCRATCH.with(|g| *g.borrow_mut() = (conns, fds));
+    if busy {
+        reactor::PollStatus::Busy
+    } else {
+        reactor::PollStatus::Idle
     }
-    let end = c.rx_end;
-    let room = c.rx.len() - end;
-    if room == 0 {
-        // Cannot happen: the buffer holds two maximal PDUs.
-        c.close("receive buffer full");
-        return;
-    }
-    let ptr = c.rx[end..].as_mut_ptr();
-    let e = op::Recv::new(ty::Fd(c.fd.as_raw_fd()), ptr, room as u32).build();
-    c.recv_inflight = true;
-    drop(c);
-    let rc2 = rc.clone();
-    // SAFETY: the buffer belongs to the connection, which the callback keeps
-    // alive; it is neither moved nor resized while the Recv is in flight.
-    unsafe { reactor::uring::submit(e, move |res| on_recv(&rc2, res)) };
 }
 
-fn on_recv(rc: &ConnRc, res: i32) {
-    {
-        let mut c = rc.borrow_mut();
-        c.recv_inflight = false;
-        if c.phase == Phase::Closed {
-            c.maybe_release();
-            return;
-        }
-        if res <= 0 {
-            if res == -libc::EINTR || res == -libc::EAGAIN {
-                drop(c);
-                arm_recv(rc);
-                return;
-            }
-            let why = if res == 0 {
-                "connection closed by host".to_string()
-            } else {
-                format!("recv failed: {}", std::io::Error::from_raw_os_error(-res))
-            };
-            c.close(&why);
-            return;
-        }
-        match c.direct {
-            Some(mut d) if !d.digest_pending => {
-                d.off += res as usize;
-                if d.off == d.end {
-                    if d.ddgst {
-                        d.digest_pending = true;
-                        c.direct = Some(d);
-                    } else if let Err(e) = c.direct_done(rc, None) {
-                        c.fatal(e, &[]);
-                    }
-                } else {
-                    c.direct = Some(d);
-                }
-                c.schedule_flush(rc);
-            }
-            _ => {
-                c.rx_end += res as usize;
-                process(rc, &mut c);
-            }
-        }
+/// One connection's turn in the poll group (`revents`: what poll(2) saw, if
+/// it was asked). True if anything moved.
+fn drive(rc: &ConnRc, revents: i16) -> bool {
+    let mut c = rc.borrow_mut();
+    let mut busy = false;
+    if c.may_receive(revents) {
+        busy |= c.receive(rc);
     }
-    arm_recv(rc);
+    if c.phase != Phase::Closed && c.tx_pending() > 0 && c.may_send(revents) {
+        busy |= c.send();
+    }
+    if c.phase == Phase::Terminating && c.tx_pending() == 0 {
+        c.close("termination request sent");
+    }
+    busy
 }
 
 fn process(rc: &ConnRc, c: &mut Conn) {
@@ -534,7 +611,6 @@ fn process(rc: &ConnRc, c: &mut Conn) {
         }
     }
     c.rx = rx;
-    c.schedule_flush(rc);
 }
 
 /// The TCP transport as the target sees it.
@@ -568,9 +644,7 @@ pub fn close_conn(id: u64, why: &str) {
 /// Deliver queued asynchronous events to pending AERs of connection `id`.
 pub fn deliver_events(id: u64) {
     if let Some(rc) = get_conn(id) {
-        let mut c = rc.borrow_mut();
-        c.deliver_events();
-        c.schedule_flush(&rc);
+        rc.borrow_mut().deliver_events();
     }
 }
 
@@ -579,18 +653,186 @@ impl Conn {
         self.q.as_ref().map_or(0, |q| q.qid)
     }
 
-    fn schedule_flush(&mut self, rc: &ConnRc) {
-        if self.flush_scheduled || self.send_inflight || self.tx.is_empty() {
+    /// The poll(2) entry for this socket in the poll group: what it waits
+    /// for (a negative fd when it has something to do without asking).
+    fn readiness_query(&self) -> libc::pollfd {
+        let mut events = 0;
+        if self.rx_idle {
+            events |= libc::POLLIN;
+        }
+        if self.tx_blocked {
+            events |= libc::POLLOUT;
+        }
+        let busy = !self.rx_idle || (self.tx_pending() > 0 && !self.tx_blocked);
+        libc::pollfd {
+            fd: if busy || events == 0 || self.phase == Phase::Closed {
+                -1
+            } else {
+                self.fd.as_raw_fd()
+            },
+            events,
+            revents: 0,
+        }
+    }
+
+    fn may_receive(&self, revents: i16) -> bool {
+        if self.phase != Phase::Ready && self.phase != Phase::WaitIcReq {
+            return false;
+        }
+        if self.interrupt {
+            !self.armed_in.get()
+        } else {
+            !self.rx_idle || revents & (libc::POLLIN | libc::POLLERR | libc::POLLHUP) != 0
+        }
+    }
+
+    fn may_send(&self, revents: i16) -> bool {
+        if self.interrupt {
+            !self.armed_out.get()
+        } else {
+            !self.tx_blocked || revents & (libc::POLLOUT | libc::POLLERR | libc::POLLHUP) != 0
+        }
+    }
+
+    /// In interrupt mode, have the reactor woken when the socket becomes
+    /// readable (`out` false) or writable (`out` true).
+    fn arm(&self, out: bool) {
+        if !self.interrupt || self.phase == Phase::Closed {
             return;
         }
-        self.flush_scheduled = true;
-        let rc = rc.clone();
-        // One send per reactor iteration gathers every response queued by
-        // this iteration's completions.
-        reactor::defer(move || {
-            rc.borrow_mut().flush_scheduled = false;
-            flush(&rc);
-        });
+        let flag = if out { &self.armed_out } else { &self.armed_in };
+        if flag.replace(true) {
+            return;
+        }
+        let (flag, fd) = (flag.clone(), self.fd.clone());
+        let ev = if out { libc::POLLOUT } else { libc::POLLIN };
+        let e = op::PollAdd::new(ty::Fd(fd.as_raw_fd()), ev as u32).build();
+        // SAFETY: a poll references no memory; the callback keeps the fd open
+        // until the poll completes (`close` shuts the socket down, which
+        // completes it).
+        unsafe {
+            reactor::uring::submit(e, move |_| {
+                flag.set(false);
+                drop(fd);
+            })
+        };
+    }
+
+    /// One non-blocking receive: into the receive buffer (then decode and
+    /// handle its PDUs), or straight into a command's buffer during a direct
+    /// H2CData receive. True if bytes came.
+    fn receive(&mut self, rc: &ConnRc) -> bool {
+        let room;
+        let r = match self.direct.filter(|d| !d.digest_pending) {
+            Some(d) => match self.slots[d.slot].buf.as_mut() {
+                Some(b) => {
+                    room = d.end - d.off;
+                    net::recv(&*self.fd, &mut b.as_mut_slice()[d.off..d.end])
+                }
+                None => {
+                    self.close("direct receive without a buffer");
+                    return false;
+                }
+            },
+            None => {
+                if self.rx_start == self.rx_end {
+                    self.rx_start = 0;
+                    self.rx_end = 0;
+                } else if self.rx.len() - self.rx_end < 4096 {
+                    let (s, e) = (self.rx_start, self.rx_end);
+                    self.rx.copy_within(s..e, 0);
+                    self.rx_start = 0;
+                    self.rx_end = e - s;
+                }
+                if self.rx_end == self.rx.len() {
+                    // Cannot happen: the buffer holds two maximal PDUs.
+                    self.close("receive buffer full");
+                    return false;
+                }
+                room = self.rx.len() - self.rx_end;
+                net::recv(&*self.fd, &mut self.rx[self.rx_end..])
+            }
+        };
+        let n = match r {
+            net::Xfer::Done(n) => n,
+            net::Xfer::WouldBlock => {
+                self.rx_idle = true;
+                self.arm(false);
+                return false;
+            }
+            net::Xfer::Closed => {
+                self.close("connection closed by host");
+                return false;
+            }
+            net::Xfer::Err(e) => {
+                self.close(&format!("recv failed: {e}"));
+                return false;
+            }
+        };
+        // Less than asked for: the socket is drained. Ask for readiness next
+        // time rather than make a recv that finds nothing.
+        self.rx_idle = n < room;
+        if self.rx_idle {
+            self.arm(false);
+        }
+        match self.direct {
+            Some(mut d) if !d.digest_pending => {
+                d.off += n;
+                if d.off < d.end {
+                    self.direct = Some(d);
+                } else if d.ddgst {
+                    d.digest_pending = true;
+                    self.direct = Some(d);
+                } else if let Err(e) = self.direct_done(rc, None) {
+                    self.fatal(e, &[]);
+                }
+            }
+            _ => {
+                self.rx_end += n;
+                process(rc, self);
+            }
+        }
+        true
+    }
+
+    fn tx_pending(&self) -> usize {
+        self.tx.pending()
+    }
+
+    /// Send what is queued, in as few gathering sendmsg calls as the socket
+    /// takes; what it does not take stays queued (its buffers with it).
+    /// True if bytes went.
+    fn send(&mut self) -> bool {
+        let mut sent_any = false;
+        loop {
+            let offered = self.tx.iovecs(&mut self.iov);
+            // SAFETY: the iovecs point into the queue's bytes and buffers,
+            // which are neither changed nor dropped during the call.
+            let r = unsafe { net::sendv_raw(&*self.fd, &self.iov) };
+            match r {
+                net::Xfer::Done(n) => {
+                    sent_any = true;
+                    if self.tx.advance(n) {
+                        self.tx_blocked = false;
+                        return true;
+                    }
+                    if n < offered {
+                        // The socket buffer is full.
+                        break;
+                    }
+                    // More iovecs than one sendmsg takes: go on.
+                }
+                net::Xfer::WouldBlock | net::Xfer::Closed => break,
+                net::Xfer::Err(e) => {
+                    self.close(&format!("send failed: {e}"));
+                    return sent_any;
+                }
+            }
+        }
+        self.tx.compact();
+        self.tx_blocked = true;
+        self.arm(true);
+        sent_any
     }
 
     fn fatal(&mut self, e: PduError, hdr: &[u8]) {
@@ -598,7 +840,7 @@ impl Conn {
         if self.phase == Phase::Closed || self.phase == Phase::Terminating {
             return;
         }
-        Encoder::term_req(&mut self.tx, true, e.fes, e.fei, hdr);
+        Encoder::term_req(&mut self.tx.bytes, true, e.fes, e.fei, hdr);
         self.phase = Phase::Terminating;
         self.detach_queue();
         // Give the host a moment to read the TermReq, then close anyway.
@@ -644,17 +886,17 @@ impl Conn {
             self.detach_queue();
         }
         self.phase = Phase::Closed;
-        // Wakes any Recv/Send in flight.
-        net::shutdown(&self.fd);
-        self.maybe_release();
-    }
-
-    /// Drop the registry's reference once no io_uring op uses the buffers
-    /// (in-flight bdev I/O keeps its own reference).
-    fn maybe_release(&mut self) {
-        if self.phase == Phase::Closed && !self.recv_inflight && !self.send_inflight {
-            let id = self.id;
-            // Deferred: we may be inside a borrow of this very connection.
+        // Completes the polls armed on the socket.
+        net::shutdown(&*self.fd);
+        // What was not sent is dropped (the buffers go back to the pool).
+        self.tx.clear();
+        // The registry's reference goes (the caller holds another); in-flight
+        // bdev I/O keeps its own. Now, not later: a reactor stopping drops
+        // what its registry still holds only at thread exit. Deferred only
+        // from inside a borrow of the registry.
+        let id = self.id;
+        let removed = CONNS.with(|m| m.try_borrow_mut().map(|mut m| m.remove(&id)).is_ok());
+        if !removed {
             reactor::defer(move || {
                 CONNS.with(|m| m.borrow_mut().remove(&id));
             });
@@ -695,7 +937,7 @@ impl Conn {
                 };
                 self.max_r2t = ic.maxr2t.saturating_add(1);
                 Encoder::icresp(
-                    &mut self.tx,
+                    &mut self.tx.bytes,
                     &IcResp {
                         pfv: 0,
                         cpda: 0,
@@ -833,7 +1075,7 @@ impl Conn {
                         r2to: 0,
                         r2tl: len,
                     };
-                    self.enc.r2t(&mut self.tx, &r);
+                    self.enc.r2t(&mut self.tx.bytes, &r);
                 } else {
                     self.execute(rc, i);
                 }
@@ -1057,15 +1299,15 @@ impl Conn {
                     success,
                 };
                 match (&d.data, buf) {
-                    (Some(v), _) => self.enc.data_pdu(&mut self.tx, true, &h, &v[..n]),
+                    (Some(v), _) => self.enc.data_pdu(&mut self.tx.bytes, true, &h, &v[..n]),
                     (None, Some(b)) => {
                         // Zero copy: the bdev's buffer goes out as its own
                         // iovec between the header and the digest.
-                        self.enc.data_header(&mut self.tx, true, &h);
+                        self.enc.data_header(&mut self.tx.bytes, true, &h);
                         let digest = self.enc.ddgst.then(|| pdu::crc32c(&b.as_slice()[..n]));
-                        self.tx_bufs.push((self.tx.len(), b, n));
+                        self.tx.push_buf(b, n);
                         if let Some(dg) = digest {
-                            self.tx.extend_from_slice(&dg.to_le_bytes());
+                            self.tx.bytes.extend_from_slice(&dg.to_le_bytes());
                         }
                     }
                     (None, None) => {}
@@ -1085,7 +1327,7 @@ impl Conn {
                 cid: sqe.cid,
                 status: d.status,
             };
-            self.enc.capsule_resp(&mut self.tx, &cqe);
+            self.enc.capsule_resp(&mut self.tx.bytes, &cqe);
         }
         if qid != 0 {
             stats(self.reactor)
@@ -1289,14 +1531,26 @@ impl Conn {
             return;
         };
         let (ns, ch) = (ns.clone(), ch.clone());
-        let rcw = rc.clone();
-        let done = move |io: Box<BdevIo>| io_done(&rcw, i, io);
+        let done = nvm_cmd::Completion {
+            done: io_done,
+            arg: rc.clone(),
+            ctx: i as u64,
+        };
         stats(self.reactor)
             .pending_bdev_io
             .fetch_add(1, Ordering::Relaxed);
         let max_xfer = self.opts.max_xfer();
         let slot = &mut self.slots[i];
-        match nvm_cmd::submit(sqe, &ns, &ch, &mut slot.buf, slot.len, max_xfer, done) {
+        let cmd = nvm_cmd::Command {
+            sqe,
+            ns: &ns,
+            ch: &ch,
+            data: &mut slot.buf,
+            data_len: slot.len,
+            max_xfer,
+            done: &done,
+        };
+        match nvm_cmd::submit(cmd) {
             nvm_cmd::Submitted::Pending(n) => slot.pending = n,
             nvm_cmd::Submitted::Now(st) => self.fail_pending(i, st),
         }
@@ -1310,7 +1564,18 @@ impl Conn {
     }
 }
 
-fn io_done(rc: &ConnRc, i: usize, mut io: Box<BdevIo>) {
+/// Completion of a command's bdev I/O: `cb_arg` is the connection,
+/// `cb_ctx` the command's slot.
+fn io_done(mut io: Box<BdevIo>) {
+    let Some(rc) = io
+        .cb_arg
+        .take()
+        .and_then(|a| a.downcast::<RefCell<Conn>>().ok())
+    else {
+        tracing::error!(io = ?io, "NVMe/TCP I/O completed without its connection");
+        return;
+    };
+    let i = io.cb_ctx as usize;
     let mut c = rc.borrow_mut();
     let st = nvm_cmd::status_of(io.status);
     let s = &mut c.slots[i];
@@ -1319,6 +1584,7 @@ fn io_done(rc: &ConnRc, i: usize, mut io: Box<BdevIo>) {
         if !st.is_success() {
             s.status = st;
         }
+        io.free();
         return;
     }
     let st = if s.status.is_success() { st } else { s.status };
@@ -1332,97 +1598,18 @@ fn io_done(rc: &ConnRc, i: usize, mut io: Box<BdevIo>) {
         let s = &mut c.slots[i];
         s.state = SlotState::Free;
         s.buf = None;
+        io.free();
         return;
     }
     if !st.is_success() {
         tracing::debug!(conn = c.id, io = ?io, status = %st, "I/O failed");
     }
+    io.free();
     c.finish(i, Done::err(st));
-    c.schedule_flush(rc);
 }
 
-/// At most this many iovecs per SendMsg (UIO_MAXIOV); the rest goes next.
+/// At most this many iovecs per sendmsg (UIO_MAXIOV); the rest goes next.
 const MAX_IOV: usize = 1024;
-
-fn flush(rc: &ConnRc) {
-    let mut c = rc.borrow_mut();
-    if c.send_inflight {
-        return;
-    }
-    if c.phase == Phase::Closed {
-        c.maybe_release();
-        return;
-    }
-    let c = &mut *c;
-    if c.tx_off >= c.busy_len {
-        // Previous batch fully sent: its buffers go back to the pool.
-        c.busy_bufs.clear();
-        if c.tx.is_empty() {
-            if c.phase == Phase::Terminating {
-                c.close("termination request sent");
-            }
-            return;
-        }
-        std::mem::swap(&mut c.tx, &mut c.tx_busy);
-        std::mem::swap(&mut c.tx_bufs, &mut c.busy_bufs);
-        c.tx.clear();
-        c.tx_bufs.clear();
-        c.tx_off = 0;
-        c.busy_len = c.tx_busy.len() + c.busy_bufs.iter().map(|b| b.2).sum::<usize>();
-    }
-    // iovecs for what is left of the batch, skipping `tx_off` bytes.
-    c.iov.clear();
-    let mut skip = c.tx_off;
-    let mut prev = 0;
-    let mut push = |iov: &mut Vec<libc::iovec>, sl: &[u8]| {
-        if skip >= sl.len() {
-            skip -= sl.len();
-            return;
-        }
-        if iov.len() < MAX_IOV {
-            iov.push(libc::iovec {
-                iov_base: sl[skip..].as_ptr() as *mut libc::c_void,
-                iov_len: sl.len() - skip,
-            });
-        }
-        skip = 0;
-    };
-    for (pos, b, n) in c.busy_bufs.iter() {
-        push(&mut c.iov, &c.tx_busy[prev..*pos]);
-        push(&mut c.iov, &b.as_slice()[..*n]);
-        prev = *pos;
-    }
-    push(&mut c.iov, &c.tx_busy[prev..]);
-    c.msg.msg_iov = c.iov.as_mut_ptr();
-    c.msg.msg_iovlen = c.iov.len() as _;
-    let e = op::SendMsg::new(ty::Fd(c.fd.as_raw_fd()), &*c.msg as *const libc::msghdr)
-        .flags(libc::MSG_NOSIGNAL as u32)
-        .build();
-    c.send_inflight = true;
-    let rc2 = rc.clone();
-    // SAFETY: `msg`, `iov`, `tx_busy` and `busy_bufs` (which the iovecs point
-    // into) are not touched while the SendMsg is in flight: new output goes
-    // to `tx`/`tx_bufs`, and the callback keeps the connection alive.
-    unsafe {
-        reactor::uring::submit(e, move |res| {
-            {
-                let mut c = rc2.borrow_mut();
-                c.send_inflight = false;
-                if res < 0 {
-                    if res != -libc::EINTR && res != -libc::EAGAIN {
-                        let why =
-                            format!("send failed: {}", std::io::Error::from_raw_os_error(-res));
-                        c.close(&why);
-                        return;
-                    }
-                } else {
-                    c.tx_off += res as usize;
-                }
-            }
-            flush(&rc2);
-        });
-    }
-}
 
 /// The connections of this reactor as JSON for `nvmf_subsystem_get_qpairs`.
 pub fn local_qpairs(nqn: &str) -> Vec<serde_json::Value> {
@@ -1453,4 +1640,99 @@ pub fn local_qpairs(nqn: &str) -> Vec<serde_json::Value> {
             })
             .collect()
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A queue of PDU bytes and buffers, with the byte stream it stands for.
+    fn queue() -> (TxQueue, Vec<u8>) {
+        let mut q = TxQueue::default();
+        let mut want = Vec::new();
+        let mut tag = 0u8;
+        let mut bytes = |q: &mut TxQueue, want: &mut Vec<u8>, n: usize| {
+            for _ in 0..n {
+                tag = tag.wrapping_add(1);
+                q.bytes.push(tag);
+                want.push(tag);
+            }
+        };
+        for (hdr, buf, tail) in [(24, 100, 4), (16, 0, 0), (24, 37, 0), (0, 5, 16)] {
+            bytes(&mut q, &mut want, hdr);
+            if buf > 0 {
+                let mut b = DmaBuf::new(buf + 3);
+                for (i, x) in b.as_mut_slice().iter_mut().enumerate() {
+                    *x = 0x80 | i as u8;
+                }
+                want.extend_from_slice(&b.as_slice()[..buf]);
+                q.push_buf(b, buf);
+            }
+            bytes(&mut q, &mut want, tail);
+        }
+        (q, want)
+    }
+
+    fn gathered(q: &TxQueue) -> Vec<u8> {
+        let mut iov = Vec::new();
+        let n = q.iovecs(&mut iov);
+        let mut out = Vec::new();
+        for v in &iov {
+            // SAFETY: the iovecs point into `q`, alive and unchanged here.
+            out.extend_from_slice(unsafe {
+                std::slice::from_raw_parts(v.iov_base as *const u8, v.iov_len)
+            });
+        }
+        assert_eq!(out.len(), n);
+        out
+    }
+
+    #[test]
+    fn partial_sends_resume_where_they_stopped() {
+        let (q, want) = queue();
+        assert_eq!(gathered(&q), want);
+        // Every split point, twice over (in a header run, a buffer, a
+        // digest, the tail), with and without compaction in between.
+        for a in 0..=want.len() {
+            for b in [0, 1, 7, 40] {
+                for compact in [false, true] {
+                    let (mut q, _) = queue();
+                    let bufs = q.bufs.len();
+                    let done = q.advance(a);
+                    assert_eq!(done, a == want.len());
+                    if compact {
+                        q.compact();
+                        // Buffers wholly sent are gone; the rest stay.
+                        assert!(q.bufs.len() <= bufs);
+                    }
+                    assert_eq!(gathered(&q), want[a..], "after {a}");
+                    assert_eq!(q.pending(), want.len() - a);
+                    let b = b.min(want.len() - a);
+                    q.advance(b);
+                    if compact {
+                        q.compact();
+                    }
+                    assert_eq!(gathered(&q), want[a + b..], "after {a} + {b}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn compaction_frees_sent_buffers_and_keeps_order() {
+        let (mut q, want) = queue();
+        // Past the first buffer (24 + 100 bytes) and into the next run.
+        q.advance(130);
+        q.compact();
+        assert_eq!(q.bufs.len(), 2);
+        assert_eq!(q.off, 0);
+        assert_eq!(gathered(&q), want[130..]);
+        // New output after a compaction goes after what is left.
+        q.bytes.extend_from_slice(b"more");
+        let mut w = want[130..].to_vec();
+        w.extend_from_slice(b"more");
+        assert_eq!(gathered(&q), w);
+        assert!(q.advance(w.len()));
+        assert!(q.bytes.is_empty() && q.bufs.is_empty() && q.off == 0);
+    }
 }

@@ -8,8 +8,9 @@
 //!   io_uring), [`listen_unix`] / [`connect_unix`], [`set_nodelay`],
 //!   [`set_nonblocking`], [`shutdown`], [`local_addr`] / [`peer_addr`],
 //!   [`resolve`].
-//! * Transfers on a non-blocking socket: [`recv`], [`send`], [`sendv`] and
-//!   [`readable`], each classified as an [`Xfer`].
+//! * Transfers on a non-blocking socket: [`recv`], [`send`], [`sendv`]
+//!   ([`sendv_raw`]), each classified as an [`Xfer`]; readiness without
+//!   blocking: [`readable`] (one socket), [`poll_now`] (many at once).
 //! * Readiness: [`wait_fd`] awaits `POLLIN`/`POLLOUT` through an io_uring
 //!   `PollAdd`, so a reactor in interrupt mode wakes for it.
 //!
@@ -88,6 +89,37 @@ pub fn sendv(fd: &impl AsFd, iov: &[IoSlice<'_>]) -> Xfer {
         None,
     );
     classify(r, false)
+}
+
+/// [`sendv`] from raw iovecs (kept by a caller that sends the same queue
+/// again after a partial send, without rebuilding `IoSlice`s).
+///
+/// # Safety
+/// Every iovec must point to memory valid for reads of its length.
+pub unsafe fn sendv_raw(fd: &impl AsFd, iov: &[libc::iovec]) -> Xfer {
+    // SAFETY: `IoSlice` is documented as ABI-compatible with `iovec` on Unix
+    // (repr(transparent)); the caller guarantees the memory.
+    let slices =
+        unsafe { std::slice::from_raw_parts(iov.as_ptr() as *const IoSlice<'_>, iov.len()) };
+    sendv(fd, slices)
+}
+
+/// Which of `fds` can make progress now: one poll(2) with a zero timeout
+/// for many sockets (a poll group, as SPDK's `epoll_wait(0)` per group).
+/// Entries with a negative fd are skipped; `revents` is filled in. False
+/// when none is ready (or poll failed: the caller then tries each).
+pub fn poll_now(fds: &mut [libc::pollfd]) -> bool {
+    if fds.is_empty() {
+        return false;
+    }
+    // SAFETY: `fds` is a valid, exclusively borrowed array of its length.
+    let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 0) };
+    if n < 0 {
+        for p in fds.iter_mut() {
+            p.revents = p.events;
+        }
+    }
+    n != 0
 }
 
 /// Whether `fd` has something to read (or an error or hang-up to report)

@@ -7,7 +7,6 @@
 //! its completion wakes the reactor, whose loop then runs the poller again.
 
 use std::cell::Cell;
-use std::io::IoSlice;
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::rc::Rc;
@@ -85,11 +84,8 @@ impl Sock {
     /// # Safety
     /// Every iovec must point to memory valid for reads of its length.
     pub unsafe fn sendv(&self, iov: &[libc::iovec]) -> Xfer {
-        // SAFETY: `IoSlice` is documented as ABI-compatible with `iovec` on
-        // Unix (repr(transparent)); the caller guarantees the memory.
-        let slices =
-            unsafe { std::slice::from_raw_parts(iov.as_ptr() as *const IoSlice<'_>, iov.len()) };
-        net::sendv(&self.fd, slices)
+        // SAFETY: forwarded to the caller's contract.
+        unsafe { net::sendv_raw(&self.fd, iov) }
     }
 
     /// In interrupt mode, make sure the reactor wakes when the socket
