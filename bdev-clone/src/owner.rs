@@ -20,7 +20,7 @@ use crate::channel::{reply, send_to, Part, UserMsg};
 use crate::clone::Shared;
 use crate::committer::{committer_request, start_round, Committer, Waiter, COMMIT_PERIOD};
 use crate::error::CloneError;
-use crate::hydration::{start_copy, write_zeroes, HYDRATION_POLL, PROBE_MIN_NS};
+use crate::hydration::{start_copy, write_zeroes, Hyd, HydRc, HYDRATION_POLL, PROBE_MIN_NS};
 use crate::lifecycle::release_all;
 use crate::metadata;
 use crate::router::MetadataMode;
@@ -62,16 +62,11 @@ pub(crate) struct Owner {
     pub(crate) reqs: HashMap<ReqId, OwnerReq>,
     pub(crate) next_req: ReqId,
     pub(crate) out: Vec<Command>,
-    /// Reused hydration chunk buffers.
-    pub(crate) bufs: Vec<DmaBuf>,
-    /// Token bucket (bytes) of the hydration rate limit.
-    pub(crate) tokens: f64,
-    pub(crate) last_refill: u64,
+    /// Hydration's window, rate limit, copies and buffers (shared with
+    /// the copy tasks).
+    pub(crate) hyd: HydRc,
     pub(crate) fail_streak: u32,
     pub(crate) backoff_until: u64,
-    /// Copies in flight and their buffer bytes (the caps above).
-    pub(crate) copies_in_flight: u64,
-    pub(crate) copy_buf_bytes: u64,
     /// The next `StartCopy` executed is a probe (paused by errors).
     pub(crate) probe_pending: bool,
     /// The wait before the next probe.
@@ -253,6 +248,7 @@ impl Owner {
     }
 
     pub(crate) fn publish(&mut self) {
+        self.hyd.borrow().publish(&self.sh.pacing[self.idx]);
         let slot = &self.sh.hydrating[self.idx];
         if let Some(r) = &self.router {
             slot.store(r.stats().regions_copying, Ordering::Relaxed);
@@ -267,7 +263,7 @@ impl Owner {
     pub(crate) fn release_local(&mut self) {
         self.router = None;
         self.src = None;
-        self.bufs.clear();
+        self.hyd.borrow_mut().clear_bufs();
         self.sh.hydrating[self.idx].store(0, Ordering::Relaxed);
         // Pollers are dropped outside their own callbacks.
         let pollers = std::mem::take(&mut self.pollers);
@@ -395,12 +391,18 @@ pub(crate) fn exec_read(
         }
     };
     let weak = Rc::downgrade(rc);
+    // The user's cold reads share the source's link with hydration: the
+    // window counts them first.
+    let on_link = from_source.then(|| (o.hyd.clone(), o.hyd.borrow_mut().user_read(len as u64)));
     ch.read(
         blocks.start,
         blocks.end - blocks.start,
         buf,
         move |mut io| {
             let ok = io.status.is_success();
+            if let Some((hyd, sent)) = on_link {
+                hyd.borrow_mut().read_done(sent, ok);
+            }
             then_drive(&weak, |o| {
                 if !ok && from_source {
                     o.sh.err_source.fetch_add(1, Ordering::Relaxed);
@@ -500,13 +502,9 @@ pub(crate) fn start_owner(sh: Arc<Shared>, router: Router, idx: usize) -> Result
         reqs: HashMap::new(),
         next_req: 1,
         out: Vec::with_capacity(64),
-        bufs: Vec::new(),
-        tokens: 0.0,
-        last_refill: now,
+        hyd: Hyd::new(now),
         fail_streak: 0,
         backoff_until: 0,
-        copies_in_flight: 0,
-        copy_buf_bytes: 0,
         probe_pending: false,
         probe_wait: PROBE_MIN_NS,
         stopping: false,

@@ -3,21 +3,23 @@
 //!
 //! It measures the source as every read of it completes, hydration's chunks
 //! and the user's cold reads alike (they share the link): the delivery rate
-//! (bytes completed between a read's start and its end over that time, the
-//! windowed maximum of the last [`BW_ROUNDS`] rounds) and the lowest latency
-//! (the windowed minimum over [`MIN_RTT_WINDOW_NS`]). Their product is the
+//! (bytes completed per interval of at least [`RATE_INTERVAL_NS`] and one
+//! latency, the windowed maximum of the last [`BW_SAMPLES`] intervals:
+//! shorter samples mostly measure how completions bunch up when the reactor
+//! is descheduled) and the lowest latency (the windowed minimum over
+//! [`MIN_RTT_WINDOW_NS`]). Their product is the
 //! bandwidth-delay product: what the link holds when it is full and its
 //! queue empty. The window is that times a gain that depends on the phase:
 //!
 //! * `Startup`: gain 2.89, so the window about triples each round until the
-//!   rate stops growing by 25 % for 3 rounds (the link is full); then
+//!   rate stops growing by 25 % for 3 intervals (the link is full); then
 //! * `Drain`: gain 1 until what is in flight fits the product; then
 //! * `ProbeBw`: rounds of [`HEADROOM`] (the link stays full through noise
-//!   and one chunk of granularity), one round in eight at 1.25 × that (so a
+//!   and one chunk of granularity), one phase in eight at 1.25 × that (so a
 //!   faster link is found) followed by one at gain 1 (the queue that probe
-//!   made drains). A round whose lowest latency is over twice the minimum
-//!   means a queue built up (another user of the link, or the link slowed
-//!   down): the next round drains at gain 1.
+//!   made drains); a phase lasts a rate interval. A round whose lowest
+//!   latency is over twice the minimum means a queue built up (another user
+//!   of the link, or the link slowed down): a phase at gain 1 follows.
 //! * `ProbeRtt`: when the minimum latency was not seen again for
 //!   [`MIN_RTT_WINDOW_NS`], a round (at least [`PROBE_RTT_NS`]) at gain 0.75
 //!   measures it afresh, as the link's real latency may have changed.
@@ -54,8 +56,12 @@ const CYCLE: [f64; 8] = [
 const CYCLE_DRAIN: usize = 1;
 const CYCLE_CRUISE: usize = 2;
 
-/// Rounds over which the delivery rate's maximum is kept.
-pub const BW_ROUNDS: usize = 10;
+/// Intervals over which the delivery rate's maximum is kept.
+pub const BW_SAMPLES: usize = 10;
+
+/// Shortest interval of a delivery rate sample (also at least the
+/// minimum latency).
+pub const RATE_INTERVAL_NS: u64 = 10_000_000;
 
 /// How long the minimum latency holds before `ProbeRtt` measures it again.
 pub const MIN_RTT_WINDOW_NS: u64 = 10_000_000_000;
@@ -72,8 +78,8 @@ pub const DRAIN_LATENCY_FACTOR: f64 = 2.0;
 pub const MIN_WINDOW_CHUNKS: u64 = 2;
 pub const INITIAL_WINDOW_CHUNKS: u64 = 4;
 
-/// Rounds of less than 25 % growth after which Startup ends.
-const FULL_BW_ROUNDS: u32 = 3;
+/// Rate samples of less than 25 % growth after which Startup ends.
+const FULL_BW_SAMPLES: u32 = 3;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Phase {
@@ -91,7 +97,6 @@ pub struct Sent {
     user: bool,
     sent_ns: u64,
     delivered: u64,
-    delivered_ns: u64,
 }
 
 /// The controller. Time is in nanoseconds, from any monotonic origin.
@@ -101,11 +106,14 @@ pub struct Pacer {
     cap: u64,
     hyd_in_flight: u64,
     user_in_flight: u64,
-    /// Bytes completed since creation, and when the last one did.
+    /// Bytes completed since creation.
     delivered: u64,
-    delivered_ns: u64,
-    /// Per-round maxima of the delivery rate (bytes/s), by round % BW_ROUNDS.
-    bw_ring: [u64; BW_ROUNDS],
+    /// The rate interval under way: its start and `delivered` then.
+    ival_ns: u64,
+    ival_delivered: u64,
+    /// The last intervals' delivery rates (bytes/s), by sample % BW_SAMPLES.
+    bw_ring: [u64; BW_SAMPLES],
+    samples: u64,
     bw: u64,
     min_rtt_ns: u64,
     min_rtt_stamp: u64,
@@ -115,8 +123,9 @@ pub struct Pacer {
     phase: Phase,
     phase_stamp: u64,
     cycle: usize,
+    cycle_stamp: u64,
     full_bw: u64,
-    full_bw_rounds: u32,
+    full_bw_samples: u32,
     probe_rtt_min: u64,
     window: u64,
 }
@@ -132,8 +141,10 @@ impl Pacer {
             hyd_in_flight: 0,
             user_in_flight: 0,
             delivered: 0,
-            delivered_ns: now,
-            bw_ring: [0; BW_ROUNDS],
+            ival_ns: now,
+            ival_delivered: 0,
+            bw_ring: [0; BW_SAMPLES],
+            samples: 0,
             bw: 0,
             min_rtt_ns: u64::MAX,
             min_rtt_stamp: now,
@@ -143,8 +154,9 @@ impl Pacer {
             phase: Phase::Startup,
             phase_stamp: now,
             cycle: CYCLE_CRUISE,
+            cycle_stamp: now,
             full_bw: 0,
-            full_bw_rounds: 0,
+            full_bw_samples: 0,
             probe_rtt_min: u64::MAX,
             window: 0,
         };
@@ -173,8 +185,9 @@ impl Pacer {
     /// A read of the source starts: `user` for a user's cold read.
     pub fn on_send(&mut self, now: u64, bytes: u64, user: bool) -> Sent {
         if self.hyd_in_flight + self.user_in_flight == 0 {
-            // Idle until now: the rate is measured from this send on.
-            self.delivered_ns = now;
+            // Idle until now: the rate interval starts with this send.
+            self.ival_ns = now;
+            self.ival_delivered = self.delivered;
         }
         if user {
             self.user_in_flight += bytes;
@@ -186,7 +199,6 @@ impl Pacer {
             user,
             sent_ns: now,
             delivered: self.delivered,
-            delivered_ns: self.delivered_ns,
         }
     }
 
@@ -208,7 +220,6 @@ impl Pacer {
     pub fn on_done(&mut self, now: u64, s: Sent) {
         self.release(&s);
         self.delivered += s.bytes;
-        self.delivered_ns = now;
         // Completions seen at the send's own clock tick still took time.
         let lat = now.saturating_sub(s.sent_ns).max(1_000);
         self.round_min_lat = self.round_min_lat.min(lat);
@@ -226,14 +237,10 @@ impl Pacer {
         if self.phase == Phase::ProbeRtt {
             self.probe_rtt_min = self.probe_rtt_min.min(lat);
         }
-        // The delivery rate over this read's life: what completed since it
-        // was sent (the link's work meanwhile, hydration and user alike).
-        let interval = now.saturating_sub(s.delivered_ns).max(lat);
-        let rate =
-            ((self.delivered - s.delivered) as u128 * 1_000_000_000 / interval as u128) as u64;
-        let slot = (self.round % BW_ROUNDS as u64) as usize;
-        self.bw_ring[slot] = self.bw_ring[slot].max(rate);
-        self.bw = self.bw.max(rate);
+        let span = now.saturating_sub(self.ival_ns);
+        if span >= RATE_INTERVAL_NS.max(self.min_rtt_ns) {
+            self.rate_sample(now, span);
+        }
         if s.delivered >= self.next_round_delivered {
             self.next_round_delivered = self.delivered;
             self.end_round(now);
@@ -241,6 +248,7 @@ impl Pacer {
         if self.phase == Phase::Drain && self.hyd_in_flight + self.user_in_flight <= self.bdp() {
             self.enter(Phase::ProbeBw, now);
             self.cycle = CYCLE_CRUISE;
+            self.cycle_stamp = now;
         }
         self.update_window();
     }
@@ -250,33 +258,46 @@ impl Pacer {
         self.phase_stamp = now;
     }
 
+    /// The interval under way ends: its delivery rate joins the window.
+    fn rate_sample(&mut self, now: u64, span: u64) {
+        let rate = ((self.delivered - self.ival_delivered) as u128 * 1_000_000_000 / span as u128) as u64;
+        self.ival_ns = now;
+        self.ival_delivered = self.delivered;
+        self.bw_ring[(self.samples % BW_SAMPLES as u64) as usize] = rate;
+        self.samples += 1;
+        self.bw = self.bw_ring.iter().copied().max().unwrap_or(0);
+        if self.phase == Phase::Startup {
+            if self.bw as f64 >= self.full_bw as f64 * 1.25 {
+                self.full_bw = self.bw;
+                self.full_bw_samples = 0;
+            } else {
+                self.full_bw_samples += 1;
+                if self.full_bw_samples >= FULL_BW_SAMPLES {
+                    self.enter(Phase::Drain, now);
+                }
+            }
+        }
+    }
+
     fn end_round(&mut self, now: u64) {
         let round_min = std::mem::replace(&mut self.round_min_lat, u64::MAX);
         self.round += 1;
-        let slot = (self.round % BW_ROUNDS as u64) as usize;
-        self.bw_ring[slot] = 0;
-        self.bw = self.bw_ring.iter().copied().max().unwrap_or(0);
         match self.phase {
-            Phase::Startup => {
-                if self.bw as f64 >= self.full_bw as f64 * 1.25 {
-                    self.full_bw = self.bw;
-                    self.full_bw_rounds = 0;
-                } else {
-                    self.full_bw_rounds += 1;
-                    if self.full_bw_rounds >= FULL_BW_ROUNDS {
-                        self.enter(Phase::Drain, now);
-                    }
-                }
-            }
-            Phase::Drain => {}
+            Phase::Startup | Phase::Drain => {}
             Phase::ProbeBw => {
                 let queued = self.min_rtt_ns != u64::MAX
                     && round_min as f64 > self.min_rtt_ns as f64 * DRAIN_LATENCY_FACTOR;
-                self.cycle = if queued {
-                    CYCLE_DRAIN
-                } else {
-                    (self.cycle + 1) % CYCLE.len()
-                };
+                // A phase lasts at least one rate interval, so that its
+                // rate sample shows what its gain did.
+                let due = now.saturating_sub(self.cycle_stamp)
+                    >= RATE_INTERVAL_NS.max(self.min_rtt_ns);
+                if queued && self.cycle != CYCLE_DRAIN {
+                    self.cycle = CYCLE_DRAIN;
+                    self.cycle_stamp = now;
+                } else if due {
+                    self.cycle = (self.cycle + 1) % CYCLE.len();
+                    self.cycle_stamp = now;
+                }
             }
             Phase::ProbeRtt => {
                 if now.saturating_sub(self.phase_stamp) >= PROBE_RTT_NS {
@@ -285,6 +306,7 @@ impl Pacer {
                     self.probe_rtt_min = u64::MAX;
                     self.enter(Phase::ProbeBw, now);
                     self.cycle = CYCLE_CRUISE;
+                    self.cycle_stamp = now;
                 }
             }
         }
@@ -558,17 +580,14 @@ mod tests {
     fn finds_a_faster_link() {
         let mut sim = Sim::new(1 << 40, 50 * MIB, 10 * MS);
         sim.run(3_000 * MS, 0, 0, |_, _| {});
-        let before = sim.p.window();
+        let before = sim.p.bdp();
         sim.link.bps = 200 * MIB;
         sim.run(3_000 * MS, 0, 0, |_, _| {});
         let ns = 2_000 * MS;
         let r = sim.run(ns, 0, 0, |_, _| {});
-        assert!(
-            sim.p.window() >= before * 3,
-            "{} -> {}",
-            before,
-            sim.p.window()
-        );
+        let after = sim.p.bdp();
+        // 4x the rate, a little less latency (a chunk's transfer).
+        assert!(after as f64 >= before as f64 * 3.5, "{before} -> {after}");
         assert!(share(r.hyd_bytes, 200 * MIB, ns) >= 0.97);
     }
 

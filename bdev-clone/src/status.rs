@@ -2,12 +2,12 @@
 //! (rpc-contract §2.7), the settings shared with `save_config`
 //! (`write_config_json`), and the lookups tests and tools use.
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use reactor::sync::lock;
 use serde_json::{json, Value};
 
-use crate::clone::{clone_of, find, Shared};
+use crate::clone::{clone_of, find, PaceStats, Shared};
 use crate::hydration::{PAUSE_DEST, PAUSE_SOURCE};
 use crate::metadata;
 use crate::router::MetadataMode;
@@ -67,6 +67,32 @@ impl Shared {
         );
         m.insert("no_discard_passdown".into(), json!(!self.discard_passdown));
         Value::Object(m)
+    }
+
+    /// What the hydrator uses and measured, over its owners: bytes in
+    /// flight on the source (hydration's, the user's cold reads', the most
+    /// hydration had), the window, the source's lowest latency and its
+    /// delivery rate (the links of all owners are one: latency the lowest,
+    /// rate the sum).
+    pub(crate) fn pacing_status(&self) -> Value {
+        let sum = |f: fn(&PaceStats) -> &AtomicU64| -> u64 {
+            self.pacing.iter().map(|p| f(p).load(Ordering::Relaxed)).sum()
+        };
+        let lat = self
+            .pacing
+            .iter()
+            .map(|p| p.min_latency_ns.load(Ordering::Relaxed))
+            .filter(|&l| l > 0)
+            .min();
+        let rate = sum(|p| &p.rate_bps) as f64 / 1048576.0;
+        json!({
+            "in_flight_bytes": sum(|p| &p.in_flight),
+            "user_in_flight_bytes": sum(|p| &p.user_in_flight),
+            "peak_in_flight_bytes": sum(|p| &p.peak_in_flight),
+            "window_bytes": sum(|p| &p.window),
+            "source_latency_us": lat.map(|l| (l as f64 / 100.0).round() / 10.0),
+            "source_mbytes_per_sec": (rate * 10.0).round() / 10.0,
+        })
     }
 
     /// The status object of rpc-contract §2.7.
@@ -136,6 +162,7 @@ impl Shared {
                 "mode": mode,
             }),
         );
+        m.insert("hydration".into(), self.pacing_status());
         m.insert("last_error".into(), json!(lock(&self.last_error).clone()));
         Value::Object(m)
     }
