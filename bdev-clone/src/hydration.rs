@@ -217,9 +217,12 @@ impl Hyd {
         let p = &self.pacer;
         st.window.store(p.window(), Ordering::Relaxed);
         st.in_flight.store(p.hyd_in_flight(), Ordering::Relaxed);
-        st.user_in_flight.store(p.user_in_flight(), Ordering::Relaxed);
-        st.peak_in_flight.store(self.peak_in_flight, Ordering::Relaxed);
-        st.min_latency_ns.store(p.min_rtt().unwrap_or(0), Ordering::Relaxed);
+        st.user_in_flight
+            .store(p.user_in_flight(), Ordering::Relaxed);
+        st.peak_in_flight
+            .store(self.peak_in_flight, Ordering::Relaxed);
+        st.min_latency_ns
+            .store(p.min_rtt().unwrap_or(0), Ordering::Relaxed);
         st.rate_bps.store(p.bw(), Ordering::Relaxed);
     }
 
@@ -508,8 +511,8 @@ impl Owner {
         let region = sh.geo.region_size();
         let threshold = sh.threshold.load(Ordering::Relaxed) as u64;
         // Regions per copy: the batch size caps what COPY_TARGET asks for.
-        let per_copy = (sh.batch.load(Ordering::Relaxed).max(1) as u64)
-            .min((COPY_TARGET / region).max(1));
+        let per_copy =
+            (sh.batch.load(Ordering::Relaxed).max(1) as u64).min((COPY_TARGET / region).max(1));
         let copy_bytes = per_copy * region;
         let cfg = router.config_mut();
         cfg.hydration_enabled = enabled;
@@ -550,7 +553,10 @@ impl Owner {
         }
         drop(h);
         let started = router.next_background_max(&mut self.out, room);
-        self.hyd.borrow_mut().bucket.take(started as f64 * region as f64);
+        self.hyd
+            .borrow_mut()
+            .bucket
+            .take(started as f64 * region as f64);
         if paused && started > 0 {
             self.probe_pending = true;
             // The next probe waits for this one's outcome and back-off.
@@ -628,7 +634,12 @@ pub(crate) fn start_copy(rc: &Rc<RefCell<Owner>>, o: &mut Owner, copy: CopyId, b
         h.copies += 1;
         h.pending += bytes(&blocks, o.sh.geo.block_size()) as u64;
     }
-    let (dst, sh, hyd, weak) = (o.dst.clone(), o.sh.clone(), o.hyd.clone(), Rc::downgrade(rc));
+    let (dst, sh, hyd, weak) = (
+        o.dst.clone(),
+        o.sh.clone(),
+        o.hyd.clone(),
+        Rc::downgrade(rc),
+    );
     reactor::spawn_local(async move {
         let res = copy_blocks(&src, &dst, &sh, &hyd, &weak, blocks.clone()).await;
         hyd.borrow_mut().copies -= 1;

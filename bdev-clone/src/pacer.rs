@@ -97,6 +97,7 @@ pub struct Sent {
     user: bool,
     sent_ns: u64,
     delivered: u64,
+    delivered_ns: u64,
 }
 
 /// The controller. Time is in nanoseconds, from any monotonic origin.
@@ -106,8 +107,11 @@ pub struct Pacer {
     cap: u64,
     hyd_in_flight: u64,
     user_in_flight: u64,
-    /// Bytes completed since creation.
+    /// Bytes completed since creation, and when the last one did.
     delivered: u64,
+    delivered_ns: u64,
+    /// In flight reached the window during the interval under way.
+    filled: bool,
     /// The rate interval under way: its start and `delivered` then.
     ival_ns: u64,
     ival_delivered: u64,
@@ -141,6 +145,8 @@ impl Pacer {
             hyd_in_flight: 0,
             user_in_flight: 0,
             delivered: 0,
+            delivered_ns: now,
+            filled: false,
             ival_ns: now,
             ival_delivered: 0,
             bw_ring: [0; BW_SAMPLES],
@@ -188,17 +194,22 @@ impl Pacer {
             // Idle until now: the rate interval starts with this send.
             self.ival_ns = now;
             self.ival_delivered = self.delivered;
+            self.delivered_ns = now;
         }
         if user {
             self.user_in_flight += bytes;
         } else {
             self.hyd_in_flight += bytes;
         }
+        if self.hyd_in_flight + self.user_in_flight + self.chunk > self.window {
+            self.filled = true;
+        }
         Sent {
             bytes,
             user,
             sent_ns: now,
             delivered: self.delivered,
+            delivered_ns: self.delivered_ns,
         }
     }
 
@@ -237,6 +248,18 @@ impl Pacer {
         if self.phase == Phase::ProbeRtt {
             self.probe_rtt_min = self.probe_rtt_min.min(lat);
         }
+        if self.phase == Phase::Startup {
+            // While the window grows by rounds, each read measures what
+            // was delivered over its own life (as BBR): interval samples
+            // would lag a round behind.
+            let life = now.saturating_sub(s.delivered_ns).max(lat);
+            let rate =
+                ((self.delivered - s.delivered) as u128 * 1_000_000_000 / life as u128) as u64;
+            let slot = (self.samples % BW_SAMPLES as u64) as usize;
+            self.bw_ring[slot] = self.bw_ring[slot].max(rate);
+            self.bw = self.bw.max(rate);
+        }
+        self.delivered_ns = now;
         let span = now.saturating_sub(self.ival_ns);
         if span >= RATE_INTERVAL_NS.max(self.min_rtt_ns) {
             self.rate_sample(now, span);
@@ -260,13 +283,18 @@ impl Pacer {
 
     /// The interval under way ends: its delivery rate joins the window.
     fn rate_sample(&mut self, now: u64, span: u64) {
-        let rate = ((self.delivered - self.ival_delivered) as u128 * 1_000_000_000 / span as u128) as u64;
+        let rate =
+            ((self.delivered - self.ival_delivered) as u128 * 1_000_000_000 / span as u128) as u64;
         self.ival_ns = now;
         self.ival_delivered = self.delivered;
-        self.bw_ring[(self.samples % BW_SAMPLES as u64) as usize] = rate;
+        let slot = (self.samples % BW_SAMPLES as u64) as usize;
+        self.bw_ring[slot] = self.bw_ring[slot].max(rate);
         self.samples += 1;
         self.bw = self.bw_ring.iter().copied().max().unwrap_or(0);
-        if self.phase == Phase::Startup {
+        self.bw_ring[(self.samples % BW_SAMPLES as u64) as usize] = 0;
+        let filled = std::mem::take(&mut self.filled);
+        // The rate stopped growing while the window was full: the link is.
+        if self.phase == Phase::Startup && filled {
             if self.bw as f64 >= self.full_bw as f64 * 1.25 {
                 self.full_bw = self.bw;
                 self.full_bw_samples = 0;
@@ -289,8 +317,8 @@ impl Pacer {
                     && round_min as f64 > self.min_rtt_ns as f64 * DRAIN_LATENCY_FACTOR;
                 // A phase lasts at least one rate interval, so that its
                 // rate sample shows what its gain did.
-                let due = now.saturating_sub(self.cycle_stamp)
-                    >= RATE_INTERVAL_NS.max(self.min_rtt_ns);
+                let due =
+                    now.saturating_sub(self.cycle_stamp) >= RATE_INTERVAL_NS.max(self.min_rtt_ns);
                 if queued && self.cycle != CYCLE_DRAIN {
                     self.cycle = CYCLE_DRAIN;
                     self.cycle_stamp = now;
@@ -335,6 +363,9 @@ impl Pacer {
         } else {
             (self.bdp() as f64 * self.gain()) as u64
         };
+        // Whole chunks: a window a little short of one more chunk would
+        // leave that chunk's share of the link idle.
+        let w = w.div_ceil(self.chunk).saturating_mul(self.chunk);
         self.window = w.max(MIN_WINDOW_CHUNKS * self.chunk).min(self.cap);
     }
 
@@ -665,12 +696,16 @@ mod tests {
     fn caps_bound_the_window() {
         let mut sim = Sim::new(3 * CHUNK, 100 * MIB, 10 * MS);
         sim.run(2_000 * MS, 0, 0, |_, _| {});
-        let p = &mut sim.p;
-        assert_eq!(p.window(), 3 * CHUNK);
-        p.set_cap(0);
-        assert_eq!(p.window(), CHUNK, "never below one chunk");
-        p.set_cap(1 << 40);
-        assert!(p.window() > 3 * CHUNK);
+        assert_eq!(sim.p.window(), 3 * CHUNK);
+        sim.p.set_cap(0);
+        assert_eq!(sim.p.window(), CHUNK, "never below one chunk");
+        // The cap lifted: the window grows to fill the link.
+        sim.p.set_cap(1 << 40);
+        sim.run(2_000 * MS, 0, 0, |_, _| {});
+        let ns = 1_000 * MS;
+        let r = sim.run(ns, 0, 0, |_, _| {});
+        assert!(sim.p.window() > 3 * CHUNK);
+        assert!(share(r.hyd_bytes, 100 * MIB, ns) >= 0.97);
     }
 
     #[test]

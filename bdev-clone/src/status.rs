@@ -76,7 +76,10 @@ impl Shared {
     /// rate the sum).
     pub(crate) fn pacing_status(&self) -> Value {
         let sum = |f: fn(&PaceStats) -> &AtomicU64| -> u64 {
-            self.pacing.iter().map(|p| f(p).load(Ordering::Relaxed)).sum()
+            self.pacing
+                .iter()
+                .map(|p| f(p).load(Ordering::Relaxed))
+                .sum()
         };
         let lat = self
             .pacing
