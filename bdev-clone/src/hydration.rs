@@ -48,9 +48,13 @@ pub const COPY_TARGET: u64 = 256 << 10;
 pub(crate) const MAX_LANES: u64 = 16;
 
 /// Hydration's destination work (zero check and write) per reactor loop
-/// iteration, over all clones of the reactor: a user I/O waits behind at
-/// most this much of it. One chunk always passes.
+/// iteration, over all clones of the reactor, while user I/O to a clone ran
+/// on the reactor in the last [`USER_IO_RECENT_NS`]: a user I/O waits
+/// behind at most this much of it. One chunk always passes; with no user
+/// I/O, no limit (hydration of a local source runs at memory speed).
 pub(crate) const ITERATION_BUDGET: u64 = COPY_CHUNK;
+
+pub(crate) const USER_IO_RECENT_NS: u64 = 10_000_000;
 
 /// Chunk buffers kept for reuse per owner.
 const MAX_SPARE_BUFS: usize = 128;
@@ -179,15 +183,13 @@ impl Hyd {
         }))
     }
 
-    /// Wake as many waiting chunks as the window now has room for.
-    fn wake(&mut self) {
-        let mut room = self.pacer.room();
-        while room >= COPY_CHUNK || (room > 0 && self.waiters.len() == 1) {
-            let Some(w) = self.waiters.pop_front() else {
-                break;
-            };
-            w.wake();
-            room = room.saturating_sub(COPY_CHUNK);
+    /// The window has room: every waiting chunk tries again (few wait:
+    /// copies start only as the window needs them).
+    pub(crate) fn wake(&mut self) {
+        if self.pacer.room() > 0 {
+            for w in self.waiters.drain(..) {
+                w.wake();
+            }
         }
     }
 
@@ -247,6 +249,8 @@ impl Hyd {
 
     fn put_buf(&mut self, b: Option<DmaBuf>) {
         self.buf_bytes = self.buf_bytes.saturating_sub(COPY_CHUNK);
+        // A chunk waiting for the buffer cap may go now.
+        self.wake();
         if let Some(b) = b.filter(|b| b.capacity() >= COPY_CHUNK as usize) {
             if self.bufs.len() < MAX_SPARE_BUFS {
                 self.bufs.push(b);
@@ -279,30 +283,146 @@ impl Future for Admit<'_> {
     }
 }
 
+/// This reactor's hydration work in its current loop iteration, and the
+/// chunks waiting for a later one, served in order by tickets (a waiting
+/// future may be polled again by its task for other reasons: it keeps its
+/// place, and a future dropped while waiting gives it up).
+#[derive(Default)]
+struct Iteration {
+    tick: u64,
+    used: u64,
+    /// The ticket served next, and the next one given out.
+    head: u64,
+    tail: u64,
+    /// Wakers of tickets `head..tail`; `None` once given up.
+    slots: VecDeque<Option<Waker>>,
+    scheduled: bool,
+}
+
 thread_local! {
-    /// This reactor's hydration work in its current loop iteration:
-    /// (the iteration's clock, bytes).
-    static ITERATION: Cell<(u64, u64)> = const { Cell::new((0, 0)) };
+    static ITERATION: RefCell<Iteration> = RefCell::new(Iteration::default());
+    /// When this reactor last received user I/O for a clone.
+    static USER_IO: Cell<u64> = const { Cell::new(0) };
+}
+
+/// A user I/O to a clone arrived on this reactor (the fast path: one
+/// thread-local store).
+#[inline]
+pub(crate) fn note_user_io() {
+    USER_IO.with(|c| c.set(reactor::tick_ns()));
+}
+
+impl Iteration {
+    fn fits(&mut self, bytes: u64) -> bool {
+        let tick = reactor::tick_ns();
+        if self.tick != tick {
+            self.tick = tick;
+            self.used = 0;
+        }
+        let user = USER_IO.with(|c| c.get());
+        self.used == 0
+            || self.used + bytes <= ITERATION_BUDGET
+            || tick.saturating_sub(user) > USER_IO_RECENT_NS
+    }
+
+    /// Drop given-up tickets at the head; wake the head at the next
+    /// iteration.
+    fn schedule(&mut self) {
+        while self.slots.front().is_some_and(|s| s.is_none()) {
+            self.slots.pop_front();
+            self.head += 1;
+        }
+        if !self.slots.is_empty() && !self.scheduled {
+            self.scheduled = true;
+            reactor::defer(|| {
+                let w = ITERATION.with(|it| {
+                    let mut it = it.borrow_mut();
+                    it.scheduled = false;
+                    it.slots.front().cloned().flatten()
+                });
+                if let Some(w) = w {
+                    w.wake();
+                }
+            });
+        }
+    }
 }
 
 /// Take `bytes` of this reactor's [`ITERATION_BUDGET`]; when the iteration
-/// has spent it, wait for the next one (whichever clone's copy asks).
-async fn iteration_budget(bytes: u64) {
-    loop {
-        let tick = reactor::tick_ns();
-        let granted = ITERATION.with(|c| {
-            let (t, used) = c.get();
-            let used = if t == tick { used } else { 0 };
-            let ok = used == 0 || used + bytes <= ITERATION_BUDGET;
-            if ok {
-                c.set((tick, used + bytes));
+/// has spent it, wait for a later one (whichever clone's copy asks).
+struct Budget {
+    bytes: u64,
+    ticket: Option<u64>,
+    done: bool,
+}
+
+impl Future for Budget {
+    type Output = ();
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let bytes = self.bytes;
+        let ticket = self.ticket;
+        let (granted, ticket) = ITERATION.with(|it| {
+            let mut it = it.borrow_mut();
+            match ticket {
+                None if it.slots.is_empty() && it.fits(bytes) => {
+                    it.used += bytes;
+                    (true, None)
+                }
+                None => {
+                    let t = it.tail;
+                    it.tail += 1;
+                    it.slots.push_back(Some(cx.waker().clone()));
+                    it.schedule();
+                    (false, Some(t))
+                }
+                Some(t) if t == it.head && it.fits(bytes) => {
+                    it.used += bytes;
+                    it.slots.pop_front();
+                    it.head += 1;
+                    it.schedule();
+                    (true, None)
+                }
+                Some(t) => {
+                    let i = (t - it.head) as usize;
+                    it.slots[i] = Some(cx.waker().clone());
+                    it.schedule();
+                    (false, Some(t))
+                }
             }
-            ok
         });
+        self.ticket = ticket;
+        self.done = granted;
         if granted {
-            return;
+            Poll::Ready(())
+        } else {
+            Poll::Pending
         }
-        reactor::yield_now().await;
+    }
+}
+
+impl Drop for Budget {
+    fn drop(&mut self) {
+        if let (Some(t), false) = (self.ticket, self.done) {
+            // Off the reactor's thread-local at teardown, nothing to do.
+            let _ = ITERATION.try_with(|it| {
+                let mut it = it.borrow_mut();
+                if let Some(s) = t
+                    .checked_sub(it.head)
+                    .and_then(|i| it.slots.get_mut(i as usize))
+                {
+                    *s = None;
+                }
+                it.schedule();
+            });
+        }
+    }
+}
+
+fn iteration_budget(bytes: u64) -> Budget {
+    Budget {
+        bytes,
+        ticket: None,
+        done: false,
     }
 }
 
@@ -523,6 +643,7 @@ impl Owner {
         // The threshold caps the window too (regions' bytes in flight).
         h.pacer
             .set_cap(threshold.saturating_mul(region).min(MAX_COPY_BUF_BYTES));
+        h.wake();
         if !enabled || sh.map.is_complete() {
             return;
         }

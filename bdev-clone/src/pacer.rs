@@ -71,6 +71,13 @@ pub const PROBE_RTT_NS: u64 = 200_000_000;
 
 const PROBE_RTT_GAIN: f64 = 0.75;
 
+/// The window always allows this much queueing at the measured rate: a
+/// device that serves reads in parallel (a local disk, a striped remote)
+/// delivers more with more in flight at little more latency, which the
+/// single-queue model of the gains cannot see; a link that is one queue
+/// makes a user's read wait at most this much more.
+pub const QUEUE_NS: u64 = 1_000_000;
+
 /// A round whose lowest latency exceeds the minimum by this factor drains.
 pub const DRAIN_LATENCY_FACTOR: f64 = 2.0;
 
@@ -112,6 +119,9 @@ pub struct Pacer {
     delivered_ns: u64,
     /// In flight reached the window during the interval under way.
     filled: bool,
+    /// The latest time seen, and the user's latest read of the source.
+    now: u64,
+    user_seen_ns: Option<u64>,
     /// The rate interval under way: its start and `delivered` then.
     ival_ns: u64,
     ival_delivered: u64,
@@ -147,6 +157,8 @@ impl Pacer {
             delivered: 0,
             delivered_ns: now,
             filled: false,
+            now,
+            user_seen_ns: None,
             ival_ns: now,
             ival_delivered: 0,
             bw_ring: [0; BW_SAMPLES],
@@ -196,8 +208,10 @@ impl Pacer {
             self.ival_delivered = self.delivered;
             self.delivered_ns = now;
         }
+        self.now = self.now.max(now);
         if user {
             self.user_in_flight += bytes;
+            self.user_seen_ns = Some(now);
         } else {
             self.hyd_in_flight += bytes;
         }
@@ -229,6 +243,7 @@ impl Pacer {
 
     /// A read completed at `now`.
     pub fn on_done(&mut self, now: u64, s: Sent) {
+        self.now = self.now.max(now);
         self.release(&s);
         self.delivered += s.bytes;
         // Completions seen at the send's own clock tick still took time.
@@ -268,7 +283,7 @@ impl Pacer {
             self.next_round_delivered = self.delivered;
             self.end_round(now);
         }
-        if self.phase == Phase::Drain && self.hyd_in_flight + self.user_in_flight <= self.bdp() {
+        if self.phase == Phase::Drain && self.hyd_in_flight + self.user_in_flight <= self.window {
             self.enter(Phase::ProbeBw, now);
             self.cycle = CYCLE_CRUISE;
             self.cycle_stamp = now;
@@ -344,9 +359,21 @@ impl Pacer {
         match self.phase {
             Phase::Startup => STARTUP_GAIN,
             Phase::Drain => 1.0,
+            // While the user reads the source, cruise with no headroom
+            // beyond the queue floor: each chunk of headroom is a chunk the
+            // user's next cold read waits behind.
+            Phase::ProbeBw if self.user_recent() => CYCLE[self.cycle] / HEADROOM,
             Phase::ProbeBw => CYCLE[self.cycle],
             Phase::ProbeRtt => PROBE_RTT_GAIN,
         }
+    }
+
+    /// The user read the source within the last two rate intervals.
+    fn user_recent(&self) -> bool {
+        self.user_in_flight > 0
+            || self.user_seen_ns.is_some_and(|t| {
+                self.now.saturating_sub(t) < 2 * RATE_INTERVAL_NS.max(self.min_rtt_ns)
+            })
     }
 
     /// Bandwidth-delay product (bytes), 0 before the first measurement.
@@ -361,7 +388,13 @@ impl Pacer {
         let w = if self.bw == 0 || self.min_rtt_ns == u64::MAX {
             INITIAL_WINDOW_CHUNKS * self.chunk
         } else {
-            (self.bdp() as f64 * self.gain()) as u64
+            let queue = (self.bw as u128 * QUEUE_NS as u128 / 1_000_000_000) as u64;
+            let floor = if self.phase == Phase::ProbeRtt {
+                0
+            } else {
+                self.bdp() + queue
+            };
+            ((self.bdp() as f64 * self.gain()) as u64).max(floor)
         };
         // Whole chunks: a window a little short of one more chunk would
         // leave that chunk's share of the link idle.
@@ -593,10 +626,11 @@ mod tests {
             assert!(s >= 0.97, "link share {s:.3}: {what}");
             // About BDP x headroom: the measured latency includes one
             // chunk's transfer, hence the chunk of slack.
-            assert!(p.window() as f64 >= bdp as f64 * 1.2, "{what}");
+            assert!(p.window() >= bdp, "{what}");
             assert!(
                 p.window() as f64 <= (bdp + CHUNK) as f64 * HEADROOM * PROBE_GAIN * 1.1
-                    || p.window() <= MIN_WINDOW_CHUNKS * CHUNK,
+                    || p.window() <= MIN_WINDOW_CHUNKS * CHUNK
+                    || p.window() <= bdp + 2 * CHUNK + bps * QUEUE_NS / 1_000_000_000 * 11 / 10,
                 "{what}"
             );
             let rtt = p.min_rtt().unwrap();
@@ -661,7 +695,6 @@ mod tests {
             let ns = 3_000 * MS;
             // A host reading 4 KiB at QD32, all cold.
             let r = sim.run(ns, 32, 4 * KIB, |_, _| {});
-            let p = &sim.p;
             assert!(
                 !r.max_total_in_flight_over_window,
                 "hydration went past the user's share"
@@ -670,11 +703,10 @@ mod tests {
             assert!(busy >= 0.95, "link busy {busy:.3}");
             // The user's reads queue behind at most the window's headroom.
             let avg = r.user_lat_sum / r.user_reads;
-            let bound = delay
-                + (p.window() as f64 * (HEADROOM * PROBE_GAIN - 1.0) / HEADROOM) as u64
-                    * 1_000_000_000
-                    / bps
-                + 2 * CHUNK * 1_000_000_000 / bps;
+            // Behind the user: the probe's quarter of a latency now and
+            // then, the queue floor, a chunk of granularity.
+            let bound = delay + delay / 4 + QUEUE_NS + 2 * CHUNK * 1_000_000_000 / bps;
+            eprintln!("{} ms link with a QD32 4 KiB reader: busy {busy:.3}, user latency avg {} us max {} us", delay / MS, avg / 1000, r.user_lat_max / 1000);
             assert!(avg <= bound, "user latency {avg} ns > {bound} ns");
             assert!(r.hyd_bytes > 0);
         }
