@@ -38,6 +38,15 @@ def _non_negative(text):
     return value
 
 
+def _params(args, *names):
+    """The parameters `names` as given on the command line (None where not
+    given: the client drops those)."""
+    return {n: getattr(args, n) for n in names}
+
+
+HYDRATION_TUNING = ('hydration_threshold', 'hydration_batch_size', 'hydration_mbytes_per_sec')
+
+
 def _add_hydration_tuning(p):
     p.add_argument('--hydration-threshold', type=_non_negative, metavar='N',
                    help='Regions copied in flight at once (0 pauses background copying; default 1; '
@@ -52,20 +61,10 @@ def _add_hydration_tuning(p):
 def spdk_rpc_plugin_initialize(subparsers):
 
     def bdev_clone_create(args):
-        print_json(args, args.client.bdev_clone_create(
-                                              name=args.name,
-                                              source_bdev_name=args.source_bdev_name,
-                                              dest_bdev_name=args.dest_bdev_name,
-                                              metadata_bdev_name=args.metadata_bdev_name,
-                                              region_size_kb=args.region_size_kb,
-                                              no_hydration=args.no_hydration,
-                                              no_discard_passdown=args.no_discard_passdown,
-                                              hydration_threshold=args.hydration_threshold,
-                                              hydration_batch_size=args.hydration_batch_size,
-                                              hydration_mbytes_per_sec=args.hydration_mbytes_per_sec,
-                                              copy_on_read=args.copy_on_read,
-                                              uuid=args.uuid,
-                                              force_format=args.force_format))
+        print_json(args, args.client.bdev_clone_create(**_params(
+            args, 'name', 'source_bdev_name', 'dest_bdev_name', 'metadata_bdev_name',
+            'region_size_kb', 'no_hydration', 'no_discard_passdown', *HYDRATION_TUNING,
+            'copy_on_read', 'uuid', 'force_format')))
 
     p = subparsers.add_parser('bdev_clone_create',
                               help='Create a clone bdev: a writable copy of a read-only source, '
@@ -108,12 +107,7 @@ def spdk_rpc_plugin_initialize(subparsers):
     p.set_defaults(func=bdev_clone_get_bdevs)
 
     def bdev_clone_set_hydration(args):
-        args.client.bdev_clone_set_hydration(
-                                          name=args.name,
-                                          enable=args.enable,
-                                          hydration_threshold=args.hydration_threshold,
-                                          hydration_batch_size=args.hydration_batch_size,
-                                          hydration_mbytes_per_sec=args.hydration_mbytes_per_sec)
+        args.client.bdev_clone_set_hydration(**_params(args, 'name', 'enable', *HYDRATION_TUNING))
 
     p = subparsers.add_parser('bdev_clone_set_hydration',
                               help="Change a clone's background hydration: enable, disable, tune")

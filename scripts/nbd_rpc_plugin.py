@@ -14,9 +14,9 @@ apply otherwise. (SPDK's nbd_start_disk/nbd_stop_disk map a bdev to a kernel
 
 import argparse
 
-# The printers (silent under --dry-run) and integer checks are the clone
-# plugin's; both plugins live in scripts/, on the same PYTHONPATH.
-from clone_rpc_plugin import _non_negative, print_dict, print_json
+# The printers (silent under --dry-run), integer checks and parameter
+# picking are the clone plugin's; both plugins live in scripts/, on the same PYTHONPATH.
+from clone_rpc_plugin import _non_negative, _params, print_dict, print_json
 
 
 def _positive(text):
@@ -33,13 +33,9 @@ def _call(client, method, **params):
 def spdk_rpc_plugin_initialize(subparsers):
 
     def bdev_nbd_create(args):
-        print_json(args, _call(args.client, 'bdev_nbd_create', name=args.name, uri=args.uri,
-                               read_only=args.read_only, connections=args.connections,
-                               block_size=args.block_size,
-                               connect_timeout_ms=args.connect_timeout_ms,
-                               io_timeout_ms=args.io_timeout_ms,
-                               reconnect_delay_ms=args.reconnect_delay_ms,
-                               fast_io_fail_timeout_ms=args.fast_io_fail_timeout_ms))
+        print_json(args, _call(args.client, 'bdev_nbd_create', **_params(
+            args, 'name', 'uri', 'read_only', 'connections', 'block_size', 'connect_timeout_ms',
+            'io_timeout_ms', 'reconnect_delay_ms', 'fast_io_fail_timeout_ms')))
 
     p = subparsers.add_parser('bdev_nbd_create',
                               help='Create a bdev backed by an NBD export (nbdkit, qemu-nbd, ...)')

@@ -253,6 +253,19 @@ def uring(filename, name, uuid=None, bs=BS):
     return p
 
 
+def slow_source_clone(t, src, dst, meta, bs, read_us, region_kb, rate_mbps):
+    """Clone0 over uring files `src`, `dst`, `meta`, its source behind a
+    delay bdev (`read_us` on average, twice that at p99, reads and writes
+    alike) so that hydration takes its time."""
+    t.rpc("bdev_uring_create", name="SrcFile", filename=str(src), block_size=bs)
+    t.rpc("bdev_delay_create", name="Src", base_bdev_name="SrcFile", avg_read_latency=read_us,
+          p99_read_latency=2 * read_us, avg_write_latency=read_us, p99_write_latency=2 * read_us)
+    t.rpc("bdev_uring_create", name="Dst", filename=str(dst), block_size=bs)
+    t.rpc("bdev_uring_create", name="Meta", filename=str(meta), block_size=bs)
+    t.rpc("bdev_clone_create", name="Clone0", source_bdev_name="Src", dest_bdev_name="Dst",
+          metadata_bdev_name="Meta", region_size_kb=region_kb, hydration_mbytes_per_sec=rate_mbps)
+
+
 def scale(small, normal):
     return small if SMALL else normal
 

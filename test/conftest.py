@@ -6,6 +6,7 @@ Run through scripts/test.sh (it builds the binaries and the venv first).
 CLONE_TGT_TEST_SCALE=small (set by CI=true) shortens bdevperf runs.
 """
 
+import contextlib
 import json
 import os
 import re
@@ -144,8 +145,9 @@ def short_tmpdir(prefix="ctgt-"):
 class Target:
     """One clone_tgt process serving JSON-RPC on `sock`."""
 
-    def __init__(self, workdir, args=(), sock=None, name="tgt", rpc_server=True):
+    def __init__(self, workdir, args=(), sock=None, name="tgt", rpc_server=True, mask="0x1"):
         self.workdir = Path(workdir)
+        self.mask = mask
         self.name = name
         self.sock = Path(sock) if sock else self.workdir / "spdk.sock"
         self._own_dir = None
@@ -164,7 +166,7 @@ class Target:
 
     @property
     def argv(self):
-        argv = [str(TGT_BIN), "--interrupt-mode", "-m", "0x1", "--no-huge"]
+        argv = [str(TGT_BIN), "--interrupt-mode", "-m", self.mask, "--no-huge"]
         if self.rpc_server:
             argv += ["-r", str(self.sock)]
         return argv + self.extra_args
@@ -362,23 +364,33 @@ def workdir(tmp_path):
     return tmp_path
 
 
+@contextlib.contextmanager
+def scratch_dir(prefix):
+    """A short-path temporary directory (socket paths fit), removed after."""
+    d = short_tmpdir(prefix)
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
 @pytest.fixture
 def datadir():
     """A directory for backing files where O_DIRECT works (/var/tmp is on disk)."""
-    d = short_tmpdir("ctgt-data-")
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
+    with scratch_dir("ctgt-data-") as d:
+        yield d
 
 
 @pytest.fixture
 def tgt_factory(request, workdir):
-    """start(*extra_args, wait=True, sock=None, name=None, rpc_server=True) -> Target"""
+    """start(*extra_args, wait=True, sock=None, name=None, rpc_server=True, mask="0x1")
+    -> Target"""
     started = []
     request.node._clone_targets = started
 
-    def start(*args, wait=True, sock=None, name=None, rpc_server=True):
+    def start(*args, wait=True, sock=None, name=None, rpc_server=True, mask="0x1"):
         t = Target(workdir, args=args, sock=sock, name=name or "tgt%d" % len(started),
-                   rpc_server=rpc_server)
+                   rpc_server=rpc_server, mask=mask)
         started.append(t)
         return t.start(wait=wait)
 
@@ -390,6 +402,18 @@ def tgt_factory(request, workdir):
 @pytest.fixture
 def tgt(tgt_factory):
     return tgt_factory()
+
+
+@pytest.fixture
+def tgt2_factory(tgt_factory):
+    """start(args=(), sock=None) -> a Target on two reactors (so a host's
+    queues and a clone's regions land on different reactors)."""
+    return lambda args=(), sock=None: tgt_factory(*args, sock=sock, mask="0x3")
+
+
+@pytest.fixture
+def tgt2(tgt2_factory):
+    return tgt2_factory()
 
 
 # ---------------------------------------------------------------------------

@@ -64,6 +64,16 @@ def assert_unclaimed(tgt, name):
     assert b["claimed"] is False and "claim_type" not in b, b
 
 
+def assert_cli_delete(tgt, method, name, base):
+    """`method NAME` through the CLI prints nothing, removes the stacked bdev
+    and frees its base; deleting it again is -19."""
+    cp = tgt.cli(method, name)
+    assert cp.stdout.strip() == ""
+    assert tgt.rpc_err("bdev_get_bdevs", name=name) == ENODEV
+    assert_unclaimed(tgt, base)
+    assert tgt.rpc_err(method, name=name) == ENODEV
+
+
 def names(tgt):
     return sorted(tgt.bdevs())
 
@@ -373,11 +383,7 @@ def test_delay_create_via_cli(tgt):
     assert tgt.rpc_err("bdev_error_create", base_name="Malloc0") in CLAIM_FAILED
     assert tgt.bdevs() == before
 
-    cp = tgt.cli("bdev_delay_delete", "Delay0")
-    assert cp.stdout.strip() == ""
-    assert tgt.rpc_err("bdev_get_bdevs", name="Delay0") == ENODEV
-    assert_unclaimed(tgt, "Malloc0")
-    assert tgt.rpc_err("bdev_delay_delete", name="Delay0") == ENODEV
+    assert_cli_delete(tgt, "bdev_delay_delete", "Delay0", base="Malloc0")
 
 
 def test_delay_with_uuid_and_stacking(tgt):
@@ -477,11 +483,7 @@ def test_error_create_via_cli(tgt):
     assert tgt.rpc("bdev_error_inject_error", name="EE_Malloc1", io_type="all",
                    error_type="nomem", num=1) is True
 
-    cp = tgt.cli("bdev_error_delete", "EE_Malloc1")
-    assert cp.stdout.strip() == ""
-    assert tgt.rpc_err("bdev_get_bdevs", name="EE_Malloc1") == ENODEV
-    assert_unclaimed(tgt, "Malloc1")
-    assert tgt.rpc_err("bdev_error_delete", name="EE_Malloc1") == ENODEV
+    assert_cli_delete(tgt, "bdev_error_delete", "EE_Malloc1", base="Malloc1")
 
 
 def test_error_create_with_uuid(tgt):

@@ -16,6 +16,13 @@ def malloc(name, mb=MALLOC_MB, bs=512):
                                    "block_size": bs})
 
 
+def delay(name, base, read_us, write_us):
+    """A delay bdev whose average and p99 latencies are both the given ones."""
+    return ("bdev_delay_create", {"name": name, "base_bdev_name": base,
+                                  "avg_read_latency": read_us, "p99_read_latency": read_us,
+                                  "avg_write_latency": write_us, "p99_write_latency": write_us})
+
+
 def make_file(datadir, name, mb=FILE_MB):
     path = os.path.join(str(datadir), name)
     with open(path, "wb") as f:
@@ -59,22 +66,15 @@ def test_verify_malloc_4k_blocks_large_io(workdir):
     assert_clean_run(r)
 
 
-def test_verify_uring_file(workdir, datadir):
-    path = make_file(datadir, "uring.img")
+@pytest.mark.parametrize("method,name,bs", [("bdev_uring_create", "URING0", 512),
+                                            ("bdev_aio_create", "AIO0", 4096)])
+def test_verify_file(workdir, datadir, method, name, bs):
+    path = make_file(datadir, name.lower() + ".img")
     cfg = write_bdev_config(workdir / "bp.json", [
-        ("bdev_uring_create", {"name": "URING0", "filename": path, "block_size": 512})])
+        (method, {"name": name, "filename": path, "block_size": bs})])
     r = run_bdevperf(cfg, "-q", 16, "-o", 4096, "-w", "verify")
     assert_clean_run(r)
-    check_jobs(r, ["URING0"])
-
-
-def test_verify_aio_file(workdir, datadir):
-    path = make_file(datadir, "aio.img")
-    cfg = write_bdev_config(workdir / "bp.json", [
-        ("bdev_aio_create", {"name": "AIO0", "filename": path, "block_size": 4096})])
-    r = run_bdevperf(cfg, "-q", 16, "-o", 4096, "-w", "verify")
-    assert_clean_run(r)
-    check_jobs(r, ["AIO0"])
+    check_jobs(r, [name])
 
 
 def test_verify_data_lands_in_file(workdir, datadir):
@@ -92,9 +92,7 @@ def test_verify_data_lands_in_file(workdir, datadir):
 def test_verify_delay_latency_visible(workdir):
     cfg = write_bdev_config(workdir / "bp.json", [
         malloc("Malloc0"),
-        ("bdev_delay_create", {"name": "Delay0", "base_bdev_name": "Malloc0",
-                               "avg_read_latency": 2000, "p99_read_latency": 2000,
-                               "avg_write_latency": 2000, "p99_write_latency": 2000}),
+        delay("Delay0", "Malloc0", read_us=2000, write_us=2000),
     ])
     r = run_bdevperf(cfg, "-q", 16, "-o", 4096, "-w", "verify", "-T", "Delay0")
     assert_clean_run(r)
@@ -108,9 +106,7 @@ def test_verify_delay_latency_visible(workdir):
 def test_delay_randread_latency(workdir):
     cfg = write_bdev_config(workdir / "bp.json", [
         malloc("Malloc0"),
-        ("bdev_delay_create", {"name": "Delay0", "base_bdev_name": "Malloc0",
-                               "avg_read_latency": 1000, "p99_read_latency": 1000,
-                               "avg_write_latency": 10, "p99_write_latency": 10}),
+        delay("Delay0", "Malloc0", read_us=1000, write_us=10),
     ])
     r = run_bdevperf(cfg, "-q", 4, "-o", 4096, "-w", "randread", "-T", "Delay0")
     assert_clean_run(r)
@@ -122,9 +118,7 @@ def test_latency_percentiles(workdir):
     cfg = write_bdev_config(workdir / "bp.json", [
         malloc("Malloc0"),
         malloc("Malloc1"),
-        ("bdev_delay_create", {"name": "Delay0", "base_bdev_name": "Malloc1",
-                               "avg_read_latency": 1000, "p99_read_latency": 1000,
-                               "avg_write_latency": 10, "p99_write_latency": 10}),
+        delay("Delay0", "Malloc1", read_us=1000, write_us=10),
     ])
     r = run_bdevperf(cfg, "-q", 4, "-o", 4096, "-w", "randread", "-l", secs=1)
     assert_clean_run(r)
@@ -207,9 +201,7 @@ def test_unsupported_workload_refused(workdir, datadir):
 def test_all_unclaimed_bdevs_get_a_job(workdir):
     cfg = write_bdev_config(workdir / "bp.json", [
         malloc("Malloc0"), malloc("Malloc1"),
-        ("bdev_delay_create", {"name": "Delay0", "base_bdev_name": "Malloc1",
-                               "avg_read_latency": 10, "p99_read_latency": 10,
-                               "avg_write_latency": 10, "p99_write_latency": 10}),
+        delay("Delay0", "Malloc1", read_us=10, write_us=10),
     ])
     r = run_bdevperf(cfg, "-q", 8, "-o", 4096, "-w", "randread", secs=1)
     assert_clean_run(r)
@@ -242,13 +234,18 @@ def test_qos_bandwidth_limit(workdir):
 
 # --- error injection ----------------------------------------------------------------------
 
-def test_error_injection_fails_reads(workdir):
-    cfg = write_bdev_config(workdir / "bp.json", [
+def read_failures_config(workdir):
+    """EE_Malloc0 over Malloc0 with 10 read failures injected."""
+    return write_bdev_config(workdir / "bp.json", [
         malloc("Malloc0"),
         ("bdev_error_create", {"base_name": "Malloc0"}),
         ("bdev_error_inject_error", {"name": "EE_Malloc0", "io_type": "read",
                                      "error_type": "failure", "num": 10}),
     ])
+
+
+def test_error_injection_fails_reads(workdir):
+    cfg = read_failures_config(workdir)
     r = run_bdevperf(cfg, "-q", 16, "-o", 4096, "-w", "randread", "-T", "EE_Malloc0", secs=1)
     assert r.returncode != 0, "injected read failures did not fail the run:\n" + r.describe()
     assert r.total is not None, r.describe()
@@ -257,12 +254,7 @@ def test_error_injection_fails_reads(workdir):
 
 def test_error_injection_writes_only(workdir):
     """Read errors injected; a write workload is untouched."""
-    cfg = write_bdev_config(workdir / "bp.json", [
-        malloc("Malloc0"),
-        ("bdev_error_create", {"base_name": "Malloc0"}),
-        ("bdev_error_inject_error", {"name": "EE_Malloc0", "io_type": "read",
-                                     "error_type": "failure", "num": 10}),
-    ])
+    cfg = read_failures_config(workdir)
     r = run_bdevperf(cfg, "-q", 16, "-o", 4096, "-w", "randwrite", "-T", "EE_Malloc0", secs=1)
     assert_clean_run(r)
 

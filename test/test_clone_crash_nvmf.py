@@ -33,7 +33,8 @@ import time
 import pytest
 
 import nvmf_probe as probe
-from conftest import SMALL, Target
+from clone_util import slow_source_clone
+from conftest import SMALL
 from test_nvmf_target import ADDR, free_port
 
 NQN = "nqn.2016-06.io.spdk:clonecrash"
@@ -145,27 +146,9 @@ class Model:
             self.ops[b] = []
 
 
-class CrashTarget(Target):
-    """Two reactors, interrupt mode; optional --json config."""
-
-    @property
-    def argv(self):
-        return [a if a != "0x1" else "0x3" for a in super().argv]
-
-
 @pytest.fixture
-def targets(request, workdir):
-    started = []
-    request.node._clone_targets = started
-
-    def start(args=(), sock=None):
-        t = CrashTarget(workdir, args=args, sock=sock, name="tgt%d" % len(started))
-        started.append(t)
-        return t.start()
-
-    yield start
-    for t in reversed(started):
-        t.kill()
+def targets(tgt2_factory):
+    return tgt2_factory
 
 
 def wait_nvmf(port, timeout=15.0):
@@ -346,14 +329,8 @@ def test_kill9_during_nvmf_workload_and_hydration(targets, datadir, workdir):
     port = free_port()
 
     tgt = targets()
-    tgt.rpc("bdev_uring_create", name="SrcFile", filename=str(src), block_size=BS)
-    tgt.rpc("bdev_delay_create", name="Src", base_bdev_name="SrcFile", avg_read_latency=1000,
-            p99_read_latency=2000, avg_write_latency=1000, p99_write_latency=2000)
-    tgt.rpc("bdev_uring_create", name="Dst", filename=str(dst), block_size=BS)
-    tgt.rpc("bdev_uring_create", name="Meta", filename=str(meta), block_size=BS)
-    tgt.rpc("bdev_clone_create", name="Clone0", source_bdev_name="Src", dest_bdev_name="Dst",
-            metadata_bdev_name="Meta", region_size_kb=REGION_KB,
-            hydration_mbytes_per_sec=RATE_MBPS)
+    slow_source_clone(tgt, src, dst, meta, BS, read_us=1000, region_kb=REGION_KB,
+                      rate_mbps=RATE_MBPS)
     tgt.rpc("nvmf_create_transport", trtype="TCP")
     tgt.rpc("nvmf_create_subsystem", nqn=NQN, allow_any_host=True, serial_number="CLONECRASH01")
     tgt.rpc("nvmf_subsystem_add_ns", nqn=NQN, namespace={"bdev_name": "Clone0"})

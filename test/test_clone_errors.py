@@ -111,16 +111,25 @@ def test_dest_write_error_fails_the_write(es):
     assert clone_status(t)["hydrated_regions"] == 1
 
 
-def test_metadata_write_error_goes_read_only(es):
+def fail_a_commit(es, md_errors, mode):
+    """Region 0 written and committed; then `md_errors` injected on the
+    metadata bdev, region 4 written, and its flush fails: the clone's
+    status once its metadata mode is `mode`."""
     t = es.t
     es.create(no_hydration=True)
-    t.write_stamps("Clone0", 3, 0, REGION)          # region 0 hydrated, committed below
+    t.write_stamps("Clone0", 3, 0, REGION)          # region 0 hydrated, committed
     t.flush("Clone0")
-    es.inject("Md", "write", num=1000)
+    for kind in md_errors:
+        es.inject("Md", kind, num=1000)
     t.write_stamps("Clone0", 4, 4 * REGION, REGION)  # region 4: needs a commit
     io_fails(t.flush, "Clone0")
-    s = wait_for(lambda: ((lambda s: (s["metadata"]["mode"] == "ro", s))(clone_status(t))), 5,
-                 "metadata mode ro")
+    return wait_for(lambda: ((lambda s: (s["metadata"]["mode"] == mode, s))(clone_status(t))),
+                    5, "metadata mode " + mode)
+
+
+def test_metadata_write_error_goes_read_only(es):
+    t = es.t
+    s = fail_a_commit(es, ["write"], "ro")
     assert s["state"] == "read_only", s
     assert s["errors"]["metadata"] >= 1, s["errors"]
     # reads work; the committed region keeps its data
@@ -140,15 +149,7 @@ def test_metadata_unreadable_after_failed_commit_goes_failed(es):
     """dm-clone: after a failed commit the metadata is reopened; when even
     that fails, fail mode: every I/O fails and the status says so."""
     t = es.t
-    es.create(no_hydration=True)
-    t.write_stamps("Clone0", 3, 0, REGION)
-    t.flush("Clone0")
-    es.inject("Md", "write", num=1000)
-    es.inject("Md", "read", num=1000)
-    t.write_stamps("Clone0", 4, 4 * REGION, REGION)  # region 4: needs a commit
-    io_fails(t.flush, "Clone0")
-    s = wait_for(lambda: ((lambda s: (s["metadata"]["mode"] == "fail", s))(clone_status(t))), 5,
-                 "metadata mode fail")
+    s = fail_a_commit(es, ["write", "read"], "fail")
     assert s["state"] == "failed", s
     assert "metadata unusable" in (s["last_error"] or ""), s
     # fail mode: reads and writes fail, even of committed regions

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import Target
+from clone_util import slow_source_clone
 from test_nvmf_target import ADDR, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,20 +42,6 @@ REGION_KB = 64
 BS = 512
 FIO1 = (16 * MiB, 8 * MiB)
 FIO2 = (24 * MiB, 4 * MiB)
-
-
-class TwoReactorTarget(Target):
-    @property
-    def argv(self):
-        return [a if a != "0x1" else "0x3" for a in super().argv]
-
-
-@pytest.fixture
-def tgt2(request, workdir):
-    t = TwoReactorTarget(workdir, name="tgt-2r")
-    request.node._clone_targets = [t]
-    yield t.start()
-    t.kill()
 
 
 def status(tgt, name):
@@ -226,25 +212,13 @@ def test_clone_over_nvmf_linux_host(tgt2, datadir, linux_guest):
           "total %.1f s" % took)
 
 
-def test_linux_host_rides_out_kill9_of_the_target(request, workdir, datadir, linux_guest):
+def test_linux_host_rides_out_kill9_of_the_target(tgt2_factory, workdir, datadir, linux_guest):
     """The Linux host keeps reading a hydrating clone (every read compared)
     while clone_tgt is killed with SIGKILL and restarted from its saved config:
     nvme-tcp reconnects, the reads in flight are retried, the flushed writes are
     there, the clone resumes hydrating from its metadata and finishes; the
     destination is then the source plus exactly the host's writes."""
-    started = []
-    request.node._clone_targets = started
-
-    def start(args=(), sock=None):
-        t = TwoReactorTarget(workdir, args=args, sock=sock, name="tgt%d" % len(started))
-        started.append(t)
-        return t.start()
-
-    try:
-        _rides_out_kill9(start, workdir, datadir, linux_guest)
-    finally:
-        for t in reversed(started):
-            t.kill()
+    _rides_out_kill9(tgt2_factory, workdir, datadir, linux_guest)
 
 
 def _rides_out_kill9(start, workdir, datadir, linux_guest):
@@ -268,13 +242,7 @@ def _rides_out_kill9(start, workdir, datadir, linux_guest):
 
     port = free_port()
     tgt = start()
-    tgt.rpc("bdev_uring_create", name="SrcFile", filename=str(src), block_size=BS)
-    tgt.rpc("bdev_delay_create", name="Src", base_bdev_name="SrcFile", avg_read_latency=500,
-            p99_read_latency=1000, avg_write_latency=500, p99_write_latency=1000)
-    tgt.rpc("bdev_uring_create", name="Dst", filename=str(dst), block_size=BS)
-    tgt.rpc("bdev_uring_create", name="Meta", filename=str(meta), block_size=BS)
-    tgt.rpc("bdev_clone_create", name="Clone0", source_bdev_name="Src", dest_bdev_name="Dst",
-            metadata_bdev_name="Meta", region_size_kb=REGION_KB, hydration_mbytes_per_sec=1)
+    slow_source_clone(tgt, src, dst, meta, BS, read_us=500, region_kb=REGION_KB, rate_mbps=1)
     tgt.rpc("nvmf_create_transport", trtype="TCP")
     tgt.rpc("nvmf_create_subsystem", nqn=NQN, allow_any_host=True, serial_number="CLONENVMF0002",
             model_number="clone-tgt kill test")

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from clone_util import clone_create, clone_status, wait_for, wait_hydrated
-from conftest import ROOT, SMALL, SPDK_RPC, Target, short_tmpdir
+from conftest import ROOT, SMALL, SPDK_RPC, Target, scratch_dir
 
 MB = 1 << 20
 BS = 4096
@@ -83,9 +83,8 @@ class Server:
 
 @pytest.fixture
 def nbd_dir():
-    d = short_tmpdir("ctgt-nbd-")
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
+    with scratch_dir("ctgt-nbd-") as d:
+        yield d
 
 
 @pytest.fixture

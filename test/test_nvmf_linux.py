@@ -8,30 +8,11 @@ import re
 import subprocess
 from pathlib import Path
 
-import pytest
-
-from conftest import Target
 from test_nvmf_target import ADDR, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 GUEST_SCRIPT = ROOT / "test" / "guest" / "nvmf_linux.sh"
 NQN = "nqn.2016-06.io.spdk:linux1"
-
-
-class TwoReactorTarget(Target):
-    """Two reactors, so the host's queues land on different reactors."""
-
-    @property
-    def argv(self):
-        return [a if a != "0x1" else "0x3" for a in super().argv]
-
-
-@pytest.fixture
-def tgt2(request, workdir):
-    t = TwoReactorTarget(workdir, name="tgt-2r")
-    request.node._clone_targets = [t]
-    yield t.start()
-    t.kill()
 
 
 def test_linux_host(tgt2, linux_guest):

@@ -19,7 +19,7 @@ use crate::clone::Shared;
 use crate::commit::{self, UnitImage};
 use crate::metadata::{self, UNIT_SIZE};
 use crate::metadata_io::recheck_metadata;
-use crate::owner::{drive, owner_of, Owner};
+use crate::owner::{drive, owner_of, then_drive, Owner};
 use crate::router::CommitId;
 use crate::router::MetadataMode;
 
@@ -60,8 +60,7 @@ pub(crate) fn answer(id: u64, w: Waiter, ok: bool) {
     match w {
         Waiter::Router { reactor, commit } => send_to(reactor, move || {
             let Some(rc) = owner_of(id) else { return };
-            rc.borrow_mut().commit_done(commit, ok);
-            drive(&rc);
+            then_drive(&Rc::downgrade(&rc), move |o| o.commit_done(commit, ok));
         }),
         Waiter::Flush { origin, token } => {
             let st = if ok {

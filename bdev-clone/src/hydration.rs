@@ -764,7 +764,7 @@ pub(crate) fn start_copy(rc: &Rc<RefCell<Owner>>, o: &mut Owner, copy: CopyId, b
     reactor::spawn_local(async move {
         let res = copy_blocks(&src, &dst, &sh, &hyd, &weak, blocks.clone()).await;
         hyd.borrow_mut().copies -= 1;
-        then_drive(&weak, |o| match res {
+        then_drive(&weak, move |o| match res {
             Ok(()) => {
                 o.copy_succeeded();
                 let n = bytes(&blocks, sh.geo.block_size()) as u64;

@@ -17,7 +17,8 @@
 //! * `committer.rs`: commit rounds (the durability order) and their waiters.
 //! * `metadata_io.rs`: reading, opening, formatting, repairing metadata.
 //! * `lifecycle.rs`: create, completion, quiesce, delete.
-//! * `status.rs`: the status object; [`rpc`]: the RPCs and their params.
+//! * `status.rs`: the status object ([`CloneStatus`], also parsed by
+//!   `clonectl`); [`rpc`]: the RPCs and their params.
 
 mod channel;
 mod clone;
@@ -51,4 +52,7 @@ pub use router::{
     RouterConfig, RouterError, Status, Stripes,
 };
 pub use rpc::{register_rpcs, CreateOpts, HydrationOpts};
-pub use status::{hydrated_regions, region_hydrated, status, status_all};
+pub use status::{
+    hydrated_regions, region_hydrated, status, status_all, CloneSettings, CloneState, CloneStatus,
+    ErrorCounts, MetadataStatus, Named, PausedReason, Progress,
+};

@@ -5,10 +5,10 @@
 //! a final commit, drop them).
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bdev::{Bdev, BdevBuilder, ClaimType, Desc, IoChannel, IoType};
+use bdev::{stacked, Bdev, BdevBuilder, ClaimType, Desc, IoChannel, IoType};
 use reactor::sync::lock;
 use uuid::Uuid;
 
@@ -154,7 +154,7 @@ pub(crate) async fn owner_quiesce(id: u64, on: bool) {
 }
 
 /// Where a base's event callback finds the clone once registered.
-pub(crate) type SelfRef = Arc<OnceLock<Weak<Bdev>>>;
+pub(crate) type SelfRef = stacked::RemoveLink;
 
 pub(crate) static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 
@@ -177,17 +177,10 @@ pub(crate) fn stripe_words(region_size: u64) -> u64 {
     }
 }
 
-pub(crate) fn open_claim(
-    name: &str,
-    ty: ClaimType,
-    role: &'static str,
-) -> Result<(Desc, SelfRef), CloneError> {
-    // The source's removal after completion never arrives: its descriptor
-    // is closed by then.
-    let (me, cb) = bdev::remove_propagator(role);
-    let mut d = bdev::open(name, false, cb).map_err(CloneError::from_bdev)?;
-    d.claim(ty, MODULE_NAME).map_err(CloneError::from_bdev)?;
-    Ok((d, me))
+/// Open and claim a base for the clone. The source's removal after
+/// completion never arrives: its descriptor is closed by then.
+fn open_claim(name: &str, ty: ClaimType) -> Result<(Desc, SelfRef), CloneError> {
+    stacked::claim_base(name, ty, MODULE_NAME).map_err(CloneError::from_bdev)
 }
 
 /// Create a clone (reactor 0). On failure nothing is left: no claim, no
@@ -205,7 +198,7 @@ pub async fn create(opts: CreateOpts) -> Result<Arc<Bdev>, CloneError> {
     start_owners(&sh, routers).await?;
     let bdev = register(&opts, &sh, src_align).await?;
     for me in self_refs {
-        let _ = me.set(Arc::downgrade(&bdev));
+        me.link(&bdev);
     }
     tracing::info!(
         clone = %opts.name,
@@ -292,21 +285,12 @@ fn open_bases(opts: &CreateOpts, source_present: bool) -> Result<Bases, CloneErr
         Some(open_claim(
             &opts.source_bdev_name,
             ClaimType::ReadManyWriteNone,
-            "source",
         )?)
     } else {
         None
     };
-    let dst = open_claim(
-        &opts.dest_bdev_name,
-        ClaimType::ExclusiveWrite,
-        "destination",
-    )?;
-    let md = open_claim(
-        &opts.metadata_bdev_name,
-        ClaimType::ExclusiveWrite,
-        "metadata",
-    )?;
+    let dst = open_claim(&opts.dest_bdev_name, ClaimType::ExclusiveWrite)?;
+    let md = open_claim(&opts.metadata_bdev_name, ClaimType::ExclusiveWrite)?;
     let mdbs = md.0.bdev().block_size();
     if mdbs == 0
         || !mdbs.is_power_of_two()

@@ -293,6 +293,15 @@ pub fn encode_superblock(sb: &Superblock, slot: u32) -> Vec<u8> {
     b
 }
 
+/// The first `need` bytes of `b`, holding `what`.
+fn prefix<'a>(b: &'a [u8], need: usize, what: &'static str) -> Result<&'a [u8], MetadataError> {
+    b.get(..need).ok_or(MetadataError::ShortBuffer {
+        what,
+        need,
+        got: b.len(),
+    })
+}
+
 enum Slot {
     Zero,
     Invalid(String),
@@ -300,15 +309,7 @@ enum Slot {
 }
 
 fn decode_slot(b: &[u8], slot: u32) -> Result<Slot, MetadataError> {
-    let len = FORMAT_BLOCK_SIZE as usize;
-    if b.len() < len {
-        return Err(MetadataError::ShortBuffer {
-            what: "a superblock slot",
-            need: len,
-            got: b.len(),
-        });
-    }
-    let b = &b[..len];
+    let b = prefix(b, FORMAT_BLOCK_SIZE as usize, "a superblock slot")?;
     if b.iter().all(|&x| x == 0) {
         return Ok(Slot::Zero);
     }
@@ -558,14 +559,7 @@ pub fn decode_unit(
     expected_index: u32,
     key: &UnitKey,
 ) -> Result<[u64; WORDS_PER_UNIT], MetadataError> {
-    if bytes.len() < UNIT_SIZE {
-        return Err(MetadataError::ShortBuffer {
-            what: "a bitmap unit",
-            need: UNIT_SIZE,
-            got: bytes.len(),
-        });
-    }
-    let b = &bytes[..UNIT_SIZE];
+    let b = prefix(bytes, UNIT_SIZE, "a bitmap unit")?;
     let bad = |reason: String| MetadataError::CorruptUnit {
         unit: expected_index as u64,
         reason,

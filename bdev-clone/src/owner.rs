@@ -3,10 +3,12 @@
 //! with its own [`Router`] over the shared map. The owner executes the
 //! router's commands (reads, writes, copies, commits) as the executor
 //! contract in `router.rs` says, and feeds completions back; [`drive`] runs
-//! the router until it has nothing more to say.
+//! the router until it has nothing more to say. Requests, completions and
+//! nudges reach the owners through one loop per reactor (`drain`), which
+//! queues what arrives while it runs instead of finding an owner borrowed.
 
-use std::cell::RefCell;
-use std::collections::HashMap;
+use std::cell::{Cell, RefCell};
+use std::collections::{HashMap, VecDeque};
 use std::ops::Range;
 use std::rc::{Rc, Weak as RcWeak};
 use std::sync::atomic::Ordering;
@@ -46,6 +48,15 @@ impl OwnerReq {
             offset: self.offset,
         }
     }
+
+    /// Where the op on `blocks` (block size `bs`) sits in this request's
+    /// buffer: byte offset and length, and whether it is the whole request
+    /// (then the request's own buffer goes down, no bounce buffer).
+    fn span(&self, blocks: &Range<u64>, bs: u32) -> (usize, usize, bool) {
+        let at = ((blocks.start - self.offset) * bs as u64) as usize;
+        let whole = blocks.start == self.offset && blocks.end - blocks.start == self.num;
+        (at, bytes(blocks, bs), whole)
+    }
 }
 
 pub(crate) struct Owner {
@@ -82,13 +93,76 @@ pub(crate) fn owner_of(id: u64) -> Option<Rc<RefCell<Owner>>> {
     OWNERS.with(|o| o.borrow().get(&id).cloned())
 }
 
+/// What reaches this reactor's owners while [`drain`] is already handling
+/// one (from a call it made): a user request part, a completion to apply,
+/// a nudge to run the router.
+enum Event {
+    Receive(UserMsg),
+    Apply(RcWeak<RefCell<Owner>>, Box<dyn FnOnce(&mut Owner)>),
+    Drive(Rc<RefCell<Owner>>),
+}
+
+thread_local! {
+    /// Events queued while [`drain`] runs on this reactor.
+    static EVENTS: RefCell<VecDeque<Event>> = const { RefCell::new(VecDeque::new()) };
+    /// [`drain`] is running here: an owner may be borrowed.
+    static DRAINING: Cell<bool> = const { Cell::new(false) };
+}
+
+/// This reactor's owner loop: the router's executor runs inside it, and
+/// whatever comes back to an owner from a call it made is queued and
+/// handled here, in order, once the current event is done; so no handler
+/// finds an owner borrowed and nothing waits for a later reactor pass.
+fn drain(first: impl FnOnce()) {
+    struct Running;
+    impl Drop for Running {
+        fn drop(&mut self) {
+            DRAINING.with(|d| d.set(false));
+        }
+    }
+    DRAINING.with(|d| d.set(true));
+    let _running = Running;
+    first();
+    while let Some(ev) = EVENTS.with(|q| q.borrow_mut().pop_front()) {
+        match ev {
+            Event::Receive(msg) => receive(msg),
+            Event::Apply(weak, f) => apply(&weak, f),
+            Event::Drive(rc) => run(&rc),
+        }
+    }
+}
+
+fn draining() -> bool {
+    DRAINING.with(Cell::get)
+}
+
+/// For [`drain`], running on this reactor.
+fn queue(ev: Event) {
+    EVENTS.with(|q| {
+        let mut q = q.borrow_mut();
+        // Back-to-back nudges of one owner: the first covers both.
+        if let (Event::Drive(rc), Some(Event::Drive(last))) = (&ev, q.back()) {
+            if Rc::ptr_eq(rc, last) {
+                return;
+            }
+        }
+        q.push_back(ev);
+    });
+}
+
+/// A user request part, on its owner's reactor.
 pub(crate) fn owner_receive(msg: UserMsg) {
+    if draining() {
+        return queue(Event::Receive(msg));
+    }
+    drain(|| receive(msg));
+}
+
+fn receive(msg: UserMsg) {
     let Some(rc) = owner_of(msg.clone) else {
         return reply(msg.origin, msg.part(), IoStatus::Failed, msg.buf);
     };
-    let Ok(mut guard) = rc.try_borrow_mut() else {
-        return reactor::defer(move || owner_receive(msg));
-    };
+    let mut guard = rc.borrow_mut();
     if guard.router.is_none() {
         // Completed meanwhile: the pass-through path serves it.
         drop(guard);
@@ -127,7 +201,7 @@ pub(crate) fn owner_receive(msg: UserMsg) {
         }
     }
     drop(guard);
-    drive(&rc);
+    run(&rc);
 }
 
 /// A request that reached the owner after the router was dropped.
@@ -174,10 +248,14 @@ pub(crate) fn serve_released(rc: &Rc<RefCell<Owner>>, msg: UserMsg) {
 /// Run the router's commands until there are none, starting background
 /// work when allowed; then publish counters and check for completion.
 pub(crate) fn drive(rc: &Rc<RefCell<Owner>>) {
-    let Ok(mut guard) = rc.try_borrow_mut() else {
-        let rc = rc.clone();
-        return reactor::defer(move || drive(&rc));
-    };
+    if draining() {
+        return queue(Event::Drive(rc.clone()));
+    }
+    drain(|| run(rc));
+}
+
+fn run(rc: &Rc<RefCell<Owner>>) {
+    let mut guard = rc.borrow_mut();
     let o = &mut *guard;
     // One pump per pass: it starts a bounded number of copies, and the
     // next completion or poll starts more, so one pass never runs long.
@@ -349,17 +427,24 @@ pub(crate) fn exec(rc: &Rc<RefCell<Owner>>, o: &mut Owner, c: Command) {
     }
 }
 
-/// From an I/O callback (never inline with `exec`): `f` on the owner, if
-/// it still exists, then drive it.
-pub(crate) fn then_drive(weak: &RcWeak<RefCell<Owner>>, f: impl FnOnce(&mut Owner)) {
+/// From an I/O callback: `f` on the owner, if it still exists, then drive
+/// it.
+pub(crate) fn then_drive(weak: &RcWeak<RefCell<Owner>>, f: impl FnOnce(&mut Owner) + 'static) {
+    if draining() {
+        return queue(Event::Apply(weak.clone(), Box::new(f)));
+    }
+    drain(|| apply(weak, f));
+}
+
+fn apply(weak: &RcWeak<RefCell<Owner>>, f: impl FnOnce(&mut Owner)) {
     let Some(rc) = weak.upgrade() else { return };
     f(&mut rc.borrow_mut());
-    drive(&rc);
+    run(&rc);
 }
 
 /// An op's completion, from an I/O callback.
 pub(crate) fn op_finished(weak: &RcWeak<RefCell<Owner>>, op: OpId, ok: bool, dest_write: bool) {
-    then_drive(weak, |o| {
+    then_drive(weak, move |o| {
         if !ok && dest_write {
             o.sh.err_dest.fetch_add(1, Ordering::Relaxed);
         }
@@ -380,9 +465,7 @@ pub(crate) fn exec_read(
     let (Some(ch), Some(r)) = (ch, o.reqs.get_mut(&req)) else {
         return o.op_done(op, false);
     };
-    let len = bytes(&blocks, bs);
-    let at = ((blocks.start - r.offset) * bs as u64) as usize;
-    let whole = blocks.start == r.offset && blocks.end - blocks.start == r.num;
+    let (at, len, whole) = r.span(&blocks, bs);
     let (buf, bounce) = match (whole, r.buf.take()) {
         (true, Some(b)) => (b, false),
         (_, b) => {
@@ -390,36 +473,62 @@ pub(crate) fn exec_read(
             (DmaBuf::new(len), true)
         }
     };
-    let weak = Rc::downgrade(rc);
+    let count = |sh: &Shared| sh.err_source.fetch_add(1, Ordering::Relaxed);
+    let moved = Moved {
+        req,
+        op,
+        bounce,
+        read_into: Some(at..at + len),
+        count_error: from_source.then_some(count),
+    };
+    let cb = moved.callback(rc);
     // The user's cold reads share the source's link with hydration: the
     // window counts them first.
     let on_link = from_source.then(|| (o.hyd.clone(), o.hyd.borrow_mut().user_read(len as u64)));
-    ch.read(
-        blocks.start,
-        blocks.end - blocks.start,
-        buf,
+    ch.read(blocks.start, blocks.end - blocks.start, buf, move |io| {
+        if let Some((hyd, sent)) = on_link {
+            hyd.borrow_mut().read_done(sent, io.status.is_success());
+        }
+        cb(io)
+    });
+}
+
+/// An op moving a request's data, for its I/O callback.
+struct Moved {
+    req: ReqId,
+    op: OpId,
+    /// The I/O used a bounce buffer, not the request's own.
+    bounce: bool,
+    /// A read: where its data goes in the request's buffer.
+    read_into: Option<Range<usize>>,
+    count_error: Option<fn(&Shared) -> u64>,
+}
+
+impl Moved {
+    /// Count a failure, give the request its buffer back (or copy a read
+    /// through a bounce buffer into it), then the op is done.
+    fn callback(self, rc: &Rc<RefCell<Owner>>) -> impl FnOnce(Box<BdevIo>) + 'static {
+        let weak = Rc::downgrade(rc);
         move |mut io| {
             let ok = io.status.is_success();
-            if let Some((hyd, sent)) = on_link {
-                hyd.borrow_mut().read_done(sent, ok);
-            }
-            then_drive(&weak, |o| {
-                if !ok && from_source {
-                    o.sh.err_source.fetch_add(1, Ordering::Relaxed);
+            then_drive(&weak, move |o| {
+                if let (false, Some(count)) = (ok, self.count_error) {
+                    count(&o.sh);
                 }
-                if let (Some(buf), Some(r)) = (io.buf.take(), o.reqs.get_mut(&req)) {
-                    if !bounce {
-                        r.buf = Some(buf);
-                    } else if ok {
-                        if let Some(rb) = r.buf.as_mut() {
-                            rb.as_mut_slice()[at..at + len].copy_from_slice(&buf.as_slice()[..len]);
+                if let (Some(buf), Some(r)) = (io.buf.take(), o.reqs.get_mut(&self.req)) {
+                    match (self.bounce, self.read_into, r.buf.as_mut()) {
+                        (false, ..) => r.buf = Some(buf),
+                        (true, Some(into), Some(rb)) if ok => {
+                            rb.as_mut_slice()[into.clone()]
+                                .copy_from_slice(&buf.as_slice()[..into.len()]);
                         }
+                        _ => {}
                     }
                 }
-                o.op_done(op, ok);
+                o.op_done(self.op, ok);
             });
-        },
-    );
+        }
+    }
 }
 
 pub(crate) fn exec_write(
@@ -434,9 +543,7 @@ pub(crate) fn exec_write(
     let Some(r) = o.reqs.get_mut(&req) else {
         return o.op_done(op, false);
     };
-    let len = bytes(&blocks, bs);
-    let at = ((blocks.start - r.offset) * bs as u64) as usize;
-    let whole = blocks.start == r.offset && blocks.end - blocks.start == r.num;
+    let (at, len, whole) = r.span(&blocks, bs);
     let (buf, bounce) = match (whole, r.buf.take()) {
         (true, Some(b)) => (b, false),
         (_, Some(b)) => {
@@ -448,25 +555,19 @@ pub(crate) fn exec_write(
         }
         (_, None) => return o.op_done(op, false),
     };
-    let weak = Rc::downgrade(rc);
+    let count = |sh: &Shared| sh.err_dest.fetch_add(1, Ordering::Relaxed);
+    let moved = Moved {
+        req,
+        op,
+        bounce,
+        read_into: None,
+        count_error: Some(count),
+    };
     let mut io = BdevIo::write(
         blocks.start,
         blocks.end - blocks.start,
         buf,
-        move |mut io| {
-            let ok = io.status.is_success();
-            then_drive(&weak, |o| {
-                if !ok {
-                    o.sh.err_dest.fetch_add(1, Ordering::Relaxed);
-                }
-                if !bounce {
-                    if let (Some(buf), Some(r)) = (io.buf.take(), o.reqs.get_mut(&req)) {
-                        r.buf = Some(buf);
-                    }
-                }
-                o.op_done(op, ok);
-            });
-        },
+        moved.callback(rc),
     );
     io.fua = fua;
     o.dst.submit(io);

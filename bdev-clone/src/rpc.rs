@@ -1,7 +1,8 @@
 //! The clone module's RPCs (rpc-contract §2.7): every param struct and the
 //! registration. All are RUNTIME methods; undecodable params get -32602.
 
-use ::rpc::{register_typed, DecodeError, RpcError, RUNTIME};
+use ::rpc::{register_typed, DecodeError, RUNTIME};
+use bdev::rpc::{register_action, NameParams};
 use serde::Deserialize;
 
 use uuid::Uuid;
@@ -10,12 +11,6 @@ use crate::error::CloneError;
 use crate::hydration::{set_hydration, DEFAULT_THRESHOLD, MAX_BATCH_SIZE, MAX_MBYTES_PER_SEC};
 use crate::lifecycle::{create, delete};
 use crate::status::{status, status_all};
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct DeleteParams {
-    pub name: String,
-}
 
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
@@ -26,46 +21,31 @@ pub struct GetBdevsParams {
 
 /// Register `bdev_clone_create`, `_delete`, `_get_bdevs`, `_set_hydration`.
 pub fn register_rpcs() {
+    const DECODE: DecodeError = DecodeError::InvalidParams;
     register_typed(
         "bdev_clone_create",
         RUNTIME,
-        DecodeError::InvalidParams,
-        |p: CreateOpts| async move {
-            let b = create(p).await?;
-            Ok(b.name().to_string())
-        },
+        DECODE,
+        |p: CreateOpts| async move { Ok(create(p).await?.name().to_string()) },
     );
-    register_typed(
-        "bdev_clone_delete",
-        RUNTIME,
-        DecodeError::InvalidParams,
-        |p: DeleteParams| async move {
-            delete(&p.name).await?;
-            Ok(true)
-        },
-    );
+    register_action("bdev_clone_delete", DECODE, |p: NameParams| async move {
+        delete(&p.name).await
+    });
     register_typed(
         "bdev_clone_get_bdevs",
         RUNTIME,
-        DecodeError::InvalidParams,
+        DECODE,
         |p: GetBdevsParams| async move {
             match p.name {
-                Some(n) => {
-                    let s = status(&n).ok_or(CloneError::NoSuchClone(n))?;
-                    Ok(vec![s])
-                }
+                Some(n) => Ok(vec![status(&n).ok_or(CloneError::NoSuchClone(n))?]),
                 None => Ok(status_all()),
             }
         },
     );
-    register_typed(
+    register_action(
         "bdev_clone_set_hydration",
-        RUNTIME,
-        DecodeError::InvalidParams,
-        |p: HydrationOpts| async move {
-            set_hydration(&p).map_err(RpcError::from)?;
-            Ok(true)
-        },
+        DECODE,
+        |p: HydrationOpts| async move { set_hydration(&p) },
     );
 }
 

@@ -6,11 +6,11 @@ use std::time::Duration;
 
 use bdev::util::{self, run_on_reactor};
 use bdev::{Bdev, IoType};
-use bdev_clone::{create, delete, status, CreateOpts};
+use bdev_clone::{create, delete, CreateOpts};
 use reactor::DmaBuf;
 
 mod bases;
-use bases::{mk_malloc, pattern, read_all, write_all, Rng};
+use bases::{mk_malloc, pattern, read_all, st, write_all, Rng};
 
 async fn wait_for(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
     let t0 = std::time::Instant::now();
@@ -21,10 +21,6 @@ async fn wait_for(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
         );
         reactor::sleep(Duration::from_millis(2)).await;
     }
-}
-
-fn st(name: &str, key: &str) -> serde_json::Value {
-    status(name).unwrap()[key].clone()
 }
 
 #[test]

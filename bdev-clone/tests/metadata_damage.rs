@@ -9,10 +9,10 @@
 
 use bdev::util::{self, run_on_reactor};
 use bdev::IoType;
-use bdev_clone::{create, delete, status, CreateOpts};
+use bdev_clone::{create, delete, CreateOpts};
 
 mod bases;
-use bases::{mk_malloc, pattern, read_all, write_all, Rng};
+use bases::{mk_malloc, pattern, read_all, st, write_all, Rng};
 use uuid::Uuid;
 
 const BS: u64 = 512;
@@ -24,10 +24,6 @@ async fn flush(name: &str) {
     util::simple(&d.channel(), IoType::Flush, 0, 1)
         .await
         .unwrap();
-}
-
-fn st(name: &str, key: &str) -> serde_json::Value {
-    status(name).unwrap()[key].clone()
 }
 
 /// A source (pattern `src_seed`), destination and metadata (blocks of

@@ -20,7 +20,7 @@ use std::time::Duration;
 use bdev::modules::{malloc, wcache};
 use bdev::util::{self, run_on_reactor};
 use bdev::{IoChannel, IoType};
-use bdev_clone::CreateOpts;
+use bdev_clone::{CloneState, CreateOpts};
 use reactor::DmaBuf;
 
 const SOURCE_TAG: u64 = 0xA5A5_0000_0000_0000;
@@ -336,17 +336,17 @@ async fn read_all(name: &str, p: &Params) -> Result<Vec<Option<Val>>, String> {
 
 /// Wait until every region is hydrated, committed and the source released.
 async fn wait_hydrated(name: &str) -> Result<(), String> {
-    let mut st = serde_json::Value::Null;
+    let mut st = None;
     for _ in 0..6000 {
-        st = bdev_clone::status(name).ok_or("clone vanished")?;
-        match st["state"].as_str() {
-            Some("hydrated") if st["source_released"] == serde_json::json!(true) => return Ok(()),
-            Some("hydrated") => reactor::sleep(Duration::from_millis(10)).await,
-            Some("failed") | Some("read_only") => return Err(format!("clone state {st}")),
+        let s = bdev_clone::status(name).ok_or("clone vanished")?;
+        match s.state {
+            CloneState::Hydrated if s.source_released => return Ok(()),
+            CloneState::Failed | CloneState::ReadOnly => return Err(format!("clone state {s:?}")),
             _ => reactor::sleep(Duration::from_millis(10)).await,
         }
+        st = Some(s);
     }
-    Err(format!("not hydrated and released after 60 s: {st}"))
+    Err(format!("not hydrated and released after 60 s: {st:?}"))
 }
 
 async fn run_seed(seed: u64, rounds: u32) -> Result<(), String> {
@@ -443,7 +443,7 @@ async fn run_seed(seed: u64, rounds: u32) -> Result<(), String> {
         eprintln!(
             "seed {seed} round {round}: {} ops, resumed with {} regions hydrated",
             sh.ops.get(),
-            bdev_clone::status("Clone0").unwrap()["hydrated_regions"]
+            bdev_clone::status("Clone0").unwrap().hydrated_regions
         );
         let mut bad = Vec::new();
         {

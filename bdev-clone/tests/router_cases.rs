@@ -9,8 +9,8 @@ use bdev_clone::commit::{CommitRounds, Committer};
 use bdev_clone::metadata;
 use bdev_clone::region_map::REGIONS_PER_UNIT;
 use bdev_clone::router::{
-    Command, CommitId, IoError, IoKind, MetadataMode, Request, Router, RouterConfig, RouterError,
-    Status,
+    Command, CommitId, IoError, IoKind, MetadataMode, ReqId, Request, Router, RouterConfig,
+    RouterError, Status,
 };
 use bdev_clone::{Geometry, RegionMap};
 use common::{source_tag, Sim};
@@ -56,6 +56,25 @@ fn sim(blocks: u64, cfg: RouterConfig) -> Sim {
     let mut s = Sim::new(geo(blocks), cfg, 42);
     s.keep_trace = true;
     s
+}
+
+/// Run the simulation until nothing is left; request `id` succeeded.
+fn drain_ok(s: &mut Sim, id: ReqId) {
+    s.drain();
+    assert_eq!(s.status_of(id), Some(Status::Success));
+}
+
+/// The `field` of every `Variant` command in a trace, in order.
+macro_rules! picked {
+    ($trace:expr, $variant:ident . $field:ident) => {
+        $trace
+            .iter()
+            .filter_map(|c| match c {
+                Command::$variant { $field, .. } => Some($field.clone()),
+                _ => None,
+            })
+            .collect::<Vec<_>>()
+    };
 }
 
 fn count(trace: &[Command], pred: impl Fn(&Command) -> bool) -> usize {
@@ -108,14 +127,7 @@ fn discard_starting_and_ending_inside_regions_touches_only_whole_regions() {
     s.trace.clear();
     // 9..29: partial region 1, whole region 2, partial region 3.
     let id = s.try_submit(IoKind::Discard, 9, 20, false).unwrap();
-    let discards: Vec<_> = s
-        .trace
-        .iter()
-        .filter_map(|c| match c {
-            Command::DiscardDest { blocks, .. } => Some(blocks.clone()),
-            _ => None,
-        })
-        .collect();
+    let discards = picked!(s.trace, DiscardDest.blocks);
     assert_eq!(discards, vec![16..24]);
     assert!(
         hydrated(&s, 2),
@@ -125,8 +137,7 @@ fn discard_starting_and_ending_inside_regions_touches_only_whole_regions() {
         count(&s.trace, |c| matches!(c, Command::StartCopy { .. })),
         0
     );
-    s.drain();
-    assert_eq!(s.status_of(id), Some(Status::Success));
+    drain_ok(&mut s, id);
     // The partial blocks still read the writes (checked against the model).
     s.finish();
 }
@@ -137,16 +148,8 @@ fn discard_of_the_whole_device_marks_the_partial_tail_region() {
     let mut s = sim(21, quiet());
     let id = s.try_submit(IoKind::Discard, 0, 21, false).unwrap();
     assert!(s.map().is_complete(), "tail region discarded too");
-    s.drain();
-    assert_eq!(s.status_of(id), Some(Status::Success));
-    let passed: Vec<_> = s
-        .trace
-        .iter()
-        .filter_map(|c| match c {
-            Command::DiscardDest { blocks, .. } => Some(blocks.clone()),
-            _ => None,
-        })
-        .collect();
+    drain_ok(&mut s, id);
+    let passed = picked!(s.trace, DiscardDest.blocks);
     assert_eq!(passed, vec![0..21]);
     // A discard of the tail region alone, ending at the device end.
     let mut s = sim(21, quiet());
@@ -211,14 +214,7 @@ fn tail_region_writes_and_copies_are_short() {
     s.config_mut(|c| c.hydration_threshold = 8);
     s.config_mut(|c| c.hydration_batch_size = 8);
     s.background();
-    let copies: Vec<_> = s
-        .trace
-        .iter()
-        .filter_map(|c| match c {
-            Command::StartCopy { blocks, .. } => Some(blocks.clone()),
-            _ => None,
-        })
-        .collect();
+    let copies = picked!(s.trace, StartCopy.blocks);
     assert_eq!(copies, vec![0..21]);
 }
 
@@ -397,8 +393,7 @@ fn discard_of_a_region_whose_copy_fails_still_marks_it() {
     s.complete_kind("copy", false);
     // The copy failed, the region is still cold: the discard marks it.
     assert!(hydrated(&s, 0));
-    s.drain();
-    assert_eq!(s.status_of(d), Some(Status::Success));
+    drain_ok(&mut s, d);
     s.finish();
 }
 
@@ -413,8 +408,7 @@ fn flush_with_nothing_changed_writes_no_metadata() {
     // A flush is the committer's: a round that is a destination flush.
     let f = s.try_submit(IoKind::Flush, 0, 0, false).unwrap();
     assert_eq!(s.pending_kinds(), vec!["commit_dest_flush"]);
-    s.drain();
-    assert_eq!(s.status_of(f), Some(Status::Success));
+    drain_ok(&mut s, f);
     assert_eq!(s.md_writes(), 0);
     // The periodic commit has nothing to do.
     assert!(!s.timer());
@@ -426,8 +420,7 @@ fn flush_with_nothing_changed_writes_no_metadata() {
     s.trace.clear();
     let f = s.try_submit(IoKind::Flush, 0, 0, false).unwrap();
     assert_eq!(s.pending_kinds(), vec!["commit_dest_flush"]);
-    s.drain();
-    assert_eq!(s.status_of(f), Some(Status::Success));
+    drain_ok(&mut s, f);
     assert_eq!(s.md_writes(), 1);
     assert_eq!(count(&s.trace, is_flush_dest), 0);
 
@@ -568,13 +561,11 @@ fn fua_write_completes_after_the_commit() {
     s.complete_kind("write_dest", true);
     assert_eq!(s.status_of(w), None);
     assert_eq!(s.pending_kinds(), vec!["commit_dest_flush"]);
-    s.drain();
-    assert_eq!(s.status_of(w), Some(Status::Success));
+    drain_ok(&mut s, w);
     // FUA to a hydrated region with nothing to commit: no commit.
     s.trace.clear();
     let w = s.try_submit(IoKind::Write, 1, 1, true).unwrap();
-    s.drain();
-    assert_eq!(s.status_of(w), Some(Status::Success));
+    drain_ok(&mut s, w);
     assert_eq!(count(&s.trace, is_commit), 0);
     s.finish();
 }
@@ -603,29 +594,14 @@ fn whole_region_writes_skip_the_copy_and_serialise_later_writers() {
     let mut s = sim(64, quiet());
     let w = s.try_submit(IoKind::Write, 4, 28, false).unwrap();
     // Region 0 partial (copy), regions 1..3 whole (overwrite), 3 partial.
-    let copies: Vec<_> = s
-        .trace
-        .iter()
-        .filter_map(|c| match c {
-            Command::StartCopy { regions, .. } => Some(regions.clone()),
-            _ => None,
-        })
-        .collect();
+    let copies = picked!(s.trace, StartCopy.regions);
     assert_eq!(copies, vec![0..1]);
-    let writes: Vec<_> = s
-        .trace
-        .iter()
-        .filter_map(|c| match c {
-            Command::WriteDest { blocks, .. } => Some(blocks.clone()),
-            _ => None,
-        })
-        .collect();
+    let writes = picked!(s.trace, WriteDest.blocks);
     assert_eq!(writes, vec![8..32]);
     assert!(!hydrated(&s, 1), "marked only when the write completes");
     s.complete_kind("write_dest", true);
     assert!(hydrated(&s, 1) && hydrated(&s, 2) && hydrated(&s, 3));
-    s.drain();
-    assert_eq!(s.status_of(w), Some(Status::Success));
+    drain_ok(&mut s, w);
     s.finish();
 }
 
@@ -697,8 +673,7 @@ fn source_read_errors_fail_only_the_reads_that_need_the_source() {
     s.drain();
     assert_eq!(s.status_of(r1), Some(Status::Error(IoError::SourceIo)));
     let r2 = s.try_submit(IoKind::Read, 0, 8, false).unwrap();
-    s.drain();
-    assert_eq!(s.status_of(r2), Some(Status::Success));
+    drain_ok(&mut s, r2);
 }
 
 // ----- background hydration -------------------------------------------------
@@ -718,13 +693,7 @@ fn background_respects_threshold_batch_and_busy_regions() {
     r.submit(Request::write(1, 8, 8), &mut out).unwrap();
     out.clear();
     assert_eq!(r.next_background(&mut out), 4);
-    let copies: Vec<_> = out
-        .iter()
-        .filter_map(|c| match c {
-            Command::StartCopy { regions, .. } => Some(regions.clone()),
-            _ => None,
-        })
-        .collect();
+    let copies = picked!(out, StartCopy.regions);
     // Region 0 (the run stops at busy region 1), then 2..5 batched, capped
     // by the threshold: 1 + 3 = 4 regions.
     assert_eq!(copies, vec![0..1, 2..5]);
@@ -814,12 +783,10 @@ fn a_failed_commit_switches_to_read_only() {
     assert_eq!(s.mode(), MetadataMode::ReadOnly);
     // Reads work (hydrated from dest, cold from source).
     let r = s.try_submit(IoKind::Read, 0, 16, false).unwrap();
-    s.drain();
-    assert_eq!(s.status_of(r), Some(Status::Success));
+    drain_ok(&mut s, r);
     // Writes to hydrated regions work, to cold regions fail.
     let w = s.try_submit(IoKind::Write, 1, 2, false).unwrap();
-    s.drain();
-    assert_eq!(s.status_of(w), Some(Status::Success));
+    drain_ok(&mut s, w);
     let w = s.try_submit(IoKind::Write, 9, 2, false).unwrap();
     assert_eq!(s.status_of(w), Some(Status::Error(IoError::ReadOnly)));
     let w = s.try_submit(IoKind::Write, 8, 8, false).unwrap();

@@ -1,10 +1,12 @@
 //! The bdev layer's own RPCs (`bdev_get_bdevs`, `bdev_get_iostat`, ...)
 //! and the `bdev` subsystem's `save_config` section.
 
-use std::sync::Mutex;
+use std::future::Future;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use ::rpc::{register_typed, DecodeError, RpcError, RUNTIME, STARTUP};
+use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
@@ -78,23 +80,15 @@ pub fn bdev_info_json(b: &Bdev) -> Value {
     m.insert("block_size".into(), json!(b.block_size()));
     m.insert("num_blocks".into(), json!(b.num_blocks()));
     let h = b.io_hints();
-    m.insert(
-        "preferred_write_alignment".into(),
-        json!(h.preferred_write_alignment),
-    );
-    m.insert(
-        "preferred_write_granularity".into(),
-        json!(h.preferred_write_granularity),
-    );
-    m.insert("optimal_write_size".into(), json!(h.optimal_write_size));
-    m.insert(
-        "preferred_unmap_alignment".into(),
-        json!(h.preferred_unmap_alignment),
-    );
-    m.insert(
-        "preferred_unmap_granularity".into(),
-        json!(h.preferred_unmap_granularity),
-    );
+    for (k, v) in [
+        ("preferred_write_alignment", h.preferred_write_alignment),
+        ("preferred_write_granularity", h.preferred_write_granularity),
+        ("optimal_write_size", h.optimal_write_size),
+        ("preferred_unmap_alignment", h.preferred_unmap_alignment),
+        ("preferred_unmap_granularity", h.preferred_unmap_granularity),
+    ] {
+        m.insert(k.into(), json!(v));
+    }
     m.insert("uuid".into(), json!(b.uuid().to_string()));
     let q = b.qos_limits();
     m.insert(
@@ -233,6 +227,63 @@ fn check_reset_mode(mode: &Option<String>) -> Result<(), RpcError> {
         None | Some("all") | Some("maxmin") | Some("error") | Some("none") => Ok(()),
         Some(_) => Err(RpcError::decode_failed()),
     }
+}
+
+/// `{"name"}`: the params of every module's delete and other by-name
+/// methods.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NameParams {
+    pub name: String,
+}
+
+// The shapes every bdev module's RPCs share (SPDK's `rpc_bdev_*_create`,
+// `_delete`), all RUNTIME; `on_decode_error` is the module's answer to
+// undecodable params.
+
+/// A module's create: `create` the bdev, answer its name.
+pub fn register_create<P, E>(
+    method: &str,
+    on_decode_error: DecodeError,
+    create: impl Fn(P) -> Result<Arc<Bdev>, E> + Copy + Send + Sync + 'static,
+) where
+    P: DeserializeOwned + 'static,
+    RpcError: From<E>,
+{
+    register_typed(method, RUNTIME, on_decode_error, move |p: P| async move {
+        Ok(create(p)?.name().to_string())
+    });
+}
+
+/// A module's delete: unregister `name` if `module` made it (-19
+/// otherwise), answer `true`.
+pub fn register_delete(method: &str, module: &'static str, on_decode_error: DecodeError) {
+    register_typed(
+        method,
+        RUNTIME,
+        on_decode_error,
+        move |p: NameParams| async move {
+            crate::unregister_by_name(&p.name, module).await?;
+            Ok(true)
+        },
+    );
+}
+
+/// A method that acts and answers `true` (SPDK's bool response).
+pub fn register_action<P, F, Fut, E>(method: &str, on_decode_error: DecodeError, act: F)
+where
+    P: DeserializeOwned + 'static,
+    F: Fn(P) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<(), E>> + 'static,
+    RpcError: From<E>,
+{
+    register_typed(method, RUNTIME, on_decode_error, move |p: P| {
+        let done = act(p);
+        async move {
+            done.await?;
+            Ok(true)
+        }
+    });
 }
 
 /// Register the bdev layer's methods and the `bdev` subsystem.

@@ -1,5 +1,6 @@
 //! The shape every stacked bdev shares (delay, error, the clone; SPDK's
-//! passthru): open and claim a base, register a bdev that inherits the
+//! passthru): open and claim a base ([`open_base`], or [`claim_base`] for
+//! the clone's three), register a bdev that inherits the
 //! base's properties, unregister it when the base goes away, hand I/O down
 //! to the base in place ([`crate::IoChannel::forward`]) and reset the base
 //! under the stacked bdev's own reset.
@@ -34,25 +35,51 @@ pub struct Base {
 #[must_use = "register the stacked bdev through it"]
 pub struct RemoveLink(Arc<OnceLock<Weak<Bdev>>>);
 
-/// Open `base_name` and claim it for `module` with `claim` (opened
-/// writable unless the claim is `ReadManyWriteNone`). On failure nothing is
-/// left open or claimed.
+/// Open `base_name` and claim it for `module` with `claim`, as SPDK's
+/// passthru, delay and error do (`spdk_bdev_open_ext` writable unless the
+/// claim is `ReadManyWriteNone`, then the claim): a base another module
+/// claimed refuses the writable open, -EPERM. On failure nothing is left
+/// open or claimed.
 pub fn open_base(
     base_name: &str,
     claim: ClaimType,
     module: &'static str,
 ) -> Result<(Base, RemoveLink), BdevError> {
-    let (me, event_cb) = crate::remove_propagator(module);
     let write = claim != ClaimType::ReadManyWriteNone;
-    let mut desc = crate::open(base_name, write, event_cb)?;
-    desc.claim(claim, module)?;
+    let (desc, link) = open_claimed(base_name, write, claim, module)?;
     let bdev = desc.bdev().clone();
     let base = Base {
         name: bdev.name().to_string(),
         bdev,
         desc: Mutex::new(Some(desc)),
     };
-    Ok((base, RemoveLink(me)))
+    Ok((base, link))
+}
+
+/// Open `base_name` read-only and claim it for `module`, as a module using
+/// `spdk_bdev_module_claim_bdev_desc` (the write claims make the
+/// descriptor writable): a base already claimed gives -EBUSY naming the
+/// claim and its module. For a bdev over several bases (the clone), which
+/// keeps the descriptors and links the bdev once registered
+/// ([`RemoveLink::link`]). On failure nothing is left open or claimed.
+pub fn claim_base(
+    base_name: &str,
+    claim: ClaimType,
+    module: &'static str,
+) -> Result<(Desc, RemoveLink), BdevError> {
+    open_claimed(base_name, false, claim, module)
+}
+
+fn open_claimed(
+    base_name: &str,
+    write: bool,
+    claim: ClaimType,
+    module: &'static str,
+) -> Result<(Desc, RemoveLink), BdevError> {
+    let (me, event_cb) = crate::remove_propagator(module);
+    let mut desc = crate::open(base_name, write, event_cb)?;
+    desc.claim(claim, module)?;
+    Ok((desc, RemoveLink(me)))
 }
 
 impl Base {
@@ -102,8 +129,14 @@ impl RemoveLink {
     /// it the base's descriptor and claim).
     pub fn register(self, builder: BdevBuilder, ops: impl BdevOps) -> Result<Arc<Bdev>, BdevError> {
         let bdev = builder.register(ops)?;
-        let _ = self.0.set(Arc::downgrade(&bdev));
+        self.link(&bdev);
         Ok(bdev)
+    }
+
+    /// Removing the base unregisters `bdev` from now on (registered by its
+    /// module; the first link holds).
+    pub fn link(self, bdev: &Arc<Bdev>) {
+        let _ = self.0.set(Arc::downgrade(bdev));
     }
 }
 
@@ -134,4 +167,45 @@ where
         drain(bdev).await;
         io.complete(status);
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::modules::malloc;
+    use crate::util::run_on_reactor;
+
+    #[test]
+    fn a_claimed_base_refuses_open_base_with_eperm_and_claim_base_with_ebusy_naming_it() {
+        run_on_reactor(0x1, || async {
+            let b = malloc::create(malloc::CreateParams::new("SB0", 512, 8)).unwrap();
+            let (held, _link) = open_base("SB0", ClaimType::ExclusiveWrite, "delay").unwrap();
+            let open = b.open_desc_count();
+
+            // SPDK's stacked modules: the writable open is refused.
+            let Err(e) = open_base("SB0", ClaimType::ExclusiveWrite, "error") else {
+                panic!("a second writer stacked on a claimed base");
+            };
+            assert_eq!(e.errno(), libc::EPERM);
+            // The clone: the claim is refused, naming it and its holder.
+            for ty in [ClaimType::ExclusiveWrite, ClaimType::ReadManyWriteNone] {
+                let Err(e) = claim_base("SB0", ty, "clone") else {
+                    panic!("claimed twice");
+                };
+                assert_eq!(e.errno(), libc::EBUSY, "{e}");
+                let msg = e.to_string();
+                assert!(msg.contains("SB0") && msg.contains("delay"), "{msg}");
+            }
+            assert_eq!(b.open_desc_count(), open, "nothing left open");
+            assert_eq!(b.claim_module().as_deref(), Some("delay"));
+
+            drop(held.close());
+            let (desc, _link) = claim_base("SB0", ClaimType::ExclusiveWrite, "clone").unwrap();
+            assert!(
+                desc.is_writable(),
+                "the write claim promotes the descriptor"
+            );
+            assert_eq!(b.claim_module().as_deref(), Some("clone"));
+        });
+    }
 }

@@ -9,16 +9,23 @@ use crate::modules::malloc;
 use crate::util::{self, run_on_reactor};
 use crate::*;
 
-fn mk(name: &str, blocks: u64) -> Arc<Bdev> {
+/// A malloc bdev of 512-byte blocks (for the module tests too).
+pub(crate) fn mk(name: &str, blocks: u64) -> Arc<Bdev> {
     malloc::create(malloc::CreateParams::new(name, 512, blocks)).unwrap()
 }
 
-fn pattern(len: usize, seed: u8) -> DmaBuf {
+/// `len` bytes of seeded data.
+pub(crate) fn pattern(len: usize, seed: u8) -> DmaBuf {
     let mut b = DmaBuf::new(len);
     for (i, x) in b.as_mut_slice().iter_mut().enumerate() {
         *x = (i as u8).wrapping_mul(31).wrapping_add(seed);
     }
     b
+}
+
+/// Cross-reactor tests need two cores; they pass trivially on one.
+pub(crate) fn two_cores() -> bool {
+    std::thread::available_parallelism().map_or(1, |n| n.get()) >= 2
 }
 
 #[test]
@@ -166,11 +173,7 @@ fn reset_completes_and_io_resumes() {
 
 #[test]
 fn channels_on_two_reactors() {
-    if std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1)
-        < 2
-    {
+    if !two_cores() {
         return;
     }
     run_on_reactor(0x3, || async {

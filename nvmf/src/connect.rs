@@ -94,10 +94,17 @@ pub fn admit(
     if cmd.sqsize == 0 {
         return Err(invalid(false, CONNECT_SQE_SQSIZE_OFF));
     }
+    let req = Checked {
+        q,
+        opts,
+        cmd: &cmd,
+        data: &data,
+        subsys,
+    };
     let ctrl = if cmd.qid == 0 {
-        create_controller(q, opts, &cmd, &data, subsys)?
+        create_controller(req)?
     } else {
-        join_controller(q, opts, &cmd, &data, subsys)?
+        join_controller(req)?
     };
     Ok(Admitted {
         ctrl,
@@ -107,39 +114,42 @@ pub fn admit(
     })
 }
 
-/// Admin queue: a new controller in the subsystem.
-fn create_controller(
-    q: &QueueInfo<'_>,
-    opts: &TransportOpts,
-    cmd: &ConnectCmd,
-    data: &ConnectData,
+/// A Connect past the checks both queue kinds share.
+struct Checked<'a, 'q> {
+    q: &'a QueueInfo<'q>,
+    opts: &'a TransportOpts,
+    cmd: &'a ConnectCmd,
+    data: &'a ConnectData,
     subsys: Arc<target::Subsystem>,
-) -> Result<Arc<Ctrl>, Done> {
-    if cmd.sqsize as u32 >= opts.max_aq_depth.max(32) {
+}
+
+/// Admin queue: a new controller in the subsystem.
+fn create_controller(req: Checked<'_, '_>) -> Result<Arc<Ctrl>, Done> {
+    if req.cmd.sqsize as u32 >= req.opts.max_aq_depth.max(32) {
         return Err(invalid(false, CONNECT_SQE_SQSIZE_OFF));
     }
-    if data.cntlid != 0xFFFF {
+    if req.data.cntlid != 0xFFFF {
         return Err(invalid(true, CONNECT_DATA_CNTLID_OFF));
     }
     // KATO 0 means no keep-alive; a discovery controller is then still
     // reaped after DISCOVERY_IDLE_MS (the transport's keep-alive poller).
-    let kato = cmd.kato;
+    let kato = req.cmd.kato;
     let ctrl = {
-        let mut ss = lock(&subsys.state);
-        let Some(id) = target::alloc_cntlid(&subsys, &mut ss) else {
+        let mut ss = lock(&req.subsys.state);
+        let Some(id) = target::alloc_cntlid(&req.subsys, &mut ss) else {
             return Err(Done::err(Status::specific(csc::CONNECT_CONTROLLER_BUSY)));
         };
         let c = Arc::new(Ctrl {
             cntlid: id,
-            subsys: subsys.clone(),
-            hostnqn: data.hostnqn.clone(),
-            hostid: data.hostid,
+            subsys: req.subsys.clone(),
+            hostnqn: req.data.hostnqn.clone(),
+            hostid: req.data.hostid,
             kato_ms: kato.into(),
-            admin_reactor: q.reactor,
-            admin_conn: q.conn,
+            admin_reactor: req.q.reactor,
+            admin_conn: req.q.conn,
             ready: false.into(),
             last_ka_ns: reactor::now_ns().into(),
-            listen: q.listen.clone(),
+            listen: req.q.listen.clone(),
             state: std::sync::Mutex::new(CtrlState {
                 cc: 0,
                 csts: 0,
@@ -156,52 +166,47 @@ fn create_controller(
         ss.ctrls.push(c.clone());
         c
     };
-    tracing::info!(nqn = %subsys.nqn, cntlid = ctrl.cntlid, hostnqn = %data.hostnqn, kato, peer = %q.peer, "controller created");
+    tracing::info!(nqn = %req.subsys.nqn, cntlid = ctrl.cntlid, hostnqn = %req.data.hostnqn, kato, peer = %req.q.peer, "controller created");
     Ok(ctrl)
 }
 
 /// I/O queue: joins the enabled controller the Connect data names.
-fn join_controller(
-    q: &QueueInfo<'_>,
-    opts: &TransportOpts,
-    cmd: &ConnectCmd,
-    data: &ConnectData,
-    subsys: Arc<target::Subsystem>,
-) -> Result<Arc<Ctrl>, Done> {
-    if subsys.subtype == SubType::Discovery {
+fn join_controller(req: Checked<'_, '_>) -> Result<Arc<Ctrl>, Done> {
+    if req.subsys.subtype == SubType::Discovery {
         return Err(invalid(false, CONNECT_SQE_QID_OFF));
     }
-    let ctrl = lock(&subsys.state)
+    let ctrl = lock(&req.subsys.state)
         .ctrls
         .iter()
-        .find(|c| c.cntlid == data.cntlid)
+        .find(|c| c.cntlid == req.data.cntlid)
         .cloned();
     let Some(ctrl) = ctrl else {
         return Err(invalid(true, CONNECT_DATA_CNTLID_OFF));
     };
-    if ctrl.hostnqn != data.hostnqn {
+    if ctrl.hostnqn != req.data.hostnqn {
         return Err(invalid(true, CONNECT_DATA_HOSTNQN_OFF));
     }
     if !ctrl.ready.load(Ordering::Acquire) {
         return Err(invalid(false, CONNECT_SQE_QID_OFF));
     }
-    if cmd.sqsize >= opts.max_queue_depth {
+    if req.cmd.sqsize >= req.opts.max_queue_depth {
         return Err(invalid(false, CONNECT_SQE_SQSIZE_OFF));
     }
     {
         let mut cs = lock(&ctrl.state);
         let granted = if cs.num_io_queues == 0 {
-            opts.max_io_qpairs_per_ctrlr as u32
+            req.opts.max_io_qpairs_per_ctrlr as u32
         } else {
             cs.num_io_queues
         };
-        if cmd.qid as u32 > granted {
+        if req.cmd.qid as u32 > granted {
             return Err(invalid(false, CONNECT_SQE_QID_OFF));
         }
-        if cs.io_qpairs.contains_key(&cmd.qid) {
+        if cs.io_qpairs.contains_key(&req.cmd.qid) {
             return Err(Done::err(Status::specific(csc::INVALID_QUEUE_IDENTIFIER)));
         }
-        cs.io_qpairs.insert(cmd.qid, (q.reactor, q.conn));
+        cs.io_qpairs
+            .insert(req.cmd.qid, (req.q.reactor, req.q.conn));
     }
     Ok(ctrl)
 }

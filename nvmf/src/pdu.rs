@@ -23,36 +23,46 @@ pub const DIGEST_LEN: usize = 4;
 pub const TERM_MAX_DATA: usize = 128;
 pub const TERM_MAX_PLEN: usize = HLEN_24 + TERM_MAX_DATA;
 
-/// PDU types.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-#[repr(u8)]
-pub enum PduType {
-    IcReq = 0x00,
-    IcResp = 0x01,
-    H2CTermReq = 0x02,
-    C2HTermReq = 0x03,
-    CapsuleCmd = 0x04,
-    CapsuleResp = 0x05,
-    H2CData = 0x06,
-    C2HData = 0x07,
-    R2T = 0x09,
+/// A field's codes as an enum, with its decoder (`$from`, `None` for a
+/// code it does not know): one table per field.
+macro_rules! wire_enum {
+    ($(#[$m:meta])* $name:ident: $repr:ty, $from:ident {
+        $($(#[$vm:meta])* $v:ident = $code:literal,)*
+    }) => {
+        $(#[$m])*
+        #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+        #[repr($repr)]
+        pub enum $name {
+            $($(#[$vm])* $v = $code,)*
+        }
+
+        impl $name {
+            pub fn $from(v: $repr) -> Option<$name> {
+                match v {
+                    $($code => Some($name::$v),)*
+                    _ => None,
+                }
+            }
+        }
+    };
 }
 
-impl PduType {
-    pub fn from_u8(v: u8) -> Option<PduType> {
-        Some(match v {
-            0x00 => PduType::IcReq,
-            0x01 => PduType::IcResp,
-            0x02 => PduType::H2CTermReq,
-            0x03 => PduType::C2HTermReq,
-            0x04 => PduType::CapsuleCmd,
-            0x05 => PduType::CapsuleResp,
-            0x06 => PduType::H2CData,
-            0x07 => PduType::C2HData,
-            0x09 => PduType::R2T,
-            _ => return None,
-        })
+wire_enum!(
+    /// PDU types.
+    PduType: u8, from_u8 {
+        IcReq = 0x00,
+        IcResp = 0x01,
+        H2CTermReq = 0x02,
+        C2HTermReq = 0x03,
+        CapsuleCmd = 0x04,
+        CapsuleResp = 0x05,
+        H2CData = 0x06,
+        C2HData = 0x07,
+        R2T = 0x09,
     }
+);
+
+impl PduType {
     /// True for PDUs a host sends to a controller.
     pub fn is_h2c(self) -> bool {
         matches!(
@@ -85,32 +95,18 @@ pub mod flags {
     pub const SUCCESS: u8 = 1 << 3;
 }
 
-/// Fatal Error Status of a termination request.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-#[repr(u16)]
-pub enum Fes {
-    InvalidHeaderField = 1,
-    PduSequenceError = 2,
-    HeaderDigestError = 3,
-    DataOutOfRange = 4,
-    /// Also "R2T Limit Exceeded".
-    DataLimitExceeded = 5,
-    UnsupportedParameter = 6,
-}
-
-impl Fes {
-    pub fn from_u16(v: u16) -> Option<Fes> {
-        Some(match v {
-            1 => Fes::InvalidHeaderField,
-            2 => Fes::PduSequenceError,
-            3 => Fes::HeaderDigestError,
-            4 => Fes::DataOutOfRange,
-            5 => Fes::DataLimitExceeded,
-            6 => Fes::UnsupportedParameter,
-            _ => return None,
-        })
+wire_enum!(
+    /// Fatal Error Status of a termination request.
+    Fes: u16, from_u16 {
+        InvalidHeaderField = 1,
+        PduSequenceError = 2,
+        HeaderDigestError = 3,
+        DataOutOfRange = 4,
+        /// Also "R2T Limit Exceeded".
+        DataLimitExceeded = 5,
+        UnsupportedParameter = 6,
     }
-}
+);
 
 /// Byte offsets of header fields (FEI values).
 pub mod off {
@@ -749,40 +745,39 @@ impl Encoder {
 
     /// ICReq (never digested).
     pub fn icreq(out: &mut Vec<u8>, ic: &IcReq) {
-        let s = out.len();
-        out.resize(s + IC_LEN, 0);
-        let b = &mut out[s..];
-        CommonHeader {
-            pdu_type: PduType::IcReq as u8,
-            flags: 0,
-            hlen: 128,
-            pdo: 0,
-            plen: 128,
-        }
-        .write(b);
-        b[8..10].copy_from_slice(&ic.pfv.to_le_bytes());
-        b[10] = ic.hpda;
-        b[11] = ic.dgst;
-        b[12..16].copy_from_slice(&ic.maxr2t.to_le_bytes());
+        Self::ic(out, PduType::IcReq, ic.pfv, ic.hpda, ic.dgst, ic.maxr2t);
     }
 
     /// ICResp (never digested).
     pub fn icresp(out: &mut Vec<u8>, ic: &IcResp) {
+        Self::ic(
+            out,
+            PduType::IcResp,
+            ic.pfv,
+            ic.cpda,
+            ic.dgst,
+            ic.maxh2cdata,
+        );
+    }
+
+    /// ICReq and ICResp share one layout: PFV, the PDU data alignment,
+    /// the digests, a 32-bit limit (MAXR2T, MAXH2CDATA).
+    fn ic(out: &mut Vec<u8>, ty: PduType, pfv: u16, pda: u8, dgst: u8, limit: u32) {
         let s = out.len();
         out.resize(s + IC_LEN, 0);
         let b = &mut out[s..];
         CommonHeader {
-            pdu_type: PduType::IcResp as u8,
+            pdu_type: ty as u8,
             flags: 0,
             hlen: 128,
             pdo: 0,
             plen: 128,
         }
         .write(b);
-        b[8..10].copy_from_slice(&ic.pfv.to_le_bytes());
-        b[10] = ic.cpda;
-        b[11] = ic.dgst;
-        b[12..16].copy_from_slice(&ic.maxh2cdata.to_le_bytes());
+        b[8..10].copy_from_slice(&pfv.to_le_bytes());
+        b[10] = pda;
+        b[11] = dgst;
+        b[12..16].copy_from_slice(&limit.to_le_bytes());
     }
 
     /// H2CTermReq or C2HTermReq; `hdr` is the offending PDU header (up to

@@ -22,8 +22,10 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
+use bdev_clone::{CloneState, CloneStatus, MetadataMode, Named, PausedReason};
 use clap::{Parser, Subcommand};
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
+use serde::Deserialize;
 use serde_json::{json, Value};
 
 const EXIT_ERROR: u8 = 1;
@@ -201,23 +203,12 @@ impl Client {
     }
 }
 
-/// The fields of a clone's status object that clonectl shows.
+/// A clone's status object: typed as the target builds it, and as
+/// received (what `--json` prints, with any field this clonectl does not
+/// know).
 #[derive(Debug, Clone)]
 struct Status {
-    name: String,
-    state: String,
-    hydrated: u64,
-    total: u64,
-    percent: f64,
-    bytes_per_sec: f64,
-    eta_sec: Option<f64>,
-    source_released: bool,
-    errors: [u64; 3],
-    metadata_mode: String,
-    /// What went wrong last, when the target says (`last_error`).
-    last_error: Option<String>,
-    /// Why hydration is paused (`user`, `source_errors`, `dest_errors`).
-    paused_reason: Option<String>,
+    st: CloneStatus,
     raw: Value,
 }
 
@@ -248,126 +239,81 @@ fn pad(cell: &str, w: usize, right: bool) -> String {
 
 impl Status {
     fn from_json(v: &Value) -> Result<Self, String> {
-        let name = v
-            .get("name")
-            .and_then(Value::as_str)
-            .ok_or("a status object without a name")?;
-        let need_u64 = |k: &str| {
-            v.get(k)
-                .and_then(Value::as_u64)
-                .ok_or_else(|| format!("{name}: no {k}"))
-        };
-        let hydrated = need_u64("hydrated_regions")?;
-        let total = need_u64("num_regions")?;
-        let progress = v.get("progress");
-        let pf = |k: &str| progress.and_then(|p| p.get(k)).and_then(Value::as_f64);
-        let percent = pf("percent").unwrap_or(if total == 0 {
-            100.0
-        } else {
-            hydrated as f64 * 100.0 / total as f64
-        });
-        let errors = v.get("errors");
-        let ef = |k: &str| {
-            errors
-                .and_then(|e| e.get(k))
-                .and_then(Value::as_u64)
-                .unwrap_or(0)
-        };
-        Ok(Self {
-            name: name.to_string(),
-            state: v
-                .get("state")
-                .and_then(Value::as_str)
-                .ok_or_else(|| format!("{name}: no state"))?
-                .to_string(),
-            hydrated,
-            total,
-            percent,
-            bytes_per_sec: pf("bytes_per_sec").unwrap_or(0.0),
-            eta_sec: pf("eta_sec"),
-            source_released: v
-                .get("source_released")
-                .and_then(Value::as_bool)
-                .unwrap_or(false),
-            errors: [ef("source_read"), ef("dest_write"), ef("metadata")],
-            metadata_mode: v
-                .get("metadata")
-                .and_then(|m| m.get("mode"))
-                .and_then(Value::as_str)
-                .unwrap_or("rw")
-                .to_string(),
-            last_error: v
-                .get("last_error")
-                .and_then(Value::as_str)
-                .map(str::to_string),
-            paused_reason: v
-                .get("paused_reason")
-                .and_then(Value::as_str)
-                .map(str::to_string),
-            raw: v.clone(),
-        })
+        let st = CloneStatus::deserialize(v).map_err(|e| match v.get("name") {
+            Some(Value::String(name)) => format!("{}: {e}", escape(name)),
+            _ => e.to_string(),
+        })?;
+        Ok(Self { st, raw: v.clone() })
     }
 
     /// Failed, or metadata no longer writable (dm-clone's read-only/fail
     /// metadata modes): hydration cannot finish.
     fn is_failed(&self) -> bool {
-        matches!(self.state.as_str(), "failed" | "read_only") || self.metadata_mode != "rw"
+        matches!(self.st.state, CloneState::Failed | CloneState::ReadOnly)
+            || self.st.metadata.mode != MetadataMode::ReadWrite
     }
 
     /// Hydrated and committed (the clone then releases its source), or
     /// failed. A clone reports "hydrated" as soon as the last copy lands;
     /// the watch waits for the commit that makes it durable.
     fn is_done(&self) -> bool {
-        (self.state == "hydrated" && self.source_released) || self.is_failed()
+        (self.st.state == CloneState::Hydrated && self.st.source_released) || self.is_failed()
     }
 
     /// Paused by base errors: hydration waits for the base to work again.
     fn is_paused_by_errors(&self) -> bool {
-        self.state == "paused"
+        self.st.state == CloneState::Paused
             && matches!(
-                self.paused_reason.as_deref(),
-                Some("source_errors" | "dest_errors")
+                self.st.paused_reason,
+                Some(PausedReason::SourceErrors | PausedReason::DestErrors)
             )
     }
 
     /// The name, escaped for a terminal.
     fn shown_name(&self) -> String {
-        escape(&self.name)
+        escape(&self.st.settings.name)
     }
 
     /// The state, with the reason of a pause by errors.
     fn shown_state(&self) -> String {
-        match (&self.paused_reason, self.is_paused_by_errors()) {
-            (Some(r), true) => format!("{}:{r}", self.state),
-            _ => self.state.clone(),
+        let state = self.st.state.name();
+        match (self.st.paused_reason, self.is_paused_by_errors()) {
+            (Some(r), true) => format!("{state}:{}", r.name()),
+            _ => state.to_string(),
         }
     }
 
     fn rate(&self) -> String {
-        format!("{:.1}", self.bytes_per_sec / (1 << 20) as f64)
+        format!(
+            "{:.1}",
+            self.st.progress.bytes_per_sec as f64 / (1 << 20) as f64
+        )
     }
 
     fn eta(&self) -> String {
-        if self.state == "hydrated" {
+        if self.st.state == CloneState::Hydrated {
             return "-".into();
         }
-        match self.eta_sec {
-            Some(s) if s.is_finite() && s >= 0.0 && self.bytes_per_sec > 0.0 => fmt_secs(s),
+        match self.st.progress.eta_sec {
+            Some(s) if self.st.progress.bytes_per_sec > 0 => fmt_secs(s),
             _ => "?".into(),
         }
     }
 
     fn errors(&self) -> String {
-        let [s, d, m] = self.errors;
-        if s + d + m == 0 {
+        let e = &self.st.errors;
+        if e.total() == 0 {
             "-".into()
         } else {
-            format!("src={s} dst={d} meta={m}")
+            format!(
+                "src={} dst={} meta={}",
+                e.source_read, e.dest_write, e.metadata
+            )
         }
     }
 
     fn released(&self) -> &'static str {
-        if self.source_released {
+        if self.st.source_released {
             "yes"
         } else {
             "no"
@@ -380,9 +326,9 @@ impl Status {
             "{}: {} {:.1}% ({}/{} regions) {} MiB/s ETA {} source released: {} errors: {}",
             self.shown_name(),
             self.shown_state(),
-            self.percent,
-            self.hydrated,
-            self.total,
+            self.st.progress.percent,
+            self.st.hydrated_regions,
+            self.st.num_regions,
             self.rate(),
             self.eta(),
             self.released(),
@@ -391,8 +337,7 @@ impl Status {
     }
 }
 
-fn fmt_secs(s: f64) -> String {
-    let s = s.round() as u64;
+fn fmt_secs(s: u64) -> String {
     match s {
         0..=59 => format!("{s}s"),
         60..=3599 => format!("{}m{:02}s", s / 60, s % 60),
@@ -421,8 +366,8 @@ fn print_table(clones: &[Status]) {
             [
                 c.shown_name(),
                 c.shown_state(),
-                format!("{}/{}", c.hydrated, c.total),
-                format!("{:.1}%", c.percent),
+                format!("{}/{}", c.st.hydrated_regions, c.st.num_regions),
+                format!("{:.1}%", c.st.progress.percent),
                 c.rate(),
                 c.eta(),
                 c.released().to_string(),
@@ -465,9 +410,9 @@ fn exit_for(clones: &[Status]) -> ExitCode {
             "clonectl: {} is {} (metadata {}, errors: {}){}",
             c.shown_name(),
             c.shown_state(),
-            c.metadata_mode,
+            c.st.metadata.mode.name(),
             c.errors(),
-            c.last_error
+            c.st.last_error
                 .as_deref()
                 .map(|e| format!(": {}", escape(e)))
                 .unwrap_or_default()
@@ -517,7 +462,11 @@ fn refresh(
         return client.clones(name);
     }
     prev.iter()
-        .map(|c| client.clones(Some(&c.name)).map(|mut v| v.remove(0)))
+        .map(|c| {
+            client
+                .clones(Some(&c.st.settings.name))
+                .map(|mut v| v.remove(0))
+        })
         .collect()
 }
 
@@ -539,7 +488,7 @@ fn watch_bars(
     let bars: Vec<ProgressBar> = clones
         .iter()
         .map(|c| {
-            let bar = multi.add(ProgressBar::new(c.total.max(1)));
+            let bar = multi.add(ProgressBar::new(c.st.num_regions.max(1)));
             bar.set_style(style.clone());
             bar.set_prefix(pad(&c.shown_name(), width, false));
             bar
@@ -547,10 +496,10 @@ fn watch_bars(
         .collect();
     loop {
         for (c, bar) in clones.iter().zip(&bars) {
-            bar.set_position(c.hydrated);
+            bar.set_position(c.st.hydrated_regions);
             bar.set_message(format!(
                 "{:5.1}% {:>8} MiB/s ETA {:>6} {}{}",
-                c.percent,
+                c.st.progress.percent,
                 c.rate(),
                 c.eta(),
                 c.shown_state(),
@@ -631,7 +580,7 @@ mod tests {
             "errors": {"source_read": 1, "dest_write": 0, "metadata": 0},
             "metadata": {"block_size": 4096, "used_blocks": 3, "total_blocks": 100, "mode": "rw"}
         }));
-        assert_eq!((s.hydrated, s.total), (250, 1000));
+        assert_eq!((s.st.hydrated_regions, s.st.num_regions), (250, 1000));
         assert_eq!(s.rate(), "2.0");
         assert_eq!(s.eta(), "2m05s");
         assert_eq!(s.errors(), "src=1 dst=0 meta=0");
@@ -656,6 +605,17 @@ mod tests {
         let s = status(v);
         assert!(s.is_done() && !s.is_failed());
         assert_eq!(s.eta(), "-");
+    }
+
+    #[test]
+    fn tolerates_fields_it_does_not_know_and_keeps_them_for_json() {
+        let s = status(json!({
+            "name": "C", "state": "hydrating", "num_regions": 4, "hydrated_regions": 1,
+            "hydration": {"chunk_kb": 128, "future": [1, 2]}, "newer_counter": 7
+        }));
+        assert_eq!(s.st.num_regions, 4);
+        assert_eq!(s.raw["hydration"]["chunk_kb"], json!(128));
+        assert_eq!(s.raw["newer_counter"], json!(7));
     }
 
     #[test]
@@ -697,10 +657,10 @@ mod tests {
 
     #[test]
     fn durations() {
-        assert_eq!(fmt_secs(0.4), "0s");
-        assert_eq!(fmt_secs(59.0), "59s");
-        assert_eq!(fmt_secs(61.0), "1m01s");
-        assert_eq!(fmt_secs(3725.0), "1h02m");
+        assert_eq!(fmt_secs(0), "0s");
+        assert_eq!(fmt_secs(59), "59s");
+        assert_eq!(fmt_secs(61), "1m01s");
+        assert_eq!(fmt_secs(3725), "1h02m");
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! Base-bdev helpers shared by the in-process clone tests: malloc bdevs,
-//! seeded data, whole reads and writes through any bdev, a seeded RNG.
+//! seeded data, whole reads and writes through any bdev, a seeded RNG, a
+//! clone's status fields.
 #![allow(dead_code)]
 
 use std::sync::Arc;
@@ -59,4 +60,10 @@ impl Rng {
     pub fn chance(&mut self, pct: u64) -> bool {
         self.below(100) < pct
     }
+}
+
+/// Field `key` of clone `name`'s status object, as the wire has it.
+pub fn st(name: &str, key: &str) -> serde_json::Value {
+    let s = bdev_clone::status(name).expect("the clone exists");
+    serde_json::to_value(s).expect("a status serializes")[key].clone()
 }

@@ -24,12 +24,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use ::rpc::{register_typed, DecodeError, RpcError, RUNTIME};
+use ::rpc::{DecodeError, RpcError};
 use reactor::TimerId;
 use serde::Deserialize;
 use serde_json::{json, Value};
 use uuid::Uuid;
 
+use crate::rpc::{register_action, register_create, register_delete};
 use crate::stacked::{self, Base};
 use crate::{
     Bdev, BdevError, BdevIo, BdevOps, BoxFuture, ChannelOps, ClaimType, IoChannel, IoStatus, IoType,
@@ -404,12 +405,6 @@ pub fn update_latency(name: &str, latency_type: &str, latency_us: u64) -> Result
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct DeleteParams {
-    name: String,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
 struct UpdateLatencyParams {
     delay_bdev_name: String,
     latency_type: String,
@@ -417,31 +412,13 @@ struct UpdateLatencyParams {
 }
 
 pub fn register_methods() {
-    register_typed(
-        "bdev_delay_create",
-        RUNTIME,
-        DecodeError::Internal,
-        |p: CreateParams| async move {
-            let b = create(p).map_err(RpcError::from)?;
-            Ok(b.name().to_string())
-        },
-    );
-    register_typed(
-        "bdev_delay_delete",
-        RUNTIME,
-        DecodeError::Internal,
-        |p: DeleteParams| async move {
-            crate::unregister_by_name(&p.name, MODULE_NAME).await?;
-            Ok(true)
-        },
-    );
-    register_typed(
+    register_create("bdev_delay_create", DecodeError::Internal, create);
+    register_delete("bdev_delay_delete", MODULE_NAME, DecodeError::Internal);
+    register_action(
         "bdev_delay_update_latency",
-        RUNTIME,
         DecodeError::Internal,
         |p: UpdateLatencyParams| async move {
-            update_latency(&p.delay_bdev_name, &p.latency_type, p.latency_us)?;
-            Ok(true)
+            update_latency(&p.delay_bdev_name, &p.latency_type, p.latency_us)
         },
     );
 }
@@ -449,13 +426,10 @@ pub fn register_methods() {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::modules::malloc;
+    use crate::tests::{mk as mk_malloc, pattern, two_cores};
     use crate::util::{self, run_on_reactor};
+    use ::rpc::RUNTIME;
     use reactor::DmaBuf;
-
-    fn mk_malloc(name: &str, blocks: u64) -> Arc<Bdev> {
-        malloc::create(malloc::CreateParams::new(name, 512, blocks)).unwrap()
-    }
 
     fn params(name: &str, base: &str, read_us: u64, write_us: u64) -> CreateParams {
         CreateParams {
@@ -467,14 +441,6 @@ mod tests {
             p99_write_latency: write_us,
             uuid: None,
         }
-    }
-
-    fn pattern(len: usize, seed: u8) -> DmaBuf {
-        let mut b = DmaBuf::new(len);
-        for (i, x) in b.as_mut_slice().iter_mut().enumerate() {
-            *x = (i as u8).wrapping_mul(13).wrapping_add(seed);
-        }
-        b
     }
 
     #[test]
@@ -808,11 +774,7 @@ mod tests {
 
     #[test]
     fn reset_reaches_other_reactors() {
-        if std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(1)
-            < 2
-        {
+        if !two_cores() {
             return;
         }
         let status = run_on_reactor(0x3, || async {

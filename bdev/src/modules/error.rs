@@ -21,12 +21,13 @@ use std::rc::Rc;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 
-use ::rpc::{register_typed, DecodeError, RpcError, RUNTIME};
+use ::rpc::DecodeError;
 use reactor::DmaBuf;
 use serde::Deserialize;
 use serde_json::{json, Value};
 use uuid::Uuid;
 
+use crate::rpc::{register_action, register_delete};
 use crate::stacked::{self, Base};
 use crate::{
     Bdev, BdevError, BdevIo, BdevOps, BoxFuture, ChannelOps, ClaimType, IoChannel, IoStatus, IoType,
@@ -443,64 +444,31 @@ pub struct CreateParams {
     pub uuid: Option<Uuid>,
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct DeleteParams {
-    name: String,
-}
-
 pub fn register_methods() {
     // The error bdev's RPCs answer decode failures with -32602 (contract §1.4).
-    register_typed(
+    register_action(
         "bdev_error_create",
-        RUNTIME,
         DecodeError::ErrorBdev,
-        |p: CreateParams| async move {
-            create(&p.base_name, p.uuid).map_err(RpcError::from)?;
-            Ok(true)
-        },
+        |p: CreateParams| async move { create(&p.base_name, p.uuid).map(drop) },
     );
-    register_typed(
-        "bdev_error_delete",
-        RUNTIME,
-        DecodeError::ErrorBdev,
-        |p: DeleteParams| async move {
-            crate::unregister_by_name(&p.name, MODULE_NAME).await?;
-            Ok(true)
-        },
-    );
-    register_typed(
+    register_delete("bdev_error_delete", MODULE_NAME, DecodeError::ErrorBdev);
+    register_action(
         "bdev_error_inject_error",
-        RUNTIME,
         DecodeError::ErrorBdev,
-        |p: InjectParams| async move {
-            inject_error(&p)?;
-            Ok(true)
-        },
+        |p: InjectParams| async move { inject_error(&p) },
     );
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::modules::malloc;
+    use crate::tests::{mk as mk_malloc, pattern, two_cores};
     use crate::util::{self, run_on_reactor};
+    use ::rpc::{RpcError, RUNTIME};
     use std::time::Duration;
-
-    fn mk_malloc(name: &str, blocks: u64) -> Arc<Bdev> {
-        malloc::create(malloc::CreateParams::new(name, 512, blocks)).unwrap()
-    }
 
     fn inject(name: &str, io_type: InjectIoType, error_type: ErrorType, num: u32) -> InjectParams {
         InjectParams::new(name, io_type, error_type, num)
-    }
-
-    fn pattern(len: usize, seed: u8) -> DmaBuf {
-        let mut b = DmaBuf::new(len);
-        for (i, x) in b.as_mut_slice().iter_mut().enumerate() {
-            *x = (i as u8).wrapping_mul(17).wrapping_add(seed);
-        }
-        b
     }
 
     #[test]
@@ -841,11 +809,7 @@ mod tests {
 
     #[test]
     fn reset_fails_pending_on_other_reactors() {
-        if std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(1)
-            < 2
-        {
+        if !two_cores() {
             return;
         }
         let status = run_on_reactor(0x3, || async {

@@ -3,12 +3,13 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use ::rpc::{register_typed, DecodeError, RpcError, RUNTIME};
+use ::rpc::DecodeError;
 use reactor::DmaBuf;
 use serde::Deserialize;
 use serde_json::{json, Value};
 use uuid::Uuid;
 
+use crate::rpc::{register_create, register_delete};
 use crate::{Bdev, BdevBuilder, BdevError, BdevIo, BdevOps, ChannelOps, IoStatus, IoType};
 
 pub const PRODUCT_NAME: &str = "Malloc disk";
@@ -202,29 +203,7 @@ pub fn create(p: CreateParams) -> Result<Arc<Bdev>, BdevError> {
         .register(ops)
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct DeleteParams {
-    name: String,
-}
-
 pub fn register_methods() {
-    register_typed(
-        "bdev_malloc_create",
-        RUNTIME,
-        DecodeError::Internal,
-        |p: CreateParams| async move {
-            let b = create(p).map_err(RpcError::from)?;
-            Ok(b.name().to_string())
-        },
-    );
-    register_typed(
-        "bdev_malloc_delete",
-        RUNTIME,
-        DecodeError::Internal,
-        |p: DeleteParams| async move {
-            crate::unregister_by_name(&p.name, "malloc").await?;
-            Ok(true)
-        },
-    );
+    register_create("bdev_malloc_create", DecodeError::Internal, create);
+    register_delete("bdev_malloc_delete", "malloc", DecodeError::Internal);
 }

@@ -7,11 +7,12 @@
 
 use std::sync::Arc;
 
-use ::rpc::{register_typed, DecodeError, RpcError, RUNTIME};
+use ::rpc::{DecodeError, RpcError};
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 use uuid::Uuid;
 
+use crate::rpc::{register_action, register_create, register_delete};
 use crate::{Bdev, BdevBuilder, BdevError, BdevIo, BdevOps, ChannelOps, IoStatus, IoType};
 
 pub const PRODUCT_NAME: &str = "Null disk";
@@ -225,12 +226,6 @@ pub fn create(p: CreateParams) -> Result<Arc<Bdev>, BdevError> {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct DeleteParams {
-    name: String,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
 struct ResizeParams {
     name: String,
     /// New size in MiB.
@@ -266,32 +261,12 @@ fn resize(name: &str, new_size_mib: u64) -> Result<(), RpcError> {
 }
 
 pub fn register_methods() {
-    register_typed(
-        "bdev_null_create",
-        RUNTIME,
-        DecodeError::Internal,
-        |p: CreateParams| async move {
-            let b = create(p).map_err(RpcError::from)?;
-            Ok(b.name().to_string())
-        },
-    );
-    register_typed(
-        "bdev_null_delete",
-        RUNTIME,
-        DecodeError::Internal,
-        |p: DeleteParams| async move {
-            crate::unregister_by_name(&p.name, MODULE_NAME).await?;
-            Ok(true)
-        },
-    );
-    register_typed(
+    register_create("bdev_null_create", DecodeError::Internal, create);
+    register_delete("bdev_null_delete", MODULE_NAME, DecodeError::Internal);
+    register_action(
         "bdev_null_resize",
-        RUNTIME,
         DecodeError::Internal,
-        |p: ResizeParams| async move {
-            resize(&p.name, p.new_size)?;
-            Ok(true)
-        },
+        |p: ResizeParams| async move { resize(&p.name, p.new_size) },
     );
 }
 

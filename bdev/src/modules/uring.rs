@@ -28,13 +28,14 @@ use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use ::rpc::{register_typed, DecodeError, RpcError, RUNTIME};
+use ::rpc::{DecodeError, RpcError};
 use reactor::uring::{op, ty};
 use reactor::DmaBuf;
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 use uuid::Uuid;
 
+use crate::rpc::{register_action, register_create, register_delete, NameParams};
 use crate::{Bdev, BdevBuilder, BdevError, BdevIo, BdevOps, ChannelOps, IoStatus, IoType};
 
 pub const URING_PRODUCT_NAME: &str = "URING bdev";
@@ -898,12 +899,6 @@ impl From<AioCreateParams> for FileBdevOpts {
     }
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct NameParams {
-    name: String,
-}
-
 /// The bdev `name` if it belongs to `flavor`, else -ENODEV.
 fn find(name: &str, flavor: Flavor) -> Result<Arc<Bdev>, RpcError> {
     crate::get(name)
@@ -939,59 +934,28 @@ pub async fn rescan(name: &str, flavor: Flavor) -> Result<(), RpcError> {
 }
 
 pub fn register_methods() {
-    register_typed(
+    register_create(
         "bdev_uring_create",
-        RUNTIME,
         DecodeError::Internal,
-        |p: UringCreateParams| async move {
-            let b = create(p.into())?;
-            Ok(b.name().to_string())
-        },
+        |p: UringCreateParams| create(p.into()),
     );
-    register_typed(
-        "bdev_uring_delete",
-        RUNTIME,
-        DecodeError::Internal,
-        |p: NameParams| async move {
-            crate::unregister_by_name(&p.name, Flavor::Uring.module_name()).await?;
-            Ok(true)
-        },
-    );
-    register_typed(
-        "bdev_uring_rescan",
-        RUNTIME,
-        DecodeError::Internal,
-        |p: NameParams| async move {
-            rescan(&p.name, Flavor::Uring).await?;
-            Ok(true)
-        },
-    );
-    register_typed(
+    register_by_name(Flavor::Uring, "bdev_uring");
+    register_create(
         "bdev_aio_create",
-        RUNTIME,
         DecodeError::Internal,
-        |p: AioCreateParams| async move {
-            let b = create(p.into())?;
-            Ok(b.name().to_string())
-        },
+        |p: AioCreateParams| create(p.into()),
     );
-    register_typed(
-        "bdev_aio_delete",
-        RUNTIME,
+    register_by_name(Flavor::Aio, "bdev_aio");
+}
+
+/// `<prefix>_delete` and `<prefix>_rescan` of one flavor.
+fn register_by_name(flavor: Flavor, prefix: &str) {
+    let delete = format!("{prefix}_delete");
+    register_delete(&delete, flavor.module_name(), DecodeError::Internal);
+    register_action(
+        &format!("{prefix}_rescan"),
         DecodeError::Internal,
-        |p: NameParams| async move {
-            crate::unregister_by_name(&p.name, Flavor::Aio.module_name()).await?;
-            Ok(true)
-        },
-    );
-    register_typed(
-        "bdev_aio_rescan",
-        RUNTIME,
-        DecodeError::Internal,
-        |p: NameParams| async move {
-            rescan(&p.name, Flavor::Aio).await?;
-            Ok(true)
-        },
+        move |p: NameParams| async move { rescan(&p.name, flavor).await },
     );
 }
 
@@ -1002,10 +966,12 @@ mod tests {
     use std::path::Path;
     use std::rc::Rc;
 
+    use ::rpc::RUNTIME;
     use reactor::DmaBuf;
     use serde_json::json;
 
     use super::*;
+    use crate::tests::two_cores;
     use crate::util::{self, run_on_reactor};
 
     /// A sparse temp file of `size` bytes in `dir`, or None if `dir` is
@@ -1634,11 +1600,7 @@ mod tests {
 
     #[test]
     fn channels_on_two_reactors() {
-        if std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(1)
-            < 2
-        {
+        if !two_cores() {
             return;
         }
         let Some(f) = tmpfile_in("/var/tmp", 1 << 20) else {

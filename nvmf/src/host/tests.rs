@@ -423,25 +423,15 @@ fn handle_cmd(
                 resp(enc, out, cid, ok, 0);
             } else {
                 pending.insert(cid, (slba, len, Vec::with_capacity(len)));
-                if c.fault == Fault::BadR2t && !c.fault_done.swap(true, Ordering::SeqCst) {
-                    enc.r2t(
-                        out,
-                        &R2t {
-                            cccid: cid,
-                            ttag: 1,
-                            r2to: 0,
-                            r2tl: len as u32 + 512,
-                        },
-                    );
-                    return;
-                }
+                // BadR2t: once, an R2T for more than the command's data.
+                let bad = c.fault == Fault::BadR2t && !c.fault_done.swap(true, Ordering::SeqCst);
                 enc.r2t(
                     out,
                     &R2t {
                         cccid: cid,
                         ttag: 1,
                         r2to: 0,
-                        r2tl: len as u32,
+                        r2tl: len as u32 + if bad { 512 } else { 0 },
                     },
                 );
             }
