@@ -203,10 +203,10 @@ impl Hyd {
         self.wake();
     }
 
-    /// Whether the window has room for more than the copies started will
-    /// read.
+    /// Whether the window has room for a chunk and no started copy has
+    /// one to read: the link would idle until the next copy starts.
     fn starved(&self) -> bool {
-        self.pending < self.pacer.room() + COPY_CHUNK
+        self.pending < COPY_CHUNK && self.pacer.room() >= COPY_CHUNK
     }
 
     /// A user's cold read of `bytes` goes to the source now: it is never
