@@ -10,6 +10,9 @@
      the same reactor vs idle                                   aim <= 1.5x
   d. create and resume time, 1 TiB sparse source, 4 KiB regions aim <= 50 / 300 ms
   e. clone_tgt RSS growth for that clone, in bits per region    aim <= 1.1
+  f. hydration over a slow shared link (2 ms and 10 ms reads, 100 MiB/s)
+     with a reader, beside QEMU's block-stream over the same link (its own
+     table; scripts/bench_link.py has the details). Only when named.
 
 Figures only: nothing here asserts a speed. (a) and (c) alternate their two
 sides BENCH_REPEAT times (3) and take medians. Env: BENCH_SECONDS (5),
@@ -69,10 +72,12 @@ def say(*a):
 
 
 class Target:
-    def __init__(self, work, name, config=None):
+    def __init__(self, work, name, config=None, interrupt=False):
         self.sock = str(work / ("%s.sock" % name))
         self.log = open(work / ("%s.log" % name), "ab")
         argv = [str(TGT), "-m", "0x1", "-r", self.sock]
+        if interrupt:
+            argv.append("--interrupt-mode")
         if config:
             argv += ["--json", str(config)]
         self.proc = subprocess.Popen(argv, stdout=self.log, stderr=subprocess.STDOUT,
@@ -357,6 +362,9 @@ def main():
             bench_c(work, shm)
         if "d" in only or "e" in only:
             bench_de(work)
+        if "f" in only:
+            import bench_link
+            rows.extend(bench_link.run(work, Target, random_file))
     finally:
         shutil.rmtree(shm, ignore_errors=True)
     say("\n| benchmark | clone | baseline | ratio | aim |")
