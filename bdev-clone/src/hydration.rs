@@ -685,6 +685,14 @@ impl Owner {
         }
     }
 
+    /// How many read-triggered copies of a whole region the source's link
+    /// has room for now: the window's room after the user's reads and
+    /// hydration's chunks, in regions (for the router's read-copy budget).
+    #[allow(dead_code)] // wired to `Router::set_read_copy_budget` with the read-triggered copies
+    pub(crate) fn read_copy_room(&self) -> u64 {
+        self.hyd.borrow().pacer.room() / self.sh.geo.region_size().max(1)
+    }
+
     pub(crate) fn on_timer(&mut self) {
         let now = reactor::now_ns();
         let bytes = self.sh.hydrated_bytes.load(Ordering::Relaxed);
