@@ -419,7 +419,7 @@ def test_hydration_states_and_tunables(tgt, datadir):
     assert clone_status(tgt)["state"] == "hydrated"
 
 
-CHUNK = 64 << 10   # the hydrator's source read
+REGION = 64 << 10   # region_size_kb=64
 
 
 def watch_hydration(tgt, timeout=120):
@@ -445,9 +445,9 @@ def test_default_window_grows_over_a_delayed_source(tgt, datadir):
     seen = watch_hydration(tgt)
     h = [s["hydration"] for s in seen]
     peak = max(x["peak_in_flight_bytes"] for x in h)
-    assert peak >= 4 * CHUNK, "the window never grew: %s" % h[-1]
-    assert max(x["in_flight_bytes"] for x in h) > CHUNK, h[-1]
-    assert max(x["window_bytes"] for x in h) >= 4 * CHUNK, h[-1]
+    assert peak >= 4 * REGION, "the window never grew: %s" % h[-1]
+    assert max(x["in_flight_bytes"] for x in h) > REGION, h[-1]
+    assert max(x["window_bytes"] for x in h) >= 4 * REGION, h[-1]
     last = h[-1]
     assert last["source_latency_us"] >= 2000, last
     assert last["source_mbytes_per_sec"] > 0, last
@@ -455,13 +455,14 @@ def test_default_window_grows_over_a_delayed_source(tgt, datadir):
 
 
 def test_explicit_threshold_caps_the_window(tgt, datadir):
-    """A threshold given is a cap: at most that many regions' bytes in flight."""
+    """A threshold given is a cap: at most that many regions' bytes in flight
+    (one 128 KiB chunk here: never less than a chunk)."""
     Stack(tgt, datadir, src_blocks=4096, delay_us=2000)
     clone_create(tgt, region_size_kb=64, hydration_threshold=2)
     seen = watch_hydration(tgt)
     h = seen[-1]["hydration"]
-    assert 0 < h["peak_in_flight_bytes"] <= 2 * CHUNK, h
-    assert h["window_bytes"] <= 2 * CHUNK, h
+    assert 0 < h["peak_in_flight_bytes"] <= 2 * REGION, h
+    assert h["window_bytes"] <= 2 * REGION, h
 
 
 def test_save_config_and_resume(tgt_factory, datadir, workdir):

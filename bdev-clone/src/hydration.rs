@@ -37,12 +37,15 @@ pub(crate) const CHUNK_BYTES: u64 = 1 << 20;
 /// Source read of a hydration copy: a cold user read waits behind at most
 /// one of these on the link, and a user I/O on the reactor behind at most
 /// one chunk's zero check and destination write (the iteration budget).
-pub const COPY_CHUNK: u64 = 64 << 10;
+pub const COPY_CHUNK: u64 = 128 << 10;
 
 /// Bytes a background copy covers when `hydration_batch_size` allows
 /// (whole regions; one region when regions are larger): few enough that a
 /// partial write waiting for its region's copy waits little.
 pub const COPY_TARGET: u64 = 256 << 10;
+
+/// Largest background copy the window asks for (where it is large).
+pub(crate) const MAX_COPY_TARGET: u64 = 1 << 20;
 
 /// Chunks of one copy in flight at once (a copy of a large region).
 pub(crate) const MAX_LANES: u64 = 16;
@@ -630,20 +633,23 @@ impl Owner {
             && !self.quiesced;
         let region = sh.geo.region_size();
         let threshold = sh.threshold.load(Ordering::Relaxed) as u64;
-        // Regions per copy: the batch size caps what COPY_TARGET asks for.
+        let mut h = self.hyd.borrow_mut();
+        // The threshold caps the window too (regions' bytes in flight).
+        h.pacer
+            .set_cap(threshold.saturating_mul(region).min(MAX_COPY_BUF_BYTES));
+        h.wake();
+        // Regions per copy: an eighth of the window (fewer, larger copies
+        // where the window is large: a fast local source), from COPY_TARGET
+        // to MAX_COPY_TARGET; the batch size caps it.
+        let target = (h.pacer.window() / 8).clamp(COPY_TARGET, MAX_COPY_TARGET);
         let per_copy =
-            (sh.batch.load(Ordering::Relaxed).max(1) as u64).min((COPY_TARGET / region).max(1));
+            (sh.batch.load(Ordering::Relaxed).max(1) as u64).min((target / region).max(1));
         let copy_bytes = per_copy * region;
         let cfg = router.config_mut();
         cfg.hydration_enabled = enabled;
         cfg.hydration_threshold = threshold;
         cfg.hydration_batch_size = per_copy;
         cfg.copy_on_read = sh.copy_on_read.load(Ordering::Relaxed);
-        let mut h = self.hyd.borrow_mut();
-        // The threshold caps the window too (regions' bytes in flight).
-        h.pacer
-            .set_cap(threshold.saturating_mul(region).min(MAX_COPY_BUF_BYTES));
-        h.wake();
         if !enabled || sh.map.is_complete() {
             return;
         }
