@@ -180,6 +180,7 @@ pub struct Progress {
 /// latency and its delivery rate (the owners share one link: latency the
 /// lowest, rate the sum).
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct HydrationStatus {
     pub in_flight_bytes: u64,
     pub user_in_flight_bytes: u64,
