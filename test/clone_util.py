@@ -34,7 +34,7 @@ STATUS_FIELDS = (
     "region_size_kb", "num_regions", "hydrated_regions", "hydrating_regions",
     "hydration_enabled", "discard_passdown", "copy_on_read", "hydration_threshold",
     "hydration_batch_size", "hydration_mbytes_per_sec", "state", "paused_reason", "progress",
-    "source_released", "errors", "metadata",
+    "source_released", "errors", "metadata", "hydration",
 )
 STATES = ("hydrating", "paused", "hydrated", "read_only", "failed")
 

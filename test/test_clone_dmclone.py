@@ -451,7 +451,10 @@ def test_copy_on_read(wl_factory, datadir, mask):
     background cursor"); without it, reads leave regions to the cursor."""
     t = wl_factory(mask=mask)
     st = Stack(t, datadir, blocks=256, delay_us=50_000)     # 64 regions, 20 copies/s
-    clone_create(t, region_size_kb=16, copy_on_read=True)
+    # One region at a time (dm-clone's defaults; the adaptive window would
+    # copy all 64 at once), so the cursor is slow enough to be overtaken.
+    clone_create(t, region_size_kb=16, copy_on_read=True, hydration_threshold=1,
+                 hydration_batch_size=1)
     far = [60, 61, 55]                                     # the cursor starts at 0
     for r in far:
         data = t.read("Clone0", r * REGION, REGION)

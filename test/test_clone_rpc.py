@@ -308,8 +308,14 @@ def test_status_fields(tgt, stack):
     assert s["hydrated_regions"] == 0 and s["hydrating_regions"] == 0
     assert s["hydration_enabled"] is False and s["state"] == "paused"
     assert s["discard_passdown"] is True and s["copy_on_read"] is False
+    # Defaults: no caps, the adaptive window decides.
     assert (s["hydration_threshold"], s["hydration_batch_size"],
-            s["hydration_mbytes_per_sec"]) == (1, 1, 0)
+            s["hydration_mbytes_per_sec"]) == (U32_MAX, 65536, 0)
+    h = s["hydration"]
+    assert set(h) >= {"in_flight_bytes", "user_in_flight_bytes", "peak_in_flight_bytes",
+                      "window_bytes", "source_latency_us", "source_mbytes_per_sec"}, h
+    assert (h["in_flight_bytes"], h["peak_in_flight_bytes"], h["source_latency_us"]) == \
+        (0, 0, None), "nothing measured before any copy"
     assert s["source_released"] is False
     assert s["metadata"]["mode"] == "rw"
     assert s["metadata"]["block_size"] * s["metadata"]["total_blocks"] == MD_BYTES
@@ -411,6 +417,52 @@ def test_hydration_states_and_tunables(tgt, datadir):
     # a hydrated clone still answers set_hydration
     assert tgt.rpc("bdev_clone_set_hydration", name="Clone0", enable=False) is True
     assert clone_status(tgt)["state"] == "hydrated"
+
+
+REGION = 64 << 10   # region_size_kb=64
+
+
+def watch_hydration(tgt, timeout=120):
+    """Status objects until hydrated."""
+    seen = []
+    deadline = time.monotonic() + timeout
+    while True:
+        s = clone_status(tgt)
+        seen.append(s)
+        if s["state"] == "hydrated":
+            return seen
+        assert s["state"] == "hydrating", s
+        assert time.monotonic() < deadline, "not hydrated in %d s: %s" % (timeout, s)
+        time.sleep(0.02)
+
+
+def test_default_window_grows_over_a_delayed_source(tgt, datadir):
+    """With default tunables over a 2 ms source the hydrator measures the
+    source and keeps more than one chunk in flight (dm-clone's 1 and 1
+    kept one region); it says what it measured."""
+    Stack(tgt, datadir, src_blocks=8192, delay_us=2000)
+    clone_create(tgt, region_size_kb=64)
+    seen = watch_hydration(tgt)
+    h = [s["hydration"] for s in seen]
+    peak = max(x["peak_in_flight_bytes"] for x in h)
+    assert peak >= 4 * REGION, "the window never grew: %s" % h[-1]
+    assert max(x["in_flight_bytes"] for x in h) > REGION, h[-1]
+    assert max(x["window_bytes"] for x in h) >= 4 * REGION, h[-1]
+    last = h[-1]
+    assert last["source_latency_us"] >= 2000, last
+    assert last["source_mbytes_per_sec"] > 0, last
+    assert last["in_flight_bytes"] == 0 and last["user_in_flight_bytes"] == 0, last
+
+
+def test_explicit_threshold_caps_the_window(tgt, datadir):
+    """A threshold given is a cap: at most that many regions' bytes in flight
+    (one 128 KiB chunk here: never less than a chunk)."""
+    Stack(tgt, datadir, src_blocks=4096, delay_us=2000)
+    clone_create(tgt, region_size_kb=64, hydration_threshold=2)
+    seen = watch_hydration(tgt)
+    h = seen[-1]["hydration"]
+    assert 0 < h["peak_in_flight_bytes"] <= 2 * REGION, h
+    assert h["window_bytes"] <= 2 * REGION, h
 
 
 def test_save_config_and_resume(tgt_factory, datadir, workdir):

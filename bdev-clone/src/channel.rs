@@ -95,6 +95,7 @@ impl ChannelOps for CloneChannel {
     }
 
     fn submit(&self, io: Box<BdevIo>) {
+        crate::hydration::note_user_io();
         let sh = &self.sh;
         let Some(dst) = &self.dst else {
             return io.complete(IoStatus::Failed);

@@ -68,6 +68,8 @@ pub(crate) struct Shared {
     pub(crate) mode: AtomicU8,
     /// Regions being copied, per owner.
     pub(crate) hydrating: Vec<AtomicU64>,
+    /// What each owner's hydration window uses and measured (status).
+    pub(crate) pacing: Vec<PaceStats>,
     pub(crate) err_source: AtomicU64,
     pub(crate) err_dest: AtomicU64,
     pub(crate) err_md: AtomicU64,
@@ -95,6 +97,19 @@ impl Shared {
     pub(crate) fn set_last_error(&self, e: String) {
         *lock(&self.last_error) = Some(e);
     }
+}
+
+/// One owner's hydration window, published for the status object.
+#[derive(Default)]
+pub(crate) struct PaceStats {
+    pub(crate) window: AtomicU64,
+    pub(crate) in_flight: AtomicU64,
+    pub(crate) user_in_flight: AtomicU64,
+    pub(crate) peak_in_flight: AtomicU64,
+    /// Windowed minimum latency of the source, ns (0: none yet).
+    pub(crate) min_latency_ns: AtomicU64,
+    /// Windowed maximum delivery rate, bytes/s.
+    pub(crate) rate_bps: AtomicU64,
 }
 
 /// The source's channel on this reactor while the clone still reads from a

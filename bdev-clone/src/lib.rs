@@ -31,6 +31,7 @@ mod lifecycle;
 pub mod metadata;
 mod metadata_io;
 mod owner;
+pub mod pacer;
 pub mod region_map;
 pub mod router;
 pub mod rpc;

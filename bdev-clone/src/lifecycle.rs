@@ -441,6 +441,7 @@ fn build_shared(
         map,
         home,
         hydrating: owners.iter().map(|_| AtomicU64::new(0)).collect(),
+        pacing: owners.iter().map(|_| Default::default()).collect(),
         owners,
         stripes,
         commit_rounds,

@@ -23,7 +23,8 @@ use crate::clone::Shared;
 use crate::committer::{committer_request, start_round, Committer, Waiter, COMMIT_PERIOD};
 use crate::error::CloneError;
 use crate::hydration::{
-    is_zero, start_copy, write_zeroes, HYDRATION_POLL, MAX_COPY_BUF_BYTES, PAUSE_NONE, PROBE_MIN_NS,
+    is_zero, start_copy, write_zeroes, Hyd, HydRc, HYDRATION_POLL, MAX_COPY_BUF_BYTES, PAUSE_NONE,
+    PROBE_MIN_NS,
 };
 use crate::lifecycle::release_all;
 use crate::metadata;
@@ -75,16 +76,11 @@ pub(crate) struct Owner {
     pub(crate) reqs: HashMap<ReqId, OwnerReq>,
     pub(crate) next_req: ReqId,
     pub(crate) out: Vec<Command>,
-    /// Reused hydration chunk buffers.
-    pub(crate) bufs: Vec<DmaBuf>,
-    /// Token bucket (bytes) of the hydration rate limit.
-    pub(crate) tokens: f64,
-    pub(crate) last_refill: u64,
+    /// Hydration's window, rate limit, copies and buffers (shared with
+    /// the copy tasks).
+    pub(crate) hyd: HydRc,
     pub(crate) fail_streak: u32,
     pub(crate) backoff_until: u64,
-    /// Copies in flight and their buffer bytes (the caps above).
-    pub(crate) copies_in_flight: u64,
-    pub(crate) copy_buf_bytes: u64,
     /// The next `StartCopy` executed is a probe (paused by errors).
     pub(crate) probe_pending: bool,
     /// The wait before the next probe.
@@ -333,6 +329,7 @@ impl Owner {
     }
 
     pub(crate) fn publish(&mut self) {
+        self.hyd.borrow().publish(&self.sh.pacing[self.idx]);
         let slot = &self.sh.hydrating[self.idx];
         if let Some(r) = &self.router {
             slot.store(r.stats().regions_copying, Ordering::Relaxed);
@@ -347,7 +344,7 @@ impl Owner {
     pub(crate) fn release_local(&mut self) {
         self.router = None;
         self.src = None;
-        self.bufs.clear();
+        self.hyd.borrow_mut().clear_bufs();
         self.sh.hydrating[self.idx].store(0, Ordering::Relaxed);
         // Pollers are dropped outside their own callbacks.
         let pollers = std::mem::take(&mut self.pollers);
@@ -495,12 +492,16 @@ pub(crate) fn exec_read(
         read_into: Some(at..at + len),
         count_error: from_source.then_some(count),
     };
-    ch.read(
-        blocks.start,
-        blocks.end - blocks.start,
-        buf,
-        moved.callback(rc),
-    );
+    let cb = moved.callback(rc);
+    // The user's cold reads share the source's link with hydration: the
+    // window counts them first.
+    let on_link = from_source.then(|| (o.hyd.clone(), o.hyd.borrow_mut().user_read(len as u64)));
+    ch.read(blocks.start, blocks.end - blocks.start, buf, move |io| {
+        if let Some((hyd, sent)) = on_link {
+            hyd.borrow_mut().read_done(sent, io.status.is_success());
+        }
+        cb(io)
+    });
 }
 
 /// An op moving a request's data, for its I/O callback.
@@ -606,11 +607,14 @@ pub(crate) fn exec_read_copy(
     let len = bytes(&blocks, bs);
     let buf = o.take_copy_buf(len);
     let weak = Rc::downgrade(rc);
+    // The link carries it as a user read: the window counts it.
+    let (hyd, sent) = (o.hyd.clone(), o.hyd.borrow_mut().user_read(len as u64));
     src.read(
         blocks.start,
         blocks.end - blocks.start,
         buf,
         move |mut io| {
+            hyd.borrow_mut().read_done(sent, io.status.is_success());
             let buf = io.buf.take().unwrap_or_else(|| DmaBuf::new(0));
             let ok = io.status.is_success() && buf.len() >= len;
             let w = weak.clone();
@@ -658,48 +662,38 @@ pub(crate) fn exec_read_copy(
 }
 
 impl Owner {
-    /// A copy buffer of `len` bytes, from the reuse list if one is large
-    /// enough; its bytes count in the copy-buffer cap until given back.
+    /// A copy buffer of `len` bytes; its bytes count in the copy-buffer cap
+    /// until given back.
     fn take_copy_buf(&mut self, len: usize) -> DmaBuf {
-        self.copy_buf_bytes += len as u64;
-        match self.bufs.iter().position(|b| b.capacity() >= len) {
-            Some(i) => {
-                let mut b = self.bufs.swap_remove(i);
-                b.set_len(len);
-                b
-            }
-            None => DmaBuf::new(len),
-        }
+        self.hyd.borrow_mut().take_sized(len)
     }
 
     /// Give back a buffer from [`Owner::take_copy_buf`] of `len` bytes.
     fn give_copy_buf(&mut self, len: usize, buf: Option<DmaBuf>) {
-        self.copy_buf_bytes -= len as u64;
-        if let Some(b) = buf {
-            if self.bufs.len() < 64 {
-                self.bufs.push(b);
-            }
-        }
+        self.hyd.borrow_mut().put_sized(len, buf);
     }
 }
 
 impl Owner {
-    /// Set the router's read-triggered copy budget (each pump). Until the
-    /// link controller says how much room the link has, it is the copy
-    /// threshold (at least 1: copy-on-read hydrates what is read also
-    /// with background hydration off or paused by the user) less the
-    /// read copies in flight, within the copy buffer cap; none while the
-    /// clone stops, is paused by errors or is not read-write. Read copies
-    /// are user I/O: the rate limit does not hold them back, but their
-    /// bytes are taken from its bucket, so background copies make room.
+    /// Set the router's read-triggered copy budget (each pump): the regions
+    /// the source's link has room for now (the hydration window's room
+    /// after the user's reads and hydration's chunks), at most the copy
+    /// threshold; one at a time when the link is full, so copy-on-read
+    /// hydrates what is read also with background hydration off or paused
+    /// by the user. None while the clone stops, is paused by errors or is
+    /// not read-write. Read copies are user I/O: the rate limit does not
+    /// hold them back, but their bytes are taken from its bucket, so
+    /// background copies make room.
     pub(crate) fn set_read_copy_budget(&mut self) {
         let sh = self.sh.clone();
+        let room = self.read_copy_room();
         let Some(router) = self.router.as_mut() else {
             return;
         };
         let started = router.take_read_copy_regions();
         if sh.mbytes_per_sec.load(Ordering::Relaxed) > 0 {
-            self.tokens -= (started * sh.geo.region_size()) as f64;
+            let mut h = self.hyd.borrow_mut();
+            h.bucket.take((started * sh.geo.region_size()) as f64);
         }
         let on = sh.copy_on_read.load(Ordering::Relaxed)
             && sh.mode() == MetadataMode::ReadWrite
@@ -707,11 +701,13 @@ impl Owner {
             && !self.stopping
             && !self.quiesced;
         let budget = if on {
-            let room = MAX_COPY_BUF_BYTES.saturating_sub(self.copy_buf_bytes) / READ_COPY_MAX_BYTES;
-            (sh.threshold.load(Ordering::Relaxed) as u64)
-                .max(1)
-                .saturating_sub(router.stats().read_copies_in_flight as u64)
-                .min(room)
+            let in_flight = router.stats().read_copies_in_flight as u64;
+            let bufs = MAX_COPY_BUF_BYTES.saturating_sub(self.hyd.borrow().buf_bytes)
+                / READ_COPY_MAX_BYTES;
+            let floor = u64::from(in_flight == 0);
+            room.min(sh.threshold.load(Ordering::Relaxed) as u64)
+                .max(floor)
+                .min(bufs)
         } else {
             0
         };
@@ -749,13 +745,9 @@ pub(crate) fn start_owner(sh: Arc<Shared>, router: Router, idx: usize) -> Result
         reqs: HashMap::new(),
         next_req: 1,
         out: Vec::with_capacity(64),
-        bufs: Vec::new(),
-        tokens: 0.0,
-        last_refill: now,
+        hyd: Hyd::new(now),
         fail_streak: 0,
         backoff_until: 0,
-        copies_in_flight: 0,
-        copy_buf_bytes: 0,
         probe_pending: false,
         probe_wait: PROBE_MIN_NS,
         stopping: false,

@@ -8,7 +8,7 @@ use serde::Deserialize;
 use uuid::Uuid;
 
 use crate::error::CloneError;
-use crate::hydration::{set_hydration, MAX_BATCH_SIZE, MAX_MBYTES_PER_SEC};
+use crate::hydration::{set_hydration, DEFAULT_THRESHOLD, MAX_BATCH_SIZE, MAX_MBYTES_PER_SEC};
 use crate::lifecycle::{create, delete};
 use crate::status::{status, status_all};
 
@@ -53,8 +53,14 @@ pub(crate) fn default_region_size_kb() -> u32 {
     4
 }
 
-pub(crate) fn default_one() -> u32 {
-    1
+/// Not given: no cap, the adaptive window decides (docs/clone.md,
+/// *Tunables*). A value given, or in a saved config, is a cap.
+pub(crate) fn default_threshold() -> u32 {
+    DEFAULT_THRESHOLD
+}
+
+pub(crate) fn default_batch() -> u32 {
+    MAX_BATCH_SIZE
 }
 
 /// Parameters of `bdev_clone_create` (defaults per rpc-contract §2.7).
@@ -71,9 +77,9 @@ pub struct CreateOpts {
     pub no_hydration: bool,
     #[serde(default)]
     pub no_discard_passdown: bool,
-    #[serde(default = "default_one")]
+    #[serde(default = "default_threshold")]
     pub hydration_threshold: u32,
-    #[serde(default = "default_one")]
+    #[serde(default = "default_batch")]
     pub hydration_batch_size: u32,
     #[serde(default)]
     pub hydration_mbytes_per_sec: u64,
@@ -102,8 +108,8 @@ impl CreateOpts {
             region_size_kb: default_region_size_kb(),
             no_hydration: false,
             no_discard_passdown: false,
-            hydration_threshold: 1,
-            hydration_batch_size: 1,
+            hydration_threshold: default_threshold(),
+            hydration_batch_size: default_batch(),
             hydration_mbytes_per_sec: 0,
             copy_on_read: false,
             uuid: None,

@@ -4,12 +4,12 @@
 //! target may add some); the settings it shares with `save_config`
 //! (`write_config_json`); and the lookups tests and tools use.
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use reactor::sync::lock;
 use serde::{Deserialize, Serialize};
 
-use crate::clone::{clone_of, find, Shared};
+use crate::clone::{clone_of, find, PaceStats, Shared};
 use crate::hydration::{PAUSE_DEST, PAUSE_SOURCE};
 use crate::metadata;
 use crate::router::MetadataMode;
@@ -68,6 +68,9 @@ pub struct CloneStatus {
     pub errors: ErrorCounts,
     #[serde(default)]
     pub metadata: MetadataStatus,
+    /// What the hydrator uses and measured.
+    #[serde(default)]
+    pub hydration: HydrationStatus,
     /// What went wrong last, when the target knows.
     #[serde(default)]
     pub last_error: Option<String>,
@@ -169,6 +172,23 @@ pub struct Progress {
     pub bytes_per_sec: u64,
     /// Seconds to full hydration at that rate; none while it is 0.
     pub eta_sec: Option<u64>,
+}
+
+/// The hydrator's window and its measurements, over the clone's owners:
+/// bytes in flight on the source (hydration's; the user's cold reads'; the
+/// most hydration had, per owner, summed), the window, the source's lowest
+/// latency and its delivery rate (the owners share one link: latency the
+/// lowest, rate the sum).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct HydrationStatus {
+    pub in_flight_bytes: u64,
+    pub user_in_flight_bytes: u64,
+    pub peak_in_flight_bytes: u64,
+    pub window_bytes: u64,
+    /// None before the first measurement.
+    pub source_latency_us: Option<f64>,
+    pub source_mbytes_per_sec: f64,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -285,6 +305,31 @@ impl Shared {
         }
     }
 
+    /// [`HydrationStatus`] from the owners' published figures.
+    pub(crate) fn pacing_status(&self) -> HydrationStatus {
+        let sum = |f: fn(&PaceStats) -> &AtomicU64| -> u64 {
+            self.pacing
+                .iter()
+                .map(|p| f(p).load(Ordering::Relaxed))
+                .sum()
+        };
+        let lat = self
+            .pacing
+            .iter()
+            .map(|p| p.min_latency_ns.load(Ordering::Relaxed))
+            .filter(|&l| l > 0)
+            .min();
+        let rate = sum(|p| &p.rate_bps) as f64 / 1048576.0;
+        HydrationStatus {
+            in_flight_bytes: sum(|p| &p.in_flight),
+            user_in_flight_bytes: sum(|p| &p.user_in_flight),
+            peak_in_flight_bytes: sum(|p| &p.peak_in_flight),
+            window_bytes: sum(|p| &p.window),
+            source_latency_us: lat.map(|l| (l as f64 / 100.0).round() / 10.0),
+            source_mbytes_per_sec: (rate * 10.0).round() / 10.0,
+        }
+    }
+
     pub(crate) fn status(&self) -> CloneStatus {
         let num = self.geo.num_regions();
         let hydrated = self.map.hydrated_count();
@@ -333,6 +378,7 @@ impl Shared {
                 total_blocks: self.md_num_blocks,
                 mode: self.mode(),
             },
+            hydration: self.pacing_status(),
             last_error: lock(&self.last_error).clone(),
         }
     }
@@ -402,6 +448,14 @@ mod tests {
                 total_blocks: 256,
                 mode: MetadataMode::ReadWrite,
             },
+            hydration: HydrationStatus {
+                in_flight_bytes: 131072,
+                user_in_flight_bytes: 4096,
+                peak_in_flight_bytes: 262144,
+                window_bytes: 393216,
+                source_latency_us: Some(2000.5),
+                source_mbytes_per_sec: 100.2,
+            },
             last_error: None,
         }
     }
@@ -413,7 +467,7 @@ mod tests {
         let text = serde_json::to_string(&sample()).unwrap();
         assert_eq!(
             text,
-            r#"{"name":"C","uuid":"11111111-2222-3333-4444-555555555555","source_bdev_name":"S","dest_bdev_name":"D","metadata_bdev_name":"M","region_size_kb":64,"hydration_threshold":0,"hydration_batch_size":1,"hydration_mbytes_per_sec":0,"copy_on_read":false,"num_regions":16,"hydrated_regions":0,"hydrating_regions":0,"hydration_enabled":true,"discard_passdown":true,"state":"paused","paused_reason":"user","progress":{"percent":0.0,"bytes_per_sec":0,"eta_sec":null},"source_released":false,"errors":{"source_read":0,"dest_write":0,"metadata":0},"metadata":{"block_size":512,"used_blocks":24,"total_blocks":256,"mode":"rw"},"last_error":null}"#
+            r#"{"name":"C","uuid":"11111111-2222-3333-4444-555555555555","source_bdev_name":"S","dest_bdev_name":"D","metadata_bdev_name":"M","region_size_kb":64,"hydration_threshold":0,"hydration_batch_size":1,"hydration_mbytes_per_sec":0,"copy_on_read":false,"num_regions":16,"hydrated_regions":0,"hydrating_regions":0,"hydration_enabled":true,"discard_passdown":true,"state":"paused","paused_reason":"user","progress":{"percent":0.0,"bytes_per_sec":0,"eta_sec":null},"source_released":false,"errors":{"source_read":0,"dest_write":0,"metadata":0},"metadata":{"block_size":512,"used_blocks":24,"total_blocks":256,"mode":"rw"},"hydration":{"in_flight_bytes":131072,"user_in_flight_bytes":4096,"peak_in_flight_bytes":262144,"window_bytes":393216,"source_latency_us":2000.5,"source_mbytes_per_sec":100.2},"last_error":null}"#
         );
         assert_eq!(
             serde_json::from_str::<CloneStatus>(&text).unwrap(),

@@ -373,9 +373,11 @@ fn discard_waits_for_in_flight_hydration() {
         .unwrap();
         mk_malloc("dD", 512, 64);
         mk_malloc("dM", 512, 64);
-        create(CreateOpts::new("dC", "dSd", "dD", "dM"))
-            .await
-            .unwrap();
+        // One region copying at a time (dm-clone's defaults), so the
+        // copy in flight is region 0's.
+        let mut o = CreateOpts::new("dC", "dSd", "dD", "dM");
+        (o.hydration_threshold, o.hydration_batch_size) = (1, 1);
+        create(o).await.unwrap();
         wait_for("copy in flight", 5, || st("dC", "hydrating_regions") == 1).await;
         assert_eq!(bdev_clone::region_hydrated("dC", 0), Some(false));
         let d = bdev::open("dC", true, |_| {}).unwrap();
