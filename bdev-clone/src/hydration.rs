@@ -733,15 +733,31 @@ impl Owner {
         self.rate_mark = (now, bytes);
     }
 
-    pub(crate) fn copy_failed(&mut self, fault: CopyFault, what: String, probe: bool) {
-        self.fail_streak = self.fail_streak.saturating_add(1);
+    /// A copy started at `started` failed. Copies that were already in
+    /// flight when the last failure was counted fail together (a source
+    /// that went away fails every copy at once): they count as one in the
+    /// streak, so pausing still takes `MAX_FAIL_STREAK` back-offs however
+    /// many copies the window keeps in flight.
+    pub(crate) fn copy_failed(
+        &mut self,
+        fault: CopyFault,
+        what: String,
+        probe: bool,
+        started: u64,
+    ) {
+        let now = reactor::now_ns();
+        let same_burst = started < self.last_fail && !probe;
         let reason = match fault {
             CopyFault::Source => PAUSE_SOURCE,
             CopyFault::Dest => PAUSE_DEST,
         };
-        let now = reactor::now_ns();
-        tracing::warn!(clone = %self.sh.name, streak = self.fail_streak, "hydration copy failed: {what}");
+        tracing::warn!(clone = %self.sh.name, streak = self.fail_streak, same_burst, "hydration copy failed: {what}");
         self.sh.set_last_error(what);
+        if same_burst {
+            return;
+        }
+        self.last_fail = now;
+        self.fail_streak = self.fail_streak.saturating_add(1);
         if self.sh.paused.load(Ordering::Acquire) != PAUSE_NONE {
             if probe {
                 self.sh.paused.store(reason, Ordering::Release);
@@ -787,6 +803,7 @@ pub(crate) fn start_copy(rc: &Rc<RefCell<Owner>>, o: &mut Owner, copy: CopyId, b
     let Some(src) = o.src.clone() else {
         return o.copy_done(copy, false);
     };
+    let started = reactor::now_ns();
     {
         let mut h = o.hyd.borrow_mut();
         h.copies += 1;
@@ -809,7 +826,7 @@ pub(crate) fn start_copy(rc: &Rc<RefCell<Owner>>, o: &mut Owner, copy: CopyId, b
                 o.copy_done(copy, true);
             }
             Err((fault, e)) => {
-                o.copy_failed(fault, e, probe);
+                o.copy_failed(fault, e, probe, started);
                 o.copy_done(copy, false);
             }
         });

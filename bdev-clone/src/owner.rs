@@ -80,6 +80,8 @@ pub(crate) struct Owner {
     /// the copy tasks).
     pub(crate) hyd: HydRc,
     pub(crate) fail_streak: u32,
+    /// When the last failed copy counted in the streak failed.
+    pub(crate) last_fail: u64,
     pub(crate) backoff_until: u64,
     /// The next `StartCopy` executed is a probe (paused by errors).
     pub(crate) probe_pending: bool,
@@ -747,6 +749,7 @@ pub(crate) fn start_owner(sh: Arc<Shared>, router: Router, idx: usize) -> Result
         out: Vec::with_capacity(64),
         hyd: Hyd::new(now),
         fail_streak: 0,
+        last_fail: 0,
         backoff_until: 0,
         probe_pending: false,
         probe_wait: PROBE_MIN_NS,
