@@ -772,8 +772,8 @@ fn reset_reconnects_and_io_waits() {
 }
 
 /// A read answered in full just before the connection closes completes
-/// with its data: the host handles what it received before it fails the
-/// queue pair (it used to fail it first and never complete those I/Os).
+/// with its data: the host calls back what it received before it fails the
+/// queue pair (an I/O left uncompleted holds its submitter's slot forever).
 #[test]
 fn answer_received_with_the_close_completes() {
     let (port, ctl) = start_ctl(Fault::AnswerThenClose, 8192, 260, 5);
