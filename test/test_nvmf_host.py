@@ -262,7 +262,10 @@ def test_reconnect_after_target_restart(tgt_factory, workdir):
     from conftest import PERF_BIN
     argv = [str(PERF_BIN), "--json", str(cfg), "--interrupt-mode", "-q", "8", "-o", "4k",
             "-w", "randread", "-t", "12", "-f", "-r", str(perf_sock)]
-    perf = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # A file, not a pipe: an assertion below shows what bdevperf logged.
+    perf_log = workdir / "perf.log"
+    with open(perf_log, "w") as log:
+        perf = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, text=True)
     try:
         from spdk.rpc.client import JSONRPCClient
         deadline = time.monotonic() + 10
@@ -290,9 +293,11 @@ def test_reconnect_after_target_restart(tgt_factory, workdir):
             time.sleep(0.1)
         assert state() == "enabled"
         time.sleep(0.5)
-        assert reads() > stalled, "no reads completed after the reconnect"
+        assert reads() > stalled, ("no reads completed after the reconnect; bdevperf:\n"
+                                   + perf_log.read_text()[-5000:])
         cl.close()
-        out, _ = perf.communicate(timeout=30)
+        perf.wait(timeout=30)
+        out = perf_log.read_text()
     finally:
         if perf.poll() is None:
             perf.kill()

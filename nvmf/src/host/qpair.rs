@@ -526,6 +526,10 @@ impl Qpair {
             Ok(b) => b,
             Err(e) => {
                 self.fail(e);
+                // What completed before the error (responses that came with
+                // the FIN of a target shutting down) is no longer in flight:
+                // left in `done`, it would never be called back.
+                self.run_done();
                 return PollStatus::Busy;
             }
         };

@@ -44,6 +44,10 @@ enum Fault {
     UnknownType,
     /// The first R2T asks for more than the write carries.
     BadR2t,
+    /// The first read is answered in full and the connection closed at
+    /// once: its data, response and FIN reach the host together (as from a
+    /// target that finishes its I/O while shutting down).
+    AnswerThenClose,
 }
 
 struct Ctl {
@@ -62,6 +66,8 @@ struct Ctl {
     down: AtomicBool,
     /// Commands seen, by opcode, on I/O queues.
     ops: Mutex<Vec<(u8, u32)>>,
+    /// AnswerThenClose: close the connection after the answer being sent.
+    close_now: AtomicBool,
 }
 
 fn start_ctl(fault: Fault, maxh2cdata: u32, ioccsz: u32, mdts: u8) -> (u16, Arc<Ctl>) {
@@ -83,6 +89,7 @@ fn start_ctl(fault: Fault, maxh2cdata: u32, ioccsz: u32, mdts: u8) -> (u16, Arc<
         mdts,
         down: AtomicBool::new(false),
         ops: Mutex::new(Vec::new()),
+        close_now: AtomicBool::new(false),
     });
     let c = ctl.clone();
     std::thread::spawn(move || {
@@ -207,6 +214,26 @@ fn serve(mut s: TcpStream, c: &Ctl) -> std::io::Result<()> {
             other => panic!("unexpected {other:?}"),
         }
         buf.drain(..len);
+        if c.fault == Fault::AnswerThenClose && c.close_now.swap(false, Ordering::SeqCst) {
+            // Corked, the answer waits in the socket until the shutdown,
+            // whose FIN then leaves in the same segment: the host cannot
+            // receive one without the other.
+            let on: libc::c_int = 1;
+            // SAFETY: a valid socket and option of the size given.
+            let r = unsafe {
+                libc::setsockopt(
+                    std::os::fd::AsRawFd::as_raw_fd(&s),
+                    libc::IPPROTO_TCP,
+                    libc::TCP_CORK,
+                    &on as *const libc::c_int as *const libc::c_void,
+                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+                )
+            };
+            assert_eq!(r, 0, "TCP_CORK");
+            s.write_all(&out)?;
+            s.shutdown(std::net::Shutdown::Write)?;
+            return Ok(());
+        }
         if !out.is_empty() {
             s.write_all(&out)?;
         }
@@ -358,6 +385,7 @@ fn handle_cmd(
                 ..Default::default()
             };
             match fault {
+                Fault::AnswerThenClose => c.close_now.store(true, Ordering::SeqCst),
                 Fault::TermReq => {
                     Encoder::term_req(out, true, Fes::InvalidHeaderField, 2, &[0u8; 24]);
                     return;
@@ -739,6 +767,46 @@ fn reset_reconnects_and_io_waits() {
         ));
         util::read(&ch, 0, 1).await.unwrap();
         drop((ch, ch2, desc));
+        ctrlr::detach("T0").await.unwrap();
+    });
+}
+
+/// A read answered in full just before the connection closes completes
+/// with its data: the host calls back what it received before it fails the
+/// queue pair (an I/O left uncompleted holds its submitter's slot forever).
+#[test]
+fn answer_received_with_the_close_completes() {
+    let (port, ctl) = start_ctl(Fault::AnswerThenClose, 8192, 260, 5);
+    let c2 = ctl.clone();
+    run_on_reactor(0x1, move || async move {
+        let mut o = opts(port, false, false);
+        o.ctrlr_loss_timeout_sec = 5;
+        o.reconnect_delay_sec = 1;
+        ctrlr::attach(o).await.unwrap();
+        let desc = bdev::open("T0n1", true, |_| {}).unwrap();
+        let ch = desc.channel();
+        let r = reactor::with_timeout(Duration::from_secs(10), util::read(&ch, 10, 4))
+            .await
+            .expect("the read answered before the close never completed")
+            .unwrap();
+        let expect: Vec<u8> = (10 * BS..14 * BS).map(|i| (i % 251) as u8).collect();
+        assert!(r.as_slice()[..2048] == expect[..]);
+        assert!(
+            c2.fault_done.load(Ordering::SeqCst),
+            "the fault was not used"
+        );
+        // The lost connection is noticed and replaced.
+        let c = ctrlr::find("T0").unwrap();
+        let t0 = reactor::now_ns();
+        while (c2.admin_connects.load(Ordering::SeqCst) < 2 || c.state_name() != "enabled")
+            && reactor::now_ns() - t0 < 10_000_000_000
+        {
+            reactor::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(c.state_name(), "enabled");
+        util::read(&ch, 0, 1).await.unwrap();
+        drop(ch);
+        drop(desc);
         ctrlr::detach("T0").await.unwrap();
     });
 }
