@@ -5,7 +5,7 @@
 #      same queue depth, O_DIRECT.
 #   3. message ring throughput between two reactors (criterion).
 #   4. the clone bdev: scripts/bench_clone.sh b d (its own table).
-#   5. the data path (issue #12's figures in one table, each beside its
+#   5. the data path (its figures in one table, each beside its
 #      baseline from the same run): scripts/bench_datapath.py p99 - malloc,
 #      delay 0 and a hydrated clone over malloc, and bench_clone's (a) and
 #      (c) rows. NVMe/TCP figures: scripts/bench_nvmf.sh (two free cores).

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""The data path's figures (issue #12), each beside its baseline from the same
+"""The data path's figures, each beside its baseline from the same
 run (run through scripts/bench.sh, or directly after `cargo build --release`):
 
   1. bdevperf 4 KiB randread / randwrite QD32, one core, on a raw malloc bdev

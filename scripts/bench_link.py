@@ -1,5 +1,5 @@
 """f. Hydration over a slow, shared link, with QEMU's peer over the same link
-in the same run (issue #10 item 5; run through `scripts/bench_clone.sh f`).
+in the same run (run through `scripts/bench_clone.sh f`).
 
 The link: a random source file read with a constant delay (2 ms, then
 10 ms) behind a 100 MiB/s limit that hydration and user reads share, as a
