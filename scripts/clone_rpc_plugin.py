@@ -49,11 +49,12 @@ HYDRATION_TUNING = ('hydration_threshold', 'hydration_batch_size', 'hydration_mb
 
 def _add_hydration_tuning(p):
     p.add_argument('--hydration-threshold', type=_non_negative, metavar='N',
-                   help='Regions copied in flight at once (0 pauses background copying; default 1; '
-                        'any value: each reactor keeps at most 256 copies and 64 MiB of copy '
+                   help='Cap on regions copying at once (0 pauses background copying; default '
+                        'no cap: the adaptive window sizes it from the source\'s measured rate '
+                        'and latency; each reactor keeps at most 256 copies and 64 MiB of copy '
                         'buffers in flight)')
     p.add_argument('--hydration-batch-size', type=_non_negative, metavar='N',
-                   help='Contiguous regions per copy: 1 to 65536 (default 1)')
+                   help='Cap on contiguous regions per copy: 1 to 65536 (default 65536, no cap)')
     p.add_argument('--hydration-mbytes-per-sec', type=_non_negative, metavar='N',
                    help='Background copy rate limit in MiB/s: 0 (unlimited, the default) to 1048576')
 
