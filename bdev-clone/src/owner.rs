@@ -392,7 +392,7 @@ pub(crate) fn exec(rc: &Rc<RefCell<Owner>>, o: &mut Owner, c: Command) {
             let (dst, sh, weak) = (o.dst.clone(), o.sh.clone(), Rc::downgrade(rc));
             reactor::spawn_local(async move {
                 let ok = write_zeroes(&dst, &sh, blocks).await;
-                op_finished(&weak, op, ok, true);
+                op_finished(&weak, op, ok);
             });
         }
         Command::DiscardDest { op, blocks, .. } => {
@@ -404,13 +404,7 @@ pub(crate) fn exec(rc: &Rc<RefCell<Owner>>, o: &mut Owner, c: Command) {
             let weak = Rc::downgrade(rc);
             let n = blocks.end - blocks.start;
             o.dst.unmap(blocks.start, n, move |io| {
-                op_finished(&weak, op, io.status.is_success(), true)
-            });
-        }
-        Command::FlushDest { op, .. } => {
-            let weak = Rc::downgrade(rc);
-            o.dst.flush(0, o.sh.geo.source_blocks(), move |io| {
-                op_finished(&weak, op, io.status.is_success(), false)
+                op_finished(&weak, op, io.status.is_success())
             });
         }
         Command::StartCopy { copy, blocks, .. } => start_copy(rc, o, copy, blocks),
@@ -455,10 +449,11 @@ fn apply(weak: &RcWeak<RefCell<Owner>>, f: impl FnOnce(&mut Owner)) {
     run(&rc);
 }
 
-/// An op's completion, from an I/O callback.
-pub(crate) fn op_finished(weak: &RcWeak<RefCell<Owner>>, op: OpId, ok: bool, dest_write: bool) {
+/// A destination write's, write-zeroes' or unmap's completion, from its I/O
+/// callback (a failure counts as a destination error).
+pub(crate) fn op_finished(weak: &RcWeak<RefCell<Owner>>, op: OpId, ok: bool) {
     then_drive(weak, move |o| {
-        if !ok && dest_write {
+        if !ok {
             o.sh.err_dest.fetch_add(1, Ordering::Relaxed);
         }
         o.op_done(op, ok);

@@ -14,7 +14,6 @@
 //! | `ReadSource` / `ReadDest` | read `blocks` of source / destination into the request's buffer at `(blocks.start - offset) * block_size` | `op_done(op, ok)` |
 //! | `WriteDest` | write that part of the buffer to the destination (`fua` passed on) | `op_done` |
 //! | `WriteZeroesDest` / `DiscardDest` | write zeroes / unmap `blocks` on the destination | `op_done` |
-//! | `FlushDest` | flush the destination | `op_done` |
 //! | `StartCopy` | read `blocks` from the source, write them to the destination at the same offsets (zero detection may write zeroes instead) | `copy_done(copy, ok)` |
 //! | `ReadCopy` | read `blocks` (whole regions) from the source once; put its `read` part into the request's buffer at `(read.start - offset) * block_size` and report the op at once (the user does not wait for the destination); then, if the read succeeded, write `blocks` to the destination (zeroes may become write_zeroes) | `op_done(op, ok)` for the read, then `copy_done(copy, ok)` (false at once if the read failed) |
 //! | `Commit` | ask the clone's [`crate::commit::Committer`] for a round that starts after now (it snapshots the dirty units, 1. flushes the destination, 2. writes the units, 3. flushes the metadata bdev, in that order) | `commit_done(commit, ok)` when that round ended (false if any step failed) |
@@ -65,22 +64,22 @@
 //!   without a copy; with passdown the whole-region range goes on to the
 //!   destination. A busy region's discard waits for the copy or overwrite,
 //!   so a late copy can never land on top of a later write.
-//! * Flush: with regions marked hydrated since the last commit a `Commit`
-//!   is emitted and the flush completes after it (the commit flushed the
-//!   destination: no second flush); with nothing changed it goes to the
-//!   destination with no metadata write. FUA writes complete only once a
-//!   commit covering every region marked before they finished is durable.
+//! * Flush: not the router's. The executor sends user flushes to the
+//!   clone's committer (a round started after the flush arrived: the
+//!   destination flush, then the units, if any changed); `submit` refuses
+//!   one as `Invalid`. FUA writes complete only once a commit covering
+//!   every region marked before they finished is durable.
 //! * Commits are one per clone, made by its committer for every router
 //!   (regions are striped over routers, one per reactor, sharing one map):
 //!   a round snapshots the dirty bitmap units when it starts; every bit in
 //!   it belongs to data whose destination write has already completed, so
 //!   the round's destination flush (issued after) makes it durable before
-//!   the bits are written (dm-clone §2 #1, #3). A flush or FUA write that
-//!   finds no dirty unit while a round is in flight still waits for the
-//!   next one: its bits may sit in that round's snapshot.
+//!   the bits are written (dm-clone §2 #1, #3). A FUA write that finds no
+//!   dirty unit while a round is in flight still waits for the next one:
+//!   its bits may sit in that round's snapshot.
 //! * Metadata modes as dm-clone §1.9: a failed commit switches to read-only
 //!   (reads work; writes to hydrated regions work; writes to cold regions,
-//!   and flushes/FUA that would need a commit, fail; discards of cold
+//!   and FUA writes that would need a commit, fail; discards of cold
 //!   ranges are ignored; no hydration). `Failed` fails everything.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -165,9 +164,6 @@ impl Request {
     pub fn discard(id: ReqId, offset_blocks: u64, num_blocks: u64) -> Request {
         Request::new(id, IoKind::Discard, offset_blocks, num_blocks)
     }
-    pub fn flush(id: ReqId) -> Request {
-        Request::new(id, IoKind::Flush, 0, 0)
-    }
     fn blocks(&self) -> Range<u64> {
         self.offset_blocks..self.offset_blocks + self.num_blocks
     }
@@ -188,7 +184,7 @@ pub enum IoError {
     ReadOnly,
     /// Metadata has failed: every request fails.
     MetadataFailed,
-    /// The commit this flush/FUA write waited for failed.
+    /// The commit this FUA write waited for failed.
     CommitFailed,
 }
 
@@ -270,10 +266,6 @@ pub enum Command {
         req: ReqId,
         op: OpId,
         blocks: Range<u64>,
-    },
-    FlushDest {
-        req: ReqId,
-        op: OpId,
     },
     /// A read-triggered copy: read whole cold `regions` (`blocks`) from
     /// the source once; answer the request's part `read` from that data
@@ -433,7 +425,7 @@ struct Part {
 enum Phase {
     /// Doing its I/O.
     Data,
-    /// Waiting for a commit (flush, FUA write).
+    /// Waiting for a commit (FUA write).
     Durability,
 }
 
@@ -666,17 +658,18 @@ impl Router {
 
     // ----- user requests -------------------------------------------------
 
-    /// Route a user request. Invalid ranges complete at once with
+    /// Route a user request. Invalid ranges, and flushes (the committer's:
+    /// see the module documentation), complete at once with
     /// `IoError::Invalid`; a duplicate id is refused.
     pub fn submit(&mut self, req: Request, out: &mut Vec<Command>) -> Result<(), RouterError> {
         if self.reqs.contains_key(&req.id) {
             return Err(RouterError::DuplicateRequest(req.id));
         }
-        let status = if self.mode == MetadataMode::Failed {
+        let status = if req.kind == IoKind::Flush {
+            Some(IoError::Invalid)
+        } else if self.mode == MetadataMode::Failed {
             Some(IoError::MetadataFailed)
-        } else if req.kind != IoKind::Flush
-            && (req.num_blocks == 0 || !self.geo.contains(req.offset_blocks, req.num_blocks))
-        {
+        } else if req.num_blocks == 0 || !self.geo.contains(req.offset_blocks, req.num_blocks) {
             Some(IoError::Invalid)
         } else {
             None
@@ -698,11 +691,7 @@ impl Router {
                 phase: Phase::Data,
             },
         );
-        if req.kind == IoKind::Flush {
-            self.route_flush(req.id, out);
-        } else {
-            self.route(req.id, req.blocks(), None, out);
-        }
+        self.route(req.id, req.blocks(), None, out);
         self.put(req.id, out);
         Ok(())
     }
@@ -726,7 +715,8 @@ impl Router {
             IoKind::Read => self.route_read(id, blocks, out),
             IoKind::Write | IoKind::WriteZeroes => self.route_write(id, blocks, failed, out),
             IoKind::Discard => self.route_discard(id, blocks, out),
-            IoKind::Flush => unreachable!("flushes are not split"),
+            // `submit` refuses flushes; none is ever routed.
+            IoKind::Flush => self.fail(id, IoError::Invalid),
         }
     }
 
@@ -1026,30 +1016,10 @@ impl Router {
         });
     }
 
-    fn route_flush(&mut self, id: ReqId, out: &mut Vec<Command>) {
-        if self.map.has_dirty() || self.commit_pending_elsewhere() {
-            if self.mode != MetadataMode::ReadWrite {
-                self.fail(id, IoError::ReadOnly);
-                return;
-            }
-            // The commit's destination flush is issued after this flush
-            // arrived, so it covers every write completed before it.
-            let c = self.request_commit(out);
-            self.wait_commit(id, c);
-        } else {
-            let op = self.new_op(id, Target::Dest, None);
-            out.push(Command::FlushDest { req: id, op });
-            if let Some(c) = self.commit.as_ref().map(|c| c.id) {
-                // Bits marked before this flush are in the commit in flight.
-                self.wait_commit(id, c);
-            }
-        }
-    }
-
     // ----- completions ---------------------------------------------------
 
     /// A `ReadSource`/`ReadDest`/`WriteDest`/`WriteZeroesDest`/
-    /// `DiscardDest`/`FlushDest` finished.
+    /// `DiscardDest` finished.
     pub fn op_done(
         &mut self,
         op: OpId,
@@ -1172,8 +1142,8 @@ impl Router {
         } else {
             // Uncommitted bits stay in core (their data is on the
             // destination, reads are right) and dirty (the committer put
-            // them back), so every later flush/FUA that needs them fails:
-            // they cannot be made durable.
+            // them back), so every later FUA write (and flush, at the
+            // committer) that needs them fails: they cannot be made durable.
             if self.mode == MetadataMode::ReadWrite {
                 tracing::error!(
                     commit,

@@ -10,7 +10,7 @@ use bdev_clone::metadata;
 use bdev_clone::region_map::REGIONS_PER_UNIT;
 use bdev_clone::router::{
     Command, CommitId, IoError, IoKind, MetadataMode, ReqId, Request, Router, RouterConfig,
-    RouterError, Status,
+    RouterError, Status, Stripes,
 };
 use bdev_clone::{Geometry, RegionMap};
 use common::{source_tag, Sim};
@@ -84,8 +84,11 @@ fn count(trace: &[Command], pred: impl Fn(&Command) -> bool) -> usize {
 fn is_commit(c: &Command) -> bool {
     matches!(c, Command::Commit { .. })
 }
-fn is_flush_dest(c: &Command) -> bool {
-    matches!(c, Command::FlushDest { .. })
+/// Complete a commit round's three steps, in order.
+fn complete_round(s: &mut Sim) {
+    for step in ["commit_dest_flush", "commit_write", "commit_md_flush"] {
+        s.complete_kind(step, true);
+    }
 }
 
 fn hydrated(s: &Sim, r: u64) -> bool {
@@ -422,7 +425,6 @@ fn flush_with_nothing_changed_writes_no_metadata() {
     assert_eq!(s.pending_kinds(), vec!["commit_dest_flush"]);
     drain_ok(&mut s, f);
     assert_eq!(s.md_writes(), 1);
-    assert_eq!(count(&s.trace, is_flush_dest), 0);
 
     // Rewriting the hydrated region + flush: no metadata write.
     s.try_submit(IoKind::Write, 0, 4, false).unwrap();
@@ -462,92 +464,68 @@ fn commit_goes_dest_flush_then_metadata_write_then_metadata_flush() {
 #[test]
 fn commit_snapshot_excludes_regions_hydrated_after_it_was_emitted() {
     // dm-clone §2 #1: bits of the next transaction must not ride along.
-    let g = geo(64);
-    let map = Arc::new(RegionMap::new(g.num_regions()));
     let cfg = RouterConfig {
         hydration_threshold: 2,
         ..RouterConfig::default()
     };
-    let (mut r, mut c) = router_and_committer(g, &map, cfg, 1);
-    let mut out = Vec::new();
-    r.next_background(&mut out); // copies of regions 0 and 1 (batch 1)
-    assert_eq!(out.len(), 2);
-    out.clear();
-    r.copy_done(1, true, &mut out).unwrap(); // region 0 done
-    let round = c.start(&map, true).expect("the periodic round");
-    let units = c.snapshot(&map, &round);
-    assert_eq!(units.len(), 1);
-    assert_eq!(units[0].words[0], 0b01);
+    let mut s = sim(64, cfg);
+    s.background(); // copies of regions 0 and 1 (batch 1)
+    assert_eq!(s.pending_kinds(), vec!["copy", "copy"]);
+    s.complete(0, true); // region 0's
+    assert!(hydrated(&s, 0) && !hydrated(&s, 1));
+    assert!(s.timer(), "the periodic round");
     // Region 1 (same unit) finishes while the round is in flight.
-    r.copy_done(2, true, &mut out).unwrap();
-    assert_eq!(units[0].words[0], 0b01, "the snapshot is unchanged");
-    assert!(map.has_dirty(), "region 1 waits for the next round");
-    // A flush now needs a commit, in a round after the one in flight.
-    r.submit(Request::flush(7), &mut out).unwrap();
-    let Some(Command::Commit { commit }) = out.pop() else {
-        panic!("{out:?}")
-    };
-    assert!(out.is_empty());
-    c.request(commit);
+    s.complete_kind("copy", true);
+    assert!(s.map().has_dirty(), "region 1 waits for the next round");
+    // A flush now needs a round after the one in flight.
+    let f = s.try_submit(IoKind::Flush, 0, 0, false).unwrap();
+    complete_round(&mut s);
+    assert_eq!(s.status_of(f), None, "queued behind the round in flight");
+    let durable = Sim::load_map(&s.geo, s.uuid, s.md_durable());
     assert!(
-        c.start(&map, false).is_none(),
-        "queued behind the round in flight"
+        durable.is_hydrated(0) && !durable.is_hydrated(1),
+        "the snapshot is the map when the round started"
     );
-    assert!(
-        c.finish(&map, round, true).is_empty(),
-        "nobody waited for it"
-    );
-    let round = c.start(&map, false).expect("the flush's round");
-    assert_eq!(c.snapshot(&map, &round)[0].words[0], 0b11);
-    for w in c.finish(&map, round, true) {
-        r.commit_done(w, true, &mut out).unwrap();
-    }
-    assert_eq!(
-        out,
-        vec![Command::Complete {
-            req: 7,
-            status: Status::Success
-        }]
-    );
+    drain_ok(&mut s, f);
+    let durable = Sim::load_map(&s.geo, s.uuid, s.md_durable());
+    assert!(durable.is_hydrated(0) && durable.is_hydrated(1));
+    s.finish();
 }
 
 #[test]
-fn flush_during_a_round_with_nothing_new_waits_for_a_destination_flush() {
-    let g = geo(64);
-    let map = Arc::new(RegionMap::new(g.num_regions()));
-    let (mut r, mut c) = router_and_committer(g, &map, quiet(), 1);
-    let mut out = Vec::new();
-    r.submit(Request::write(1, 0, 8), &mut out).unwrap();
-    r.op_done(1, true, &mut out).unwrap();
-    out.clear();
-    let round = c.start(&map, true).expect("the periodic round");
+fn flush_or_fua_write_during_a_round_with_nothing_new_waits_for_the_next() {
+    let mut s = sim(64, quiet());
+    s.try_submit(IoKind::Write, 0, 8, false).unwrap();
+    s.drain();
+    assert!(s.timer(), "the periodic round");
     // A write to the hydrated region completes after the round's
     // destination flush was issued; a flush now must cover it.
-    r.submit(Request::write(2, 0, 1), &mut out).unwrap();
-    r.op_done(2, true, &mut out).unwrap();
-    out.clear();
-    r.submit(Request::flush(3), &mut out).unwrap();
-    let Some(Command::Commit { commit }) = out.pop() else {
-        panic!("{out:?}: nothing dirty, but a round in flight may hold its bits")
-    };
-    assert!(out.is_empty());
-    c.request(commit);
-    assert!(c.finish(&map, round, true).is_empty());
-    let round = c.start(&map, false).expect("the flush's round");
-    assert!(
-        round.dirty.is_empty(),
-        "nothing new: the round is a destination flush only"
-    );
-    for w in c.finish(&map, round, true) {
-        r.commit_done(w, true, &mut out).unwrap();
-    }
+    let w = s.try_submit(IoKind::Write, 0, 1, false).unwrap();
+    s.complete_kind("write_dest", true);
+    assert_eq!(s.status_of(w), Some(Status::Success));
+    assert!(!s.map().has_dirty());
+    let f = s.try_submit(IoKind::Flush, 0, 0, false).unwrap();
+    // A FUA write finding no dirty unit: the round in flight may hold the
+    // bit of the region it relies on, so it asks for the next one too.
+    let fua = s.try_submit(IoKind::Write, 1, 1, true).unwrap();
+    s.complete_kind("write_dest", true);
+    complete_round(&mut s);
+    assert_eq!((s.status_of(f), s.status_of(fua)), (None, None));
     assert_eq!(
-        out,
-        vec![Command::Complete {
-            req: 3,
-            status: Status::Success
-        }]
+        s.pending_kinds(),
+        vec!["commit_dest_flush"],
+        "nothing new: the next round is a destination flush only"
     );
+    let md_writes = s.md_writes();
+    s.complete_kind("commit_dest_flush", true);
+    assert_eq!(s.status_of(f), Some(Status::Success));
+    assert_eq!(s.status_of(fua), Some(Status::Success));
+    assert_eq!(s.md_writes(), md_writes);
+    // Power loss now: the write before the flush must be there.
+    let mut after = s.crash_and_restart(quiet(), 5);
+    let r = after.try_submit(IoKind::Read, 0, 8, false).unwrap();
+    drain_ok(&mut after, r);
+    after.finish();
 }
 
 #[test]
@@ -808,27 +786,25 @@ fn a_failed_commit_switches_to_read_only() {
 }
 
 #[test]
-fn read_only_from_the_start_allows_flushes_with_nothing_to_commit() {
-    let g = geo(32);
-    let map = Arc::new(RegionMap::new(g.num_regions()));
-    map.set(0);
-    map.take_dirty();
-    let mut r = router(g, map, quiet(), MetadataMode::ReadOnly);
-    let mut out = Vec::new();
-    r.submit(Request::flush(1), &mut out).unwrap();
-    assert!(matches!(out[0], Command::FlushDest { .. }));
-    out.clear();
-    r.submit(Request::write(2, 0, 8), &mut out).unwrap();
-    assert!(matches!(out[0], Command::WriteDest { .. }));
-    out.clear();
-    r.submit(Request::write(3, 8, 8), &mut out).unwrap();
-    assert_eq!(
-        out,
-        vec![Command::Complete {
-            req: 3,
-            status: Status::Error(IoError::ReadOnly)
-        }]
-    );
+fn read_only_mode_allows_flushes_with_nothing_to_commit() {
+    let mut s = sim(32, quiet());
+    s.try_submit(IoKind::Write, 0, 8, false).unwrap();
+    s.drain();
+    let f = s.try_submit(IoKind::Flush, 0, 0, false).unwrap();
+    drain_ok(&mut s, f);
+    s.routers[0].set_read_only();
+    assert_eq!(s.mode(), MetadataMode::ReadOnly);
+    let md_writes = s.md_writes();
+    let f = s.try_submit(IoKind::Flush, 0, 0, false).unwrap();
+    assert_eq!(s.pending_kinds(), vec!["commit_dest_flush"]);
+    drain_ok(&mut s, f);
+    assert_eq!(s.md_writes(), md_writes);
+    let w = s.try_submit(IoKind::Write, 0, 8, false).unwrap();
+    assert_eq!(s.pending_kinds(), vec!["write_dest"]);
+    drain_ok(&mut s, w);
+    let w = s.try_submit(IoKind::Write, 8, 8, false).unwrap();
+    assert_eq!(s.status_of(w), Some(Status::Error(IoError::ReadOnly)));
+    s.finish();
 }
 
 #[test]
@@ -882,6 +858,8 @@ fn invalid_and_duplicate_requests() {
         Request::read(1, 30, 3),
         Request::write(2, 0, 0),
         Request::discard(3, u64::MAX, 2),
+        // Flushes are the committer's.
+        Request::new(4, IoKind::Flush, 0, 0),
     ]
     .into_iter()
     .enumerate()
@@ -943,42 +921,26 @@ fn crash_after_flush_keeps_the_write_and_before_commit_reads_the_source() {
 
 #[test]
 fn metadata_failing_during_a_commit_fails_requests_waiting_for_the_next() {
-    let g = geo(64);
-    let map = Arc::new(RegionMap::new(g.num_regions()));
-    let (mut r, mut c) = router_and_committer(g, &map, quiet(), 1);
-    let mut out = Vec::new();
-    r.submit(Request::write(1, 0, 8), &mut out).unwrap();
-    r.op_done(1, true, &mut out).unwrap();
-    out.clear();
-    r.submit(Request::flush(2), &mut out).unwrap(); // commit 1
-    let Some(Command::Commit { commit }) = out.pop() else {
-        panic!("{out:?}")
-    };
-    c.request(commit);
-    let round = c.start(&map, false).unwrap();
-    r.submit(Request::write(3, 8, 8), &mut out).unwrap();
-    r.op_done(2, true, &mut out).unwrap();
-    out.clear();
-    r.submit(Request::flush(4), &mut out).unwrap(); // needs commit 2
-    assert!(out.is_empty(), "behind commit 1");
-    r.set_failed();
-    for w in c.finish(&map, round, true) {
-        r.commit_done(w, true, &mut out).unwrap();
-    }
+    let mut s = sim(64, quiet());
+    let w1 = s.try_submit(IoKind::Write, 0, 8, true).unwrap();
+    s.complete_kind("write_dest", true);
+    assert_eq!(s.pending_kinds(), vec!["commit_dest_flush"], "w1's round");
+    // Region 1 marked while that round is in flight: a FUA write and a
+    // flush need the next round.
+    let w2 = s.try_submit(IoKind::Write, 8, 8, true).unwrap();
+    s.complete_kind("write_dest", true);
+    let f = s.try_submit(IoKind::Flush, 0, 0, false).unwrap();
+    assert_eq!(s.pending_kinds(), vec!["commit_dest_flush"], "behind w1's");
+    s.routers[0].set_failed();
+    complete_round(&mut s);
+    assert_eq!(s.status_of(w1), Some(Status::Success));
     assert_eq!(
-        out,
-        vec![
-            Command::Complete {
-                req: 2,
-                status: Status::Success
-            },
-            Command::Complete {
-                req: 4,
-                status: Status::Error(IoError::MetadataFailed)
-            }
-        ]
+        s.status_of(w2),
+        Some(Status::Error(IoError::MetadataFailed))
     );
-    assert!(r.is_idle());
+    assert_eq!(s.status_of(f), Some(Status::Error(IoError::CommitFailed)));
+    assert_eq!(s.in_flight(), 0, "no round in failed mode");
+    assert!(s.routers[0].is_idle());
 }
 
 /// Striped ownership: two routers over one map each copy only their own
@@ -1018,61 +980,31 @@ fn striped_routers_copy_only_their_stripes() {
     );
 }
 
-/// Two striped routers and their committer: a router takes no snapshot,
-/// and a flush on one router asks for a commit while a round holding the
-/// other's bits is in flight, though nothing is dirty.
+/// Two striped routers and their committer: a round one router asked for
+/// takes the other's bits too, so a FUA write on the other that finds
+/// nothing dirty still waits for the next round.
 #[test]
 fn routers_share_the_committers_rounds() {
-    let g = geo(8 * 256);
-    let map = Arc::new(RegionMap::new(g.num_regions()));
-    let (mut r0, mut c) = router_and_committer(g, &map, quiet(), 1);
-    r0.set_stripe(64, 0, 2);
-    let mut r1 = Router::new(
-        g,
-        map.clone(),
-        quiet(),
-        MetadataMode::ReadWrite,
-        c.rounds().clone(),
-    )
-    .unwrap();
-    r1.set_stripe(64, 1, 2);
-    let mut out = Vec::new();
-    r0.submit(Request::write(1, 0, 8), &mut out).unwrap();
-    r0.op_done(1, true, &mut out).unwrap();
-    out.clear();
-    r0.submit(Request::flush(2), &mut out).unwrap();
-    let Some(Command::Commit { commit }) = out.pop() else {
-        panic!("{out:?}")
+    let stripes = Stripes {
+        regions: 64,
+        owners: 2,
     };
-    assert!(map.has_dirty(), "the dirty units stay for the committer");
-    c.request(commit);
-    let round = c.start(&map, false).unwrap();
-    assert!(!map.has_dirty());
-    r1.submit(Request::flush(1), &mut out).unwrap();
-    let Some(Command::Commit { commit: c1 }) = out.pop() else {
-        panic!("{out:?}: router 1 must wait for a round after the one in flight")
-    };
-    c.request(c1);
-    for w in c.finish(&map, round, true) {
-        r0.commit_done(w, true, &mut out).unwrap();
-    }
-    assert_eq!(
-        out,
-        vec![Command::Complete {
-            req: 2,
-            status: Status::Success
-        }]
-    );
-    out.clear();
-    let round = c.start(&map, false).unwrap();
-    for w in c.finish(&map, round, true) {
-        r1.commit_done(w, true, &mut out).unwrap();
-    }
-    assert_eq!(
-        out,
-        vec![Command::Complete {
-            req: 1,
-            status: Status::Success
-        }]
-    );
+    let mut s = Sim::with_shape(geo(8 * 256), quiet(), stripes, 1, 42);
+    // Region 64 (router 1's) marked, not committed.
+    s.try_submit(IoKind::Write, 8 * 64, 8, false).unwrap();
+    s.drain();
+    // Router 0's FUA write asks for a round: it takes unit 0, both bits.
+    let w0 = s.try_submit(IoKind::Write, 0, 8, true).unwrap();
+    s.complete_kind("write_dest", true);
+    assert_eq!(s.pending_kinds(), vec!["commit_dest_flush"]);
+    assert!(!s.map().has_dirty());
+    let w1 = s.try_submit(IoKind::Write, 8 * 64 + 1, 1, true).unwrap();
+    s.complete_kind("write_dest", true);
+    assert_eq!(s.status_of(w1), None, "its bit may sit in router 0's round");
+    complete_round(&mut s);
+    assert_eq!(s.status_of(w0), Some(Status::Success));
+    assert_eq!(s.status_of(w1), None);
+    assert_eq!(s.pending_kinds(), vec!["commit_dest_flush"], "its round");
+    drain_ok(&mut s, w1);
+    s.finish();
 }

@@ -99,7 +99,6 @@ struct Part {
 enum Pending {
     User {
         cmd: Command,
-        epoch: u64,
         owner: usize,
     },
     Copy {
@@ -167,7 +166,6 @@ pub struct SimStats {
     pub copies: u64,
     pub read_copies: u64,
     pub commits_issued: u64,
-    pub flush_dest: u64,
 }
 
 pub struct Sim {
@@ -809,14 +807,7 @@ impl Sim {
                                 );
                             }
                         }
-                        if matches!(cmd, Command::FlushDest { .. }) {
-                            self.stats.flush_dest += 1;
-                        }
-                        self.pending.push(Pending::User {
-                            cmd,
-                            epoch: self.dest_seq,
-                            owner,
-                        });
+                        self.pending.push(Pending::User { cmd, owner });
                     }
                 }
             }
@@ -874,7 +865,7 @@ impl Sim {
         let p = self.pending.swap_remove(i);
         let mut out = std::mem::take(&mut self.out);
         let owner = match p {
-            Pending::User { cmd, epoch, owner } => {
+            Pending::User { cmd, owner } => {
                 let r = &mut self.routers[owner];
                 match (matches!(cmd, Command::ReadDest { .. }), cmd) {
                     (
@@ -920,12 +911,6 @@ impl Sim {
                     (_, Command::DiscardDest { op, blocks, .. }) => {
                         if ok || self.rng.chance(128) {
                             self.dest_write(blocks, |b| DISCARDED | b, false);
-                        }
-                        self.routers[owner].op_done(op, ok, &mut out).unwrap();
-                    }
-                    (_, Command::FlushDest { op, .. }) => {
-                        if ok {
-                            self.dest_flush(epoch);
                         }
                         self.routers[owner].op_done(op, ok, &mut out).unwrap();
                     }
@@ -1337,7 +1322,6 @@ impl Sim {
                     Command::WriteDest { .. } => "write_dest",
                     Command::WriteZeroesDest { .. } => "write_zeroes_dest",
                     Command::DiscardDest { .. } => "discard_dest",
-                    Command::FlushDest { .. } => "flush_dest",
                     _ => "other",
                 },
                 Pending::Copy { .. } => "copy",
