@@ -196,7 +196,6 @@ pub(crate) async fn write_superblock(
     slots: &[u32],
 ) -> Result<(), CloneError> {
     let mdbs = md.bdev().block_size() as u64;
-    let nblocks_dev = md.bdev().num_blocks();
     for &slot in slots {
         let img = metadata::encode_superblock(sb, slot);
         let mut buf = DmaBuf::new(img.len());
@@ -204,11 +203,16 @@ pub(crate) async fn write_superblock(
         util::write(md, metadata::superblock_offset(slot) / mdbs, buf, false)
             .await
             .map_err(|s| io_err("metadata superblock write", s))?;
-        util::simple(md, IoType::Flush, 0, nblocks_dev)
-            .await
-            .map_err(|s| io_err("metadata flush", s))?;
+        flush_metadata(md).await?;
     }
     Ok(())
+}
+
+/// Flush the whole metadata bdev.
+async fn flush_metadata(md: &IoChannel) -> Result<(), CloneError> {
+    util::simple(md, IoType::Flush, 0, md.bdev().num_blocks())
+        .await
+        .map_err(|s| io_err("metadata flush", s))
 }
 
 /// Write every unit of `map` (version 2, bound to `uuid`) and flush.
@@ -243,10 +247,7 @@ pub(crate) async fn write_all_units(
         buf = io.buf.take();
         first += n;
     }
-    util::simple(md, IoType::Flush, 0, md.bdev().num_blocks())
-        .await
-        .map_err(|s| io_err("metadata flush", s))?;
-    Ok(())
+    flush_metadata(md).await
 }
 
 /// Format: a superblock saying "formatting" in both slots, every unit

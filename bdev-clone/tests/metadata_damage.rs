@@ -39,6 +39,13 @@ async fn stack(p: &str, md_bs: u32, src_seed: u64) -> Vec<u8> {
     data
 }
 
+/// A second destination and metadata, `{p}D2` and `{p}M2`, for another
+/// clone of the same source.
+fn spare_bases(p: &str) {
+    mk_malloc(&format!("{p}D2"), BS as u32, BLOCKS);
+    mk_malloc(&format!("{p}M2"), 512, 128);
+}
+
 fn opts(name: &str, s: &str, d: &str, m: &str) -> CreateOpts {
     let mut o = CreateOpts::new(name, s, d, m);
     o.no_hydration = true;
@@ -120,8 +127,7 @@ fn one_zeroed_superblock_block_loses_nothing() {
 fn clones_of_one_source_have_their_own_identity() {
     run_on_reactor(0x1, || async {
         let src = stack("i", 512, 3).await;
-        mk_malloc("iD2", BS as u32, BLOCKS);
-        mk_malloc("iM2", 512, 128);
+        spare_bases("i");
         let a = create(opts("iA", "iS", "iD", "iM")).await.unwrap();
         let b = create(opts("iB", "iS", "iD2", "iM2")).await.unwrap();
         let (ua, ub) = (a.uuid(), b.uuid());
@@ -167,8 +173,7 @@ fn clones_of_one_source_have_their_own_identity() {
 fn released_clone_restarts_without_its_source() {
     run_on_reactor(0x1, || async {
         let src = stack("r", 512, 6).await;
-        mk_malloc("rD2", BS as u32, BLOCKS);
-        mk_malloc("rM2", 512, 128);
+        spare_bases("r");
         let mut o = CreateOpts::new("rC", "rS", "rD", "rM");
         o.hydration_threshold = 64;
         let c = create(o).await.unwrap();

@@ -1,6 +1,7 @@
 //! Targeted router tests, one or more per dm-clone bug class
 //! (dm-clone.md §1.4-1.9, §2) and per routing rule.
 
+#[macro_use]
 mod common;
 
 use std::sync::Arc;
@@ -9,8 +10,8 @@ use bdev_clone::commit::{CommitRounds, Committer};
 use bdev_clone::metadata;
 use bdev_clone::region_map::REGIONS_PER_UNIT;
 use bdev_clone::router::{
-    Command, CommitId, IoError, IoKind, MetadataMode, ReqId, Request, Router, RouterConfig,
-    RouterError, Status, Stripes,
+    Command, CommitId, IoError, IoKind, MetadataMode, Request, Router, RouterConfig, RouterError,
+    Status, Stripes,
 };
 use bdev_clone::{Geometry, RegionMap};
 use common::{source_tag, Sim};
@@ -56,25 +57,6 @@ fn sim(blocks: u64, cfg: RouterConfig) -> Sim {
     let mut s = Sim::new(geo(blocks), cfg, 42);
     s.keep_trace = true;
     s
-}
-
-/// Run the simulation until nothing is left; request `id` succeeded.
-fn drain_ok(s: &mut Sim, id: ReqId) {
-    s.drain();
-    assert_eq!(s.status_of(id), Some(Status::Success));
-}
-
-/// The `field` of every `Variant` command in a trace, in order.
-macro_rules! picked {
-    ($trace:expr, $variant:ident . $field:ident) => {
-        $trace
-            .iter()
-            .filter_map(|c| match c {
-                Command::$variant { $field, .. } => Some($field.clone()),
-                _ => None,
-            })
-            .collect::<Vec<_>>()
-    };
 }
 
 fn count(trace: &[Command], pred: impl Fn(&Command) -> bool) -> usize {
@@ -140,7 +122,7 @@ fn discard_starting_and_ending_inside_regions_touches_only_whole_regions() {
         count(&s.trace, |c| matches!(c, Command::StartCopy { .. })),
         0
     );
-    drain_ok(&mut s, id);
+    s.drain_ok(id);
     // The partial blocks still read the writes (checked against the model).
     s.finish();
 }
@@ -151,7 +133,7 @@ fn discard_of_the_whole_device_marks_the_partial_tail_region() {
     let mut s = sim(21, quiet());
     let id = s.try_submit(IoKind::Discard, 0, 21, false).unwrap();
     assert!(s.map().is_complete(), "tail region discarded too");
-    drain_ok(&mut s, id);
+    s.drain_ok(id);
     let passed = picked!(s.trace, DiscardDest.blocks);
     assert_eq!(passed, vec![0..21]);
     // A discard of the tail region alone, ending at the device end.
@@ -396,7 +378,7 @@ fn discard_of_a_region_whose_copy_fails_still_marks_it() {
     s.complete_kind("copy", false);
     // The copy failed, the region is still cold: the discard marks it.
     assert!(hydrated(&s, 0));
-    drain_ok(&mut s, d);
+    s.drain_ok(d);
     s.finish();
 }
 
@@ -411,7 +393,7 @@ fn flush_with_nothing_changed_writes_no_metadata() {
     // A flush is the committer's: a round that is a destination flush.
     let f = s.try_submit(IoKind::Flush, 0, 0, false).unwrap();
     assert_eq!(s.pending_kinds(), vec!["commit_dest_flush"]);
-    drain_ok(&mut s, f);
+    s.drain_ok(f);
     assert_eq!(s.md_writes(), 0);
     // The periodic commit has nothing to do.
     assert!(!s.timer());
@@ -423,7 +405,7 @@ fn flush_with_nothing_changed_writes_no_metadata() {
     s.trace.clear();
     let f = s.try_submit(IoKind::Flush, 0, 0, false).unwrap();
     assert_eq!(s.pending_kinds(), vec!["commit_dest_flush"]);
-    drain_ok(&mut s, f);
+    s.drain_ok(f);
     assert_eq!(s.md_writes(), 1);
 
     // Rewriting the hydrated region + flush: no metadata write.
@@ -486,7 +468,7 @@ fn commit_snapshot_excludes_regions_hydrated_after_it_was_emitted() {
         durable.is_hydrated(0) && !durable.is_hydrated(1),
         "the snapshot is the map when the round started"
     );
-    drain_ok(&mut s, f);
+    s.drain_ok(f);
     let durable = Sim::load_map(&s.geo, s.uuid, s.md_durable());
     assert!(durable.is_hydrated(0) && durable.is_hydrated(1));
     s.finish();
@@ -524,7 +506,7 @@ fn flush_or_fua_write_during_a_round_with_nothing_new_waits_for_the_next() {
     // Power loss now: the write before the flush must be there.
     let mut after = s.crash_and_restart(quiet(), 5);
     let r = after.try_submit(IoKind::Read, 0, 8, false).unwrap();
-    drain_ok(&mut after, r);
+    after.drain_ok(r);
     after.finish();
 }
 
@@ -539,11 +521,11 @@ fn fua_write_completes_after_the_commit() {
     s.complete_kind("write_dest", true);
     assert_eq!(s.status_of(w), None);
     assert_eq!(s.pending_kinds(), vec!["commit_dest_flush"]);
-    drain_ok(&mut s, w);
+    s.drain_ok(w);
     // FUA to a hydrated region with nothing to commit: no commit.
     s.trace.clear();
     let w = s.try_submit(IoKind::Write, 1, 1, true).unwrap();
-    drain_ok(&mut s, w);
+    s.drain_ok(w);
     assert_eq!(count(&s.trace, is_commit), 0);
     s.finish();
 }
@@ -579,7 +561,7 @@ fn whole_region_writes_skip_the_copy_and_serialise_later_writers() {
     assert!(!hydrated(&s, 1), "marked only when the write completes");
     s.complete_kind("write_dest", true);
     assert!(hydrated(&s, 1) && hydrated(&s, 2) && hydrated(&s, 3));
-    drain_ok(&mut s, w);
+    s.drain_ok(w);
     s.finish();
 }
 
@@ -651,7 +633,7 @@ fn source_read_errors_fail_only_the_reads_that_need_the_source() {
     s.drain();
     assert_eq!(s.status_of(r1), Some(Status::Error(IoError::SourceIo)));
     let r2 = s.try_submit(IoKind::Read, 0, 8, false).unwrap();
-    drain_ok(&mut s, r2);
+    s.drain_ok(r2);
 }
 
 // ----- background hydration -------------------------------------------------
@@ -761,10 +743,10 @@ fn a_failed_commit_switches_to_read_only() {
     assert_eq!(s.mode(), MetadataMode::ReadOnly);
     // Reads work (hydrated from dest, cold from source).
     let r = s.try_submit(IoKind::Read, 0, 16, false).unwrap();
-    drain_ok(&mut s, r);
+    s.drain_ok(r);
     // Writes to hydrated regions work, to cold regions fail.
     let w = s.try_submit(IoKind::Write, 1, 2, false).unwrap();
-    drain_ok(&mut s, w);
+    s.drain_ok(w);
     let w = s.try_submit(IoKind::Write, 9, 2, false).unwrap();
     assert_eq!(s.status_of(w), Some(Status::Error(IoError::ReadOnly)));
     let w = s.try_submit(IoKind::Write, 8, 8, false).unwrap();
@@ -791,17 +773,17 @@ fn read_only_mode_allows_flushes_with_nothing_to_commit() {
     s.try_submit(IoKind::Write, 0, 8, false).unwrap();
     s.drain();
     let f = s.try_submit(IoKind::Flush, 0, 0, false).unwrap();
-    drain_ok(&mut s, f);
+    s.drain_ok(f);
     s.routers[0].set_read_only();
     assert_eq!(s.mode(), MetadataMode::ReadOnly);
     let md_writes = s.md_writes();
     let f = s.try_submit(IoKind::Flush, 0, 0, false).unwrap();
     assert_eq!(s.pending_kinds(), vec!["commit_dest_flush"]);
-    drain_ok(&mut s, f);
+    s.drain_ok(f);
     assert_eq!(s.md_writes(), md_writes);
     let w = s.try_submit(IoKind::Write, 0, 8, false).unwrap();
     assert_eq!(s.pending_kinds(), vec!["write_dest"]);
-    drain_ok(&mut s, w);
+    s.drain_ok(w);
     let w = s.try_submit(IoKind::Write, 8, 8, false).unwrap();
     assert_eq!(s.status_of(w), Some(Status::Error(IoError::ReadOnly)));
     s.finish();
@@ -1005,6 +987,6 @@ fn routers_share_the_committers_rounds() {
     assert_eq!(s.status_of(w0), Some(Status::Success));
     assert_eq!(s.status_of(w1), None);
     assert_eq!(s.pending_kinds(), vec!["commit_dest_flush"], "its round");
-    drain_ok(&mut s, w1);
+    s.drain_ok(w1);
     s.finish();
 }

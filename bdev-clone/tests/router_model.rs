@@ -58,55 +58,41 @@ struct Setup {
     overlap: bool,
 }
 
-fn setup() -> impl Strategy<Value = Setup> {
-    (
-        prop_oneof![
+prop_compose! {
+    fn setup()(
+        shape in prop_oneof![
             Just((512u32, 4096u64)),
             Just((512, 8192)),
             Just((4096, 4096)),
             Just((4096, 16384)),
         ],
-        1u64..300,
-        0u64..5,
-        1u64..4,
-        any::<bool>(),
-        any::<bool>(),
-        prop_oneof![Just(1u32), Just(8)],
-        (1u64..4, prop_oneof![Just(1u64), Just(2), Just(64)]),
-        any::<bool>(),
-        any::<u64>(),
-        prop_oneof![Just(0u64), Just(1), Just(3), Just(u64::MAX)],
-        any::<bool>(),
-    )
-        .prop_map(
-            |(
-                shape,
-                source_blocks,
-                threshold,
-                batch,
-                passdown,
-                copy_on_read,
-                md,
-                stripes,
-                failures,
-                seed,
-                read_budget,
-                overlap,
-            )| Setup {
-                shape,
-                source_blocks,
-                threshold,
-                batch,
-                passdown,
-                copy_on_read,
-                md_units_per_block: md,
-                stripes,
-                failures,
-                seed,
-                read_budget,
-                overlap,
-            },
-        )
+        source_blocks in 1u64..300,
+        threshold in 0u64..5,
+        batch in 1u64..4,
+        passdown in any::<bool>(),
+        copy_on_read in any::<bool>(),
+        md_units_per_block in prop_oneof![Just(1u32), Just(8)],
+        stripes in (1u64..4, prop_oneof![Just(1u64), Just(2), Just(64)]),
+        failures in any::<bool>(),
+        seed in any::<u64>(),
+        read_budget in prop_oneof![Just(0u64), Just(1), Just(3), Just(u64::MAX)],
+        overlap in any::<bool>(),
+    ) -> Setup {
+        Setup {
+            shape,
+            source_blocks,
+            threshold,
+            batch,
+            passdown,
+            copy_on_read,
+            md_units_per_block,
+            stripes,
+            failures,
+            seed,
+            read_budget,
+            overlap,
+        }
+    }
 }
 
 fn config(s: &Setup) -> RouterConfig {

@@ -3,6 +3,7 @@
 //! write acknowledged meanwhile is ever overwritten by source data. And the
 //! hydrator's preference for regions near recent reads.
 
+#[macro_use]
 mod common;
 
 use bdev_clone::router::{Command, IoError, IoKind, RouterConfig, Status};
@@ -32,23 +33,11 @@ fn sim(blocks: u64, cfg: RouterConfig, budget: u64) -> Sim {
 }
 
 fn read_copies(s: &Sim) -> Vec<std::ops::Range<u64>> {
-    s.trace
-        .iter()
-        .filter_map(|c| match c {
-            Command::ReadCopy { regions, .. } => Some(regions.clone()),
-            _ => None,
-        })
-        .collect()
+    picked!(s.trace, ReadCopy.regions)
 }
 
 fn source_reads(s: &Sim) -> Vec<std::ops::Range<u64>> {
-    s.trace
-        .iter()
-        .filter_map(|c| match c {
-            Command::ReadSource { blocks, .. } => Some(blocks.clone()),
-            _ => None,
-        })
-        .collect()
+    picked!(s.trace, ReadSource.blocks)
 }
 
 fn sources(blocks: std::ops::Range<u64>) -> Vec<u64> {
@@ -93,8 +82,7 @@ fn a_read_over_several_cold_regions_is_one_copy_per_idle_run() {
     // destination; region 6 (busy) the source.
     assert_eq!(read_copies(&s), vec![0..3, 4..6, 7..8]);
     assert_eq!(source_reads(&s), vec![48..56]);
-    s.drain();
-    assert_eq!(s.status_of(id), Some(Status::Success));
+    s.drain_ok(id);
     for r in 0..8 {
         assert!(s.map().is_hydrated(r), "region {r}");
     }
@@ -156,8 +144,7 @@ fn a_partial_write_waits_behind_a_read_copy_and_the_read_returns_the_source() {
     assert!(s.map().is_hydrated(1));
     // Now on a hydrated region: straight to the destination.
     assert_eq!(s.pending_kinds(), vec!["write_dest"]);
-    s.drain();
-    assert_eq!(s.status_of(wr), Some(Status::Success));
+    s.drain_ok(wr);
     let back = s.try_submit(IoKind::Read, 8, 8, false).unwrap();
     s.drain();
     let tag = 0x1000_0000_0000 + wr;
@@ -192,8 +179,7 @@ fn whole_region_writes_and_discards_racing_a_read_copy_are_never_overwritten() {
                 0,
                 "{kind:?} went ahead of the read copy"
             );
-            s.drain();
-            assert_eq!(s.status_of(w), Some(Status::Success));
+            s.drain_ok(w);
             assert_eq!(s.status_of(rd), Some(Status::Success));
             assert_eq!(s.read_results[&rd], sources(16..24));
             // Then a write acknowledged after the racing one: still there.
@@ -248,8 +234,7 @@ fn a_read_copy_is_durable_after_a_flush_and_survives_a_crash() {
     s.drain();
     assert!(s.map().is_hydrated(5));
     let f = s.try_submit(IoKind::Flush, 0, 0, false).unwrap();
-    s.drain();
-    assert_eq!(s.status_of(f), Some(Status::Success));
+    s.drain_ok(f);
     let mut after = s.crash_and_restart(cor(), 9);
     assert!(after.map().is_hydrated(5), "the flushed hydration was lost");
     after.check();

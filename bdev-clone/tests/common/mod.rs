@@ -23,7 +23,21 @@
 //! normally one value; a failed write adds its value; `None` = anything,
 //! after a discard), and for crashes the value made durable by the last
 //! flush/FUA (`stable`) plus every write since (`since`).
-#![allow(dead_code)]
+#![allow(dead_code, unused_macros)]
+
+/// The `field` of every `Variant` command in a trace, in order (use with
+/// `#[macro_use] mod common;`).
+macro_rules! picked {
+    ($trace:expr, $variant:ident . $field:ident) => {
+        $trace
+            .iter()
+            .filter_map(|c| match c {
+                Command::$variant { $field, .. } => Some($field.clone()),
+                _ => None,
+            })
+            .collect::<Vec<_>>()
+    };
+}
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -95,6 +109,18 @@ struct Part {
     owner: usize,
 }
 
+/// A read-triggered copy's source read (its destination write is a `Copy`
+/// once it is in).
+#[derive(Debug)]
+struct ReadCopy {
+    req: ReqId,
+    op: u64,
+    read: std::ops::Range<u64>,
+    copy: u64,
+    blocks: std::ops::Range<u64>,
+    owner: usize,
+}
+
 #[derive(Debug)]
 enum Pending {
     User {
@@ -106,16 +132,7 @@ enum Pending {
         blocks: std::ops::Range<u64>,
         owner: usize,
     },
-    /// A read-triggered copy's source read (its destination write is a
-    /// `Copy` once it is in).
-    ReadCopy {
-        req: ReqId,
-        op: u64,
-        read: std::ops::Range<u64>,
-        copy: u64,
-        blocks: std::ops::Range<u64>,
-        owner: usize,
-    },
+    ReadCopy(ReadCopy),
     CommitDestFlush {
         round: Round,
         units: Vec<UnitImage>,
@@ -690,9 +707,8 @@ impl Sim {
         let regions = region_blocks_of(&self.geo, blocks);
         for p in &self.pending {
             let (other, other_exclusive) = match p {
-                Pending::Copy { blocks, .. } | Pending::ReadCopy { blocks, .. } => {
-                    (blocks.clone(), true)
-                }
+                Pending::Copy { blocks, .. } => (blocks.clone(), true),
+                Pending::ReadCopy(rc) => (rc.blocks.clone(), true),
                 Pending::User {
                     cmd:
                         Command::WriteDest { blocks, .. }
@@ -773,14 +789,14 @@ impl Sim {
                             "read {read:?} outside its copy {blocks:?}"
                         );
                         self.stats.read_copies += 1;
-                        self.pending.push(Pending::ReadCopy {
+                        self.pending.push(Pending::ReadCopy(ReadCopy {
                             req,
                             op,
                             read,
                             copy,
                             blocks,
                             owner,
-                        });
+                        }));
                     }
                     cmd => {
                         let blocks = match &cmd {
@@ -930,36 +946,28 @@ impl Sim {
                 self.routers[owner].copy_done(copy, ok, &mut out).unwrap();
                 Some(owner)
             }
-            Pending::ReadCopy {
-                req,
-                op,
-                read,
-                copy,
-                blocks,
-                owner,
-            } => {
+            Pending::ReadCopy(rc) => {
                 // The user's part is answered from the source data as soon
                 // as it is in; the destination write follows.
                 if ok {
-                    let user = self.parts[&req].user;
+                    let user = self.parts[&rc.req].user;
                     let u = self.reqs.get_mut(&user).expect("read of a live request");
-                    for b in read {
+                    for b in rc.read {
                         u.buf[(b - u.req.offset_blocks) as usize] = Some(self.source[b as usize]);
                     }
                 }
-                self.routers[owner].op_done(op, ok, &mut out).unwrap();
+                let r = &mut self.routers[rc.owner];
+                r.op_done(rc.op, ok, &mut out).unwrap();
                 if ok {
                     self.pending.push(Pending::Copy {
-                        copy,
-                        blocks,
-                        owner,
+                        copy: rc.copy,
+                        blocks: rc.blocks,
+                        owner: rc.owner,
                     });
                 } else {
-                    self.routers[owner]
-                        .copy_done(copy, false, &mut out)
-                        .unwrap();
+                    r.copy_done(rc.copy, false, &mut out).unwrap();
                 }
-                Some(owner)
+                Some(rc.owner)
             }
             Pending::CommitDestFlush {
                 round,
@@ -1024,7 +1032,7 @@ impl Sim {
                 Command::ReadSource { .. } => self.fail_source,
                 _ => self.fail_dest,
             },
-            Pending::Copy { .. } | Pending::ReadCopy { .. } => self.fail_source,
+            Pending::Copy { .. } | Pending::ReadCopy(_) => self.fail_source,
             _ => self.fail_commit,
         };
         !self.rng.chance(rate)
@@ -1325,7 +1333,7 @@ impl Sim {
                     _ => "other",
                 },
                 Pending::Copy { .. } => "copy",
-                Pending::ReadCopy { .. } => "read_copy",
+                Pending::ReadCopy(_) => "read_copy",
                 Pending::CommitDestFlush { .. } => "commit_dest_flush",
                 Pending::CommitWrite { .. } => "commit_write",
                 Pending::CommitMdFlush { .. } => "commit_md_flush",
@@ -1345,6 +1353,12 @@ impl Sim {
             .unwrap_or_else(|| panic!("no pending {kind}: {:?}", self.pending_kinds()));
         self.complete(i, ok);
         self.check();
+    }
+
+    /// Complete everything in flight; request `id` succeeded.
+    pub fn drain_ok(&mut self, id: ReqId) {
+        self.drain();
+        assert_eq!(self.status_of(id), Some(Status::Success));
     }
 
     pub fn status_of(&self, id: ReqId) -> Option<Status> {
