@@ -109,23 +109,21 @@ fn a_read_of_a_region_being_copied_reads_the_source_without_waiting() {
 
 #[test]
 fn no_read_copies_without_copy_on_read_or_budget_or_in_read_only_mode() {
-    let off = RouterConfig {
-        copy_on_read: false,
-        ..cor()
-    };
-    let mut s = sim(64, off, 4);
-    s.try_submit(IoKind::Read, 0, 8, false).unwrap();
-    let mut s2 = sim(64, cor(), 0);
-    s2.try_submit(IoKind::Read, 0, 8, false).unwrap();
-    for s in [&s, &s2] {
-        assert!(read_copies(s).is_empty());
-        assert_eq!(source_reads(s), vec![0..8]);
+    let cases: [(&str, fn(&mut Sim)); 3] = [
+        ("copy-on-read off", |s| {
+            s.config_mut(|c| c.copy_on_read = false)
+        }),
+        ("no budget", |s| s.set_read_budget(0)),
+        // Read-only metadata records no hydration: reads just read.
+        ("read-only", |s| s.routers[0].set_read_only()),
+    ];
+    for (case, setup) in cases {
+        let mut s = sim(64, cor(), 4);
+        setup(&mut s);
+        s.try_submit(IoKind::Read, 0, 8, false).unwrap();
+        assert!(read_copies(&s).is_empty(), "{case}");
+        assert_eq!(source_reads(&s), vec![0..8], "{case}");
     }
-    // Read-only metadata records no hydration: reads just read.
-    let mut s3 = sim(64, cor(), 4);
-    s3.routers[0].set_read_only();
-    s3.try_submit(IoKind::Read, 0, 8, false).unwrap();
-    assert!(read_copies(&s3).is_empty());
 }
 
 /// The busy rule: a write to a region whose read-triggered copy is in
@@ -230,8 +228,8 @@ fn a_failed_read_copy_fails_the_read_and_leaves_the_region_cold() {
 #[test]
 fn a_read_copy_is_durable_after_a_flush_and_survives_a_crash() {
     let mut s = sim(64, cor(), 2);
-    s.try_submit(IoKind::Read, 40, 2, false).unwrap();
-    s.drain();
+    let rd = s.try_submit(IoKind::Read, 40, 2, false).unwrap();
+    s.drain_ok(rd);
     assert!(s.map().is_hydrated(5));
     let f = s.try_submit(IoKind::Flush, 0, 0, false).unwrap();
     s.drain_ok(f);
