@@ -73,8 +73,7 @@ fn a_read_over_several_cold_regions_is_one_copy_per_idle_run() {
     let mut s = sim(128, cor(), 8);
     // Region 3 hydrated (a whole-region write), region 6 being copied for
     // a partial write.
-    s.try_submit(IoKind::Write, 24, 8, false).unwrap();
-    s.drain();
+    s.io_done(IoKind::Write, 24, 8);
     s.try_submit(IoKind::Write, 50, 1, false).unwrap();
     assert_eq!(s.pending_kinds(), vec!["copy"]);
     let id = s.try_submit(IoKind::Read, 4, 60, false).unwrap();
@@ -143,8 +142,7 @@ fn a_partial_write_waits_behind_a_read_copy_and_the_read_returns_the_source() {
     // Now on a hydrated region: straight to the destination.
     assert_eq!(s.pending_kinds(), vec!["write_dest"]);
     s.drain_ok(wr);
-    let back = s.try_submit(IoKind::Read, 8, 8, false).unwrap();
-    s.drain();
+    let back = s.io_done(IoKind::Read, 8, 8);
     let tag = 0x1000_0000_0000 + wr;
     let mut want = sources(8..16);
     want[1] = tag;
@@ -181,10 +179,8 @@ fn whole_region_writes_and_discards_racing_a_read_copy_are_never_overwritten() {
             assert_eq!(s.status_of(rd), Some(Status::Success));
             assert_eq!(s.read_results[&rd], sources(16..24));
             // Then a write acknowledged after the racing one: still there.
-            let w2 = s.try_submit(IoKind::Write, 17, 1, false).unwrap();
-            s.drain();
-            let back = s.try_submit(IoKind::Read, 16, 8, false).unwrap();
-            s.drain();
+            let w2 = s.io_done(IoKind::Write, 17, 1);
+            let back = s.io_done(IoKind::Read, 16, 8);
             let got = &s.read_results[&back];
             assert_eq!(got[1], 0x1000_0000_0000 + w2, "{kind:?}");
             match kind {
@@ -287,8 +283,7 @@ fn copy_on_read_regions_over_budget_still_come_first() {
         ..RouterConfig::default()
     };
     let mut s = sim(8 * 64, cfg, 0);
-    s.try_submit(IoKind::Read, 8 * 50, 8, false).unwrap();
-    s.drain();
+    s.io_done(IoKind::Read, 8 * 50, 8);
     assert_eq!(s.background(), 1);
     // The region read itself, then the one after it.
     assert_eq!(copies(&s), vec![50..51]);
@@ -310,8 +305,7 @@ fn with_hydration_off_copy_on_read_copies_exactly_the_regions_read() {
         // Over budget: the reads only read the source and queue their regions.
         s.try_submit(IoKind::Read, 8 * 30 + 3, 8 * 2, false)
             .unwrap();
-        s.try_submit(IoKind::Read, 8 * 50, 1, false).unwrap();
-        s.drain();
+        s.io_done(IoKind::Read, 8 * 50, 1);
         for _ in 0..6 {
             s.background();
             s.drain();

@@ -1355,6 +1355,14 @@ impl Sim {
         self.check();
     }
 
+    /// Submit a request (no FUA) and complete everything in flight.
+    /// Returns its id.
+    pub fn io_done(&mut self, kind: IoKind, offset: u64, len: u64) -> ReqId {
+        let id = self.try_submit(kind, offset, len, false).unwrap();
+        self.drain();
+        id
+    }
+
     /// Complete everything in flight; request `id` succeeded.
     pub fn drain_ok(&mut self, id: ReqId) {
         self.drain();
