@@ -10,7 +10,7 @@ use bdev_clone::{create, delete, CreateOpts};
 use reactor::DmaBuf;
 
 mod bases;
-use bases::{mk_malloc, pattern, read_all, st, write_all, Rng};
+use bases::{mk_malloc, mk_source, pattern, read_all, st, write_all, Rng};
 
 async fn wait_for(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
     let t0 = std::time::Instant::now();
@@ -23,13 +23,37 @@ async fn wait_for(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
     }
 }
 
+/// Bases for clone `{p}C`: `{p}S` and `{p}D` of `blocks` 512-byte blocks
+/// (the source zeroed) and `{p}M` of 64; returns the metadata bdev.
+fn mk_bases(p: &str, blocks: u64) -> Arc<Bdev> {
+    mk_malloc(&format!("{p}S"), 512, blocks);
+    mk_malloc(&format!("{p}D"), 512, blocks);
+    mk_malloc(&format!("{p}M"), 512, 64)
+}
+
+/// Wait (`secs`, for `what`) until clone `name` has released its source.
+async fn wait_released(name: &str, what: &str, secs: u64) {
+    wait_for(what, secs, || st(name, "source_released") == true).await
+}
+
+/// Enable hydration of clone `name` with `threshold`, then wait until it
+/// has released its source.
+async fn hydrate_until_released(name: &str, threshold: u32, what: &str, secs: u64) {
+    bdev_clone::set_hydration(&bdev_clone::HydrationOpts {
+        name: name.into(),
+        enable: Some(true),
+        hydration_threshold: Some(threshold),
+        ..Default::default()
+    })
+    .unwrap();
+    wait_released(name, what, secs).await
+}
+
 #[test]
 fn end_to_end_hydrates_releases_and_resumes() {
     run_on_reactor(0x3, || async {
         let blocks = 4096u64; // 2 MiB of 512-byte blocks
-        let src_data = pattern((blocks * 512) as usize, 1);
-        mk_malloc("S0", 512, blocks);
-        write_all("S0", 0, &src_data).await;
+        let src_data = mk_source("S0", 512, blocks, 1).await;
         mk_malloc("D0", 512, blocks);
         mk_malloc("M0", 512, 64);
         let mut o = CreateOpts::new("C0", "S0", "D0", "M0");
@@ -52,17 +76,7 @@ fn end_to_end_hydrates_releases_and_resumes() {
             .await
             .unwrap();
         drop(d);
-        bdev_clone::set_hydration(&bdev_clone::HydrationOpts {
-            name: "C0".into(),
-            enable: Some(true),
-            hydration_threshold: Some(8),
-            ..Default::default()
-        })
-        .unwrap();
-        wait_for("full hydration and release", 20, || {
-            st("C0", "source_released") == true
-        })
-        .await;
+        hydrate_until_released("C0", 8, "full hydration and release", 20).await;
         assert_eq!(st("C0", "state"), "hydrated");
         assert_eq!(read_all("D0", 0, blocks).await, expect);
         assert_eq!(read_all("C0", 0, blocks).await, expect);
@@ -210,9 +224,7 @@ async fn model_run(seed: u64, ops: usize) {
         format!("M{seed}"),
         format!("C{seed}"),
     );
-    let src_data = pattern((blocks * bs) as usize, seed + 1000);
-    mk_malloc(&s, bs as u32, blocks);
-    write_all(&s, 0, &src_data).await;
+    let src_data = mk_source(&s, bs as u32, blocks, seed + 1000).await;
     mk_malloc(&d, bs as u32, 8192);
     mk_malloc(&m, bs as u32, 64);
     let mut o = CreateOpts::new(&c, &s, &d, &m);
@@ -311,7 +323,7 @@ async fn model_run(seed: u64, ops: usize) {
         0,
         &read_all(&c, 0, blocks).await,
     );
-    wait_for("full hydration", 30, || st(&c, "source_released") == true).await;
+    wait_released(&c, "full hydration", 30).await;
     assert_eq!(bdev_clone::hydrated_regions(&c).unwrap().0, total);
     model.check(
         &format!("seed {seed} dest"),
@@ -357,9 +369,7 @@ async fn flush(name: &str) -> Result<(), bdev::IoStatus> {
 #[test]
 fn discard_waits_for_in_flight_hydration() {
     run_on_reactor(0x3, || async {
-        let src_data = pattern(64 * 512, 7);
-        mk_malloc("dS", 512, 64);
-        write_all("dS", 0, &src_data).await;
+        mk_source("dS", 512, 64, 7).await;
         // Source reads take 100 ms: the copy of region 0 stays in flight.
         delay::create(delay::CreateParams {
             name: "dSd".into(),
@@ -399,9 +409,7 @@ fn discard_waits_for_in_flight_hydration() {
 #[test]
 fn flush_with_nothing_changed_writes_no_metadata() {
     run_on_reactor(0x1, || async {
-        mk_malloc("fS", 512, 256);
-        mk_malloc("fD", 512, 256);
-        let md = mk_malloc("fM", 512, 64);
+        let md = mk_bases("f", 256);
         let mut o = CreateOpts::new("fC", "fS", "fD", "fM");
         o.no_hydration = true;
         create(o).await.unwrap();
@@ -429,10 +437,8 @@ fn flush_with_nothing_changed_writes_no_metadata() {
 #[test]
 fn destination_flush_precedes_metadata_write() {
     run_on_reactor(0x1, || async {
-        mk_malloc("oS", 512, 256);
-        mk_malloc("oD", 512, 256);
+        let md = mk_bases("o", 256);
         errbdev::create("oD", None).unwrap();
-        let md = mk_malloc("oM", 512, 64);
         let mut o = CreateOpts::new("oC", "oS", "EE_oD", "oM");
         o.no_hydration = true;
         create(o).await.unwrap();
@@ -481,22 +487,15 @@ fn create_errors_change_nothing() {
             x.region_size_kb = kb;
             assert_eq!(errno(create(x).await), libc::EINVAL, "region_size_kb {kb}");
         }
-        assert_eq!(
-            errno(create(CreateOpts::new("eC", "nope", "eD", "eM")).await),
-            libc::ENODEV
-        );
-        assert_eq!(
-            errno(create(CreateOpts::new("eS", "eS", "eD", "eM")).await),
-            libc::EEXIST
-        );
-        assert_eq!(
-            errno(create(CreateOpts::new("eC", "eS", "eSmall", "eM")).await),
-            libc::EINVAL
-        );
-        assert_eq!(
-            errno(create(CreateOpts::new("eC", "eS", "e4k", "eM")).await),
-            libc::EINVAL
-        );
+        for (name, source, dest, want) in [
+            ("eC", "nope", "eD", libc::ENODEV),   // no such source
+            ("eS", "eS", "eD", libc::EEXIST),     // the name exists
+            ("eC", "eS", "eSmall", libc::EINVAL), // destination smaller
+            ("eC", "eS", "e4k", libc::EINVAL),    // block sizes differ
+        ] {
+            let got = errno(create(CreateOpts::new(name, source, dest, "eM")).await);
+            assert_eq!(got, want, "create {name} of {source} on {dest}");
+        }
         // Metadata too small names the bytes needed.
         let mut x = o();
         x.metadata_bdev_name = "eSmall".into();
@@ -546,10 +545,8 @@ fn create_errors_change_nothing() {
 #[test]
 fn reopen_with_other_geometry_or_clone_fails() {
     run_on_reactor(0x1, || async {
-        mk_malloc("gS", 512, 2048);
+        let m = mk_bases("g", 2048);
         mk_malloc("gS2", 512, 1024);
-        mk_malloc("gD", 512, 2048);
-        let m = mk_malloc("gM", 512, 64);
         let u = uuid::Uuid::from_u128(42);
         let mut o = CreateOpts::new("gC", "gS", "gD", "gM");
         o.uuid = Some(u);
@@ -712,9 +709,7 @@ fn hydration_rate_limit_is_never_exceeded() {
 #[test]
 fn source_errors_back_off_then_pause_and_resume() {
     run_on_reactor(0x1, || async {
-        let data = pattern(128 * 512, 9);
-        mk_malloc("xS", 512, 128);
-        write_all("xS", 0, &data).await;
+        let data = mk_source("xS", 512, 128, 9).await;
         errbdev::create("xS", None).unwrap();
         mk_malloc("xD", 512, 128);
         mk_malloc("xM", 512, 64);
@@ -757,17 +752,7 @@ fn source_errors_back_off_then_pause_and_resume() {
             .contains("source read"));
         assert_eq!(st("xC", "hydration_enabled"), true);
         inject("EE_xS", errbdev::InjectIoType::Clear, 0);
-        bdev_clone::set_hydration(&HydrationOpts {
-            name: "xC".into(),
-            enable: Some(true),
-            hydration_threshold: Some(8),
-            ..Default::default()
-        })
-        .unwrap();
-        wait_for("hydration after resume", 10, || {
-            st("xC", "source_released") == true
-        })
-        .await;
+        hydrate_until_released("xC", 8, "hydration after resume", 10).await;
         let mut expect = data.clone();
         expect[..4096].copy_from_slice(&pattern(8 * 512, 1));
         assert_eq!(read_all("xD", 0, 128).await, expect);
@@ -806,7 +791,7 @@ fn hot_remove_of_a_base_unregisters_the_clone() {
         let mut o = CreateOpts::new("hcX", "hsX", "hdX", "hmX");
         o.hydration_threshold = 8;
         create(o).await.unwrap();
-        wait_for("release", 10, || st("hcX", "source_released") == true).await;
+        wait_released("hcX", "release", 10).await;
         assert_eq!(bdev::get("hsX").unwrap().claim_type(), None);
         bdev::unregister("hsX").await.unwrap();
         reactor::sleep(Duration::from_millis(20)).await;
@@ -820,9 +805,7 @@ fn hot_remove_of_a_base_unregisters_the_clone() {
 #[test]
 fn reset_completes_while_hydrating() {
     run_on_reactor(0x3, || async {
-        let data = pattern(2048 * 512, 4);
-        mk_malloc("zS", 512, 2048);
-        write_all("zS", 0, &data).await;
+        let data = mk_source("zS", 512, 2048, 4).await;
         mk_malloc("zD", 512, 2048);
         mk_malloc("zM", 512, 64);
         let mut o = CreateOpts::new("zC", "zS", "zD", "zM");
@@ -834,6 +817,7 @@ fn reset_completes_while_hydrating() {
         util::simple(&d.channel(), IoType::Reset, 0, 0)
             .await
             .unwrap();
+        drop(d);
         assert_eq!(read_all("zC", 0, 2048).await, data);
         bdev_clone::set_hydration(&HydrationOpts {
             name: "zC".into(),
@@ -841,12 +825,8 @@ fn reset_completes_while_hydrating() {
             ..Default::default()
         })
         .unwrap();
-        wait_for("hydration after reset", 10, || {
-            st("zC", "source_released") == true
-        })
-        .await;
+        wait_released("zC", "hydration after reset", 10).await;
         assert_eq!(read_all("zD", 0, 2048).await, data);
-        drop(d);
         delete("zC").await.unwrap();
     });
 }
@@ -859,9 +839,7 @@ fn delete_after_power_cut_then_resume() {
     run_on_reactor(0x3, || async {
         // Two owners (stripes of 64 regions = 512 blocks), one committer.
         bdev_clone::set_stripe_words(1);
-        let data = pattern(2048 * 512, 5);
-        mk_malloc("pS", 512, 2048);
-        write_all("pS", 0, &data).await;
+        let data = mk_source("pS", 512, 2048, 5).await;
         mk_malloc("pD", 512, 2048);
         mk_malloc("pM", 512, 64);
         errbdev::create("pD", None).unwrap();
@@ -921,9 +899,7 @@ fn delete_after_power_cut_then_resume() {
 #[test]
 fn copy_on_read_and_saved_config() {
     run_on_reactor(0x1, || async {
-        mk_malloc("cS", 512, 4096);
-        mk_malloc("cD", 512, 4096);
-        mk_malloc("cM", 512, 64);
+        mk_bases("c", 4096);
         let mut o = CreateOpts::new("cC", "cS", "cD", "cM");
         o.copy_on_read = true;
         o.hydration_mbytes_per_sec = 1; // the cursor crawls
@@ -983,7 +959,7 @@ fn zero_source_chunks_become_write_zeroes() {
         o.hydration_threshold = 2;
         create(o).await.unwrap();
         inject("EE_wD", errbdev::InjectIoType::Write, u32::MAX);
-        wait_for("hydration", 10, || st("wC", "source_released") == true).await;
+        wait_released("wC", "hydration", 10).await;
         assert_eq!(st("wC", "errors")["dest_write"], 0);
         assert!(read_all("wD", 0, 2048).await.iter().all(|&b| b == 0));
         delete("wC").await.unwrap();
@@ -1002,9 +978,7 @@ fn write_zeroes_on_a_destination_without_it() {
         .unwrap();
     let p = path.to_str().unwrap().to_string();
     run_on_reactor(0x1, move || async move {
-        let data = pattern(2048 * 512, 8);
-        mk_malloc("nS", 512, 2048);
-        write_all("nS", 0, &data).await;
+        let data = mk_source("nS", 512, 2048, 8).await;
         let mut o = uring::FileBdevOpts::new(uring::Flavor::Aio, "nD", p.as_str());
         o.block_size = 512;
         let d = uring::create(o).unwrap();
@@ -1021,14 +995,7 @@ fn write_zeroes_on_a_destination_without_it() {
         let mut expect = data.clone();
         expect[3 * 512..6 * 512].fill(0);
         assert_eq!(read_all("nC", 0, 16).await, expect[..16 * 512]);
-        bdev_clone::set_hydration(&HydrationOpts {
-            name: "nC".into(),
-            enable: Some(true),
-            hydration_threshold: Some(16),
-            ..Default::default()
-        })
-        .unwrap();
-        wait_for("release", 10, || st("nC", "source_released") == true).await;
+        hydrate_until_released("nC", 16, "release", 10).await;
         util::simple(&ch, IoType::WriteZeroes, 100, 50)
             .await
             .unwrap();

@@ -27,6 +27,15 @@ pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
         .collect()
 }
 
+/// A malloc source `name` of `blocks` blocks of `bs` bytes holding
+/// seeded data; returns that data.
+pub async fn mk_source(name: &str, bs: u32, blocks: u64, seed: u64) -> Vec<u8> {
+    let data = pattern(blocks as usize * bs as usize, seed);
+    mk_malloc(name, bs, blocks);
+    write_all(name, 0, &data).await;
+    data
+}
+
 pub async fn write_all(name: &str, at: u64, data: &[u8]) {
     let d = bdev::open(name, true, |_| {}).unwrap();
     let ch = d.channel();
