@@ -731,6 +731,15 @@ mod tests {
         Geometry::new(blocks, 512, blocks, 512, region).unwrap()
     }
 
+    /// A decoded superblock `sb` from `slot` (`both`: the other slot holds it too).
+    fn valid(sb: &Superblock, slot: u32, both: bool) -> SuperState {
+        SuperState::Valid {
+            sb: sb.clone(),
+            slot,
+            both,
+        }
+    }
+
     fn uuid() -> Uuid {
         Uuid::from_u128(0x1234_5678_9abc_def0_1122_3344_5566_7788)
     }
@@ -770,47 +779,19 @@ mod tests {
 
         let b0 = encode_superblock(&sb, 0);
         let st = decode_superblock(&b0, &zero).unwrap();
-        assert_eq!(
-            st,
-            SuperState::Valid {
-                sb: sb.clone(),
-                slot: 0,
-                both: false
-            }
-        );
+        assert_eq!(st, valid(&sb, 0, false));
         assert_eq!(st.slot_to_write(), 1);
         // Both slots current.
         let b1 = encode_superblock(&sb, 1);
-        assert_eq!(
-            decode_superblock(&b0, &b1).unwrap(),
-            SuperState::Valid {
-                sb: sb.clone(),
-                slot: 0,
-                both: true
-            }
-        );
+        assert_eq!(decode_superblock(&b0, &b1).unwrap(), valid(&sb, 0, true));
         // Either one lost: the other still holds the clone.
-        assert_eq!(
-            decode_superblock(&zero, &b1).unwrap(),
-            SuperState::Valid {
-                sb: sb.clone(),
-                slot: 1,
-                both: false
-            }
-        );
+        assert_eq!(decode_superblock(&zero, &b1).unwrap(), valid(&sb, 1, false));
 
         // The next write goes to slot 1 with a higher sequence and wins.
         let sb2 = sb.next();
         let b1 = encode_superblock(&sb2, 1);
         let st = decode_superblock(&b0, &b1).unwrap();
-        assert_eq!(
-            st,
-            SuperState::Valid {
-                sb: sb2.clone(),
-                slot: 1,
-                both: false
-            }
-        );
+        assert_eq!(st, valid(&sb2, 1, false));
         assert_eq!(st.slot_to_write(), 0);
 
         // A torn write of slot 0 (sequence 3) leaves slot 1 in charge.
@@ -819,21 +800,13 @@ mod tests {
         torn[2048..].copy_from_slice(&b0[2048..]);
         assert_eq!(
             decode_superblock(&torn, &b1).unwrap(),
-            SuperState::Valid {
-                sb: sb2.clone(),
-                slot: 1,
-                both: false
-            }
+            valid(&sb2, 1, false)
         );
         // A copy written for slot 1 found in block 0 is not trusted.
         let misplaced = encode_superblock(&sb3, 1);
         assert_eq!(
             decode_superblock(&misplaced, &b1).unwrap(),
-            SuperState::Valid {
-                sb: sb2.clone(),
-                slot: 1,
-                both: false
-            }
+            valid(&sb2, 1, false)
         );
         // Two valid copies of different clones: refused, naming both.
         let other = Superblock::new(Uuid::from_u128(9), &g);
