@@ -108,7 +108,8 @@ fn a_read_of_a_region_being_copied_reads_the_source_without_waiting() {
 
 #[test]
 fn no_read_copies_without_copy_on_read_or_budget_or_in_read_only_mode() {
-    let cases: [(&str, fn(&mut Sim)); 3] = [
+    type Setup = fn(&mut Sim);
+    let cases: [(&str, Setup); 3] = [
         ("copy-on-read off", |s| {
             s.config_mut(|c| c.copy_on_read = false)
         }),
