@@ -777,6 +777,9 @@ pub(crate) fn start_owner(sh: Arc<Shared>, router: Router, idx: usize) -> Result
         }));
     }
     rc.borrow_mut().pollers = pollers;
+    // The status reports the starting window from the first call, not a
+    // zero that changes once this owner first runs.
+    rc.borrow_mut().publish();
     OWNERS.with(|o| o.borrow_mut().insert(sh.id, rc));
     Ok(())
 }
