@@ -130,20 +130,21 @@ def bdevperf(config, *args):
     return cp.stdout
 
 
+def bdevperf_figure(out, line_re, what):
+    """The number `line_re` captures on the first line of bdevperf's output it matches."""
+    m = re.search(line_re, out, re.MULTILINE)
+    if m is None:
+        raise SystemExit("no %s in:\n%s" % (what, out))
+    return float(m.group(1))
+
+
 def total_iops(out):
-    for line in out.splitlines():
-        m = re.match(r"^\s*Total\s*:\s*([0-9.]+)", line)
-        if m:
-            return float(m.group(1))
-    raise SystemExit("no Total row in:\n" + out)
+    return bdevperf_figure(out, r"^\s*Total\s*:\s*([0-9.]+)", "Total row")
 
 
 def p99_us(out):
-    for line in out.splitlines():
-        m = re.match(r"^\s*99\.00000%\s*:\s*([0-9.]+)\s*us", line)
-        if m:
-            return float(m.group(1))
-    raise SystemExit("no 99.00000% line in bdevperf -l output:\n" + out)
+    return bdevperf_figure(out, r"^\s*99\.00000%\s*:\s*([0-9.]+)\s*us",
+                           "99.00000% line in bdevperf -l output")
 
 
 def config_file(path, methods):
