@@ -244,6 +244,27 @@ def bench_b(work, shm):
         p.unlink()
 
 
+def wait_for_bdev(proc, sock, name, timeout=120):
+    """Until bdev `name` exists in the app behind `sock` (started as `proc`)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            out, _ = proc.communicate()
+            raise SystemExit("bdevperf exited before %s existed:\n%s" % (name, out))
+        try:
+            client = JSONRPCClient(sock, timeout=30)
+            try:
+                if client.call("bdev_get_bdevs", {"name": name}):
+                    return
+            finally:
+                client.close()
+        except Exception:
+            pass
+        if time.monotonic() > deadline:
+            raise SystemExit("%s did not appear within %d s" % (name, timeout))
+        time.sleep(0.05)
+
+
 def bench_c(work, shm):
     say("\n== c. 4 KiB randread p99 on a hydrated clone, another clone hydrating (%d MiB/s) vs idle (%d s)"
         % (RATE_C, SECS))
@@ -285,6 +306,9 @@ def bench_c(work, shm):
         argv = [str(PERF), "--json", str(cfg), "-m", "0x1", "--log-level", "warn", "-r", sock,
                 "-T", "Clone0", "-q", "32", "-o", "4096", "-w", "randread", "-t", str(SECS), "-l"]
         proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        # The run starts once the config is loaded, which takes a while for
+        # a large Dst1: time from when Clone1 exists, not from the start.
+        wait_for_bdev(proc, sock, "Clone1")
         time.sleep(SECS - 0.5)
         st = JSONRPCClient(sock, timeout=30).call("bdev_clone_get_bdevs", {"name": "Clone1"})[0]
         out, _ = proc.communicate(timeout=300)
