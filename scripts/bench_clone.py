@@ -130,20 +130,21 @@ def bdevperf(config, *args):
     return cp.stdout
 
 
+def bdevperf_figure(out, line_re, what):
+    """The number `line_re` captures on the first line of bdevperf's output it matches."""
+    m = re.search(line_re, out, re.MULTILINE)
+    if m is None:
+        raise SystemExit("no %s in:\n%s" % (what, out))
+    return float(m.group(1))
+
+
 def total_iops(out):
-    for line in out.splitlines():
-        m = re.match(r"^\s*Total\s*:\s*([0-9.]+)", line)
-        if m:
-            return float(m.group(1))
-    raise SystemExit("no Total row in:\n" + out)
+    return bdevperf_figure(out, r"^\s*Total\s*:\s*([0-9.]+)", "Total row")
 
 
 def p99_us(out):
-    for line in out.splitlines():
-        m = re.match(r"^\s*99\.00000%\s*:\s*([0-9.]+)\s*us", line)
-        if m:
-            return float(m.group(1))
-    raise SystemExit("no 99.00000% line in bdevperf -l output:\n" + out)
+    return bdevperf_figure(out, r"^\s*99\.00000%\s*:\s*([0-9.]+)\s*us",
+                           "99.00000% line in bdevperf -l output")
 
 
 def config_file(path, methods):
@@ -164,25 +165,32 @@ def random_file(path, mb):
             w.write(r.read(1 << 20))
 
 
-def bench_a(work, shm):
-    say("\n== a. bdevperf 4 KiB QD32 on a hydrated clone vs its raw destination (%d MiB, %d s)"
-        % (SIZE_MB, SECS))
-    src, meta = shm / "a-src.img", shm / "a-meta.img"
-    random_file(src, SIZE_MB)
+def hydrated_clone(work, shm, tag, mb):
+    """A target with Clone0 hydrated: its source Src0 a file of `mb` MiB of random data, its
+    destination Dst0 a malloc bdev, its metadata Meta0 a sparse file. Returns the target, the
+    source and metadata files, Clone0's status and how long hydration took in seconds."""
+    src, meta = shm / ("%s-src.img" % tag), shm / ("%s-meta.img" % tag)
+    random_file(src, mb)
     sparse(meta, 8 << 20)
-    t = Target(work, "a")
+    t = Target(work, tag)
     t.rpc("bdev_uring_create", filename=str(src), name="Src0", block_size=4096)
-    # The destination is a malloc bdev (see the module doc): bdevperf gets
-    # a new, zeroed one; the metadata says hydrated, and these runs only
-    # time the I/O.
-    t.rpc("bdev_malloc_create", name="Dst0", num_blocks=SIZE_MB << 8, block_size=4096)
+    t.rpc("bdev_malloc_create", name="Dst0", num_blocks=mb << 8, block_size=4096)
     t.rpc("bdev_uring_create", filename=str(meta), name="Meta0", block_size=4096)
     t.rpc("bdev_clone_create", name="Clone0", source_bdev_name="Src0", dest_bdev_name="Dst0",
           metadata_bdev_name="Meta0", region_size_kb=64, hydration_threshold=32, hydration_batch_size=4)
     t0 = time.monotonic()
     st = t.wait_hydrated("Clone0")
-    say("hydrated %d MiB in %.2f s (source released: %s)" % (SIZE_MB, time.monotonic() - t0,
-                                                           st["source_released"]))
+    return t, src, meta, st, time.monotonic() - t0
+
+
+def bench_a(work, shm):
+    say("\n== a. bdevperf 4 KiB QD32 on a hydrated clone vs its raw destination (%d MiB, %d s)"
+        % (SIZE_MB, SECS))
+    # The destination is a malloc bdev (see the module doc): bdevperf gets
+    # a new, zeroed one; the metadata says hydrated, and these runs only
+    # time the I/O.
+    t, src, meta, st, secs = hydrated_clone(work, shm, "a", SIZE_MB)
+    say("hydrated %d MiB in %.2f s (source released: %s)" % (SIZE_MB, secs, st["source_released"]))
     cfg = work / "a-clone.json"
     with open(cfg, "w") as f:
         subprocess.run([str(ROOT / ".venv" / "bin" / "spdk-rpc"), "-s", t.sock, "save_config"],
@@ -236,21 +244,34 @@ def bench_b(work, shm):
         p.unlink()
 
 
+def wait_for_bdev(proc, sock, name, timeout=120):
+    """Until bdev `name` exists in the app behind `sock` (started as `proc`)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            out, _ = proc.communicate()
+            raise SystemExit("bdevperf exited before %s existed:\n%s" % (name, out))
+        try:
+            client = JSONRPCClient(sock, timeout=30)
+            try:
+                if client.call("bdev_get_bdevs", {"name": name}):
+                    return
+            finally:
+                client.close()
+        except Exception:
+            pass
+        if time.monotonic() > deadline:
+            raise SystemExit("%s did not appear within %d s" % (name, timeout))
+        time.sleep(0.05)
+
+
 def bench_c(work, shm):
     say("\n== c. 4 KiB randread p99 on a hydrated clone, another clone hydrating (%d MiB/s) vs idle (%d s)"
         % (RATE_C, SECS))
     # Clone0: hydrated (from a): reuse a small hydrated stack made here.
-    src, meta = shm / "c-src.img", shm / "c-meta.img"
     mb = min(SIZE_MB, 256)
-    random_file(src, mb)
-    sparse(meta, 8 << 20)
-    t = Target(work, "c")
-    t.rpc("bdev_uring_create", filename=str(src), name="Src0", block_size=4096)
-    t.rpc("bdev_malloc_create", name="Dst0", num_blocks=mb << 8, block_size=4096)
-    t.rpc("bdev_uring_create", filename=str(meta), name="Meta0", block_size=4096)
-    t.rpc("bdev_clone_create", name="Clone0", source_bdev_name="Src0", dest_bdev_name="Dst0",
-          metadata_bdev_name="Meta0", region_size_kb=64, hydration_threshold=32, hydration_batch_size=4)
-    clone0_uuid = t.wait_hydrated("Clone0")["uuid"]
+    t, src, meta, st, _ = hydrated_clone(work, shm, "c", mb)
+    clone0_uuid = st["uuid"]
     t.stop()
     # Clone1: a second clone in the same process and reactor, copying real
     # data from a delayed source (500 us) at RATE_C MiB/s (unlimited, it
@@ -285,6 +306,9 @@ def bench_c(work, shm):
         argv = [str(PERF), "--json", str(cfg), "-m", "0x1", "--log-level", "warn", "-r", sock,
                 "-T", "Clone0", "-q", "32", "-o", "4096", "-w", "randread", "-t", str(SECS), "-l"]
         proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        # The run starts once the config is loaded, which takes a while for
+        # a large Dst1: time from when Clone1 exists, not from the start.
+        wait_for_bdev(proc, sock, "Clone1")
         time.sleep(SECS - 0.5)
         st = JSONRPCClient(sock, timeout=30).call("bdev_clone_get_bdevs", {"name": "Clone1"})[0]
         out, _ = proc.communicate(timeout=300)

@@ -122,18 +122,24 @@ def test_malloc_delete(tgt):
     assert cp.returncode == 1 and "No such device" in cp.stdout + cp.stderr
 
 
-def test_malloc_errors(tgt):
-    tgt.rpc("bdev_malloc_create", name="Malloc0", num_blocks=128, block_size=512)
+def check_create_errors(tgt, method, name, bad_block_size, decode_failures):
+    """`method` refuses a taken name (EEXIST), a bad block size and zero blocks (EINVAL), and
+    each of `decode_failures` (params that fail to decode); no failed create changes the bdev list."""
+    tgt.rpc(method, name=name, num_blocks=128, block_size=512)
     before = tgt.bdevs()
-    assert tgt.rpc_err("bdev_malloc_create", name="Malloc0", num_blocks=256, block_size=512) == EEXIST
-    assert tgt.rpc_err("bdev_malloc_create", name="Bad0", num_blocks=128, block_size=500)[0] == -22
-    assert tgt.rpc_err("bdev_malloc_create", name="Bad1", num_blocks=0, block_size=512)[0] == -22
-    # decode_mdisk_uuid fails inside spdk_json_decode_object
-    assert tgt.rpc_err("bdev_malloc_create", name="Bad2", num_blocks=8, block_size=512,
-                       uuid="not-a-uuid") == (-32603, DECODE_FAILED)
-    assert tgt.rpc_err("bdev_malloc_create", name="Bad3", num_blocks=8, block_size=512,
-                       bogus=True) == (-32603, DECODE_FAILED)
+    assert tgt.rpc_err(method, name=name, num_blocks=256, block_size=512) == EEXIST
+    assert tgt.rpc_err(method, name="Bad0", num_blocks=128, block_size=bad_block_size)[0] == -22
+    assert tgt.rpc_err(method, name="Bad1", num_blocks=0, block_size=512)[0] == -22
+    for params in decode_failures:
+        assert tgt.rpc_err(method, **params) == (-32603, DECODE_FAILED), params
     assert tgt.bdevs() == before, "a failed create changed the bdev list"
+
+
+def test_malloc_errors(tgt):
+    check_create_errors(tgt, "bdev_malloc_create", "Malloc0", 500, [
+        # decode_mdisk_uuid fails inside spdk_json_decode_object
+        dict(name="Bad2", num_blocks=8, block_size=512, uuid="not-a-uuid"),
+        dict(name="Bad3", num_blocks=8, block_size=512, bogus=True)])
 
 
 INVALID_GEOMETRY = {
@@ -203,16 +209,9 @@ def test_null_create_via_cli(tgt):
 
 
 def test_null_errors(tgt):
-    tgt.rpc("bdev_null_create", name="Null0", num_blocks=64, block_size=512)
-    before = tgt.bdevs()
-    assert tgt.rpc_err("bdev_null_create", name="Null0", num_blocks=64, block_size=512) == EEXIST
-    assert tgt.rpc_err("bdev_null_create", name="N1", num_blocks=64, block_size=1000)[0] == -22
-    assert tgt.rpc_err("bdev_null_create", name="N2", num_blocks=0, block_size=512)[0] == -22
-    # name is required for null
-    assert tgt.rpc_err("bdev_null_create", num_blocks=64, block_size=512) == (-32603, DECODE_FAILED)
-    assert tgt.rpc_err("bdev_null_create", name="N3", num_blocks=64, block_size=512,
-                       bogus=1) == (-32603, DECODE_FAILED)
-    assert tgt.bdevs() == before
+    check_create_errors(tgt, "bdev_null_create", "Null0", 1000, [
+        dict(num_blocks=64, block_size=512),  # name is required for null
+        dict(name="N3", num_blocks=64, block_size=512, bogus=1)])
 
 
 # --- aio ---------------------------------------------------------------------------

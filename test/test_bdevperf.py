@@ -91,13 +91,19 @@ def test_verify_data_lands_in_file(workdir, datadir):
     assert data.count(0) < len(data), "the file is still all zeroes after a write workload"
 
 
-def test_verify_delay_latency_visible(workdir):
+def run_on_delay(workdir, workload, qd, read_us, write_us):
+    """A clean 4 KiB bdevperf run of `workload` on Delay0 (read_us, write_us) over Malloc0."""
     cfg = write_bdev_config(workdir / "bp.json", [
         malloc("Malloc0"),
-        delay("Delay0", "Malloc0", read_us=2000, write_us=2000),
+        delay("Delay0", "Malloc0", read_us=read_us, write_us=write_us),
     ])
-    r = run_bdevperf(cfg, "-q", 16, "-o", 4096, "-w", "verify", "-T", "Delay0")
+    r = run_bdevperf(cfg, "-q", qd, "-o", 4096, "-w", workload, "-T", "Delay0")
     assert_clean_run(r)
+    return r
+
+
+def test_verify_delay_latency_visible(workdir):
+    r = run_on_delay(workdir, "verify", 16, read_us=2000, write_us=2000)
     check_jobs(r, ["Delay0"])
     assert r.total["avg_lat_us"] >= 2000, r.describe()
     assert r.total["min_lat_us"] >= 2000 * 0.95, r.describe()
@@ -106,12 +112,7 @@ def test_verify_delay_latency_visible(workdir):
 
 
 def test_delay_randread_latency(workdir):
-    cfg = write_bdev_config(workdir / "bp.json", [
-        malloc("Malloc0"),
-        delay("Delay0", "Malloc0", read_us=1000, write_us=10),
-    ])
-    r = run_bdevperf(cfg, "-q", 4, "-o", 4096, "-w", "randread", "-T", "Delay0")
-    assert_clean_run(r)
+    r = run_on_delay(workdir, "randread", 4, read_us=1000, write_us=10)
     assert 1000 <= r.total["avg_lat_us"] < 1000 * 5, r.describe()
 
 

@@ -22,6 +22,7 @@ itself, no read fails or differs, the clone resumes and hydrates."""
 import hashlib
 import os
 import re
+import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -32,7 +33,7 @@ from clone_util import slow_source_clone
 from test_nvmf_target import ADDR, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
-GUEST_SCRIPT = ROOT / "test" / "guest" / "clone_nvmf.sh"
+GUEST = ROOT / "test" / "guest"
 NQN = "nqn.2016-06.io.spdk:clone-nvmf"
 MiB = 1 << 20
 # The same size at every scale: at the slowest rate (1 MiB/s) hydration must
@@ -57,6 +58,15 @@ def wait_file(path, proc, timeout):
             path.name, timeout)
         time.sleep(0.1)
     return True
+
+
+def start_guest(linux_guest, share, script, *args):
+    """Boot the guest running test/guest/SCRIPT with ARGS and `share` at /mnt/share, where the
+    script finds the helpers it sources (test/guest/common.sh)."""
+    shutil.copy(GUEST / "common.sh", share / "common.sh")
+    argv = [str(linux_guest), "run", "--timeout", "600", "--share", str(share), str(GUEST / script)]
+    return subprocess.Popen(argv + [str(a) for a in args], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, stdin=subprocess.DEVNULL)
 
 
 def guest_output(proc):
@@ -112,12 +122,9 @@ def test_clone_over_nvmf_linux_host(tgt2, datadir, linux_guest):
     tgt.rpc("nvmf_subsystem_add_listener", nqn=NQN,
             listen_address={"trtype": "TCP", "traddr": ADDR, "trsvcid": str(port)})
 
-    argv = [str(linux_guest), "run", "--timeout", "600", "--share", str(share), str(GUEST_SCRIPT),
-            str(port), NQN, hashlib.sha256(src_data).hexdigest(),
-            str(FIO1[0]), str(FIO1[1]), str(FIO2[0]), str(FIO2[1])]
     t0 = time.monotonic()
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            stdin=subprocess.DEVNULL)
+    proc = start_guest(linux_guest, share, "clone_nvmf.sh", port, NQN,
+                       hashlib.sha256(src_data).hexdigest(), *FIO1, *FIO2)
     timeline = []
     try:
         if not wait_file(share / "connected", proc, 300):
@@ -252,11 +259,8 @@ def _rides_out_kill9(start, workdir, datadir, linux_guest):
     cfg = workdir / "config.json"
     cfg.write_text(tgt.cli("save_config").stdout)
 
-    argv = [str(linux_guest), "run", "--timeout", "600", "--share", str(share),
-            str(ROOT / "test" / "guest" / "clone_nvmf_kill.sh"), str(port), NQN,
-            hashlib.sha256(src_data).hexdigest()]
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            stdin=subprocess.DEVNULL)
+    proc = start_guest(linux_guest, share, "clone_nvmf_kill.sh", port, NQN,
+                       hashlib.sha256(src_data).hexdigest())
     try:
         if not wait_file(share / "written", proc, 300):
             pytest.fail("guest ended before its writes:\n%s" % guest_output(proc)[-15000:])

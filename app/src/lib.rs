@@ -278,7 +278,30 @@ pub struct AppSpec {
     pub wait_for_rpc: bool,
 }
 
-type MainFn = Box<dyn FnOnce() -> Pin<Box<dyn Future<Output = i32>>> + Send>;
+/// What a tool runs once the framework is up (see [`main_fn`]).
+pub type MainFn = Box<dyn FnOnce() -> Pin<Box<dyn Future<Output = i32>>> + Send>;
+
+/// Box `f`, which makes the future a tool runs on the app reactor, as a
+/// [`MainFn`].
+pub fn main_fn<F, Fut>(f: F) -> MainFn
+where
+    F: FnOnce() -> Fut + Send + 'static,
+    Fut: Future<Output = i32> + 'static,
+{
+    Box::new(move || Box::pin(f()))
+}
+
+/// End a binary with what [`run`] returned: its exit code, or exit 1 after
+/// printing `prog: error` when the app could not start.
+pub fn exit_with(prog: &str, result: Result<i32, AppError>) -> ! {
+    match result {
+        Ok(code) => std::process::exit(code),
+        Err(e) => {
+            eprintln!("{prog}: {e}");
+            std::process::exit(1);
+        }
+    }
+}
 
 /// Run the app: reactors, RPC, config, then `main` (None: serve until a
 /// signal or `spdk_kill_instance`). Returns the process exit code.

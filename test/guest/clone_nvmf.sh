@@ -4,6 +4,7 @@
 # keeps using them while they switch to pass-through (source released).
 #   clone_nvmf.sh PORT NQN SRC_SHA256 FIO1_OFF FIO1_LEN FIO2_OFF FIO2_LEN
 # /mnt/share (9p, shared with the host test):
+#   common.sh         test/guest/common.sh
 #   writes.txt        "PHASE FILE OFFSET" lines: patterns to write to namespace 1
 #   connected, phase1-done, loop-count, fio1.bin, fio2.bin, final.sha   (written here)
 #   released          (written by the host once both clones are hydrated, the
@@ -11,15 +12,8 @@
 # Prints "CHECK-OK name" / "CHECK-FAIL name"; exit 0 iff every check passed.
 set -u
 PORT=$1 NQN=$2 SRC_SHA=$3 F1OFF=$4 F1LEN=$5 F2OFF=$6 F2LEN=$7
-HOST=10.0.2.2
-SH=/mnt/share
-fails=0
-
-step() { echo; echo "### $(cut -d' ' -f1 /proc/uptime)s $*"; }
-ok() { echo "CHECK-OK $1"; }
-bad() { echo "CHECK-FAIL $1${2:+: $2}"; fails=$((fails + 1)); }
-check() { local name=$1; shift; if "$@"; then ok "$name"; else bad "$name"; fi; }
-sha() { dd if="$1" bs=1M iflag=direct status=none | sha256sum | cut -d' ' -f1; }
+# test/guest/common.sh: HOST, SH, fails, step, ok, bad, check, sha
+. /mnt/share/common.sh || exit 1
 
 # dd a pattern file to ns 1 at a byte offset, or read it back and compare
 put() { dd if="$SH/$1" of="$A" bs=512 seek=$(($2 / 512)) oflag=direct conv=notrunc status=none; }

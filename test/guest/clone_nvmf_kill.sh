@@ -3,18 +3,13 @@
 # NVMe/TCP host keeps using a hydrating clone while the host test kills
 # clone_tgt with SIGKILL and restarts it from its saved config.
 #   clone_nvmf_kill.sh PORT NQN SRC_SHA256
-# /mnt/share: writes.txt ("FILE OFFSET" patterns), written / reads-N (here),
+# /mnt/share: common.sh (test/guest/common.sh), writes.txt ("FILE OFFSET"
+# patterns), written / reads-N (here),
 # restarted (host: clone_tgt is back), released (host: hydrated, source released).
 set -u
 PORT=$1 NQN=$2 SRC_SHA=$3
-HOST=10.0.2.2
-SH=/mnt/share
-fails=0
-
-step() { echo; echo "### $(cut -d' ' -f1 /proc/uptime)s $*"; }
-ok() { echo "CHECK-OK $1"; }
-bad() { echo "CHECK-FAIL $1${2:+: $2}"; fails=$((fails + 1)); }
-sha() { dd if="$1" bs=1M iflag=direct status=none | sha256sum | cut -d' ' -f1; }
+# test/guest/common.sh: HOST, SH, fails, step, ok, bad, check, sha
+. /mnt/share/common.sh || exit 1
 state() { cat /sys/class/nvme/nvme0/state 2>/dev/null; }
 
 step "connect (reconnect every second, give up after 120 s)"

@@ -515,15 +515,8 @@ fn main() {
         rpc_socket: cli.rpc_socket,
         wait_for_rpc: false,
     };
-    let main: Box<dyn FnOnce() -> Pin<Box<dyn Future<Output = i32>>> + Send> =
-        Box::new(move || Box::pin(bdevperf_main(cfg)));
-    match app::run(spec, Some(main)) {
-        Ok(code) => std::process::exit(code),
-        Err(e) => {
-            eprintln!("bdevperf: {e}");
-            std::process::exit(1);
-        }
-    }
+    let main = app::main_fn(move || bdevperf_main(cfg));
+    app::exit_with("bdevperf", app::run(spec, Some(main)));
 }
 
 #[cfg(test)]

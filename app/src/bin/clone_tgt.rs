@@ -31,11 +31,5 @@ fn main() {
         rpc_socket: (!cli.no_rpc_server).then_some(cli.rpc_socket),
         wait_for_rpc: cli.wait_for_rpc,
     };
-    match app::run(spec, None) {
-        Ok(code) => std::process::exit(code),
-        Err(e) => {
-            eprintln!("clone_tgt: {e}");
-            std::process::exit(1);
-        }
-    }
+    app::exit_with("clone_tgt", app::run(spec, None));
 }

@@ -22,10 +22,8 @@
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::future::Future;
 use std::io::Write;
 use std::path::PathBuf;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -599,25 +597,16 @@ fn main() {
         rpc_socket: cli.rpc_socket,
         wait_for_rpc: false,
     };
-    let main: Box<dyn FnOnce() -> Pin<Box<dyn Future<Output = i32>>> + Send> =
-        Box::new(move || {
-            Box::pin(async move {
-                match run {
-                    Some(r) => run_workload(r).await,
-                    None => {
-                        app::shutdown_signal().await;
-                        0
-                    }
-                }
-            })
-        });
-    match app::run(spec, Some(main)) {
-        Ok(code) => std::process::exit(code),
-        Err(e) => {
-            eprintln!("clone_workload: {e}");
-            std::process::exit(1);
+    let main = app::main_fn(move || async move {
+        match run {
+            Some(r) => run_workload(r).await,
+            None => {
+                app::shutdown_signal().await;
+                0
+            }
         }
-    }
+    });
+    app::exit_with("clone_workload", app::run(spec, Some(main)));
 }
 
 #[cfg(test)]

@@ -24,6 +24,24 @@ struct Faults {
     drop_write_every: u64,
 }
 
+impl Faults {
+    fn fail_every(n: u64) -> Self {
+        Faults {
+            fail_every: n,
+            ..Faults::default()
+        }
+    }
+    fn drop_write_every(n: u64) -> Self {
+        Faults {
+            drop_write_every: n,
+            ..Faults::default()
+        }
+    }
+}
+
+/// The bdev and, cloned, each of its channels: all share one memory and
+/// one I/O count.
+#[derive(Clone)]
 struct TestBdev {
     mem: Arc<Mutex<Vec<u8>>>,
     faults: Arc<Faults>,
@@ -31,14 +49,7 @@ struct TestBdev {
     writes: Arc<AtomicU64>,
 }
 
-struct TestChannel {
-    mem: Arc<Mutex<Vec<u8>>>,
-    faults: Arc<Faults>,
-    count: Arc<AtomicU64>,
-    writes: Arc<AtomicU64>,
-}
-
-impl ChannelOps for TestChannel {
+impl ChannelOps for TestBdev {
     fn submit(&self, mut io: Box<BdevIo>) {
         let n = self.count.fetch_add(1, Ordering::Relaxed) + 1;
         if self.faults.fail_every != 0 && n.is_multiple_of(self.faults.fail_every) {
@@ -77,25 +88,32 @@ impl BdevOps for TestBdev {
         true
     }
     fn create_channel(&self, _bdev: &Arc<Bdev>) -> Box<dyn ChannelOps> {
-        Box::new(TestChannel {
-            mem: self.mem.clone(),
-            faults: self.faults.clone(),
-            count: self.count.clone(),
-            writes: self.writes.clone(),
-        })
+        Box::new(self.clone())
+    }
+}
+
+/// A job of `mode` over the whole test bdev, 8 blocks an I/O: sequential,
+/// queue depth 8, stopping at the first failure, for 100 ms, unless the
+/// test changes that.
+fn params(mode: Mode) -> JobParams {
+    JobParams {
+        mode,
+        random: false,
+        queue_depth: 8,
+        block_size: BS as u32,
+        io_blocks: 8,
+        ios_base: 0,
+        size_in_ios: BLOCKS / 8,
+        duration_ns: 100_000_000,
+        continue_on_failure: false,
+        track_latency: true,
+        seed: 12345,
+        compare_data: true,
     }
 }
 
 /// Register a test bdev, run one job on it, unregister it.
-fn run(
-    name: &str,
-    faults: Faults,
-    mode: Mode,
-    random: bool,
-    qd: u32,
-    cof: bool,
-    ms: u64,
-) -> JobResult {
+fn run(name: &str, faults: Faults, p: JobParams) -> JobResult {
     let _g = reactor::sync::lock(&SERIAL);
     let (tx, rx) = mpsc::channel();
     let name = name.to_string();
@@ -118,21 +136,7 @@ fn run(
             .num_blocks(BLOCKS)
             .register(ops)
             .unwrap();
-        let desc = bdev::open(&name, !mode.read_only(), |_| {}).unwrap();
-        let p = JobParams {
-            mode,
-            random,
-            queue_depth: qd,
-            block_size: BS as u32,
-            io_blocks: 8,
-            ios_base: 0,
-            size_in_ios: BLOCKS / 8,
-            duration_ns: ms * 1_000_000,
-            continue_on_failure: cof,
-            track_latency: true,
-            seed: 12345,
-            compare_data: true,
-        };
+        let desc = bdev::open(&name, !p.mode.read_only(), |_| {}).unwrap();
         let bdev_name = name.clone();
         let done: job::DoneFn = Box::new(move |mut res: JobResult| {
             drop(res.desc.take());
@@ -162,7 +166,10 @@ fn clean_runs_have_no_failures() {
         (Mode::Flush, true),
         (Mode::WriteZeroes, false),
     ] {
-        let r = run("bp_clean", Faults::default(), mode, random, 16, false, 100);
+        let mut p = params(mode);
+        p.random = random;
+        p.queue_depth = 16;
+        let r = run("bp_clean", Faults::default(), p);
         assert!(r.completed > 100, "{mode:?}: {} I/Os", r.completed);
         assert_eq!((r.failed, r.miscompares), (0, 0), "{mode:?}");
         assert!(!r.ended_with_error);
@@ -177,19 +184,11 @@ fn clean_runs_have_no_failures() {
 
 #[test]
 fn first_failure_stops_the_job() {
-    let f = Faults {
-        fail_every: 50,
-        ..Faults::default()
-    };
-    let r = run(
-        "bp_fail",
-        f,
-        Mode::Mixed { read_pct: 100 },
-        true,
-        4,
-        false,
-        2000,
-    );
+    let mut p = params(Mode::Mixed { read_pct: 100 });
+    p.random = true;
+    p.queue_depth = 4;
+    p.duration_ns = 2_000_000_000;
+    let r = run("bp_fail", Faults::fail_every(50), p);
     assert_eq!(r.failed, 1, "the job drains after its first failure");
     assert!(r.ended_with_error);
     assert!(r.runtime_ns < 1_000_000_000, "it did not run the full time");
@@ -197,19 +196,9 @@ fn first_failure_stops_the_job() {
 
 #[test]
 fn continue_on_failure_counts_every_failure() {
-    let f = Faults {
-        fail_every: 10,
-        ..Faults::default()
-    };
-    let r = run(
-        "bp_cof",
-        f,
-        Mode::Mixed { read_pct: 0 },
-        false,
-        8,
-        true,
-        100,
-    );
+    let mut p = params(Mode::Mixed { read_pct: 0 });
+    p.continue_on_failure = true;
+    let r = run("bp_cof", Faults::fail_every(10), p);
     assert!(r.failed > 5);
     let total = r.completed + r.failed;
     // About one in ten fails.
@@ -224,25 +213,14 @@ fn continue_on_failure_counts_every_failure() {
 #[test]
 fn verify_detects_dropped_writes() {
     // A dropped write leaves the previous generation (or zeroes) behind.
-    let f = Faults {
-        drop_write_every: 7,
-        ..Faults::default()
-    };
-    let r = run("bp_stale", f, Mode::Verify, false, 8, true, 100);
+    let mut p = params(Mode::Verify);
+    p.continue_on_failure = true;
+    let r = run("bp_stale", Faults::drop_write_every(7), p);
     assert!(r.miscompares > 5, "{} miscompares", r.miscompares);
     assert_eq!(r.failed, r.miscompares);
-    let r = run(
-        "bp_stale1",
-        Faults {
-            drop_write_every: 7,
-            ..Faults::default()
-        },
-        Mode::Verify,
-        false,
-        8,
-        false,
-        2000,
-    );
+    let mut p = params(Mode::Verify);
+    p.duration_ns = 2_000_000_000;
+    let r = run("bp_stale1", Faults::drop_write_every(7), p);
     // The job stops at the first miscompare; I/Os already in flight drain
     // and may miscompare too.
     assert!((1..=8).contains(&r.miscompares), "{}", r.miscompares);

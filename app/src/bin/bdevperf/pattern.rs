@@ -149,12 +149,17 @@ pub fn compare(written: &[u8], read: &[u8], first_lba: u64, block_size: usize) -
 mod tests {
     use super::*;
 
+    /// `len` bytes of the pattern of generation `gen` from block `first_lba`.
+    fn filled(len: usize, first_lba: u64, block_size: usize, gen: u64) -> Vec<u8> {
+        let mut buf = vec![0u8; len];
+        fill(&mut buf, first_lba, block_size, gen);
+        buf
+    }
+
     #[test]
     fn pattern_round_trip() {
-        let mut a = vec![0u8; 4096];
-        let mut b = vec![0u8; 4096];
-        fill(&mut a, 100, 512, 7);
-        fill(&mut b, 100, 512, 7);
+        let a = filled(4096, 100, 512, 7);
+        let b = filled(4096, 100, 512, 7);
         assert_eq!(compare(&a, &b, 100, 512), None);
         // Block headers are readable.
         assert_eq!(word(&a, 0), 100);
@@ -164,8 +169,7 @@ mod tests {
 
     #[test]
     fn word_layout() {
-        let mut a = vec![0u8; 1024];
-        fill(&mut a, 3, 512, 9);
+        let a = filled(1024, 3, 512, 9);
         for b in 0..2u64 {
             let blk = &a[b as usize * 512..];
             assert_eq!(word(blk, 0), 3 + b);
@@ -181,10 +185,8 @@ mod tests {
 
     #[test]
     fn stale_generation_is_detected() {
-        let mut written = vec![0u8; 4096];
-        let mut stale = vec![0u8; 4096];
-        fill(&mut written, 8, 512, 2);
-        fill(&mut stale, 8, 512, 1);
+        let written = filled(4096, 8, 512, 2);
+        let stale = filled(4096, 8, 512, 1);
         let m = compare(&written, &stale, 8, 512).expect("stale data must miscompare");
         assert_eq!(m.lba, 8);
         assert_eq!(m.byte, 8, "the generation word differs first");
@@ -197,10 +199,8 @@ mod tests {
 
     #[test]
     fn other_block_and_corruption_are_detected() {
-        let mut written = vec![0u8; 2048];
-        let mut other = vec![0u8; 2048];
-        fill(&mut written, 0, 1024, 5);
-        fill(&mut other, 2, 1024, 5);
+        let written = filled(2048, 0, 1024, 5);
+        let other = filled(2048, 2, 1024, 5);
         let m = compare(&written, &other, 0, 1024).unwrap();
         assert_eq!((m.lba, m.byte, m.found_lba), (0, 0, 2));
         assert_eq!(m.diagnosis(5), "data of another block or never written");
@@ -217,16 +217,14 @@ mod tests {
 
     #[test]
     fn every_word_depends_on_lba_and_generation() {
-        let mut a = vec![0u8; 512];
-        let mut b = vec![0u8; 512];
-        fill(&mut a, 1, 512, 1);
-        fill(&mut b, 1, 512, 2);
-        for i in 2..64 {
-            assert_ne!(word(&a, i), word(&b, i), "word {i}");
-        }
-        fill(&mut b, 2, 512, 1);
-        for i in 2..64 {
-            assert_ne!(word(&a, i), word(&b, i), "word {i}");
+        let a = filled(512, 1, 512, 1);
+        for (other, b) in [
+            ("generation", filled(512, 1, 512, 2)),
+            ("LBA", filled(512, 2, 512, 1)),
+        ] {
+            for i in 2..64 {
+                assert_ne!(word(&a, i), word(&b, i), "word {i}, another {other}");
+            }
         }
     }
 
