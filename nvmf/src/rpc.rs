@@ -12,8 +12,7 @@ use uuid::Uuid;
 
 use crate::spec::DISCOVERY_NQN;
 use crate::target::{
-    self, lock, parse_hex, Adrfam, ListenAddr, Namespace, SubState, SubType, Subsystem,
-    TransportOpts,
+    self, lock, parse_hex, Adrfam, ListenAddr, Namespace, SubType, Subsystem, TransportOpts,
 };
 
 fn invalid() -> RpcError {
@@ -236,24 +235,17 @@ fn create_subsystem(p: CreateSubsystem) -> Result<bool, RpcError> {
             return Err(unable());
         }
         t.subsystems.push(Arc::new(Subsystem {
-            nqn: p.nqn.clone(),
-            subtype: SubType::Nvme,
             serial_number: sn,
             model_number: mn,
-            max_namespaces: max_ns,
             max_namespaces_set: p.max_namespaces.is_some_and(|n| n != 0),
-            min_cntlid: min,
-            max_cntlid: max,
             ana_reporting: p.ana_reporting.unwrap_or(false),
-            state: Mutex::new(SubState {
-                allow_any_host: p.allow_any_host.unwrap_or(false),
-                hosts: Vec::new(),
-                listeners: Vec::new(),
-                ns: vec![None; max_ns as usize],
-                ctrls: Vec::new(),
-                next_cntlid: min,
-            }),
-            ns_gen: 0.into(),
+            ..Subsystem::new(
+                p.nqn.clone(),
+                SubType::Nvme,
+                max_ns,
+                (min, max),
+                p.allow_any_host.unwrap_or(false),
+            )
         }));
     }
     tracing::info!(nqn = %p.nqn, "subsystem created");
