@@ -265,6 +265,16 @@ fn nvme_subsystem(nqn: &str) -> Option<Arc<Subsystem>> {
     target::find_subsystem(nqn).filter(|s| s.subtype == SubType::Nvme)
 }
 
+/// The subsystem `nqn` names (the discovery one too), or the logged error.
+fn existing_subsystem(nqn: &str) -> Result<Arc<Subsystem>, RpcError> {
+    target::find_subsystem(nqn).ok_or_else(|| no_subsystem(nqn))
+}
+
+/// The NVM subsystem `nqn` names, or the logged error.
+fn existing_nvme_subsystem(nqn: &str) -> Result<Arc<Subsystem>, RpcError> {
+    nvme_subsystem(nqn).ok_or_else(|| no_subsystem(nqn))
+}
+
 fn release_listener(a: &ListenAddr) {
     let mut t = target::tgt();
     let gone = match t.listeners.get_mut(a) {
@@ -338,9 +348,7 @@ struct AddNs {
 }
 
 fn add_ns(p: AddNs) -> Result<u32, RpcError> {
-    let Some(s) = nvme_subsystem(&p.nqn) else {
-        return Err(no_subsystem(&p.nqn));
-    };
+    let s = existing_nvme_subsystem(&p.nqn)?;
     let n = p.namespace;
     let fail = |why: &str| {
         tracing::error!(nqn = %p.nqn, bdev = %n.bdev_name, "cannot add namespace: {why}");
@@ -450,9 +458,7 @@ struct RemoveNs {
 }
 
 fn remove_ns(p: RemoveNs) -> Result<bool, RpcError> {
-    let Some(s) = nvme_subsystem(&p.nqn) else {
-        return Err(no_subsystem(&p.nqn));
-    };
+    let s = existing_nvme_subsystem(&p.nqn)?;
     remove_ns_inner(&s, p.nsid).map_err(|_| {
         tracing::error!(nqn = %p.nqn, nsid = p.nsid, "no such namespace");
         invalid()
@@ -538,9 +544,7 @@ async fn listen_retrying(a: &ListenAddr) -> std::io::Result<Box<dyn target::List
 }
 
 async fn add_listener(p: Listener) -> Result<bool, RpcError> {
-    let Some(s) = target::find_subsystem(&p.nqn) else {
-        return Err(no_subsystem(&p.nqn));
-    };
+    let s = existing_subsystem(&p.nqn)?;
     if p.secure_channel == Some(true) {
         tracing::error!("secure channel (TLS) is not supported");
         return Err(invalid());
@@ -613,9 +617,7 @@ struct RemoveListener {
 }
 
 fn remove_listener(p: RemoveListener) -> Result<bool, RpcError> {
-    let Some(s) = target::find_subsystem(&p.nqn) else {
-        return Err(no_subsystem(&p.nqn));
-    };
+    let s = existing_subsystem(&p.nqn)?;
     let a = listen_addr(&p.listen_address)?;
     let ctrls = {
         let mut st = lock(&s.state);
@@ -653,9 +655,7 @@ struct AddHost {
 }
 
 fn add_host(p: AddHost) -> Result<bool, RpcError> {
-    let Some(s) = nvme_subsystem(&p.nqn) else {
-        return Err(no_subsystem(&p.nqn));
-    };
+    let s = existing_nvme_subsystem(&p.nqn)?;
     if p.psk.is_some() || p.dhchap_key.is_some() || p.dhchap_ctrlr_key.is_some() {
         tracing::error!("TLS PSK and DH-HMAC-CHAP keys are not supported");
         return Err(invalid());
@@ -688,9 +688,7 @@ struct RemoveHost {
 }
 
 fn remove_host(p: RemoveHost) -> Result<bool, RpcError> {
-    let Some(s) = nvme_subsystem(&p.nqn) else {
-        return Err(no_subsystem(&p.nqn));
-    };
+    let s = existing_nvme_subsystem(&p.nqn)?;
     let ctrls = {
         let mut st = lock(&s.state);
         let before = st.hosts.len();
@@ -727,9 +725,7 @@ struct AllowAny {
 }
 
 fn allow_any_host(p: AllowAny) -> Result<bool, RpcError> {
-    let Some(s) = nvme_subsystem(&p.nqn) else {
-        return Err(no_subsystem(&p.nqn));
-    };
+    let s = existing_nvme_subsystem(&p.nqn)?;
     lock(&s.state).allow_any_host = p.allow_any_host;
     target::discovery_changed();
     Ok(true)
