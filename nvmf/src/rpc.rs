@@ -70,29 +70,24 @@ fn create_transport(p: CreateTransport) -> Result<bool, RpcError> {
             p.trtype
         )));
     }
-    let d = TransportOpts::default();
-    let o = TransportOpts {
-        max_queue_depth: p.max_queue_depth.unwrap_or(d.max_queue_depth),
-        max_io_qpairs_per_ctrlr: p
-            .max_io_qpairs_per_ctrlr
-            .unwrap_or(d.max_io_qpairs_per_ctrlr),
-        in_capsule_data_size: p.in_capsule_data_size.unwrap_or(d.in_capsule_data_size),
-        max_io_size: p.max_io_size.unwrap_or(d.max_io_size),
-        io_unit_size: p.io_unit_size.unwrap_or(d.io_unit_size),
-        max_aq_depth: p.max_aq_depth.unwrap_or(d.max_aq_depth),
-        c2h_success: p.c2h_success.unwrap_or(d.c2h_success),
-        sock_priority: p.sock_priority.unwrap_or(d.sock_priority),
-        abort_timeout_sec: p.abort_timeout_sec.unwrap_or(d.abort_timeout_sec),
-        zcopy: p.zcopy.unwrap_or(d.zcopy),
-        dif_insert_or_strip: p.dif_insert_or_strip.unwrap_or(d.dif_insert_or_strip),
-        ack_timeout: p.ack_timeout.unwrap_or(d.ack_timeout),
-        data_wr_pool_size: p.data_wr_pool_size.unwrap_or(d.data_wr_pool_size),
-        disable_command_passthru: p
-            .disable_command_passthru
-            .unwrap_or(d.disable_command_passthru),
-        kas: p.kas.unwrap_or(d.kas),
-        min_kato: p.min_kato.unwrap_or(d.min_kato),
-    };
+    let o = given_or!(TransportOpts {
+        max_queue_depth,
+        max_io_qpairs_per_ctrlr,
+        in_capsule_data_size,
+        max_io_size,
+        io_unit_size,
+        max_aq_depth,
+        c2h_success,
+        sock_priority,
+        abort_timeout_sec,
+        zcopy,
+        dif_insert_or_strip,
+        ack_timeout,
+        data_wr_pool_size,
+        disable_command_passthru,
+        kas,
+        min_kato,
+    } from p, else TransportOpts::default());
     let fail = || RpcError::internal("Transport type 'TCP' create failed");
     let bad = |what: &str| {
         tracing::error!("nvmf_create_transport: {what}");
