@@ -199,27 +199,27 @@ mod tests {
     fn create_params() {
         let o = opts(json!({"name": "n", "uri": "nbd://127.0.0.1:1234/x"})).unwrap();
         assert_eq!((o.connections, o.block_size, o.read_only), (1, 512, false));
-        assert!(opts(json!({"name": "n", "uri": "http://x"}))
-            .unwrap_err()
-            .contains("scheme"));
-        assert!(
-            opts(json!({"name": "n", "uri": "nbd://x", "connections": 0}))
-                .unwrap_err()
-                .contains("connections")
-        );
-        assert!(
-            opts(json!({"name": "n", "uri": "nbd://x", "block_size": 1000}))
-                .unwrap_err()
-                .contains("block_size")
-        );
-        assert!(opts(json!({"name": "n", "uri": "nbd://x", "bogus": 1})).is_err());
-        assert!(opts(json!({"name": "", "uri": "nbd://x"}))
-            .unwrap_err()
-            .contains("name"));
-        assert!(
-            opts(json!({"name": "n", "uri": "nbd://x", "reconnect_delay_ms": 0}))
-                .unwrap_err()
-                .contains("reconnect_delay_ms")
-        );
+        // Each bad param is refused with an error that names it.
+        let bad = [
+            (json!({"name": "n", "uri": "http://x"}), "scheme"),
+            (
+                json!({"name": "n", "uri": "nbd://x", "connections": 0}),
+                "connections",
+            ),
+            (
+                json!({"name": "n", "uri": "nbd://x", "block_size": 1000}),
+                "block_size",
+            ),
+            (json!({"name": "n", "uri": "nbd://x", "bogus": 1}), "bogus"),
+            (json!({"name": "", "uri": "nbd://x"}), "name"),
+            (
+                json!({"name": "n", "uri": "nbd://x", "reconnect_delay_ms": 0}),
+                "reconnect_delay_ms",
+            ),
+        ];
+        for (params, names) in bad {
+            let e = opts(params.clone()).expect_err(&params.to_string());
+            assert!(e.contains(names), "{params}: {e}");
+        }
     }
 }

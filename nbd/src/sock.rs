@@ -55,38 +55,42 @@ impl Sock {
 
     /// Read exactly `buf.len()` bytes. EOF before that is an error.
     pub async fn read_exact(&self, buf: &mut [u8]) -> std::io::Result<()> {
-        let mut at = 0;
-        while at < buf.len() {
-            match net::recv(&self.fd, &mut buf[at..]) {
-                Xfer::Done(n) => at += n,
-                Xfer::WouldBlock => {
-                    net::wait_fd(self.fd(), libc::POLLIN as u32).await;
-                }
-                Xfer::Closed => {
-                    return Err(std::io::Error::new(
-                        std::io::ErrorKind::UnexpectedEof,
-                        "connection closed by the peer",
-                    ))
-                }
-                Xfer::Err(e) => return Err(e),
-            }
-        }
-        Ok(())
+        let closed = (
+            std::io::ErrorKind::UnexpectedEof,
+            "connection closed by the peer",
+        );
+        self.transfer(buf.len(), libc::POLLIN, closed, |at| {
+            net::recv(&self.fd, &mut buf[at..])
+        })
+        .await
     }
 
-    pub async fn write_all(&self, mut buf: &[u8]) -> std::io::Result<()> {
-        while !buf.is_empty() {
-            match net::send(&self.fd, buf) {
-                Xfer::Done(n) => buf = &buf[n..],
+    pub async fn write_all(&self, buf: &[u8]) -> std::io::Result<()> {
+        let closed = (std::io::ErrorKind::BrokenPipe, "connection closed");
+        self.transfer(buf.len(), libc::POLLOUT, closed, |at| {
+            net::send(&self.fd, &buf[at..])
+        })
+        .await
+    }
+
+    /// Repeat `step` (one non-blocking transfer from byte `at` on) until
+    /// `len` bytes have moved, awaiting `events` whenever the socket would
+    /// block; a peer that closes first is the error `closed`.
+    async fn transfer(
+        &self,
+        len: usize,
+        events: libc::c_short,
+        closed: (std::io::ErrorKind, &str),
+        mut step: impl FnMut(usize) -> Xfer,
+    ) -> std::io::Result<()> {
+        let mut at = 0;
+        while at < len {
+            match step(at) {
+                Xfer::Done(n) => at += n,
                 Xfer::WouldBlock => {
-                    net::wait_fd(self.fd(), libc::POLLOUT as u32).await;
+                    net::wait_fd(self.fd(), events as u32).await;
                 }
-                Xfer::Closed => {
-                    return Err(std::io::Error::new(
-                        std::io::ErrorKind::BrokenPipe,
-                        "connection closed",
-                    ))
-                }
+                Xfer::Closed => return Err(std::io::Error::new(closed.0, closed.1)),
                 Xfer::Err(e) => return Err(e),
             }
         }

@@ -41,36 +41,36 @@ fn mutated(target: &'static str) -> impl Strategy<Value = Vec<u8>> {
         })
 }
 
-#[test]
-fn corpus_replays() {
-    for s in corpus("server_stream") {
-        nbd::fuzz::server_stream(&s);
-    }
-    for s in corpus("client_stream") {
-        nbd::fuzz::client_stream(&s);
-    }
+/// For each fuzz target (an entry point of `nbd::fuzz`, and the name of its
+/// corpus folder), a module of tests: its corpus replayed, then proptest's
+/// random and mutated inputs.
+macro_rules! replay_targets {
+    ($($target:ident),*) => {$(
+        mod $target {
+            use super::*;
+
+            #[test]
+            fn corpus_replays() {
+                for s in corpus(stringify!($target)) {
+                    nbd::fuzz::$target(&s);
+                }
+            }
+
+            proptest! {
+                #![proptest_config(ProptestConfig::with_cases(2000))]
+
+                #[test]
+                fn random(data in prop::collection::vec(any::<u8>(), 0..600)) {
+                    nbd::fuzz::$target(&data);
+                }
+
+                #[test]
+                fn mutated_corpus(data in mutated(stringify!($target))) {
+                    nbd::fuzz::$target(&data);
+                }
+            }
+        }
+    )*};
 }
 
-proptest! {
-    #![proptest_config(ProptestConfig::with_cases(2000))]
-
-    #[test]
-    fn server_stream_random(data in prop::collection::vec(any::<u8>(), 0..600)) {
-        nbd::fuzz::server_stream(&data);
-    }
-
-    #[test]
-    fn server_stream_mutated(data in mutated("server_stream")) {
-        nbd::fuzz::server_stream(&data);
-    }
-
-    #[test]
-    fn client_stream_random(data in prop::collection::vec(any::<u8>(), 0..600)) {
-        nbd::fuzz::client_stream(&data);
-    }
-
-    #[test]
-    fn client_stream_mutated(data in mutated("client_stream")) {
-        nbd::fuzz::client_stream(&data);
-    }
-}
+replay_targets!(server_stream, client_stream);

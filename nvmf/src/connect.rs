@@ -6,7 +6,6 @@
 //! the offset of the offending field (in the SQE or in the Connect data),
 //! Controller Busy, Invalid Host, Invalid Queue Identifier.
 
-use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -150,17 +149,7 @@ fn create_controller(req: Checked<'_, '_>) -> Result<Arc<Ctrl>, Done> {
             ready: false.into(),
             last_ka_ns: reactor::now_ns().into(),
             listen: req.q.listen.clone(),
-            state: std::sync::Mutex::new(CtrlState {
-                cc: 0,
-                csts: 0,
-                num_io_queues: 0,
-                io_qpairs: HashMap::new(),
-                aec: 0,
-                events: Vec::new(),
-                masked: Vec::new(),
-                changed_ns: Vec::new(),
-                feat: HashMap::new(),
-            }),
+            state: std::sync::Mutex::new(CtrlState::default()),
             destroyed: false.into(),
         });
         ss.ctrls.push(c.clone());

@@ -621,36 +621,33 @@ mod tests {
             &d[SUBNQN..SUBNQN + DISCOVERY_NQN.len()],
             DISCOVERY_NQN.as_bytes()
         );
-        // Discovery: only CNS 01h.
-        assert_eq!(
-            identify(&test_ctrl(true), &o, &sqe(6, 0, 2, 0)).status,
-            Status::generic(sc::INVALID_FIELD)
-        );
-        // Unknown CNS: Invalid Field; bad NSIDs: Invalid Namespace.
-        assert_eq!(
-            identify(&c, &o, &sqe(6, 0, 0x1C, 0)).status,
-            Status::generic(sc::INVALID_FIELD)
-        );
-        assert_eq!(
-            identify(&c, &o, &sqe(6, 0, 0, 0)).status,
-            Status::generic(sc::INVALID_NAMESPACE_OR_FORMAT)
-        );
-        assert_eq!(
-            identify(&c, &o, &sqe(6, 0xFFFF_FFFF, 0, 0)).status,
-            Status::generic(sc::INVALID_NAMESPACE_OR_FORMAT)
-        );
-        assert_eq!(
-            identify(&c, &o, &sqe(6, 5, 0, 0)).data,
-            Some(vec![0u8; 4096])
-        );
-        assert_eq!(
-            identify(&c, &o, &sqe(6, 5, 3, 0)).status,
-            Status::generic(sc::INVALID_NAMESPACE_OR_FORMAT)
-        );
-        assert_eq!(
-            identify(&c, &o, &sqe(6, 0, 2, 0)).data,
-            Some(vec![0u8; 4096])
-        );
+        // (controller, NSID, CNS, status): a discovery controller has only
+        // CNS 01h; an unknown CNS is Invalid Field; a bad NSID Invalid
+        // Namespace.
+        let disc = test_ctrl(true);
+        let bad_ns = sc::INVALID_NAMESPACE_OR_FORMAT;
+        for (ctrl, nsid, cns, want) in [
+            (&disc, 0, 2, sc::INVALID_FIELD),
+            (&c, 0, 0x1C, sc::INVALID_FIELD),
+            (&c, 0, 0, bad_ns),
+            (&c, 0xFFFF_FFFF, 0, bad_ns),
+            (&c, 5, 3, bad_ns),
+        ] {
+            assert_eq!(
+                identify(ctrl, &o, &sqe(6, nsid, cns, 0)).status,
+                Status::generic(want),
+                "Identify NSID {nsid:#x} CNS {cns:#x} on cntrltype {}",
+                if ctrl.is_discovery() { 2 } else { 1 }
+            );
+        }
+        // An inactive NSID and the active NSID list: zeroes.
+        for (nsid, cns) in [(5, 0), (0, 2)] {
+            assert_eq!(
+                identify(&c, &o, &sqe(6, nsid, cns, 0)).data,
+                Some(vec![0u8; 4096]),
+                "Identify NSID {nsid} CNS {cns}"
+            );
+        }
     }
 
     fn log(lid: u8, len: u32, lpo: u64, rae: bool) -> Sqe {
@@ -681,27 +678,24 @@ mod tests {
             .data
             .unwrap();
         assert_eq!(&tail[8..], &[0u8; 8]);
-        assert_eq!(
-            get_log_page(&c, &log(lid::SMART, 8, 512, false), "", 4096).status,
-            Status::generic(sc::INVALID_FIELD)
-        );
-        assert_eq!(
-            get_log_page(&c, &log(lid::SMART, 8, 2, false), "", 4096).status,
-            Status::generic(sc::INVALID_FIELD)
-        );
-        assert_eq!(
-            get_log_page(&c, &log(0x42, 8, 0, false), "", 4096).status,
-            Status::specific(csc::INVALID_LOG_PAGE)
-        );
-        assert_eq!(
-            get_log_page(&c, &log(lid::DISCOVERY, 8, 0, false), "", 4096).status,
-            Status::specific(csc::INVALID_LOG_PAGE)
-        );
-        // Longer than the transfer: Invalid Field.
-        assert_eq!(
-            get_log_page(&c, &log(lid::SMART, 512, 0, false), "", 256).status,
-            Status::generic(sc::INVALID_FIELD)
-        );
+        // (log, length, offset, transfer size, status): an offset at or
+        // past the end or not dword aligned, an unknown log, the discovery
+        // log on an I/O controller, a log longer than the transfer.
+        let bad_field = Status::generic(sc::INVALID_FIELD);
+        let bad_log = Status::specific(csc::INVALID_LOG_PAGE);
+        for (lid, len, lpo, xfer, want) in [
+            (lid::SMART, 8, 512, 4096, bad_field),
+            (lid::SMART, 8, 2, 4096, bad_field),
+            (0x42, 8, 0, 4096, bad_log),
+            (lid::DISCOVERY, 8, 0, 4096, bad_log),
+            (lid::SMART, 512, 0, 256, bad_field),
+        ] {
+            assert_eq!(
+                get_log_page(&c, &log(lid, len, lpo, false), "", xfer).status,
+                want,
+                "log {lid:#x}, {len} bytes at {lpo}, transfer {xfer}"
+            );
+        }
         // Changed NS list: cleared by a read without RAE.
         {
             let mut st = lock(&c.state);

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use crate::ctrlr;
 use crate::pdu::{Accept, Decoder, DecoderConfig, Pdu};
 use crate::spec::{admin, fabrics, ConnectCmd, ConnectData, Sqe};
-use crate::target::{CtrlState, ListenAddr, SubState, SubType, Subsystem, TransportOpts};
+use crate::target::{CtrlState, ListenAddr, SubType, Subsystem, TransportOpts};
 
 /// Decode `data` as a PDU stream. Byte 0 picks the negotiated parameters
 /// (digests, direction, PDA, limits); the rest is the stream.
@@ -46,33 +46,15 @@ pub fn pdu_decoder(data: &[u8]) {
 }
 
 pub(crate) fn test_ctrl(disc: bool) -> Arc<crate::target::Ctrl> {
+    let (nqn, subtype) = if disc {
+        (crate::spec::DISCOVERY_NQN, SubType::Discovery)
+    } else {
+        ("nqn.2016-06.io.spdk:fuzz", SubType::Nvme)
+    };
     let subsys = Arc::new(Subsystem {
-        nqn: if disc {
-            crate::spec::DISCOVERY_NQN.into()
-        } else {
-            "nqn.2016-06.io.spdk:fuzz".into()
-        },
-        subtype: if disc {
-            SubType::Discovery
-        } else {
-            SubType::Nvme
-        },
         serial_number: "FUZZ".into(),
         model_number: "fuzz".into(),
-        max_namespaces: 32,
-        max_namespaces_set: false,
-        min_cntlid: 1,
-        max_cntlid: 0xFFEF,
-        ana_reporting: false,
-        state: Mutex::new(SubState {
-            allow_any_host: true,
-            hosts: Vec::new(),
-            listeners: Vec::new(),
-            ns: vec![None; 32],
-            ctrls: Vec::new(),
-            next_cntlid: 1,
-        }),
-        ns_gen: 0.into(),
+        ..Subsystem::new(nqn.into(), subtype, 32, (1, 0xFFEF), true)
     });
     Arc::new(crate::target::Ctrl {
         cntlid: 1,
@@ -89,17 +71,7 @@ pub(crate) fn test_ctrl(disc: bool) -> Arc<crate::target::Ctrl> {
             traddr: "127.0.0.1".into(),
             trsvcid: "4420".into(),
         },
-        state: Mutex::new(CtrlState {
-            cc: 0,
-            csts: 0,
-            num_io_queues: 0,
-            io_qpairs: Default::default(),
-            aec: 0,
-            events: Vec::new(),
-            masked: Vec::new(),
-            changed_ns: Vec::new(),
-            feat: Default::default(),
-        }),
+        state: Mutex::new(CtrlState::default()),
         destroyed: false.into(),
     })
 }

@@ -15,6 +15,19 @@
 //! [`host`] is the NVMe/TCP host behind `bdev_nvme_attach_controller`; it
 //! uses layer 1 only.
 
+/// The options an RPC sets: `$ty { fields }` with each field taken from the
+/// decoded params `$given` where given (`Some`), else from `$base`. Used by
+/// `nvmf_create_transport` (base: the transport defaults) and
+/// `bdev_nvme_set_options` (base: the current module options).
+macro_rules! given_or {
+    ($ty:ident { $($f:ident),* $(,)? } from $given:expr, else $base:expr) => {{
+        let (given, base) = (&$given, $base);
+        $ty {
+            $($f: given.$f.unwrap_or(base.$f),)*
+        }
+    }};
+}
+
 pub mod connect;
 pub mod ctrlr;
 pub mod fuzz;

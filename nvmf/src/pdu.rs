@@ -10,7 +10,7 @@
 //!   grown); data PDUs can be encoded header-only so the payload goes out
 //!   from its own buffer (`sendmsg`/writev).
 
-use crate::spec::{Cqe, Sqe, CQE_SIZE, SQE_SIZE};
+use crate::spec::{le16, le32, Cqe, Sqe, CQE_SIZE, SQE_SIZE};
 
 /// Common header length.
 pub const CH_LEN: usize = 8;
@@ -165,7 +165,7 @@ impl CommonHeader {
             flags: b[1],
             hlen: b[2],
             pdo: b[3],
-            plen: u32::from_le_bytes([b[4], b[5], b[6], b[7]]),
+            plen: le32(b, 4),
         }
     }
     pub fn write(&self, b: &mut [u8]) {
@@ -562,8 +562,7 @@ impl Decoder {
             )),
             PduType::H2CData | PduType::C2HData => {
                 let o = off::DATAL as usize;
-                let datal =
-                    u32::from_le_bytes([buf[o], buf[o + 1], buf[o + 2], buf[o + 3]]) as usize;
+                let datal = le32(buf, o) as usize;
                 if datal != data_len {
                     return Err(PduError::field(
                         off::DATAL,
@@ -598,7 +597,7 @@ impl Decoder {
         let data = &buf[h.data_off..h.data_off + h.data_len];
         let data_digest_ok = if h.has_ddgst {
             let p = h.data_off + h.data_len;
-            let got = u32::from_le_bytes([buf[p], buf[p + 1], buf[p + 2], buf[p + 3]]);
+            let got = le32(buf, p);
             crc32c(data) == got
         } else {
             true
@@ -612,13 +611,6 @@ impl Decoder {
     }
 }
 
-fn le16(b: &[u8], o: usize) -> u16 {
-    u16::from_le_bytes([b[o], b[o + 1]])
-}
-fn le32(b: &[u8], o: usize) -> u32 {
-    u32::from_le_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]])
-}
-
 /// The flags of a digestible PDU, checked.
 struct Flags {
     hdgst: bool,
@@ -629,7 +621,7 @@ struct Flags {
 /// The header digest (CRC32C of the `hlen` header bytes) that follows them.
 fn check_header_digest(buf: &[u8], hlen: usize) -> Result<(), PduError> {
     let want = crc32c(&buf[..hlen]);
-    let got = u32::from_le_bytes([buf[hlen], buf[hlen + 1], buf[hlen + 2], buf[hlen + 3]]);
+    let got = le32(buf, hlen);
     if want != got {
         return Err(PduError::new(
             Fes::HeaderDigestError,

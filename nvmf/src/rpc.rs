@@ -12,8 +12,7 @@ use uuid::Uuid;
 
 use crate::spec::DISCOVERY_NQN;
 use crate::target::{
-    self, lock, parse_hex, Adrfam, ListenAddr, Namespace, SubState, SubType, Subsystem,
-    TransportOpts,
+    self, lock, parse_hex, Adrfam, ListenAddr, Namespace, SubType, Subsystem, TransportOpts,
 };
 
 fn invalid() -> RpcError {
@@ -71,29 +70,24 @@ fn create_transport(p: CreateTransport) -> Result<bool, RpcError> {
             p.trtype
         )));
     }
-    let d = TransportOpts::default();
-    let o = TransportOpts {
-        max_queue_depth: p.max_queue_depth.unwrap_or(d.max_queue_depth),
-        max_io_qpairs_per_ctrlr: p
-            .max_io_qpairs_per_ctrlr
-            .unwrap_or(d.max_io_qpairs_per_ctrlr),
-        in_capsule_data_size: p.in_capsule_data_size.unwrap_or(d.in_capsule_data_size),
-        max_io_size: p.max_io_size.unwrap_or(d.max_io_size),
-        io_unit_size: p.io_unit_size.unwrap_or(d.io_unit_size),
-        max_aq_depth: p.max_aq_depth.unwrap_or(d.max_aq_depth),
-        c2h_success: p.c2h_success.unwrap_or(d.c2h_success),
-        sock_priority: p.sock_priority.unwrap_or(d.sock_priority),
-        abort_timeout_sec: p.abort_timeout_sec.unwrap_or(d.abort_timeout_sec),
-        zcopy: p.zcopy.unwrap_or(d.zcopy),
-        dif_insert_or_strip: p.dif_insert_or_strip.unwrap_or(d.dif_insert_or_strip),
-        ack_timeout: p.ack_timeout.unwrap_or(d.ack_timeout),
-        data_wr_pool_size: p.data_wr_pool_size.unwrap_or(d.data_wr_pool_size),
-        disable_command_passthru: p
-            .disable_command_passthru
-            .unwrap_or(d.disable_command_passthru),
-        kas: p.kas.unwrap_or(d.kas),
-        min_kato: p.min_kato.unwrap_or(d.min_kato),
-    };
+    let o = given_or!(TransportOpts {
+        max_queue_depth,
+        max_io_qpairs_per_ctrlr,
+        in_capsule_data_size,
+        max_io_size,
+        io_unit_size,
+        max_aq_depth,
+        c2h_success,
+        sock_priority,
+        abort_timeout_sec,
+        zcopy,
+        dif_insert_or_strip,
+        ack_timeout,
+        data_wr_pool_size,
+        disable_command_passthru,
+        kas,
+        min_kato,
+    } from p, else TransportOpts::default());
     let fail = || RpcError::internal("Transport type 'TCP' create failed");
     let bad = |what: &str| {
         tracing::error!("nvmf_create_transport: {what}");
@@ -236,24 +230,17 @@ fn create_subsystem(p: CreateSubsystem) -> Result<bool, RpcError> {
             return Err(unable());
         }
         t.subsystems.push(Arc::new(Subsystem {
-            nqn: p.nqn.clone(),
-            subtype: SubType::Nvme,
             serial_number: sn,
             model_number: mn,
-            max_namespaces: max_ns,
             max_namespaces_set: p.max_namespaces.is_some_and(|n| n != 0),
-            min_cntlid: min,
-            max_cntlid: max,
             ana_reporting: p.ana_reporting.unwrap_or(false),
-            state: Mutex::new(SubState {
-                allow_any_host: p.allow_any_host.unwrap_or(false),
-                hosts: Vec::new(),
-                listeners: Vec::new(),
-                ns: vec![None; max_ns as usize],
-                ctrls: Vec::new(),
-                next_cntlid: min,
-            }),
-            ns_gen: 0.into(),
+            ..Subsystem::new(
+                p.nqn.clone(),
+                SubType::Nvme,
+                max_ns,
+                (min, max),
+                p.allow_any_host.unwrap_or(false),
+            )
         }));
     }
     tracing::info!(nqn = %p.nqn, "subsystem created");
@@ -271,6 +258,16 @@ struct NqnOnly {
 
 fn nvme_subsystem(nqn: &str) -> Option<Arc<Subsystem>> {
     target::find_subsystem(nqn).filter(|s| s.subtype == SubType::Nvme)
+}
+
+/// The subsystem `nqn` names (the discovery one too), or the logged error.
+fn existing_subsystem(nqn: &str) -> Result<Arc<Subsystem>, RpcError> {
+    target::find_subsystem(nqn).ok_or_else(|| no_subsystem(nqn))
+}
+
+/// The NVM subsystem `nqn` names, or the logged error.
+fn existing_nvme_subsystem(nqn: &str) -> Result<Arc<Subsystem>, RpcError> {
+    nvme_subsystem(nqn).ok_or_else(|| no_subsystem(nqn))
 }
 
 fn release_listener(a: &ListenAddr) {
@@ -346,9 +343,7 @@ struct AddNs {
 }
 
 fn add_ns(p: AddNs) -> Result<u32, RpcError> {
-    let Some(s) = nvme_subsystem(&p.nqn) else {
-        return Err(no_subsystem(&p.nqn));
-    };
+    let s = existing_nvme_subsystem(&p.nqn)?;
     let n = p.namespace;
     let fail = |why: &str| {
         tracing::error!(nqn = %p.nqn, bdev = %n.bdev_name, "cannot add namespace: {why}");
@@ -458,9 +453,7 @@ struct RemoveNs {
 }
 
 fn remove_ns(p: RemoveNs) -> Result<bool, RpcError> {
-    let Some(s) = nvme_subsystem(&p.nqn) else {
-        return Err(no_subsystem(&p.nqn));
-    };
+    let s = existing_nvme_subsystem(&p.nqn)?;
     remove_ns_inner(&s, p.nsid).map_err(|_| {
         tracing::error!(nqn = %p.nqn, nsid = p.nsid, "no such namespace");
         invalid()
@@ -546,9 +539,7 @@ async fn listen_retrying(a: &ListenAddr) -> std::io::Result<Box<dyn target::List
 }
 
 async fn add_listener(p: Listener) -> Result<bool, RpcError> {
-    let Some(s) = target::find_subsystem(&p.nqn) else {
-        return Err(no_subsystem(&p.nqn));
-    };
+    let s = existing_subsystem(&p.nqn)?;
     if p.secure_channel == Some(true) {
         tracing::error!("secure channel (TLS) is not supported");
         return Err(invalid());
@@ -621,9 +612,7 @@ struct RemoveListener {
 }
 
 fn remove_listener(p: RemoveListener) -> Result<bool, RpcError> {
-    let Some(s) = target::find_subsystem(&p.nqn) else {
-        return Err(no_subsystem(&p.nqn));
-    };
+    let s = existing_subsystem(&p.nqn)?;
     let a = listen_addr(&p.listen_address)?;
     let ctrls = {
         let mut st = lock(&s.state);
@@ -661,9 +650,7 @@ struct AddHost {
 }
 
 fn add_host(p: AddHost) -> Result<bool, RpcError> {
-    let Some(s) = nvme_subsystem(&p.nqn) else {
-        return Err(no_subsystem(&p.nqn));
-    };
+    let s = existing_nvme_subsystem(&p.nqn)?;
     if p.psk.is_some() || p.dhchap_key.is_some() || p.dhchap_ctrlr_key.is_some() {
         tracing::error!("TLS PSK and DH-HMAC-CHAP keys are not supported");
         return Err(invalid());
@@ -696,9 +683,7 @@ struct RemoveHost {
 }
 
 fn remove_host(p: RemoveHost) -> Result<bool, RpcError> {
-    let Some(s) = nvme_subsystem(&p.nqn) else {
-        return Err(no_subsystem(&p.nqn));
-    };
+    let s = existing_nvme_subsystem(&p.nqn)?;
     let ctrls = {
         let mut st = lock(&s.state);
         let before = st.hosts.len();
@@ -735,9 +720,7 @@ struct AllowAny {
 }
 
 fn allow_any_host(p: AllowAny) -> Result<bool, RpcError> {
-    let Some(s) = nvme_subsystem(&p.nqn) else {
-        return Err(no_subsystem(&p.nqn));
-    };
+    let s = existing_nvme_subsystem(&p.nqn)?;
     lock(&s.state).allow_any_host = p.allow_any_host;
     target::discovery_changed();
     Ok(true)

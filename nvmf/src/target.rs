@@ -281,6 +281,39 @@ pub struct Subsystem {
 }
 
 impl Subsystem {
+    /// An empty subsystem: `max_namespaces` free namespace slots, no hosts,
+    /// listeners or controllers, controller IDs from `cntlid.0` to
+    /// `cntlid.1`. Serial and model numbers are empty and ANA reporting off;
+    /// callers set what they need with struct update syntax.
+    pub fn new(
+        nqn: String,
+        subtype: SubType,
+        max_namespaces: u32,
+        cntlid: (u16, u16),
+        allow_any_host: bool,
+    ) -> Subsystem {
+        Subsystem {
+            nqn,
+            subtype,
+            serial_number: String::new(),
+            model_number: String::new(),
+            max_namespaces,
+            max_namespaces_set: false,
+            min_cntlid: cntlid.0,
+            max_cntlid: cntlid.1,
+            ana_reporting: false,
+            state: Mutex::new(SubState {
+                allow_any_host,
+                hosts: Vec::new(),
+                listeners: Vec::new(),
+                ns: vec![None; max_namespaces as usize],
+                ctrls: Vec::new(),
+                next_cntlid: cntlid.0,
+            }),
+            ns_gen: AtomicU64::new(0),
+        }
+    }
+
     pub fn host_allowed(&self, hostnqn: &str) -> bool {
         if self.subtype == SubType::Discovery {
             return true;
@@ -317,6 +350,7 @@ impl Subsystem {
 
 /// Host-visible controller state, changed by admin commands (admin path
 /// only; the I/O path reads the atomics).
+#[derive(Default)]
 pub struct CtrlState {
     pub cc: u32,
     pub csts: u32,
@@ -431,26 +465,13 @@ pub fn stats(reactor: u32) -> &'static PollGroupStats {
 }
 
 fn new_discovery_subsystem() -> Subsystem {
-    Subsystem {
-        nqn: DISCOVERY_NQN.to_string(),
-        subtype: SubType::Discovery,
-        serial_number: String::new(),
-        model_number: String::new(),
-        max_namespaces: 0,
-        max_namespaces_set: false,
-        min_cntlid: 1,
-        max_cntlid: 0xFFEF,
-        ana_reporting: false,
-        state: Mutex::new(SubState {
-            allow_any_host: true,
-            hosts: Vec::new(),
-            listeners: Vec::new(),
-            ns: Vec::new(),
-            ctrls: Vec::new(),
-            next_cntlid: 1,
-        }),
-        ns_gen: AtomicU64::new(0),
-    }
+    Subsystem::new(
+        DISCOVERY_NQN.to_string(),
+        SubType::Discovery,
+        0,
+        (1, 0xFFEF),
+        true,
+    )
 }
 
 pub fn tgt() -> MutexGuard<'static, Tgt> {

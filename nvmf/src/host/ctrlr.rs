@@ -23,7 +23,7 @@ use uuid::Uuid;
 use super::qpair::{QpParams, Qpair};
 use super::sock::resolve;
 use super::HostError;
-use crate::spec::{self, id_ctrl, id_ns, Cqe, Sqe};
+use crate::spec::{self, id_ctrl, id_ns, le16, le32, le64, Cqe, Sqe};
 use reactor::with_timeout;
 
 /// I/O state shared by every reactor (values of [`Shared::state`]).
@@ -338,18 +338,6 @@ fn trim_ascii(b: &[u8]) -> String {
         })
         .collect();
     s.trim_end().to_string()
-}
-
-fn le16(b: &[u8], o: usize) -> u16 {
-    u16::from_le_bytes([b[o], b[o + 1]])
-}
-fn le32(b: &[u8], o: usize) -> u32 {
-    u32::from_le_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]])
-}
-fn le64(b: &[u8], o: usize) -> u64 {
-    let mut a = [0u8; 8];
-    a.copy_from_slice(&b[o..o + 8]);
-    u64::from_le_bytes(a)
 }
 
 /// Decode Identify Controller.

@@ -1026,18 +1026,31 @@ impl Inner {
         Ok(Step::Moved)
     }
 
+    /// A data PDU's CCCID must name an outstanding request that `wants`
+    /// it; else a TermReq (Invalid Header Field at CCCID) and the error
+    /// "`pdu` for CID `cid`, which has no `what`".
+    fn expect_req(
+        &mut self,
+        cid: u16,
+        pdu: &str,
+        what: &str,
+        wants: impl Fn(&Req) -> bool,
+    ) -> Result<(), String> {
+        if matches!(self.reqs.get(cid as usize), Some(r) if r.active && wants(r)) {
+            return Ok(());
+        }
+        Err(self.term(
+            Fes::InvalidHeaderField,
+            off::CCCID,
+            format!("{pdu} for CID {cid}, which has no {what}"),
+        ))
+    }
+
     /// A C2HData header must continue an outstanding read, in order, within
     /// its length.
     fn check_c2h_data(&mut self, d: &DataHdr) -> Result<(), String> {
         let cid = d.cccid;
-        let ok = matches!(self.reqs.get(cid as usize), Some(r) if r.active && r.inp);
-        if !ok {
-            return Err(self.term(
-                Fes::InvalidHeaderField,
-                off::CCCID,
-                format!("C2HData for CID {cid}, which has no outstanding read"),
-            ));
-        }
+        self.expect_req(cid, "C2HData", "outstanding read", |r| r.inp)?;
         let r = &self.reqs[cid as usize];
         if d.datao != r.xfer {
             let msg = format!(
@@ -1212,14 +1225,7 @@ impl Inner {
             r2to,
             r2tl,
         } = r2t;
-        let ok = matches!(self.reqs.get(cid as usize), Some(r) if r.active && r.out && !r.icd);
-        if !ok {
-            return Err(self.term(
-                Fes::InvalidHeaderField,
-                off::CCCID,
-                format!("R2T for CID {cid}, which has no write waiting for one"),
-            ));
-        }
+        self.expect_req(cid, "R2T", "write waiting for one", |r| r.out && !r.icd)?;
         let r = &self.reqs[cid as usize];
         if r2tl == 0 || r2to != r.xfer || r2to as u64 + r2tl as u64 > r.len as u64 {
             return Err(self.term(

@@ -259,22 +259,13 @@ fn set_options(p: SetOptions) -> Result<(), RpcError> {
             "Operation not permitted: bdev_nvme_set_options is refused while controllers are attached",
         ));
     }
-    let mut d = defaults();
-    if let Some(v) = p.keep_alive_timeout_ms {
-        d.keep_alive_timeout_ms = v;
-    }
-    if let Some(v) = p.ctrlr_loss_timeout_sec {
-        d.ctrlr_loss_timeout_sec = v;
-    }
-    if let Some(v) = p.reconnect_delay_sec {
-        d.reconnect_delay_sec = v;
-    }
-    if let Some(v) = p.fast_io_fail_timeout_sec {
-        d.fast_io_fail_timeout_sec = v;
-    }
-    if let Some(v) = p.tcp_connect_timeout_ms {
-        d.tcp_connect_timeout_ms = v;
-    }
+    let d = given_or!(Defaults {
+        keep_alive_timeout_ms,
+        ctrlr_loss_timeout_sec,
+        reconnect_delay_sec,
+        fast_io_fail_timeout_sec,
+        tcp_connect_timeout_ms,
+    } from p, else defaults());
     check_resiliency(
         d.ctrlr_loss_timeout_sec,
         d.reconnect_delay_sec,

@@ -73,12 +73,8 @@ struct Ctl {
 fn start_ctl(fault: Fault, maxh2cdata: u32, ioccsz: u32, mdts: u8) -> (u16, Arc<Ctl>) {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = l.local_addr().unwrap().port();
-    let mut disk = vec![0u8; BS * BLOCKS];
-    for (i, b) in disk.iter_mut().enumerate() {
-        *b = (i % 251) as u8;
-    }
     let ctl = Arc::new(Ctl {
-        disk: Mutex::new(disk),
+        disk: Mutex::new(initial(0, BLOCKS)),
         fault,
         fault_done: AtomicBool::new(false),
         admin_connects: AtomicU32::new(0),
@@ -504,6 +500,46 @@ fn opts(port: u16, hd: bool, dd: bool) -> AttachOpts {
     }
 }
 
+/// `opts` that reconnect every second, giving up after `loss_sec`.
+fn reconnecting(port: u16, hd: bool, dd: bool, loss_sec: i32) -> AttachOpts {
+    AttachOpts {
+        ctrlr_loss_timeout_sec: loss_sec,
+        reconnect_delay_sec: 1,
+        ..opts(port, hd, dd)
+    }
+}
+
+/// Attach `o` and open its namespace bdev (T0n1) for writing.
+async fn attach_open(o: AttachOpts) -> (bdev::Desc, bdev::IoChannel) {
+    ctrlr::attach(o).await.unwrap();
+    let desc = bdev::open("T0n1", true, |_| {}).unwrap();
+    let ch = desc.channel();
+    (desc, ch)
+}
+
+/// Close the channel and descriptor, then detach the controller.
+async fn close_detach(desc: bdev::Desc, ch: bdev::IoChannel) {
+    drop(ch);
+    drop(desc);
+    ctrlr::detach("T0").await.unwrap();
+}
+
+/// Poll `done` every 50 ms until it holds or `secs` seconds have passed
+/// (the caller asserts what it expects afterwards).
+async fn wait_until(secs: u64, mut done: impl FnMut() -> bool) {
+    let t0 = reactor::now_ns();
+    while !done() && reactor::now_ns() - t0 < secs * 1_000_000_000 {
+        reactor::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The scripted disk's initial bytes of `count` blocks from block `first`.
+fn initial(first: usize, count: usize) -> Vec<u8> {
+    (first * BS..(first + count) * BS)
+        .map(|i| (i % 251) as u8)
+        .collect()
+}
+
 fn pattern(seed: u8, len: usize) -> DmaBuf {
     let mut b = DmaBuf::new(len);
     for (i, x) in b.as_mut_slice().iter_mut().enumerate() {
@@ -623,12 +659,7 @@ fn malformed_pdus_fail_the_connection_and_recover() {
         let (port, ctl) = start_ctl(fault, 8192, 260, 5);
         let c2 = ctl.clone();
         run_on_reactor(0x1, move || async move {
-            let mut o = opts(port, true, true);
-            o.ctrlr_loss_timeout_sec = 5;
-            o.reconnect_delay_sec = 1;
-            ctrlr::attach(o).await.unwrap();
-            let desc = bdev::open("T0n1", true, |_| {}).unwrap();
-            let ch = desc.channel();
+            let (desc, ch) = attach_open(reconnecting(port, true, true, 5)).await;
             if fault == Fault::BadR2t {
                 // 16 blocks = 8 KiB, beyond the 4 KiB in-capsule limit.
                 let w = pattern(9, 16 * BS);
@@ -639,15 +670,12 @@ fn malformed_pdus_fail_the_connection_and_recover() {
             }
             let r = util::read(&ch, 10, 4).await;
             let r = r.unwrap_or_else(|e| panic!("{fault:?}: read failed after reconnect: {e:?}"));
-            let expect: Vec<u8> = (10 * BS..14 * BS).map(|i| (i % 251) as u8).collect();
-            assert!(r.as_slice()[..2048] == expect[..], "{fault:?}");
+            assert!(r.as_slice()[..2048] == initial(10, 4)[..], "{fault:?}");
             assert!(
                 c2.admin_connects.load(Ordering::SeqCst) >= 2,
                 "{fault:?}: no reconnect"
             );
-            drop(ch);
-            drop(desc);
-            ctrlr::detach("T0").await.unwrap();
+            close_detach(desc, ch).await;
         });
         let terms = ctl.terms.lock().unwrap().clone();
         match fault {
@@ -672,9 +700,7 @@ fn malformed_pdus_fail_the_connection_and_recover() {
 fn data_digest_error_fails_the_command() {
     let (port, _ctl) = start_ctl(Fault::BadDdgst, 8192, 260, 5);
     run_on_reactor(0x1, move || async move {
-        ctrlr::attach(opts(port, false, true)).await.unwrap();
-        let desc = bdev::open("T0n1", true, |_| {}).unwrap();
-        let ch = desc.channel();
+        let (desc, ch) = attach_open(opts(port, false, true)).await;
         let e = util::read(&ch, 0, 8).await.unwrap_err();
         assert_eq!(
             e,
@@ -686,9 +712,7 @@ fn data_digest_error_fails_the_command() {
         // The connection is still good.
         util::read(&ch, 0, 8).await.unwrap();
         assert_eq!(ctrlr::find("T0").unwrap().state_name(), "enabled");
-        drop(ch);
-        drop(desc);
-        ctrlr::detach("T0").await.unwrap();
+        close_detach(desc, ch).await;
     });
 }
 
@@ -700,22 +724,18 @@ fn reconnect_fast_fail_and_loss() {
     let (port, ctl) = start_ctl(Fault::None, 8192, 260, 5);
     let c2 = ctl.clone();
     run_on_reactor(0x1, move || async move {
-        let mut o = opts(port, false, false);
-        o.ctrlr_loss_timeout_sec = 6;
-        o.reconnect_delay_sec = 1;
-        o.fast_io_fail_timeout_sec = 2;
-        ctrlr::attach(o).await.unwrap();
-        let desc = bdev::open("T0n1", true, |_| {}).unwrap();
-        let ch = desc.channel();
+        let o = AttachOpts {
+            fast_io_fail_timeout_sec: 2,
+            ..reconnecting(port, false, false, 6)
+        };
+        let (desc, ch) = attach_open(o).await;
         util::read(&ch, 0, 1).await.unwrap();
         // Take the target down and break the connections.
         c2.down.store(true, Ordering::SeqCst);
         let c = ctrlr::find("T0").unwrap();
         ctrlr::ctrlr_failed(c.shared.id);
         let t0 = reactor::now_ns();
-        while c.shared.state() != ctrlr::ST_FAIL_FAST && reactor::now_ns() - t0 < 8_000_000_000 {
-            reactor::sleep(Duration::from_millis(50)).await;
-        }
+        wait_until(8, || c.shared.state() == ctrlr::ST_FAIL_FAST).await;
         // Not before fast_io_fail_timeout_sec.
         assert!(reactor::now_ns() - t0 >= 1_900_000_000);
         assert_eq!(c.shared.state(), ctrlr::ST_FAIL_FAST);
@@ -724,10 +744,7 @@ fn reconnect_fast_fail_and_loss() {
         assert!(reactor::now_ns() - t0 < 500_000_000, "fail fast");
         // Back up: the next reconnect attempt succeeds and I/O works.
         c2.down.store(false, Ordering::SeqCst);
-        let t0 = reactor::now_ns();
-        while c.state_name() != "enabled" && reactor::now_ns() - t0 < 8_000_000_000 {
-            reactor::sleep(Duration::from_millis(50)).await;
-        }
+        wait_until(8, || c.state_name() == "enabled").await;
         assert_eq!(c.state_name(), "enabled");
         util::read(&ch, 0, 1).await.unwrap();
         // Down for good: past ctrlr_loss_timeout_sec the bdev is deleted.
@@ -735,10 +752,7 @@ fn reconnect_fast_fail_and_loss() {
         ctrlr::ctrlr_failed(c.shared.id);
         drop(ch);
         drop(desc);
-        let t0 = reactor::now_ns();
-        while ctrlr::find("T0").is_some() && reactor::now_ns() - t0 < 10_000_000_000 {
-            reactor::sleep(Duration::from_millis(100)).await;
-        }
+        wait_until(10, || ctrlr::find("T0").is_none()).await;
         assert!(ctrlr::find("T0").is_none());
         assert!(bdev::get("T0n1").is_none());
     });
@@ -751,14 +765,11 @@ fn reset_reconnects_and_io_waits() {
     let (port, ctl) = start_ctl(Fault::None, 8192, 260, 5);
     let c2 = ctl.clone();
     run_on_reactor(0x1, move || async move {
-        ctrlr::attach(opts(port, false, false)).await.unwrap();
-        let desc = bdev::open("T0n1", true, |_| {}).unwrap();
-        let ch = desc.channel();
+        let (desc, ch) = attach_open(opts(port, false, false)).await;
         let (ch2, reset) = (ch.clone(), reactor::spawn_local(ctrlr::reset("T0")));
         // Submitted while the reset runs.
         let r = util::read(&ch2, 20, 2).await.unwrap();
-        let expect: Vec<u8> = (20 * BS..22 * BS).map(|i| (i % 251) as u8).collect();
-        assert!(r.as_slice()[..1024] == expect[..]);
+        assert!(r.as_slice()[..1024] == initial(20, 2)[..]);
         reset.await.unwrap();
         assert_eq!(c2.admin_connects.load(Ordering::SeqCst), 2);
         assert!(matches!(
@@ -779,34 +790,24 @@ fn answer_received_with_the_close_completes() {
     let (port, ctl) = start_ctl(Fault::AnswerThenClose, 8192, 260, 5);
     let c2 = ctl.clone();
     run_on_reactor(0x1, move || async move {
-        let mut o = opts(port, false, false);
-        o.ctrlr_loss_timeout_sec = 5;
-        o.reconnect_delay_sec = 1;
-        ctrlr::attach(o).await.unwrap();
-        let desc = bdev::open("T0n1", true, |_| {}).unwrap();
-        let ch = desc.channel();
+        let (desc, ch) = attach_open(reconnecting(port, false, false, 5)).await;
         let r = reactor::with_timeout(Duration::from_secs(10), util::read(&ch, 10, 4))
             .await
             .expect("the read answered before the close never completed")
             .unwrap();
-        let expect: Vec<u8> = (10 * BS..14 * BS).map(|i| (i % 251) as u8).collect();
-        assert!(r.as_slice()[..2048] == expect[..]);
+        assert!(r.as_slice()[..2048] == initial(10, 4)[..]);
         assert!(
             c2.fault_done.load(Ordering::SeqCst),
             "the fault was not used"
         );
         // The lost connection is noticed and replaced.
         let c = ctrlr::find("T0").unwrap();
-        let t0 = reactor::now_ns();
-        while (c2.admin_connects.load(Ordering::SeqCst) < 2 || c.state_name() != "enabled")
-            && reactor::now_ns() - t0 < 10_000_000_000
-        {
-            reactor::sleep(Duration::from_millis(50)).await;
-        }
+        wait_until(10, || {
+            c2.admin_connects.load(Ordering::SeqCst) >= 2 && c.state_name() == "enabled"
+        })
+        .await;
         assert_eq!(c.state_name(), "enabled");
         util::read(&ch, 0, 1).await.unwrap();
-        drop(ch);
-        drop(desc);
-        ctrlr::detach("T0").await.unwrap();
+        close_detach(desc, ch).await;
     });
 }

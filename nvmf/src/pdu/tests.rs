@@ -26,6 +26,14 @@ fn dec_for(e: &Encoder, accept: Accept) -> Decoder {
     })
 }
 
+/// A decoder with the default configuration, accepting `accept`.
+fn accepting(accept: Accept) -> Decoder {
+    Decoder::new(DecoderConfig {
+        accept,
+        ..Default::default()
+    })
+}
+
 /// Every prefix is "need more", the whole is the PDU.
 fn decode_all<'a>(d: &Decoder, b: &'a [u8]) -> Decoded<'a> {
     for n in 0..b.len() {
@@ -56,33 +64,27 @@ fn crc32c_check_values() {
 #[test]
 fn ic_round_trip() {
     let mut out = Vec::new();
+    // PFV 0, HPDA 0, MAXR2T 0; both digests.
     let req = IcReq {
-        pfv: 0,
-        hpda: 0,
         dgst: 3,
-        maxr2t: 0,
+        ..Default::default()
     };
     Encoder::icreq(&mut out, &req);
     assert_eq!(out.len(), 128);
     // Digests never apply to IC PDUs even when negotiated.
     let d = Decoder::new(DecoderConfig {
-        accept: Accept::HostToCtrl,
         hdgst: true,
-        ..Default::default()
+        ..accepting(Accept::HostToCtrl).cfg
     });
     assert_eq!(decode_all(&d, &out).pdu, Pdu::IcReq(req));
     let mut out = Vec::new();
     let resp = IcResp {
-        pfv: 0,
-        cpda: 0,
         dgst: 1,
         maxh2cdata: 131072,
+        ..Default::default()
     };
     Encoder::icresp(&mut out, &resp);
-    let d = Decoder::new(DecoderConfig {
-        accept: Accept::CtrlToHost,
-        ..Default::default()
-    });
+    let d = accepting(Accept::CtrlToHost);
     assert_eq!(decode_all(&d, &out).pdu, Pdu::IcResp(resp));
     assert!(check_icreq(&req).is_ok());
     assert_eq!(
@@ -101,10 +103,7 @@ fn term_req_round_trip() {
     let hdr = [0xAAu8; 200];
     Encoder::term_req(&mut out, true, Fes::HeaderDigestError, 0, &hdr);
     assert_eq!(out.len(), 152);
-    let d = Decoder::new(DecoderConfig {
-        accept: Accept::CtrlToHost,
-        ..Default::default()
-    });
+    let d = accepting(Accept::CtrlToHost);
     let r = decode_all(&d, &out);
     assert_eq!(
         r.pdu,
@@ -112,10 +111,7 @@ fn term_req_round_trip() {
     );
     let mut out = Vec::new();
     Encoder::term_req(&mut out, false, Fes::InvalidHeaderField, 4, &[]);
-    let d = Decoder::new(DecoderConfig {
-        accept: Accept::HostToCtrl,
-        ..Default::default()
-    });
+    let d = accepting(Accept::HostToCtrl);
     assert_eq!(
         decode_all(&d, &out).pdu,
         Pdu::H2CTermReq(TermReq { fes: 1, fei: 4 }, &[])
@@ -252,6 +248,16 @@ fn err(d: &Decoder, b: &[u8]) -> PduError {
     d.decode(b).expect_err("expected a PDU error")
 }
 
+/// The error of `pdu` with the bytes `edits` (offset, value) set.
+fn err_with(d: &Decoder, pdu: &[u8], edits: &[(usize, u8)]) -> PduError {
+    let mut b = pdu.to_vec();
+    for &(at, v) in edits {
+        b[at] = v;
+    }
+    d.decode(&b)
+        .expect_err(&format!("expected a PDU error with bytes {edits:?} set"))
+}
+
 fn h2c() -> Decoder {
     Decoder::new(DecoderConfig {
         accept: Accept::HostToCtrl,
@@ -289,26 +295,21 @@ fn malformed_headers() {
     e.capsule_resp(&mut out, &Cqe::default());
     assert_eq!(err(&d, &out).fei, off::TYPE);
     // Wrong HLEN.
-    let mut b = cmd_bytes(&e, &[]);
-    b[2] = 24;
-    assert_eq!(err(&d, &b).fei, off::HLEN);
+    let cmd = cmd_bytes(&e, &[]);
+    assert_eq!(err_with(&d, &cmd, &[(2, 24)]).fei, off::HLEN);
     // PLEN of a data-less capsule wrong.
-    let mut b = cmd_bytes(&e, &[]);
-    b[4] = 73;
-    let x = err(&d, &b);
+    let x = err_with(&d, &cmd, &[(4, 73)]);
     assert_eq!((x.fes, x.fei), (Fes::InvalidHeaderField, off::PDO));
     // IC with flags / PLEN / PDO.
     let mut ic = Vec::new();
     Encoder::icreq(&mut ic, &IcReq::default());
-    let mut b = ic.clone();
-    b[1] = 1;
-    assert_eq!(err(&d, &b).fei, off::FLAGS);
-    let mut b = ic.clone();
-    b[4] = 129;
-    assert_eq!(err(&d, &b).fei, off::PLEN);
-    let mut b = ic.clone();
-    b[3] = 8;
-    assert_eq!(err(&d, &b).fei, off::PDO);
+    for (at, v, fei) in [(1, 1, off::FLAGS), (4, 129, off::PLEN), (3, 8, off::PDO)] {
+        assert_eq!(
+            err_with(&d, &ic, &[(at, v)]).fei,
+            fei,
+            "ICReq byte {at} = {v}"
+        );
+    }
     // TermReq too long.
     let mut t = Vec::new();
     Encoder::term_req(&mut t, false, Fes::PduSequenceError, 0, &[]);
@@ -369,22 +370,17 @@ fn malformed_data_pdus() {
         &[0; 100],
     );
     assert!(d.decode(&ok).unwrap().is_some());
-    // DATAL disagrees with PLEN.
-    let mut b = ok.clone();
-    b[16] = 50;
-    assert_eq!(err(&d, &b).fei, off::DATAL);
-    // PDO beyond PLEN / below the header.
-    let mut b = ok.clone();
-    b[3] = 200;
-    assert_eq!(err(&d, &b).fei, off::PDO);
-    let mut b = ok.clone();
-    b[3] = 8;
-    assert_eq!(err(&d, &b).fei, off::PDO);
+    // DATAL disagrees with PLEN; PDO beyond PLEN / below the header;
     // DATAL 0.
-    let mut b = ok.clone();
-    b[4] = 24;
-    b[16] = 0;
-    assert_eq!(err(&d, &b).fei, off::DATAL);
+    let cases: [(&[(usize, u8)], u32); 4] = [
+        (&[(16, 50)], off::DATAL),
+        (&[(3, 200)], off::PDO),
+        (&[(3, 8)], off::PDO),
+        (&[(4, 24), (16, 0)], off::DATAL),
+    ];
+    for (edits, fei) in cases {
+        assert_eq!(err_with(&d, &ok, edits).fei, fei, "H2CData with {edits:?}");
+    }
     // Larger than max_data: FES 5.
     let big = mk(
         DataHdr {
@@ -410,10 +406,7 @@ fn malformed_data_pdus() {
         &[0; 8],
     );
     c[1] |= flags::SUCCESS;
-    let dh = Decoder::new(DecoderConfig {
-        accept: Accept::CtrlToHost,
-        ..Default::default()
-    });
+    let dh = accepting(Accept::CtrlToHost);
     assert_eq!(err(&dh, &c).what, "SUCCESS without LAST_PDU");
     let mut b = cmd_bytes(&e, &[]);
     b[1] |= flags::LAST_PDU;
