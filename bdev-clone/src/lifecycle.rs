@@ -23,7 +23,7 @@ use crate::metadata_io::{
     format_metadata, open_metadata, read_superblock, repair_metadata, Opened,
 };
 use crate::owner::{drive, owner_of, start_owner, OWNERS};
-use crate::region_map::RegionMap;
+use crate::region_map::{units_for, RegionMap};
 use crate::router::{MetadataMode, Router, RouterConfig, Stripes};
 use crate::rpc::{check_tunables, CreateOpts};
 
@@ -335,7 +335,19 @@ fn clone_geometry(
         opts.region_size_kb as u64 * 1024,
     )?;
     metadata::check_size(bases.md.0.bdev().size_bytes(), geo.num_regions())?;
+    check_map_memory(&geo)?;
     Ok((geo, src_align))
+}
+
+/// The region map is allocated zeroed (untouched pages cost nothing) but
+/// grows to its full size as regions hydrate: refuse a map the machine
+/// cannot hold (-ENOMEM), rather than abort on the allocation now or be
+/// OOM-killed part way through hydration, with every other clone.
+fn check_map_memory(geo: &Geometry) -> Result<(), CloneError> {
+    let n = geo.num_regions();
+    let bytes = (n.div_ceil(64) + units_for(n).div_ceil(64)) * 8;
+    reactor::dma::check_available(bytes as usize)
+        .map_err(|e| CloneError::NoMem(format!("the region map of {n} regions: {e}")))
 }
 
 /// Create, step 4: open the metadata into `map` (refusing damage), check a

@@ -187,7 +187,12 @@ pub fn create(p: CreateParams) -> Result<Arc<Bdev>, BdevError> {
     if crate::get(&name).is_some() {
         return Err(BdevError::Exists(name));
     }
-    let mem = DmaBuf::zeroed(bytes as usize);
+    // The size comes from the RPC: refuse what the machine cannot give
+    // (-ENOMEM, as SPDK's failed spdk_zmalloc) rather than abort or be
+    // OOM-killed with every other bdev. The store is faulted in here, not
+    // lazily, so the check covers everything it will ever take.
+    let mem = DmaBuf::try_zeroed(bytes as usize)
+        .map_err(|e| BdevError::NoMem(format!("malloc bdev '{name}': {e}")))?;
     let ops = MallocBdev {
         mem,
         block_size: p.block_size,
