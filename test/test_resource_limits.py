@@ -166,7 +166,7 @@ def test_clone_map_over_address_space_limit(tgt, served):
                                 region_size_kb=4, no_hydration=True)
     assert code == ENOMEM, (code, msg)
     assert msg.startswith(MSG), msg
-    assert "region map of 2147483648 regions" in msg and "address-space limit" in msg, msg
+    assert "clone of 2147483648 regions" in msg and "address-space limit" in msg, msg
     for name in ("Src", "Dst", "Md"):
         assert tgt.bdev(name)["claimed"] is False
     served.check(before)

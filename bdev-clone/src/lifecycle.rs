@@ -339,15 +339,23 @@ fn clone_geometry(
     Ok((geo, src_align))
 }
 
-/// The region map is allocated zeroed (untouched pages cost nothing) but
-/// grows to its full size as regions hydrate: refuse a map the machine
-/// cannot hold (-ENOMEM), rather than abort on the allocation now or be
-/// OOM-killed part way through hydration, with every other clone.
+/// What a clone holds in memory at worst, against what the machine can
+/// give (-ENOMEM): the region map, allocated zeroed (untouched pages cost
+/// nothing) but growing to its full size as regions hydrate, and a commit
+/// of every bitmap unit at once (a whole-device discard, as mkfs sends),
+/// whose snapshot and write buffer each hold every unit. Refused here
+/// rather than an abort on the allocation now or an OOM kill later, which
+/// would take every other clone down too.
 fn check_map_memory(geo: &Geometry) -> Result<(), CloneError> {
     let n = geo.num_regions();
-    let bytes = (n.div_ceil(64) + units_for(n).div_ceil(64)) * 8;
-    reactor::dma::check_available(bytes as usize)
-        .map_err(|e| CloneError::NoMem(format!("the region map of {n} regions: {e}")))
+    let units = units_for(n);
+    let map = (n.div_ceil(64) + units.div_ceil(64)) * 8;
+    let commit = 2 * units * UNIT_SIZE as u64;
+    reactor::dma::check_available((map + commit) as usize).map_err(|e| {
+        CloneError::NoMem(format!(
+            "a clone of {n} regions (region map {map} bytes, a full metadata commit {commit} bytes): {e}"
+        ))
+    })
 }
 
 /// Create, step 4: open the metadata into `map` (refusing damage), check a

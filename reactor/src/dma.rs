@@ -177,7 +177,7 @@ pub fn available_memory() -> Option<MemoryBudget> {
             offer(
                 limit.saturating_sub(mapped),
                 limit,
-                "the address-space limit (ulimit -v)",
+                "the address-space limit, ulimit -v,",
             );
         }
     }
@@ -543,5 +543,42 @@ mod tests {
         let mut z = DmaBuf::zeroed(8192);
         z.as_mut_slice()[8191] = 1;
         assert_eq!(z.len(), 8192);
+    }
+
+    #[test]
+    fn try_zeroed_refuses_what_the_machine_cannot_give() {
+        let budget = available_memory().expect("Linux has /proc/meminfo");
+        assert!(
+            budget.bytes > 0 && budget.headroom >= 64 << 20,
+            "{budget:?}"
+        );
+        let len = 1usize << 50; // 1 PiB
+        let e = DmaBuf::try_zeroed(len).unwrap_err();
+        let msg = e.to_string();
+        assert!(matches!(e, AllocError::TooLarge { .. }), "{msg}");
+        assert!(
+            msg.starts_with("could not allocate 1125899906842624 bytes (1024.0 TiB): at most "),
+            "{msg}"
+        );
+        assert!(msg.contains(budget.limited_by), "{msg}");
+        assert!(check_available(len).is_err() && check_available(4096).is_ok());
+        // What fits still comes, zeroed, from the pool or its own mapping.
+        for len in [512, 3 << 20] {
+            let b = DmaBuf::try_zeroed(len).unwrap();
+            assert_eq!(b.len(), len);
+            assert!(b.as_slice().iter().all(|&x| x == 0));
+        }
+    }
+
+    #[test]
+    fn proc_fields_and_sizes() {
+        let text = "MemTotal:       24678100 kB\nMemAvailable:    2048 kB\n";
+        assert_eq!(kb_field(text, "MemAvailable:"), Some(2 << 20));
+        assert_eq!(kb_field(text, "MemTotal:"), Some(24678100 * 1024));
+        assert_eq!(kb_field(text, "VmSize:"), None);
+        assert_eq!(kb_field("MemTotal: x kB", "MemTotal:"), None);
+        assert_eq!(human(512), "512 bytes");
+        assert_eq!(human(3 << 29), "1.5 GiB");
+        assert_eq!(human(1 << 40), "1.0 TiB");
     }
 }
