@@ -173,7 +173,7 @@ pub fn available_memory() -> Option<MemoryBudget> {
     {
         let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
         if let Some(mapped) = kb_field(&status, "VmSize:") {
-            let limit = lim.rlim_cur as u64;
+            let limit = lim.rlim_cur;
             offer(
                 limit.saturating_sub(mapped),
                 limit,
