@@ -170,3 +170,22 @@ def test_clone_map_over_address_space_limit(tgt, served):
     for name in ("Src", "Dst", "Md"):
         assert tgt.bdev(name)["claimed"] is False
     served.check(before)
+
+
+def test_nvmf_transport_queue_beyond_memory(tgt):
+    """A write's buffer is taken when its command arrives: a transport whose
+    one queue pair may hold 65535 writes of 8 MiB (512 GiB) would let one
+    host exhaust memory. Refused with SPDK's error and the reason; a
+    transport that fits is then created and serves."""
+    code, msg = tgt.rpc_err("nvmf_create_transport", trtype="TCP", max_queue_depth=65535,
+                            max_io_size=8 << 20)
+    assert code == -32603, (code, msg)
+    assert msg.startswith("Transport type 'TCP' create failed: "), msg
+    assert "max_queue_depth 65535" in msg and "max_io_size 8388608" in msg, msg
+    assert "could not allocate %d bytes" % (65535 * (8 << 20)) in msg, msg
+    assert tgt.rpc("nvmf_get_transports") == []
+    s = Served(tgt)
+    try:
+        s.check({"Keep"})
+    finally:
+        s.close()
