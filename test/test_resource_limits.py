@@ -1,7 +1,8 @@
 """RPCs whose parameters size an allocation: a size the machine cannot give
 is refused with -12 ("Cannot allocate memory: ...", naming the size and the
-limit), changes nothing, and the target keeps serving: a bdev exported over
-NVMe/TCP before the bad RPC still reads back what was written to it.
+limit; nvmf_create_transport: SPDK's -32603 text, then why), changes
+nothing, and the target keeps serving: a bdev exported over NVMe/TCP before
+the bad RPC still reads back what was written to it.
 
 Before this was checked, `bdev_malloc_create` of more than the free memory
 got the whole target OOM-killed while it faulted the RAM disk in, and an
@@ -11,24 +12,15 @@ allocation over the address-space limit (`ulimit -v`) aborted it.
 import json
 import os
 import resource
-import socket
 
 import pytest
 
 import nvmf_probe as P
+from test_nvmf_target import ADDR, free_port
 
 NQN = "nqn.2016-06.io.spdk:cnode-limits"
-ADDR = "127.0.0.1"
 ENOMEM = -12
 MSG = "Cannot allocate memory: "
-
-
-def free_port():
-    s = socket.socket()
-    s.bind((ADDR, 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 class Served:
