@@ -111,12 +111,12 @@ pub struct MemoryBudget {
     pub bytes: u64,
     /// The limit that set `bytes`.
     pub limited_by: &'static str,
-    /// Bytes left out of `bytes` for the kernel, the target's own buffers
+    /// Bytes kept out of `bytes` for the kernel, the target's own buffers
     /// and the other processes.
     pub headroom: u64,
 }
 
-/// `bytes` or an error naming the size and the limit.
+/// Whether `bytes` can be had now; the error names the size and the limit.
 pub fn check_available(bytes: usize) -> Result<(), AllocError> {
     match available_memory() {
         Some(budget) if bytes as u64 > budget.bytes => {
