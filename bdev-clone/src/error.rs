@@ -31,6 +31,9 @@ pub enum CloneError {
     /// I/O on a base bdev failed during create (-5).
     #[error("{0}")]
     Io(String),
+    /// The machine cannot hold what the clone needs in memory (-12).
+    #[error("{0}")]
+    NoMem(String),
     /// `bdev_clone_set_hydration` without any option (-22).
     #[error("No options specified")]
     NoOptions,
@@ -50,6 +53,7 @@ impl CloneError {
             | CloneError::NoOptions => libc::EINVAL,
             CloneError::Claimed(_) => libc::EBUSY,
             CloneError::Io(_) => libc::EIO,
+            CloneError::NoMem(_) => libc::ENOMEM,
         }
     }
 
@@ -61,6 +65,7 @@ impl CloneError {
                 CloneError::Claimed(e.to_string())
             }
             bdev::BdevError::Invalid(m) => CloneError::Invalid(m),
+            bdev::BdevError::NoMem(m) => CloneError::NoMem(m),
             other => CloneError::Io(other.to_string()),
         }
     }

@@ -23,7 +23,7 @@ use crate::metadata_io::{
     format_metadata, open_metadata, read_superblock, repair_metadata, Opened,
 };
 use crate::owner::{drive, owner_of, start_owner, OWNERS};
-use crate::region_map::RegionMap;
+use crate::region_map::{units_for, RegionMap};
 use crate::router::{MetadataMode, Router, RouterConfig, Stripes};
 use crate::rpc::{check_tunables, CreateOpts};
 
@@ -335,7 +335,27 @@ fn clone_geometry(
         opts.region_size_kb as u64 * 1024,
     )?;
     metadata::check_size(bases.md.0.bdev().size_bytes(), geo.num_regions())?;
+    check_map_memory(&geo)?;
     Ok((geo, src_align))
+}
+
+/// What a clone holds in memory at worst, against what the machine can
+/// give (-ENOMEM): the region map, allocated zeroed (untouched pages cost
+/// nothing) but growing to its full size as regions hydrate, and a commit
+/// of every bitmap unit at once (a whole-device discard, as mkfs sends),
+/// whose snapshot and write buffer each hold every unit. Refused here
+/// rather than an abort on the allocation now or an OOM kill later, which
+/// would take every other clone down too.
+fn check_map_memory(geo: &Geometry) -> Result<(), CloneError> {
+    let n = geo.num_regions();
+    let units = units_for(n);
+    let map = (n.div_ceil(64) + units.div_ceil(64)) * 8;
+    let commit = 2 * units * UNIT_SIZE as u64;
+    reactor::dma::check_available((map + commit) as usize).map_err(|e| {
+        CloneError::NoMem(format!(
+            "a clone of {n} regions (region map {map} bytes, a full metadata commit {commit} bytes): {e}"
+        ))
+    })
 }
 
 /// Create, step 4: open the metadata into `map` (refusing damage), check a

@@ -80,6 +80,9 @@ impl From<BdevError> for ::rpc::RpcError {
                 ::rpc::RpcError::errno_msg(libc::EINVAL, format!("Invalid argument: {msg}"))
             }
             BdevError::Io(msg) => ::rpc::RpcError::errno_msg(e.errno(), msg.clone()),
+            BdevError::NoMem(msg) => {
+                ::rpc::RpcError::errno_msg(libc::ENOMEM, format!("Cannot allocate memory: {msg}"))
+            }
             _ => ::rpc::RpcError::errno(e.errno()),
         }
     }

@@ -113,6 +113,19 @@ fn create_transport(p: CreateTransport) -> Result<bool, RpcError> {
     if o.io_unit_size < 512 || o.kas == 0 || o.sock_priority > 16 {
         return Err(bad("io_unit_size, kas or sock_priority out of range"));
     }
+    // A write's buffer is allocated when its command arrives, before the
+    // host sends the data: one queue pair can make the target hold a full
+    // queue of the largest transfers. Refuse a transport whose one queue
+    // pair could exhaust memory (SPDK's code and text, then why).
+    let per_qpair = o.max_queue_depth as u64 * o.max_xfer() as u64;
+    if let Err(e) = reactor::dma::check_available(per_qpair as usize) {
+        tracing::error!(%e, "nvmf_create_transport: queue pair buffers exceed memory");
+        return Err(RpcError::internal(format!(
+            "Transport type 'TCP' create failed: one queue pair of max_queue_depth {} \
+             may hold that many writes of max_io_size {} bytes: {e}",
+            o.max_queue_depth, o.max_io_size
+        )));
+    }
     let mut t = target::tgt();
     if t.transport.is_some() {
         return Err(RpcError::internal("Transport type 'TCP' already exists"));

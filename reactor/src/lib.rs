@@ -25,7 +25,7 @@ mod runtime;
 pub mod sync;
 pub mod uring;
 
-pub use dma::DmaBuf;
+pub use dma::{AllocError, DmaBuf};
 pub use executor::{sleep, spawn_local, spawn_on, with_timeout, yield_now, JoinHandle};
 pub use msg::INLINE_WORDS;
 pub use runtime::{

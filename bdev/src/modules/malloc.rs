@@ -187,7 +187,12 @@ pub fn create(p: CreateParams) -> Result<Arc<Bdev>, BdevError> {
     if crate::get(&name).is_some() {
         return Err(BdevError::Exists(name));
     }
-    let mem = DmaBuf::zeroed(bytes as usize);
+    // The size comes from the RPC: refuse what the machine cannot give
+    // (-ENOMEM, as SPDK's failed spdk_zmalloc) rather than abort or be
+    // OOM-killed with every other bdev. The store is faulted in here, not
+    // lazily, so the check covers everything it will ever take.
+    let mem = DmaBuf::try_zeroed(bytes as usize)
+        .map_err(|e| BdevError::NoMem(format!("malloc bdev '{name}': {e}")))?;
     let ops = MallocBdev {
         mem,
         block_size: p.block_size,
@@ -206,4 +211,31 @@ pub fn create(p: CreateParams) -> Result<Arc<Bdev>, BdevError> {
 pub fn register_methods() {
     register_create("bdev_malloc_create", DecodeError::Internal, create);
     register_delete("bdev_malloc_delete", "malloc", DecodeError::Internal);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::util::run_on_reactor;
+
+    #[test]
+    fn size_beyond_memory_is_enomem_and_registers_nothing() {
+        run_on_reactor(0x1, || async {
+            // 1 PiB: more than any machine here can give.
+            let err = create(CreateParams::new("Huge", 4096, 1 << 38)).unwrap_err();
+            assert!(matches!(err, BdevError::NoMem(_)), "{err}");
+            let rpc = ::rpc::RpcError::from(err);
+            assert_eq!(rpc.code, -libc::ENOMEM);
+            assert!(
+                rpc.message.starts_with(
+                    "Cannot allocate memory: malloc bdev 'Huge': could not allocate 1125899906842624 bytes"
+                ),
+                "{}",
+                rpc.message
+            );
+            assert!(crate::get("Huge").is_none());
+            // What fits is still created.
+            create(CreateParams::new("Small", 512, 64)).unwrap();
+        });
+    }
 }
