@@ -595,3 +595,52 @@ def test_client_over_tcp(tgt, nbd_dir):
         kit.kill()
         kit.wait()
         log.close()
+
+
+def test_write_zeroes_without_native_support_is_bounded(tgt, nbd_dir):
+    """NBD_CMD_WRITE_ZEROES on a bdev with no native write-zeroes (aio
+    without fallocate) is written from a bounded zero buffer, chunk by
+    chunk: a 512 MiB request under an address-space limit of 128 MiB more
+    than the target has mapped succeeds (a buffer of the request's size used
+    to abort the target), zeroes exactly its range, and the target serves on."""
+    from test_resource_limits import AddressSpaceLimit
+    path = nbd_dir / "disk.img"
+    size = 1 << 30
+    with open(path, "wb") as f:
+        f.truncate(size)
+    tgt.rpc("bdev_aio_create", filename=str(path), name="A0", block_size=BS)
+    assert not tgt.bdev("A0")["supported_io_types"]["write_zeroes"]
+    sock = nbd_dir / "srv.sock"
+    tgt.rpc("nbd_server_start", listen=str(sock))
+    tgt.rpc("nbd_export_add", bdev_name="A0", writable=True)
+    s = _handshake(sock, "A0")
+    s.settimeout(120)
+
+    def reply(cookie):
+        magic, err, ck = struct.unpack(">IIQ", _recv_exact(s, 16))
+        assert (magic, ck) == (0x67446698, cookie)
+        return err
+
+    def read(off, ln, cookie):
+        _request(s, 0, off, ln, cookie)
+        assert reply(cookie) == 0
+        return _recv_exact(s, ln)
+
+    # A pattern around and inside the range; the range is not whole chunks.
+    start, length = BS, (512 << 20) + 3 * BS
+    end = start + length
+    spots = [0, start, start + MB - BS, start + MB, end - BS, end]
+    pattern = {off: os.urandom(BS) for off in spots}
+    for i, (off, data) in enumerate(pattern.items()):
+        _request(s, 1, off, BS, 100 + i)
+        s.sendall(data)
+        assert reply(100 + i) == 0
+    with AddressSpaceLimit(tgt.pid, 128 << 20):
+        _request(s, 6, start, length, 7)
+        assert reply(7) == 0
+    assert tgt.running(), tgt.log()[-3000:]
+    for i, off in enumerate(spots):
+        want = pattern[off] if off < start or off >= end else bytes(BS)
+        assert read(off, BS, 200 + i) == want, off
+    _request(s, 2, 0, 0, 1)      # NBD_CMD_DISC
+    s.close()

@@ -754,6 +754,61 @@ async fn transmission(sock: &Rc<Sock>, s: Session) {
     }
 }
 
+/// Largest zero buffer a write-zeroes emulation holds (SPDK's bdev layer
+/// uses 1 MiB too).
+const ZERO_CHUNK_BYTES: u64 = 1 << 20;
+
+/// Write zeroes on a bdev without native write-zeroes: writes of one
+/// zeroed buffer of at most [`ZERO_CHUNK_BYTES`], one after another. A
+/// request may span 4 GiB; a buffer of its full size would let one client
+/// exhaust the target's memory.
+fn zero_by_writes(
+    ch: &IoChannel,
+    offset_blocks: u64,
+    num_blocks: u64,
+    fua: bool,
+    done: impl FnOnce(bdev::IoStatus) + 'static,
+) {
+    let per = (ZERO_CHUNK_BYTES / ch.bdev().block_size() as u64).max(1);
+    let bytes = num_blocks.min(per) * ch.bdev().block_size() as u64;
+    let zeroes = DmaBuf::zeroed(bytes as usize);
+    zero_chunk(
+        ch.clone(),
+        offset_blocks,
+        num_blocks,
+        per,
+        fua,
+        zeroes,
+        Box::new(done),
+    );
+}
+
+fn zero_chunk(
+    ch: IoChannel,
+    offset_blocks: u64,
+    left: u64,
+    per: u64,
+    fua: bool,
+    zeroes: DmaBuf,
+    done: Box<dyn FnOnce(bdev::IoStatus)>,
+) {
+    let n = left.min(per);
+    let ch2 = ch.clone();
+    let mut io = BdevIo::write(offset_blocks, n, zeroes, move |mut io: Box<BdevIo>| {
+        if io.status != bdev::IoStatus::Success || n == left {
+            return done(io.status);
+        }
+        let bytes = n * ch2.bdev().block_size() as u64;
+        let z = io
+            .buf
+            .take()
+            .unwrap_or_else(|| DmaBuf::zeroed(bytes as usize));
+        zero_chunk(ch2, offset_blocks + n, left - n, per, fua, z, done)
+    });
+    io.fua = fua;
+    ch.submit(io);
+}
+
 fn submit(ch: &IoChannel, out: &OutRc, s: &Session, r: Request, payload: Option<DmaBuf>, bs: u64) {
     let (structured, cookie) = (s.structured, r.cookie);
     let ob = r.offset / bs;
@@ -817,9 +872,12 @@ fn submit(ch: &IoChannel, out: &OutRc, s: &Session, r: Request, payload: Option<
             ch.submit(io);
         }
         CMD_WRITE_ZEROES if nb > 0 => {
-            let mut io = BdevIo::write(ob, nb, DmaBuf::zeroed(r.length as usize), status_cb);
-            io.fua = r.flags & CMD_FLAG_FUA != 0;
-            ch.submit(io);
+            let fua = r.flags & CMD_FLAG_FUA != 0;
+            let o2 = out.clone();
+            zero_by_writes(ch, ob, nb, fua, move |st| {
+                reply_status(&o2, structured, cookie, errno_of(st));
+                done(&o2);
+            });
         }
         // Nothing to flush, nothing to trim (trim is advisory), or empty.
         CMD_FLUSH | CMD_TRIM | CMD_WRITE_ZEROES => {
