@@ -388,71 +388,57 @@ pub struct IoHints {
     pub preferred_unmap_granularity: u32,
 }
 
-/// Everything a module states about a new bdev.
-pub struct BdevBuilder {
-    name: String,
-    aliases: Vec<String>,
-    product_name: String,
-    block_size: u32,
-    num_blocks: u64,
-    uuid: Option<Uuid>,
-    write_cache: bool,
-    required_alignment: u32,
-    optimal_io_boundary: u32,
-    physical_block_size: u32,
-    hints: IoHints,
+/// Declares [`BdevBuilder`] from one list of its plain properties, each
+/// with its default and a setter `field(v)` that stores `v`.
+macro_rules! bdev_builder {
+    ($($field:ident: $ty:ty = $default:expr),* $(,)?) => {
+        /// Everything a module states about a new bdev.
+        pub struct BdevBuilder {
+            name: String,
+            aliases: Vec<String>,
+            product_name: String,
+            hints: IoHints,
+            $($field: $ty,)*
+        }
+
+        impl BdevBuilder {
+            pub fn new(name: impl Into<String>, product_name: impl Into<String>) -> Self {
+                BdevBuilder {
+                    name: name.into(),
+                    aliases: Vec::new(),
+                    product_name: product_name.into(),
+                    hints: IoHints::default(),
+                    $($field: $default,)*
+                }
+            }
+
+            $(
+                pub fn $field(mut self, v: $ty) -> Self {
+                    self.$field = v;
+                    self
+                }
+            )*
+        }
+    };
+}
+
+bdev_builder! {
+    block_size: u32 = 512,
+    num_blocks: u64 = 0,
+    uuid: Option<Uuid> = None,
+    write_cache: bool = false,
+    required_alignment: u32 = 0,
+    optimal_io_boundary: u32 = 0,
+    physical_block_size: u32 = 0,
 }
 
 impl BdevBuilder {
-    pub fn new(name: impl Into<String>, product_name: impl Into<String>) -> Self {
-        BdevBuilder {
-            name: name.into(),
-            aliases: Vec::new(),
-            product_name: product_name.into(),
-            block_size: 512,
-            num_blocks: 0,
-            uuid: None,
-            write_cache: false,
-            required_alignment: 0,
-            optimal_io_boundary: 0,
-            physical_block_size: 0,
-            hints: IoHints::default(),
-        }
-    }
     pub fn io_hints(mut self, h: IoHints) -> Self {
         self.hints = h;
         self
     }
-    pub fn block_size(mut self, bs: u32) -> Self {
-        self.block_size = bs;
-        self
-    }
-    pub fn num_blocks(mut self, n: u64) -> Self {
-        self.num_blocks = n;
-        self
-    }
-    pub fn uuid(mut self, u: Option<Uuid>) -> Self {
-        self.uuid = u;
-        self
-    }
     pub fn alias(mut self, a: impl Into<String>) -> Self {
         self.aliases.push(a.into());
-        self
-    }
-    pub fn write_cache(mut self, wc: bool) -> Self {
-        self.write_cache = wc;
-        self
-    }
-    pub fn required_alignment(mut self, a: u32) -> Self {
-        self.required_alignment = a;
-        self
-    }
-    pub fn optimal_io_boundary(mut self, b: u32) -> Self {
-        self.optimal_io_boundary = b;
-        self
-    }
-    pub fn physical_block_size(mut self, b: u32) -> Self {
-        self.physical_block_size = b;
         self
     }
     pub fn name(&self) -> &str {
@@ -804,6 +790,8 @@ pub fn downgrade(b: &Arc<Bdev>) -> Weak<Bdev> {
     Arc::downgrade(b)
 }
 
+#[cfg(test)]
+mod test_util;
 #[cfg(test)]
 mod tests;
 
