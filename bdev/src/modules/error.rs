@@ -462,9 +462,11 @@ pub fn register_methods() {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::tests::{mk as mk_malloc, pattern, two_cores};
+    use crate::test_util::{
+        delete_errno, mk as mk_malloc, on_reactor, open_ch, pattern, rpc_steps, two_cores,
+    };
     use crate::util::{self, run_on_reactor};
-    use ::rpc::{RpcError, RUNTIME};
+    use ::rpc::RpcError;
     use std::time::Duration;
 
     fn inject(name: &str, io_type: InjectIoType, error_type: ErrorType, num: u32) -> InjectParams {
@@ -507,13 +509,7 @@ mod tests {
                 json!({"base_name": "EM0b", "uuid": u.to_string()})
             );
 
-            assert_eq!(
-                crate::unregister_by_name("EM0", MODULE_NAME)
-                    .await
-                    .unwrap_err()
-                    .errno(),
-                libc::ENODEV
-            );
+            assert_eq!(delete_errno("EM0", MODULE_NAME).await, libc::ENODEV);
             crate::unregister_by_name("EE_EM0", MODULE_NAME)
                 .await
                 .unwrap();
@@ -530,8 +526,7 @@ mod tests {
         run_on_reactor(0x1, || async {
             mk_malloc("EM1", 64);
             create("EM1", None).unwrap();
-            let desc = crate::open("EE_EM1", true, |_| {}).unwrap();
-            let ch = desc.channel();
+            let (_desc, ch) = open_ch("EE_EM1", true);
             inject_error(&inject("EE_EM1", InjectIoType::Read, ErrorType::Failure, 2)).unwrap();
             assert_eq!(util::read(&ch, 0, 1).await.unwrap_err(), IoStatus::Failed);
             // Writes are not armed.
@@ -593,8 +588,7 @@ mod tests {
         run_on_reactor(0x1, || async {
             let base = mk_malloc("EM2", 64);
             create("EM2", None).unwrap();
-            let desc = crate::open("EE_EM2", true, |_| {}).unwrap();
-            let ch = desc.channel();
+            let (_desc, ch) = open_ch("EE_EM2", true);
             inject_error(&inject("EE_EM2", InjectIoType::Write, ErrorType::NoMem, 3)).unwrap();
             util::write(&ch, 4, pattern(1024, 9), false).await.unwrap();
             let r = util::read(&ch, 4, 2).await.unwrap();
@@ -617,11 +611,9 @@ mod tests {
         run_on_reactor(0x1, || async {
             mk_malloc("EM3", 64);
             create("EM3", None).unwrap();
-            let desc = crate::open("EE_EM3", true, |_| {}).unwrap();
-            let ch = desc.channel();
+            let (_desc, ch) = open_ch("EE_EM3", true);
             // The base stays readable through a read-only descriptor.
-            let raw = crate::open("EM3", false, |_| {}).unwrap();
-            let raw_ch = raw.channel();
+            let (_raw, raw_ch) = open_ch("EM3", false);
 
             let mut p = inject("EE_EM3", InjectIoType::Write, ErrorType::CorruptData, 1);
             p.corrupt_offset = 600;
@@ -661,8 +653,7 @@ mod tests {
         let (before_reset, status, after) = run_on_reactor(0x1, || async {
             mk_malloc("EM4", 64);
             create("EM4", None).unwrap();
-            let desc = crate::open("EE_EM4", true, |_| {}).unwrap();
-            let ch = desc.channel();
+            let (_desc, ch) = open_ch("EE_EM4", true);
             inject_error(&inject("EE_EM4", InjectIoType::Read, ErrorType::Pending, 1)).unwrap();
             let done: Rc<Cell<Option<IoStatus>>> = Rc::new(Cell::new(None));
             let d2 = done.clone();
@@ -683,8 +674,7 @@ mod tests {
         let status = run_on_reactor(0x1, || async {
             mk_malloc("EM5", 64);
             create("EM5", None).unwrap();
-            let desc = crate::open("EE_EM5", true, |_| {}).unwrap();
-            let ch = desc.channel();
+            let (desc, ch) = open_ch("EE_EM5", true);
             inject_error(&inject(
                 "EE_EM5",
                 InjectIoType::Write,
@@ -708,8 +698,7 @@ mod tests {
         let statuses = run_on_reactor(0x1, || async {
             mk_malloc("EM6", 64);
             create("EM6", None).unwrap();
-            let desc = crate::open("EE_EM6", true, |_| {}).unwrap();
-            let ch = desc.channel();
+            let (_desc, ch) = open_ch("EE_EM6", true);
             let mut p = inject("EE_EM6", InjectIoType::Read, ErrorType::Failure, 1);
             p.queue_depth = 2;
             inject_error(&p).unwrap();
@@ -735,74 +724,61 @@ mod tests {
     fn rpc_methods_end_to_end() {
         run_on_reactor(0x1, || async {
             register_methods();
-            ::rpc::set_state(RUNTIME);
-            let call = |m: &'static str, p: Value| ::rpc::call(m, Some(p));
             mk_malloc("ER0", 64);
-            let decode = RpcError::invalid_params("spdk_json_decode_object failed");
-            assert_eq!(
-                call("bdev_error_create", json!({"base_name": "ER0"}))
-                    .await
-                    .unwrap(),
-                json!(true)
-            );
+            let decode = Err(RpcError::invalid_params("spdk_json_decode_object failed"));
+            let enodev = Err(RpcError::errno(libc::ENODEV));
+            let inj = |name: &str, error_type: &str| json!({"name": name, "io_type": "read", "error_type": error_type, "num": 1});
+            rpc_steps(vec![(
+                "bdev_error_create",
+                json!({"base_name": "ER0"}),
+                Ok(json!(true)),
+            )])
+            .await;
             assert!(crate::get("EE_ER0").is_some());
-            assert_eq!(
-                call("bdev_error_create", json!({"base_name": "ER0"}))
-                    .await
-                    .unwrap_err(),
-                RpcError::errno(libc::EEXIST)
-            );
-            assert_eq!(
-                call("bdev_error_create", json!({"base_name": "nope"}))
-                    .await
-                    .unwrap_err(),
-                RpcError::errno(libc::ENODEV)
-            );
-            assert_eq!(
-                call("bdev_error_create", json!({"name": "ER0"}))
-                    .await
-                    .unwrap_err(),
-                decode
-            );
-            let inj =
-                json!({"name": "EE_ER0", "io_type": "read", "error_type": "failure", "num": 1});
-            assert_eq!(
-                call("bdev_error_inject_error", inj).await.unwrap(),
-                json!(true)
-            );
-            let inj = json!({"name": "EE_ER0", "io_type": "read", "error_type": "boom"});
-            assert_eq!(
-                call("bdev_error_inject_error", inj).await.unwrap_err(),
-                decode
-            );
-            let inj = json!({"name": "EE_ER0", "io_type": "read", "error_type": "corrupt_data"});
-            assert_eq!(
-                call("bdev_error_inject_error", inj).await.unwrap_err().code,
-                -22
-            );
-            let inj = json!({"name": "ER0", "io_type": "clear", "error_type": "failure"});
-            assert_eq!(
-                call("bdev_error_inject_error", inj).await.unwrap_err(),
-                RpcError::errno(libc::ENODEV)
-            );
-            assert_eq!(
-                call("bdev_error_delete", json!({"nam": "x"}))
-                    .await
-                    .unwrap_err(),
-                decode
-            );
-            assert_eq!(
-                call("bdev_error_delete", json!({"name": "ER0"}))
-                    .await
-                    .unwrap_err(),
-                RpcError::errno(libc::ENODEV)
-            );
-            assert_eq!(
-                call("bdev_error_delete", json!({"name": "EE_ER0"}))
-                    .await
-                    .unwrap(),
-                json!(true)
-            );
+            rpc_steps(vec![
+                (
+                    "bdev_error_create",
+                    json!({"base_name": "ER0"}),
+                    Err(RpcError::errno(libc::EEXIST)),
+                ),
+                (
+                    "bdev_error_create",
+                    json!({"base_name": "nope"}),
+                    enodev.clone(),
+                ),
+                ("bdev_error_create", json!({"name": "ER0"}), decode.clone()),
+                (
+                    "bdev_error_inject_error",
+                    inj("EE_ER0", "failure"),
+                    Ok(json!(true)),
+                ),
+                (
+                    "bdev_error_inject_error",
+                    inj("EE_ER0", "boom"),
+                    decode.clone(),
+                ),
+                (
+                    "bdev_error_inject_error",
+                    inj("EE_ER0", "corrupt_data"),
+                    Err(RpcError::errno_msg(
+                        libc::EINVAL,
+                        "Invalid argument: corrupt_value should be non-zero",
+                    )),
+                ),
+                (
+                    "bdev_error_inject_error",
+                    json!({"name": "ER0", "io_type": "clear", "error_type": "failure"}),
+                    enodev.clone(),
+                ),
+                ("bdev_error_delete", json!({"nam": "x"}), decode),
+                ("bdev_error_delete", json!({"name": "ER0"}), enodev),
+                (
+                    "bdev_error_delete",
+                    json!({"name": "EE_ER0"}),
+                    Ok(json!(true)),
+                ),
+            ])
+            .await;
             assert!(crate::get("EE_ER0").is_none());
         });
     }
@@ -823,23 +799,15 @@ mod tests {
                 1,
             ))
             .unwrap();
-            let (tx, rx) = std::sync::mpsc::channel();
-            let d1 = desc.clone();
-            reactor::spawn_on(1, move || async move {
-                let ch = d1.channel();
-                let r = util::write(&ch, 0, DmaBuf::new(512), false).await;
-                let _ = tx.send(r);
+            let held = on_reactor(1, &desc, |ch| async move {
+                util::write(&ch, 0, DmaBuf::new(512), false).await
             });
-            reactor::sleep(Duration::from_millis(20)).await;
-            assert!(rx.try_recv().is_err(), "pending write completed early");
+            let mut held = std::pin::pin!(held.recv());
+            let early = reactor::with_timeout(Duration::from_millis(20), held.as_mut()).await;
+            assert!(early.is_none(), "pending write completed early");
             let ch = desc.channel();
             util::simple(&ch, IoType::Reset, 0, 0).await.unwrap();
-            loop {
-                if let Ok(s) = rx.try_recv() {
-                    break s;
-                }
-                reactor::sleep(Duration::from_millis(1)).await;
-            }
+            held.await
         });
         assert_eq!(status, Err(IoStatus::Failed));
     }

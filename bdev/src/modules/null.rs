@@ -275,6 +275,7 @@ mod tests {
     use reactor::DmaBuf;
 
     use super::*;
+    use crate::test_util::open_ch;
     use crate::util::{self, run_on_reactor};
 
     #[test]
@@ -284,8 +285,7 @@ mod tests {
             assert_eq!(b.product_name(), PRODUCT_NAME);
             assert_eq!(b.module_name(), "null");
             assert!(!b.write_cache());
-            let desc = crate::open("N0", true, |_| {}).unwrap();
-            let ch = desc.channel();
+            let (desc, ch) = open_ch("N0", true);
             let mut w = DmaBuf::new(4096);
             w.as_mut_slice().fill(0xa5);
             util::write(&ch, 10, w, false).await.unwrap();
