@@ -273,6 +273,18 @@ impl Bdev {
     pub fn size_bytes(&self) -> u64 {
         self.num_blocks() * self.block_size as u64
     }
+    /// Send `ev` to every open descriptor's event callback (outside the
+    /// lock: a callback may close its descriptor).
+    fn notify(&self, ev: BdevEvent) {
+        let cbs: Vec<_> = lock(&self.descs)
+            .iter()
+            .map(|d| d.event_cb.clone())
+            .collect();
+        for cb in cbs {
+            cb(ev);
+        }
+    }
+
     /// The module's device changed size (SPDK
     /// `spdk_bdev_notify_blockcnt_change`): shrinking is refused with
     /// -EBUSY while descriptors are open; otherwise the new count takes
@@ -293,13 +305,7 @@ impl Bdev {
         }
         self.num_blocks.store(new_blocks, Ordering::Release);
         tracing::info!(bdev = %self.name, old, new = new_blocks, "bdev resized");
-        let cbs: Vec<_> = lock(&self.descs)
-            .iter()
-            .map(|d| d.event_cb.clone())
-            .collect();
-        for cb in cbs {
-            cb(BdevEvent::Resize);
-        }
+        self.notify(BdevEvent::Resize);
         Ok(())
     }
     pub fn uuid(&self) -> Uuid {
@@ -752,13 +758,7 @@ async fn unregister_bdev_first(bdev: &Arc<Bdev>) -> bool {
         return false;
     }
     tracing::info!(bdev = %bdev.name, "unregistering bdev");
-    let cbs: Vec<_> = lock(&bdev.descs)
-        .iter()
-        .map(|d| d.event_cb.clone())
-        .collect();
-    for cb in cbs {
-        cb(BdevEvent::Remove);
-    }
+    bdev.notify(BdevEvent::Remove);
     let mut waited = 0u32;
     while bdev.open_desc_count() > 0 {
         reactor::sleep(Duration::from_millis(1)).await;

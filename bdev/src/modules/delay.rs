@@ -32,9 +32,7 @@ use uuid::Uuid;
 
 use crate::rpc::{register_action, register_create, register_delete};
 use crate::stacked::{self, Base};
-use crate::{
-    Bdev, BdevError, BdevIo, BdevOps, BoxFuture, ChannelOps, ClaimType, IoChannel, IoStatus, IoType,
-};
+use crate::{Bdev, BdevError, BdevIo, BdevOps, BoxFuture, ChannelOps, IoChannel, IoStatus, IoType};
 
 pub const MODULE_NAME: &str = "delay";
 pub const PRODUCT_NAME: &str = "delay";
@@ -361,24 +359,18 @@ pub fn create(p: CreateParams) -> Result<Arc<Bdev>, BdevError> {
             "p99 latency must be greater than or equal to the average latency".into(),
         ));
     }
-    if crate::get(&p.name).is_some() {
-        return Err(BdevError::Exists(p.name));
-    }
-    let (base, link) =
-        stacked::open_base(&p.base_bdev_name, ClaimType::ExclusiveWrite, MODULE_NAME)?;
     let lat = Arc::new(Latencies::default());
     lat.set(LatencyType::AvgRead, p.avg_read_latency);
     lat.set(LatencyType::P99Read, p.p99_read_latency);
     lat.set(LatencyType::AvgWrite, p.avg_write_latency);
     lat.set(LatencyType::P99Write, p.p99_write_latency);
-    let uuid = p
-        .uuid
-        .unwrap_or_else(|| Uuid::new_v5(&NAMESPACE_UUID, base.bdev().uuid().as_bytes()));
-    let builder = base.builder(p.name, PRODUCT_NAME).uuid(Some(uuid));
-    let base_bdev = base.bdev().clone();
-    let bdev = link.register(builder, DelayBdev { base, lat })?;
-    tracing::info!(bdev = %bdev.name(), base = %base_bdev.name(), "delay bdev created");
-    Ok(bdev)
+    stacked::create(&p.name, &p.base_bdev_name, MODULE_NAME, |base| {
+        let uuid = p
+            .uuid
+            .unwrap_or_else(|| Uuid::new_v5(&NAMESPACE_UUID, base.bdev().uuid().as_bytes()));
+        let builder = base.builder(&p.name, PRODUCT_NAME).uuid(Some(uuid));
+        (builder, DelayBdev { base, lat })
+    })
 }
 
 /// Set one latency of a running delay bdev. Like SPDK, a p99 below the
@@ -430,6 +422,7 @@ mod tests {
         delete_errno, mk as mk_malloc, on_reactor, open_ch, pattern, rpc_steps, two_cores,
     };
     use crate::util::{self, run_on_reactor};
+    use crate::ClaimType;
     use reactor::DmaBuf;
 
     fn params(name: &str, base: &str, read_us: u64, write_us: u64) -> CreateParams {
@@ -442,6 +435,14 @@ mod tests {
             p99_write_latency: write_us,
             uuid: None,
         }
+    }
+
+    /// A 64-block malloc `base` and delay bdev `name` on it with `us` of
+    /// latency for every I/O, and a descriptor and channel of that.
+    fn delay_on(name: &str, base: &str, us: u64, write: bool) -> (crate::Desc, IoChannel) {
+        mk_malloc(base, 64);
+        create(params(name, base, us, us)).unwrap();
+        open_ch(name, write)
     }
 
     #[test]
@@ -476,9 +477,7 @@ mod tests {
     #[test]
     fn update_latency_takes_effect() {
         let (before, after) = run_on_reactor(0x1, || async {
-            mk_malloc("DM1", 64);
-            create(params("D1", "DM1", 0, 0)).unwrap();
-            let (_desc, ch) = open_ch("D1", false);
+            let (_desc, ch) = delay_on("D1", "DM1", 0, false);
             let t0 = reactor::now_ns();
             util::read(&ch, 0, 1).await.unwrap();
             let before = reactor::now_ns() - t0;
@@ -623,9 +622,7 @@ mod tests {
     #[test]
     fn reset_aborts_held_io() {
         let (status, reset_ns) = run_on_reactor(0x1, || async {
-            mk_malloc("DM5", 64);
-            create(params("D5", "DM5", 10_000_000, 10_000_000)).unwrap();
-            let (_desc, ch) = open_ch("D5", true);
+            let (_desc, ch) = delay_on("D5", "DM5", 10_000_000, true);
             let pending = util::submit(&ch, IoType::Read, 0, 1, Some(DmaBuf::new(512)), false);
             reactor::sleep(Duration::from_millis(5)).await;
             let t0 = reactor::now_ns();

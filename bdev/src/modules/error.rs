@@ -29,9 +29,7 @@ use uuid::Uuid;
 
 use crate::rpc::{register_action, register_delete};
 use crate::stacked::{self, Base};
-use crate::{
-    Bdev, BdevError, BdevIo, BdevOps, BoxFuture, ChannelOps, ClaimType, IoChannel, IoStatus, IoType,
-};
+use crate::{Bdev, BdevError, BdevIo, BdevOps, BoxFuture, ChannelOps, IoChannel, IoStatus, IoType};
 
 pub const MODULE_NAME: &str = "error";
 /// What SPDK's error bdev reports (`spdk_bdev_part_construct` in
@@ -383,20 +381,15 @@ impl ChannelOps for ErrorChannel {
 /// behind: no bdev, no descriptor, no claim.
 pub fn create(base_name: &str, uuid: Option<Uuid>) -> Result<Arc<Bdev>, BdevError> {
     let name = format!("{NAME_PREFIX}{base_name}");
-    if crate::get(&name).is_some() {
-        return Err(BdevError::Exists(name));
-    }
-    let (base, link) = stacked::open_base(base_name, ClaimType::ExclusiveWrite, MODULE_NAME)?;
-    let builder = base.builder(name, PRODUCT_NAME).uuid(uuid);
-    let base_bdev = base.bdev().clone();
-    let ops = ErrorBdev {
-        base,
-        uuid,
-        inj: Arc::default(),
-    };
-    let bdev = link.register(builder, ops)?;
-    tracing::info!(bdev = %bdev.name(), base = %base_bdev.name(), "error bdev created");
-    Ok(bdev)
+    stacked::create(&name, base_name, MODULE_NAME, |base| {
+        let builder = base.builder(&name, PRODUCT_NAME).uuid(uuid);
+        let ops = ErrorBdev {
+            base,
+            uuid,
+            inj: Arc::default(),
+        };
+        (builder, ops)
+    })
 }
 
 /// Arm (or with `clear`, disarm) injections on error bdev `p.name`.
@@ -466,8 +459,17 @@ mod tests {
         delete_errno, mk as mk_malloc, on_reactor, open_ch, pattern, rpc_steps, two_cores,
     };
     use crate::util::{self, run_on_reactor};
+    use crate::ClaimType;
     use ::rpc::RpcError;
     use std::time::Duration;
+
+    /// A 64-block malloc `base`, `EE_<base>` on it, and a writable
+    /// descriptor and channel of that.
+    fn error_on(base: &str) -> (crate::Desc, IoChannel) {
+        mk_malloc(base, 64);
+        create(base, None).unwrap();
+        open_ch(&format!("{NAME_PREFIX}{base}"), true)
+    }
 
     fn inject(name: &str, io_type: InjectIoType, error_type: ErrorType, num: u32) -> InjectParams {
         InjectParams::new(name, io_type, error_type, num)
@@ -524,9 +526,7 @@ mod tests {
     #[test]
     fn failure_nvme_and_clear() {
         run_on_reactor(0x1, || async {
-            mk_malloc("EM1", 64);
-            create("EM1", None).unwrap();
-            let (_desc, ch) = open_ch("EE_EM1", true);
+            let (_desc, ch) = error_on("EM1");
             inject_error(&inject("EE_EM1", InjectIoType::Read, ErrorType::Failure, 2)).unwrap();
             assert_eq!(util::read(&ch, 0, 1).await.unwrap_err(), IoStatus::Failed);
             // Writes are not armed.
@@ -556,14 +556,10 @@ mod tests {
                 100,
             ))
             .unwrap();
-            assert_eq!(
-                util::simple(&ch, IoType::Unmap, 0, 1).await.unwrap_err(),
-                IoStatus::Failed
-            );
-            assert_eq!(
-                util::simple(&ch, IoType::Flush, 0, 1).await.unwrap_err(),
-                IoStatus::Failed
-            );
+            for t in [IoType::Unmap, IoType::Flush] {
+                let r = util::simple(&ch, t, 0, 1).await;
+                assert_eq!(r, Err(IoStatus::Failed), "{t:?}");
+            }
             // Write zeroes is never injected (as SPDK).
             util::simple(&ch, IoType::WriteZeroes, 1, 1).await.unwrap();
             inject_error(&inject(
@@ -609,9 +605,7 @@ mod tests {
     #[test]
     fn corrupt_data_on_write_and_read() {
         run_on_reactor(0x1, || async {
-            mk_malloc("EM3", 64);
-            create("EM3", None).unwrap();
-            let (_desc, ch) = open_ch("EE_EM3", true);
+            let (_desc, ch) = error_on("EM3");
             // The base stays readable through a read-only descriptor.
             let (_raw, raw_ch) = open_ch("EM3", false);
 
@@ -651,9 +645,7 @@ mod tests {
     #[test]
     fn pending_until_reset() {
         let (before_reset, status, after) = run_on_reactor(0x1, || async {
-            mk_malloc("EM4", 64);
-            create("EM4", None).unwrap();
-            let (_desc, ch) = open_ch("EE_EM4", true);
+            let (_desc, ch) = error_on("EM4");
             inject_error(&inject("EE_EM4", InjectIoType::Read, ErrorType::Pending, 1)).unwrap();
             let done: Rc<Cell<Option<IoStatus>>> = Rc::new(Cell::new(None));
             let d2 = done.clone();
@@ -672,9 +664,7 @@ mod tests {
     #[test]
     fn pending_io_is_failed_at_delete() {
         let status = run_on_reactor(0x1, || async {
-            mk_malloc("EM5", 64);
-            create("EM5", None).unwrap();
-            let (desc, ch) = open_ch("EE_EM5", true);
+            let (desc, ch) = error_on("EM5");
             inject_error(&inject(
                 "EE_EM5",
                 InjectIoType::Write,
@@ -696,9 +686,7 @@ mod tests {
     #[test]
     fn queue_depth_gates_injection() {
         let statuses = run_on_reactor(0x1, || async {
-            mk_malloc("EM6", 64);
-            create("EM6", None).unwrap();
-            let (_desc, ch) = open_ch("EE_EM6", true);
+            let (_desc, ch) = error_on("EM6");
             let mut p = inject("EE_EM6", InjectIoType::Read, ErrorType::Failure, 1);
             p.queue_depth = 2;
             inject_error(&p).unwrap();

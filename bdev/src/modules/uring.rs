@@ -182,6 +182,16 @@ struct Disk {
 }
 
 impl Disk {
+    /// Set once the fs/device refused fallocate `mode` (punch hole, else
+    /// zero range).
+    fn refused(&self, mode: i32) -> &AtomicBool {
+        if mode & libc::FALLOC_FL_PUNCH_HOLE != 0 {
+            &self.no_punch_hole
+        } else {
+            &self.no_zero_range
+        }
+    }
+
     fn fd(&self) -> RawFd {
         self.file.as_raw_fd()
     }
@@ -628,26 +638,16 @@ impl ChannelOps for FileChannel {
             IoType::Unmap | IoType::WriteZeroes if io.num_blocks == 0 => {
                 finish(self.st.clone(), io, IoStatus::Success)
             }
-            IoType::Unmap => {
-                if st.disk.no_punch_hole.load(Ordering::Relaxed) {
+            IoType::Unmap | IoType::WriteZeroes => {
+                let mode = if io.io_type == IoType::Unmap {
+                    libc::FALLOC_FL_PUNCH_HOLE
+                } else {
+                    libc::FALLOC_FL_ZERO_RANGE
+                };
+                if st.disk.refused(mode).load(Ordering::Relaxed) {
                     zero_fill(self.st.clone(), io, 0)
                 } else {
-                    fallocate(
-                        self.st.clone(),
-                        io,
-                        libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-                    )
-                }
-            }
-            IoType::WriteZeroes => {
-                if st.disk.no_zero_range.load(Ordering::Relaxed) {
-                    zero_fill(self.st.clone(), io, 0)
-                } else {
-                    fallocate(
-                        self.st.clone(),
-                        io,
-                        libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE,
-                    )
+                    fallocate(self.st.clone(), io, mode | libc::FALLOC_FL_KEEP_SIZE)
                 }
             }
             // Took the early return above; completing keeps this total.
@@ -795,12 +795,7 @@ fn fallocate_done(st: Rc<ChanState>, io: Box<BdevIo>, mode: i32, res: i32) {
     let errno = -res;
     if errno == libc::EOPNOTSUPP {
         // Remember, so later I/O goes straight to writing zeroes.
-        let flag = if mode & libc::FALLOC_FL_PUNCH_HOLE != 0 {
-            &st.disk.no_punch_hole
-        } else {
-            &st.disk.no_zero_range
-        };
-        if !flag.swap(true, Ordering::Relaxed) {
+        if !st.disk.refused(mode).swap(true, Ordering::Relaxed) {
             tracing::info!(path = %st.disk.filename, mode, "fallocate mode not supported; writing zeroes instead");
         }
         return zero_fill(st, io, 0);
@@ -1002,6 +997,12 @@ mod tests {
         };
         let path = path_of(&file);
         run_on_reactor(core_mask, move || f(path));
+    }
+
+    /// Grow or shrink the file behind the bdev's back.
+    fn set_file_len(path: &str, len: u64) {
+        let f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+        f.set_len(len).unwrap();
     }
 
     fn path_of(f: &tempfile::NamedTempFile) -> String {
@@ -1427,12 +1428,7 @@ mod tests {
                 .unwrap();
             // Shrink the file behind the bdev's back: a read across the new
             // EOF gets a short transfer, then nothing; it must fail.
-            std::fs::OpenOptions::new()
-                .write(true)
-                .open(&path)
-                .unwrap()
-                .set_len(512 << 10)
-                .unwrap();
+            set_file_len(&path, 512 << 10);
             assert_eq!(
                 util::read(&ch, 1000, 100).await.unwrap_err(),
                 IoStatus::Failed
@@ -1463,21 +1459,11 @@ mod tests {
                 rescan("nope", Flavor::Aio).await.unwrap_err(),
                 RpcError::errno(libc::ENODEV)
             );
-            std::fs::OpenOptions::new()
-                .write(true)
-                .open(&path)
-                .unwrap()
-                .set_len(2 << 20)
-                .unwrap();
+            set_file_len(&path, 2 << 20);
             rescan("R0", Flavor::Aio).await.unwrap();
             assert_eq!(crate::get("R0").unwrap().num_blocks(), (2 << 20) / 512);
             // Size zero: the device is gone; the bdev is hot-removed.
-            std::fs::OpenOptions::new()
-                .write(true)
-                .open(&path)
-                .unwrap()
-                .set_len(0)
-                .unwrap();
+            set_file_len(&path, 0);
             rescan("R0", Flavor::Aio).await.unwrap();
             assert!(crate::get("R0").is_none());
         });
