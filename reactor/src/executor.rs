@@ -220,20 +220,15 @@ impl Future for YieldNow {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::runtime::{start, stop, Config};
+    use crate::runtime::tests::cfg_on;
+    use crate::runtime::{start, stop};
     use std::sync::mpsc;
 
     #[test]
     fn tasks_sleep_and_join() {
         let _g = crate::sync::lock(&crate::runtime::tests::SERIAL);
         let (tx, rx) = mpsc::channel();
-        let cfg = Config {
-            core_mask: 0x1,
-            interrupt_mode: true,
-            mem_size_mb: 8,
-            no_huge: true,
-            uring_entries: 64,
-        };
+        let cfg = cfg_on(0x1);
         let rt = start(cfg, move || {
             spawn_local(async move {
                 let h = spawn_local(async {

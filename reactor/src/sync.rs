@@ -165,7 +165,8 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::runtime::{start, stop, Config};
+    use crate::runtime::tests::cfg_on;
+    use crate::runtime::{start, stop};
     use std::sync::mpsc;
     use std::time::Duration;
 
@@ -173,13 +174,7 @@ mod tests {
     fn run_and_call_on_other_reactors() {
         let _g = lock(&crate::runtime::tests::SERIAL);
         let (tx, rx) = mpsc::channel();
-        let cfg = Config {
-            core_mask: 0x3,
-            interrupt_mode: true,
-            mem_size_mb: 8,
-            no_huge: true,
-            uring_entries: 64,
-        };
+        let cfg = cfg_on(0x3);
         let rt = start(cfg, move || {
             crate::spawn_local(async move {
                 let a = run_on(1, || async { crate::current() }).await;
