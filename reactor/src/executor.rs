@@ -155,24 +155,32 @@ pub fn sleep(d: Duration) -> Sleep {
     Sleep {
         dur: d,
         fired: None,
+        done: false,
     }
 }
 
 pub struct Sleep {
     dur: Duration,
     fired: Option<LocalReceiver<()>>,
+    /// Fired and seen: stays ready if polled again.
+    done: bool,
 }
 
 impl Future for Sleep {
     type Output = ();
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        if self.done {
+            return Poll::Ready(());
+        }
         let dur = self.dur;
         let fired = self.fired.get_or_insert_with(|| {
             let (tx, rx) = local_oneshot();
             runtime::set_timer(dur, move || tx.send(()));
             rx
         });
-        Pin::new(fired).poll(cx)
+        let r = Pin::new(fired).poll(cx);
+        self.done = r.is_ready();
+        r
     }
 }
 
