@@ -276,6 +276,18 @@ impl Bdev {
     pub fn size_bytes(&self) -> u64 {
         self.num_blocks() * self.block_size as u64
     }
+    /// Send `ev` to every open descriptor's event callback (outside the
+    /// lock: a callback may close its descriptor).
+    fn notify(&self, ev: BdevEvent) {
+        let cbs: Vec<_> = lock(&self.descs)
+            .iter()
+            .map(|d| d.event_cb.clone())
+            .collect();
+        for cb in cbs {
+            cb(ev);
+        }
+    }
+
     /// The module's device changed size (SPDK
     /// `spdk_bdev_notify_blockcnt_change`): shrinking is refused with
     /// -EBUSY while descriptors are open; otherwise the new count takes
@@ -296,13 +308,7 @@ impl Bdev {
         }
         self.num_blocks.store(new_blocks, Ordering::Release);
         tracing::info!(bdev = %self.name, old, new = new_blocks, "bdev resized");
-        let cbs: Vec<_> = lock(&self.descs)
-            .iter()
-            .map(|d| d.event_cb.clone())
-            .collect();
-        for cb in cbs {
-            cb(BdevEvent::Resize);
-        }
+        self.notify(BdevEvent::Resize);
         Ok(())
     }
     pub fn uuid(&self) -> Uuid {
@@ -391,71 +397,57 @@ pub struct IoHints {
     pub preferred_unmap_granularity: u32,
 }
 
-/// Everything a module states about a new bdev.
-pub struct BdevBuilder {
-    name: String,
-    aliases: Vec<String>,
-    product_name: String,
-    block_size: u32,
-    num_blocks: u64,
-    uuid: Option<Uuid>,
-    write_cache: bool,
-    required_alignment: u32,
-    optimal_io_boundary: u32,
-    physical_block_size: u32,
-    hints: IoHints,
+/// Declares [`BdevBuilder`] from one list of its plain properties, each
+/// with its default and a setter `field(v)` that stores `v`.
+macro_rules! bdev_builder {
+    ($($field:ident: $ty:ty = $default:expr),* $(,)?) => {
+        /// Everything a module states about a new bdev.
+        pub struct BdevBuilder {
+            name: String,
+            aliases: Vec<String>,
+            product_name: String,
+            hints: IoHints,
+            $($field: $ty,)*
+        }
+
+        impl BdevBuilder {
+            pub fn new(name: impl Into<String>, product_name: impl Into<String>) -> Self {
+                BdevBuilder {
+                    name: name.into(),
+                    aliases: Vec::new(),
+                    product_name: product_name.into(),
+                    hints: IoHints::default(),
+                    $($field: $default,)*
+                }
+            }
+
+            $(
+                pub fn $field(mut self, v: $ty) -> Self {
+                    self.$field = v;
+                    self
+                }
+            )*
+        }
+    };
+}
+
+bdev_builder! {
+    block_size: u32 = 512,
+    num_blocks: u64 = 0,
+    uuid: Option<Uuid> = None,
+    write_cache: bool = false,
+    required_alignment: u32 = 0,
+    optimal_io_boundary: u32 = 0,
+    physical_block_size: u32 = 0,
 }
 
 impl BdevBuilder {
-    pub fn new(name: impl Into<String>, product_name: impl Into<String>) -> Self {
-        BdevBuilder {
-            name: name.into(),
-            aliases: Vec::new(),
-            product_name: product_name.into(),
-            block_size: 512,
-            num_blocks: 0,
-            uuid: None,
-            write_cache: false,
-            required_alignment: 0,
-            optimal_io_boundary: 0,
-            physical_block_size: 0,
-            hints: IoHints::default(),
-        }
-    }
     pub fn io_hints(mut self, h: IoHints) -> Self {
         self.hints = h;
         self
     }
-    pub fn block_size(mut self, bs: u32) -> Self {
-        self.block_size = bs;
-        self
-    }
-    pub fn num_blocks(mut self, n: u64) -> Self {
-        self.num_blocks = n;
-        self
-    }
-    pub fn uuid(mut self, u: Option<Uuid>) -> Self {
-        self.uuid = u;
-        self
-    }
     pub fn alias(mut self, a: impl Into<String>) -> Self {
         self.aliases.push(a.into());
-        self
-    }
-    pub fn write_cache(mut self, wc: bool) -> Self {
-        self.write_cache = wc;
-        self
-    }
-    pub fn required_alignment(mut self, a: u32) -> Self {
-        self.required_alignment = a;
-        self
-    }
-    pub fn optimal_io_boundary(mut self, b: u32) -> Self {
-        self.optimal_io_boundary = b;
-        self
-    }
-    pub fn physical_block_size(mut self, b: u32) -> Self {
-        self.physical_block_size = b;
         self
     }
     pub fn name(&self) -> &str {
@@ -769,13 +761,7 @@ async fn unregister_bdev_first(bdev: &Arc<Bdev>) -> bool {
         return false;
     }
     tracing::info!(bdev = %bdev.name, "unregistering bdev");
-    let cbs: Vec<_> = lock(&bdev.descs)
-        .iter()
-        .map(|d| d.event_cb.clone())
-        .collect();
-    for cb in cbs {
-        cb(BdevEvent::Remove);
-    }
+    bdev.notify(BdevEvent::Remove);
     let mut waited = 0u32;
     while bdev.open_desc_count() > 0 {
         reactor::sleep(Duration::from_millis(1)).await;
@@ -807,6 +793,8 @@ pub fn downgrade(b: &Arc<Bdev>) -> Weak<Bdev> {
     Arc::downgrade(b)
 }
 
+#[cfg(test)]
+mod test_util;
 #[cfg(test)]
 mod tests;
 

@@ -107,10 +107,16 @@ impl Qos {
 mod tests {
     use super::*;
 
+    /// A `Qos` with only the limits `l` sets.
+    fn limited(l: QosLimits) -> Qos {
+        let q = Qos::default();
+        q.set_limits(l);
+        q
+    }
+
     #[test]
     fn iops_limit_spaces_io() {
-        let q = Qos::default();
-        q.set_limits(QosLimits {
+        let q = limited(QosLimits {
             rw_ios_per_sec: 1000,
             ..Default::default()
         });
@@ -128,8 +134,7 @@ mod tests {
 
     #[test]
     fn bandwidth_limit_by_direction() {
-        let q = Qos::default();
-        q.set_limits(QosLimits {
+        let q = limited(QosLimits {
             w_mbytes_per_sec: 1,
             ..Default::default()
         });

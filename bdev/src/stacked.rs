@@ -6,9 +6,9 @@
 //! under the stacked bdev's own reset.
 //!
 //! ```ignore
-//! let (base, link) = stacked::open_base(&p.base_bdev_name, ClaimType::ExclusiveWrite, "delay")?;
-//! let builder = base.builder(p.name, "delay");
-//! let bdev = link.register(builder, DelayBdev { base, .. })?;
+//! let bdev = stacked::create(&p.name, &p.base_bdev_name, "delay", |base| {
+//!     (base.builder(&p.name, "delay"), DelayBdev { base, .. })
+//! })?;
 //! // per I/O, in ChannelOps::submit:  base_channel.forward(io)
 //! // in BdevOps::destruct:            let desc = self.base.close();
 //! ```
@@ -68,6 +68,28 @@ pub fn claim_base(
     module: &'static str,
 ) -> Result<(Desc, RemoveLink), BdevError> {
     open_claimed(base_name, false, claim, module)
+}
+
+/// Create stacked bdev `name` of `module` on `base_name`, as SPDK's
+/// passthru, delay and error: -EEXIST on a taken name, open and claim the
+/// base (exclusive write), then register the bdev `make` builds (usually
+/// from [`Base::builder`]) with the ops that own the base. On failure
+/// nothing is left behind: no bdev, no descriptor, no claim.
+pub fn create<O: BdevOps>(
+    name: &str,
+    base_name: &str,
+    module: &'static str,
+    make: impl FnOnce(Base) -> (BdevBuilder, O),
+) -> Result<Arc<Bdev>, BdevError> {
+    if crate::get(name).is_some() {
+        return Err(BdevError::Exists(name.to_string()));
+    }
+    let (base, link) = open_base(base_name, ClaimType::ExclusiveWrite, module)?;
+    let base_bdev = base.bdev().clone();
+    let (builder, ops) = make(base);
+    let bdev = link.register(builder, ops)?;
+    tracing::info!(bdev = %bdev.name(), base = %base_bdev.name(), "{module} bdev created");
+    Ok(bdev)
 }
 
 fn open_claimed(

@@ -6,46 +6,22 @@ use std::sync::Arc;
 use reactor::DmaBuf;
 
 use crate::modules::malloc;
+use crate::test_util::{mk, open_ch, pattern, two_cores, write_there_read_here, zeroed};
 use crate::util::{self, run_on_reactor};
 use crate::*;
-
-/// A malloc bdev of 512-byte blocks (for the module tests too).
-pub(crate) fn mk(name: &str, blocks: u64) -> Arc<Bdev> {
-    malloc::create(malloc::CreateParams::new(name, 512, blocks)).unwrap()
-}
-
-/// `len` bytes of seeded data.
-pub(crate) fn pattern(len: usize, seed: u8) -> DmaBuf {
-    let mut b = DmaBuf::new(len);
-    for (i, x) in b.as_mut_slice().iter_mut().enumerate() {
-        *x = (i as u8).wrapping_mul(31).wrapping_add(seed);
-    }
-    b
-}
-
-/// Cross-reactor tests need two cores; they pass trivially on one.
-pub(crate) fn two_cores() -> bool {
-    std::thread::available_parallelism().map_or(1, |n| n.get()) >= 2
-}
 
 #[test]
 fn read_write_roundtrip_and_bounds() {
     run_on_reactor(0x1, || async {
         mk("M0", 1024);
-        let desc = open("M0", true, |_| {}).unwrap();
-        let ch = desc.channel();
+        let (desc, ch) = open_ch("M0", true);
         let w = pattern(4096, 7);
         let expect = w.as_slice().to_vec();
         util::write(&ch, 8, w, false).await.unwrap();
         let r = util::read(&ch, 8, 8).await.unwrap();
         assert_eq!(r.as_slice(), &expect[..]);
         // Fresh malloc memory reads as zeroes.
-        assert!(util::read(&ch, 100, 1)
-            .await
-            .unwrap()
-            .as_slice()
-            .iter()
-            .all(|&b| b == 0));
+        assert!(zeroed(util::read(&ch, 100, 1).await.unwrap().as_slice()));
         // Past the end, and a short buffer, fail without touching data.
         assert_eq!(
             util::read(&ch, 1020, 8).await.unwrap_err(),
@@ -78,8 +54,7 @@ fn names_claims_and_readonly_descs() {
             Err(BdevError::NotFound(_))
         ));
 
-        let ro = open("A", false, |_| {}).unwrap();
-        let ch = ro.channel();
+        let (ro, ch) = open_ch("A", false);
         let e = util::write(&ch, 0, DmaBuf::new(512), false)
             .await
             .unwrap_err();
@@ -144,8 +119,7 @@ fn qos_limits_iops() {
             rw_ios_per_sec: 1000,
             ..Default::default()
         });
-        let desc = open("Q", false, |_| {}).unwrap();
-        let ch = desc.channel();
+        let (_desc, ch) = open_ch("Q", false);
         let t0 = reactor::now_ns();
         let mut n = 0;
         for i in 0..50 {
@@ -163,8 +137,7 @@ fn qos_limits_iops() {
 fn reset_completes_and_io_resumes() {
     run_on_reactor(0x1, || async {
         mk("Z", 64);
-        let desc = open("Z", true, |_| {}).unwrap();
-        let ch = desc.channel();
+        let (desc, ch) = open_ch("Z", true);
         util::simple(&ch, IoType::Reset, 0, 0).await.unwrap();
         util::write(&ch, 0, pattern(512, 1), false).await.unwrap();
         assert!(!desc.bdev().reset_in_progress.load(Ordering::SeqCst));
@@ -179,26 +152,8 @@ fn channels_on_two_reactors() {
     run_on_reactor(0x3, || async {
         mk("X", 256);
         let desc = Arc::new(open("X", true, |_| {}).unwrap());
-        let (tx, rx) = std::sync::mpsc::channel();
-        let d1 = desc.clone();
-        reactor::spawn_on(1, move || async move {
-            let ch = d1.channel();
-            util::write(&ch, 16, pattern(512, 9), false).await.unwrap();
-            tx.send(reactor::current()).unwrap();
-        });
-        loop {
-            if let Ok(r) = rx.try_recv() {
-                assert_eq!(r, Some(1));
-                break;
-            }
-            reactor::sleep(std::time::Duration::from_millis(1)).await;
-        }
-        let ch = desc.channel();
-        let r = util::read(&ch, 16, 1).await.unwrap();
-        assert_eq!(r.as_slice(), pattern(512, 9).as_slice());
+        write_there_read_here(&desc, 16, 512, false).await;
         assert_eq!(desc.bdev().iostat().write.ops, 1);
-        drop(ch);
-        drop(desc);
     });
 }
 
@@ -349,8 +304,7 @@ fn forwarded_io_completes_exactly_once_through_a_stack() {
             25,
         ))
         .unwrap();
-        let desc = open("FD2", true, |_| {}).unwrap();
-        let ch = desc.channel();
+        let (_desc, ch) = open_ch("FD2", true);
 
         let w = run_all(&ch, IoType::Write, N, true).await;
         assert!(

@@ -1,42 +1,18 @@
 //! Awaitable I/O for management code (metadata, tests, tools). The data
 //! path uses callbacks; this wraps one submission in a future.
 
-use std::cell::RefCell;
 use std::future::Future;
-use std::pin::Pin;
-use std::rc::Rc;
 use std::sync::mpsc;
 use std::sync::Arc;
-use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
+use reactor::sync::{local_oneshot, LocalReceiver};
 use reactor::DmaBuf;
 
 use crate::{BdevIo, IoChannel, IoStatus, IoType};
 
-struct Slot {
-    io: Option<Box<BdevIo>>,
-    waker: Option<Waker>,
-}
-
 /// Resolves with the completed I/O.
-pub struct IoFuture {
-    slot: Rc<RefCell<Slot>>,
-}
-
-impl Future for IoFuture {
-    type Output = Box<BdevIo>;
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Box<BdevIo>> {
-        let mut s = self.slot.borrow_mut();
-        match s.io.take() {
-            Some(io) => Poll::Ready(io),
-            None => {
-                s.waker = Some(cx.waker().clone());
-                Poll::Pending
-            }
-        }
-    }
-}
+pub type IoFuture = LocalReceiver<Box<BdevIo>>;
 
 /// Submit one I/O on `ch` and await its completion.
 pub fn submit(
@@ -47,24 +23,13 @@ pub fn submit(
     buf: Option<DmaBuf>,
     fua: bool,
 ) -> IoFuture {
-    let slot = Rc::new(RefCell::new(Slot {
-        io: None,
-        waker: None,
-    }));
-    let s2 = slot.clone();
+    let (tx, rx) = local_oneshot();
     let mut io = BdevIo::new(io_type, offset_blocks, num_blocks, buf, move |io| {
-        let w = {
-            let mut s = s2.borrow_mut();
-            s.io = Some(io);
-            s.waker.take()
-        };
-        if let Some(w) = w {
-            w.wake();
-        }
+        tx.send(io)
     });
     io.fua = fua;
     ch.submit(io);
-    IoFuture { slot }
+    rx
 }
 
 /// Read `num_blocks` at `offset_blocks`; the data or the failing status.
@@ -120,30 +85,9 @@ pub async fn block_status(
     offset_blocks: u64,
     num_blocks: u64,
 ) -> Result<Vec<crate::BlockExtent>, IoStatus> {
-    type Slot = Option<Result<Vec<crate::BlockExtent>, IoStatus>>;
-    let slot: Rc<RefCell<(Slot, Option<Waker>)>> = Rc::default();
-    let s2 = slot.clone();
-    ch.block_status(offset_blocks, num_blocks, move |r| {
-        let w = {
-            let mut s = s2.borrow_mut();
-            s.0 = Some(r);
-            s.1.take()
-        };
-        if let Some(w) = w {
-            w.wake();
-        }
-    });
-    std::future::poll_fn(|cx| {
-        let mut s = slot.borrow_mut();
-        match s.0.take() {
-            Some(r) => Poll::Ready(r),
-            None => {
-                s.1 = Some(cx.waker().clone());
-                Poll::Pending
-            }
-        }
-    })
-    .await
+    let (tx, rx) = local_oneshot();
+    ch.block_status(offset_blocks, num_blocks, move |r| tx.send(r));
+    rx.await
 }
 
 /// Run `f` on every reactor, one after the other, and resolve once all

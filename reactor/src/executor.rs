@@ -5,13 +5,13 @@ use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
-use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll, Wake, Waker};
 use std::time::Duration;
 
 use crate::runtime::{self, try_local, with_local};
+use crate::sync::{local_oneshot, LocalReceiver};
 
 type Task = Pin<Box<dyn Future<Output = ()>>>;
 
@@ -119,51 +119,23 @@ impl Executor {
     }
 }
 
-struct JoinState<T> {
-    value: Option<T>,
-    waker: Option<Waker>,
-}
-
 /// Awaits the output of a task spawned with [`spawn_local`].
-pub struct JoinHandle<T> {
-    state: Rc<RefCell<JoinState<T>>>,
-}
+pub struct JoinHandle<T>(LocalReceiver<T>);
 
 impl<T> Future for JoinHandle<T> {
     type Output = T;
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<T> {
-        let mut st = self.state.borrow_mut();
-        match st.value.take() {
-            Some(v) => Poll::Ready(v),
-            None => {
-                st.waker = Some(cx.waker().clone());
-                Poll::Pending
-            }
-        }
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<T> {
+        Pin::new(&mut self.0).poll(cx)
     }
 }
 
 /// Spawn a future on the calling reactor. The returned handle may be
 /// dropped; the task still runs to completion.
 pub fn spawn_local<T: 'static>(fut: impl Future<Output = T> + 'static) -> JoinHandle<T> {
-    let state = Rc::new(RefCell::new(JoinState {
-        value: None,
-        waker: None,
-    }));
-    let st = state.clone();
-    let task = async move {
-        let v = fut.await;
-        let w = {
-            let mut s = st.borrow_mut();
-            s.value = Some(v);
-            s.waker.take()
-        };
-        if let Some(w) = w {
-            w.wake();
-        }
-    };
+    let (tx, rx) = local_oneshot();
+    let task = async move { tx.send(fut.await) };
     with_local(|l| l.executor.spawn(Box::pin(task)));
-    JoinHandle { state }
+    JoinHandle(rx)
 }
 
 /// Spawn a future, built by `f`, on reactor `reactor` (from any thread).
@@ -177,52 +149,38 @@ where
     });
 }
 
-/// A future that completes after `d` (one-shot reactor timer).
+/// A future that completes after `d` (one-shot reactor timer, armed at
+/// the first poll).
 pub fn sleep(d: Duration) -> Sleep {
     Sleep {
         dur: d,
-        state: None,
+        fired: None,
+        done: false,
     }
 }
 
-/// Fired flag and the waker to call when the timer fires.
-type SleepState = Rc<RefCell<(bool, Option<Waker>)>>;
-
 pub struct Sleep {
     dur: Duration,
-    state: Option<SleepState>,
+    fired: Option<LocalReceiver<()>>,
+    /// Fired and seen: stays ready if polled again.
+    done: bool,
 }
 
 impl Future for Sleep {
     type Output = ();
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-        match &self.state {
-            None => {
-                let st = Rc::new(RefCell::new((false, Some(cx.waker().clone()))));
-                let st2 = st.clone();
-                runtime::set_timer(self.dur, move || {
-                    let w = {
-                        let mut s = st2.borrow_mut();
-                        s.0 = true;
-                        s.1.take()
-                    };
-                    if let Some(w) = w {
-                        w.wake();
-                    }
-                });
-                self.state = Some(st);
-                Poll::Pending
-            }
-            Some(st) => {
-                let mut s = st.borrow_mut();
-                if s.0 {
-                    Poll::Ready(())
-                } else {
-                    s.1 = Some(cx.waker().clone());
-                    Poll::Pending
-                }
-            }
+        if self.done {
+            return Poll::Ready(());
         }
+        let dur = self.dur;
+        let fired = self.fired.get_or_insert_with(|| {
+            let (tx, rx) = local_oneshot();
+            runtime::set_timer(dur, move || tx.send(()));
+            rx
+        });
+        let r = Pin::new(fired).poll(cx);
+        self.done = r.is_ready();
+        r
     }
 }
 
@@ -270,20 +228,15 @@ impl Future for YieldNow {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::runtime::{start, stop, Config};
+    use crate::runtime::tests::cfg_on;
+    use crate::runtime::{start, stop};
     use std::sync::mpsc;
 
     #[test]
     fn tasks_sleep_and_join() {
         let _g = crate::sync::lock(&crate::runtime::tests::SERIAL);
         let (tx, rx) = mpsc::channel();
-        let cfg = Config {
-            core_mask: 0x1,
-            interrupt_mode: true,
-            mem_size_mb: 8,
-            no_huge: true,
-            uring_entries: 64,
-        };
+        let cfg = cfg_on(0x1);
         let rt = start(cfg, move || {
             spawn_local(async move {
                 let h = spawn_local(async {

@@ -664,6 +664,14 @@ pub(crate) mod tests {
         }
     }
 
+    /// The crate's test runtime on `core_mask`, in interrupt mode.
+    pub(crate) fn cfg_on(core_mask: u64) -> Config {
+        Config {
+            core_mask,
+            ..cfg(true)
+        }
+    }
+
     #[test]
     fn messages_timers_pollers() {
         let _g = crate::sync::lock(&SERIAL);

@@ -1,12 +1,16 @@
-//! Cross-thread helpers for the management path: poison-tolerant locking,
-//! a one-shot value handoff, and running work on a given reactor.
+//! Helpers for the management path: poison-tolerant locking, the one-shot
+//! value handoff (across threads, or within a reactor for awaiting a
+//! callback), and running work on a given reactor.
 //!
 //! None of this is for the per-I/O path, which takes no locks and reaches
 //! other reactors by message ([`crate::send`]).
 
+use std::cell::RefCell;
 use std::future::Future;
+use std::pin::Pin;
+use std::rc::Rc;
 use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
-use std::task::{Poll, Waker};
+use std::task::{Context, Poll, Waker};
 
 /// Lock `m`, ignoring poisoning: the state behind our mutexes is updated in
 /// steps that each leave it consistent, so a panic elsewhere while holding
@@ -25,7 +29,50 @@ pub fn write<T: ?Sized>(l: &RwLock<T>) -> RwLockWriteGuard<'_, T> {
     l.write().unwrap_or_else(|e| e.into_inner())
 }
 
-type Slot<T> = Arc<Mutex<(Option<T>, Option<Waker>)>>;
+/// One value and the task waiting for it: the one-shot handoff behind
+/// [`oneshot`] (across threads) and [`local_oneshot`] (within a reactor),
+/// and so behind every "await a callback's result" in the runtime and the
+/// bdev layer.
+struct Handoff<T> {
+    value: Option<T>,
+    waker: Option<Waker>,
+}
+
+impl<T> Default for Handoff<T> {
+    fn default() -> Self {
+        Handoff {
+            value: None,
+            waker: None,
+        }
+    }
+}
+
+impl<T> Handoff<T> {
+    /// Store the value; the waiter to wake, once the lock or borrow is
+    /// released (waking may run code that looks at the slot again).
+    fn put(&mut self, v: T) -> Option<Waker> {
+        self.value = Some(v);
+        self.waker.take()
+    }
+
+    fn poll_take(&mut self, cx: &mut Context<'_>) -> Poll<T> {
+        match self.value.take() {
+            Some(v) => Poll::Ready(v),
+            None => {
+                self.waker = Some(cx.waker().clone());
+                Poll::Pending
+            }
+        }
+    }
+}
+
+fn wake(w: Option<Waker>) {
+    if let Some(w) = w {
+        w.wake();
+    }
+}
+
+type Slot<T> = Arc<Mutex<Handoff<T>>>;
 
 /// The sending half of a [`oneshot`] channel (any thread).
 pub struct Sender<T>(Slot<T>);
@@ -35,20 +82,13 @@ pub struct Receiver<T>(Slot<T>);
 
 /// A channel for one value, from any thread to a task awaiting it.
 pub fn oneshot<T>() -> (Sender<T>, Receiver<T>) {
-    let s: Slot<T> = Arc::new(Mutex::new((None, None)));
+    let s: Slot<T> = Arc::default();
     (Sender(s.clone()), Receiver(s))
 }
 
 impl<T> Sender<T> {
     pub fn send(self, v: T) {
-        let w = {
-            let mut g = lock(&self.0);
-            g.0 = Some(v);
-            g.1.take()
-        };
-        if let Some(w) = w {
-            w.wake();
-        }
+        wake(lock(&self.0).put(v));
     }
 }
 
@@ -56,16 +96,36 @@ impl<T> Receiver<T> {
     /// Wait for the value. The sender must send: a dropped sender leaves
     /// this pending.
     pub fn recv(self) -> impl Future<Output = T> {
-        std::future::poll_fn(move |cx| {
-            let mut g = lock(&self.0);
-            match g.0.take() {
-                Some(v) => Poll::Ready(v),
-                None => {
-                    g.1 = Some(cx.waker().clone());
-                    Poll::Pending
-                }
-            }
-        })
+        std::future::poll_fn(move |cx| lock(&self.0).poll_take(cx))
+    }
+}
+
+/// The sending half of a [`local_oneshot`] channel (this reactor only).
+pub struct LocalSender<T>(Rc<RefCell<Handoff<T>>>);
+
+/// The receiving half of a [`local_oneshot`] channel: a future for the
+/// value.
+pub struct LocalReceiver<T>(Rc<RefCell<Handoff<T>>>);
+
+/// A channel for one value within a reactor (no lock): for awaiting a
+/// completion callback, a timer or a task on the same reactor.
+pub fn local_oneshot<T>() -> (LocalSender<T>, LocalReceiver<T>) {
+    let s: Rc<RefCell<Handoff<T>>> = Rc::default();
+    (LocalSender(s.clone()), LocalReceiver(s))
+}
+
+impl<T> LocalSender<T> {
+    pub fn send(self, v: T) {
+        let w = self.0.borrow_mut().put(v);
+        wake(w);
+    }
+}
+
+impl<T> Future for LocalReceiver<T> {
+    type Output = T;
+    /// Pending until the sender sends (a dropped sender leaves it so).
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<T> {
+        self.0.borrow_mut().poll_take(cx)
     }
 }
 
@@ -105,7 +165,8 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::runtime::{start, stop, Config};
+    use crate::runtime::tests::cfg_on;
+    use crate::runtime::{start, stop};
     use std::sync::mpsc;
     use std::time::Duration;
 
@@ -113,13 +174,7 @@ mod tests {
     fn run_and_call_on_other_reactors() {
         let _g = lock(&crate::runtime::tests::SERIAL);
         let (tx, rx) = mpsc::channel();
-        let cfg = Config {
-            core_mask: 0x3,
-            interrupt_mode: true,
-            mem_size_mb: 8,
-            no_huge: true,
-            uring_entries: 64,
-        };
+        let cfg = cfg_on(0x3);
         let rt = start(cfg, move || {
             crate::spawn_local(async move {
                 let a = run_on(1, || async { crate::current() }).await;

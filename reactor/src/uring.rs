@@ -178,30 +178,8 @@ pub use io_uring::types as ty;
 /// the returned future resolves, and the future must be polled to
 /// completion (not dropped early) when `entry` references memory.
 pub unsafe fn run(entry: io_uring::squeue::Entry) -> impl std::future::Future<Output = i32> {
-    use std::task::{Poll, Waker};
-    let slot: std::rc::Rc<RefCell<(Option<i32>, Option<Waker>)>> = Default::default();
-    let s2 = slot.clone();
+    let (tx, rx) = crate::sync::local_oneshot();
     // SAFETY: forwarded to the caller's contract.
-    unsafe {
-        submit(entry, move |res| {
-            let w = {
-                let mut s = s2.borrow_mut();
-                s.0 = Some(res);
-                s.1.take()
-            };
-            if let Some(w) = w {
-                w.wake();
-            }
-        });
-    }
-    std::future::poll_fn(move |cx| {
-        let mut s = slot.borrow_mut();
-        match s.0 {
-            Some(r) => Poll::Ready(r),
-            None => {
-                s.1 = Some(cx.waker().clone());
-                Poll::Pending
-            }
-        }
-    })
+    unsafe { submit(entry, move |res| tx.send(res)) };
+    rx
 }

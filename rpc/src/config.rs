@@ -109,18 +109,25 @@ fn only_keys(obj: &Map<String, Value>, allowed: &[&str]) -> bool {
         .all(|k| k != DUP_KEY && allowed.contains(&k.as_str()))
 }
 
+/// An object of no keys but `keys` whose first names a string: that string
+/// and the rest of the object (the shape of config entries and subsystems).
+fn named_object(v: Value, keys: [&str; 2]) -> Option<(String, Map<String, Value>)> {
+    let Value::Object(mut obj) = v else {
+        return None;
+    };
+    if !only_keys(&obj, &keys) {
+        return None;
+    }
+    let Some(Value::String(name)) = obj.remove(keys[0]) else {
+        return None;
+    };
+    Some((name, obj))
+}
+
 /// `{"method": <string>, "params": <object, optional>}`, strictly.
 fn decode_entry(v: Value) -> Result<Entry, ConfigError> {
     let bad = || ConfigError::Invalid("Failed to decode config entry".into());
-    let Value::Object(mut obj) = v else {
-        return Err(bad());
-    };
-    if !only_keys(&obj, &["method", "params"]) {
-        return Err(bad());
-    }
-    let Some(Value::String(method)) = obj.remove("method") else {
-        return Err(bad());
-    };
+    let (method, mut obj) = named_object(v, ["method", "params"]).ok_or_else(bad)?;
     let (params, dup) = match obj.remove("params") {
         None => (None, false),
         Some(mut p @ Value::Object(_)) => {
@@ -140,15 +147,7 @@ fn decode_entry(v: Value) -> Result<Entry, ConfigError> {
 /// is taken as null (SPDK requires the key; accepting its absence is harmless).
 fn decode_subsystem(v: Value) -> Result<SubsystemConfig, ConfigError> {
     let bad = || ConfigError::Invalid("Failed to parse subsystem configuration".into());
-    let Value::Object(mut obj) = v else {
-        return Err(bad());
-    };
-    if !only_keys(&obj, &["subsystem", "config"]) {
-        return Err(bad());
-    }
-    let Some(Value::String(name)) = obj.remove("subsystem") else {
-        return Err(bad());
-    };
+    let (name, mut obj) = named_object(v, ["subsystem", "config"]).ok_or_else(bad)?;
     let items = match obj.remove("config") {
         None | Some(Value::Null) => Vec::new(),
         Some(Value::Array(list)) => list

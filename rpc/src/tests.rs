@@ -58,6 +58,18 @@ fn err(code: i32, msg: &str) -> Result<Value, RpcError> {
     Err(RpcError::new(code, msg))
 }
 
+/// Call each method with its params in turn and check its reply; a
+/// mismatch names the step and the method.
+fn expect_calls(steps: &[(&str, Option<Value>, Result<Value, RpcError>)]) {
+    for (i, (method, params, want)) in steps.iter().enumerate() {
+        assert_eq!(
+            &block_on(call(method, params.clone())),
+            want,
+            "step {i}: {method}"
+        );
+    }
+}
+
 #[derive(Deserialize, Debug)]
 #[serde(deny_unknown_fields)]
 struct TypedParams {
@@ -172,37 +184,27 @@ fn strict_typed_decoding() {
 fn states_and_unknown_methods() {
     let _g = serial();
     register_test_methods();
+    let before_init =
+        "Method may only be called after framework is initialized using framework_start_init RPC.";
+    let after_init = "Method may only be called before framework is initialized. Use --wait-for-rpc command line parameter and then issue this RPC before the framework_start_init RPC.";
     set_state(STARTUP);
-    assert_eq!(
-        block_on(call("no_such_method", None)),
-        err(-32601, "Method not found")
-    );
-    assert_eq!(
-        block_on(call("test_runtime_only", None)),
-        err(
-            -1,
-            "Method may only be called after framework is initialized using framework_start_init RPC."
-        )
-    );
-    assert_eq!(block_on(call("test_startup_only", None)), Ok(json!(true)));
+    expect_calls(&[
+        ("no_such_method", None, err(-32601, "Method not found")),
+        ("test_runtime_only", None, err(-1, before_init)),
+        ("test_startup_only", None, Ok(json!(true))),
+    ]);
     set_state(RUNTIME);
-    assert_eq!(
-        block_on(call("test_startup_only", None)),
-        err(
-            -1,
-            "Method may only be called before framework is initialized. Use --wait-for-rpc command line parameter and then issue this RPC before the framework_start_init RPC."
-        )
-    );
-    assert_eq!(block_on(call("test_runtime_only", None)), Ok(json!(true)));
-    // Aliases dispatch to their target; null params count as absent.
-    assert_eq!(
-        block_on(call("test_alias_of_raw", Some(Value::Null))),
-        Ok(json!({"params": null}))
-    );
-    assert_eq!(
-        block_on(call("test_fail", None)),
-        err(-19, "No such device")
-    );
+    expect_calls(&[
+        ("test_startup_only", None, err(-1, after_init)),
+        ("test_runtime_only", None, Ok(json!(true))),
+        // Aliases dispatch to their target; null params count as absent.
+        (
+            "test_alias_of_raw",
+            Some(Value::Null),
+            Ok(json!({"params": null})),
+        ),
+        ("test_fail", None, err(-19, "No such device")),
+    ]);
 }
 
 #[test]

@@ -32,9 +32,7 @@ use uuid::Uuid;
 
 use crate::rpc::{register_action, register_create, register_delete};
 use crate::stacked::{self, Base};
-use crate::{
-    Bdev, BdevError, BdevIo, BdevOps, BoxFuture, ChannelOps, ClaimType, IoChannel, IoStatus, IoType,
-};
+use crate::{Bdev, BdevError, BdevIo, BdevOps, BoxFuture, ChannelOps, IoChannel, IoStatus, IoType};
 
 pub const MODULE_NAME: &str = "delay";
 pub const PRODUCT_NAME: &str = "delay";
@@ -361,24 +359,18 @@ pub fn create(p: CreateParams) -> Result<Arc<Bdev>, BdevError> {
             "p99 latency must be greater than or equal to the average latency".into(),
         ));
     }
-    if crate::get(&p.name).is_some() {
-        return Err(BdevError::Exists(p.name));
-    }
-    let (base, link) =
-        stacked::open_base(&p.base_bdev_name, ClaimType::ExclusiveWrite, MODULE_NAME)?;
     let lat = Arc::new(Latencies::default());
     lat.set(LatencyType::AvgRead, p.avg_read_latency);
     lat.set(LatencyType::P99Read, p.p99_read_latency);
     lat.set(LatencyType::AvgWrite, p.avg_write_latency);
     lat.set(LatencyType::P99Write, p.p99_write_latency);
-    let uuid = p
-        .uuid
-        .unwrap_or_else(|| Uuid::new_v5(&NAMESPACE_UUID, base.bdev().uuid().as_bytes()));
-    let builder = base.builder(p.name, PRODUCT_NAME).uuid(Some(uuid));
-    let base_bdev = base.bdev().clone();
-    let bdev = link.register(builder, DelayBdev { base, lat })?;
-    tracing::info!(bdev = %bdev.name(), base = %base_bdev.name(), "delay bdev created");
-    Ok(bdev)
+    stacked::create(&p.name, &p.base_bdev_name, MODULE_NAME, |base| {
+        let uuid = p
+            .uuid
+            .unwrap_or_else(|| Uuid::new_v5(&NAMESPACE_UUID, base.bdev().uuid().as_bytes()));
+        let builder = base.builder(&p.name, PRODUCT_NAME).uuid(Some(uuid));
+        (builder, DelayBdev { base, lat })
+    })
 }
 
 /// Set one latency of a running delay bdev. Like SPDK, a p99 below the
@@ -426,9 +418,11 @@ pub fn register_methods() {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::tests::{mk as mk_malloc, pattern, two_cores};
+    use crate::test_util::{
+        delete_errno, mk as mk_malloc, on_reactor, open_ch, pattern, rpc_steps, two_cores,
+    };
     use crate::util::{self, run_on_reactor};
-    use ::rpc::RUNTIME;
+    use crate::ClaimType;
     use reactor::DmaBuf;
 
     fn params(name: &str, base: &str, read_us: u64, write_us: u64) -> CreateParams {
@@ -443,6 +437,14 @@ mod tests {
         }
     }
 
+    /// A 64-block malloc `base` and delay bdev `name` on it with `us` of
+    /// latency for every I/O, and a descriptor and channel of that.
+    fn delay_on(name: &str, base: &str, us: u64, write: bool) -> (crate::Desc, IoChannel) {
+        mk_malloc(base, 64);
+        create(params(name, base, us, us)).unwrap();
+        open_ch(name, write)
+    }
+
     #[test]
     fn adds_latency_and_passes_data() {
         let (w_ns, r_ns, ok) = run_on_reactor(0x1, || async {
@@ -452,8 +454,7 @@ mod tests {
             assert_eq!(d.block_size(), base.block_size());
             assert_eq!(d.num_blocks(), base.num_blocks());
             assert_eq!(base.claim_type(), Some(ClaimType::ExclusiveWrite));
-            let desc = crate::open("D0", true, |_| {}).unwrap();
-            let ch = desc.channel();
+            let (_desc, ch) = open_ch("D0", true);
             let w = pattern(4096, 3);
             let expect = w.as_slice().to_vec();
             let t0 = reactor::now_ns();
@@ -476,10 +477,7 @@ mod tests {
     #[test]
     fn update_latency_takes_effect() {
         let (before, after) = run_on_reactor(0x1, || async {
-            mk_malloc("DM1", 64);
-            create(params("D1", "DM1", 0, 0)).unwrap();
-            let desc = crate::open("D1", false, |_| {}).unwrap();
-            let ch = desc.channel();
+            let (_desc, ch) = delay_on("D1", "DM1", 0, false);
             let t0 = reactor::now_ns();
             util::read(&ch, 0, 1).await.unwrap();
             let before = reactor::now_ns() - t0;
@@ -541,8 +539,7 @@ mod tests {
             let mut p = params("D2", "DM2", 0, 0);
             p.p99_read_latency = 5_000;
             create(p).unwrap();
-            let desc = crate::open("D2", false, |_| {}).unwrap();
-            let ch = desc.channel();
+            let (_desc, ch) = open_ch("D2", false);
             let mut slow = 0;
             for _ in 0..200 {
                 let t0 = reactor::now_ns();
@@ -601,23 +598,11 @@ mod tests {
             assert_eq!(base.claim_module().as_deref(), Some("delay"));
 
             // Delete: only delay bdevs, -19 otherwise.
-            assert_eq!(
-                crate::unregister_by_name("DM3", MODULE_NAME)
-                    .await
-                    .unwrap_err()
-                    .errno(),
-                libc::ENODEV
-            );
+            assert_eq!(delete_errno("DM3", MODULE_NAME).await, libc::ENODEV);
             crate::unregister_by_name("D3", MODULE_NAME).await.unwrap();
             assert!(crate::get("D3").is_none());
             assert_eq!(base.claim_type(), None, "delete released the claim");
-            assert_eq!(
-                crate::unregister_by_name("D3", MODULE_NAME)
-                    .await
-                    .unwrap_err()
-                    .errno(),
-                libc::ENODEV
-            );
+            assert_eq!(delete_errno("D3", MODULE_NAME).await, libc::ENODEV);
         });
     }
 
@@ -637,10 +622,7 @@ mod tests {
     #[test]
     fn reset_aborts_held_io() {
         let (status, reset_ns) = run_on_reactor(0x1, || async {
-            mk_malloc("DM5", 64);
-            create(params("D5", "DM5", 10_000_000, 10_000_000)).unwrap();
-            let desc = crate::open("D5", true, |_| {}).unwrap();
-            let ch = desc.channel();
+            let (_desc, ch) = delay_on("D5", "DM5", 10_000_000, true);
             let pending = util::submit(&ch, IoType::Read, 0, 1, Some(DmaBuf::new(512)), false);
             reactor::sleep(Duration::from_millis(5)).await;
             let t0 = reactor::now_ns();
@@ -698,77 +680,53 @@ mod tests {
     fn rpc_methods_end_to_end() {
         run_on_reactor(0x1, || async {
             register_methods();
-            ::rpc::set_state(RUNTIME);
-            let call = |m: &'static str, p: Value| ::rpc::call(m, Some(p));
             mk_malloc("DR0", 64);
             let create = json!({"name": "DR", "base_bdev_name": "DR0", "avg_read_latency": 5,
                 "p99_read_latency": 10, "avg_write_latency": 5, "p99_write_latency": 10});
-            assert_eq!(
-                call("bdev_delay_create", create.clone()).await.unwrap(),
-                json!("DR")
-            );
-            assert_eq!(
-                call("bdev_delay_create", create.clone()).await.unwrap_err(),
-                RpcError::errno(libc::EEXIST)
-            );
             let mut bad = create.clone();
             bad["name"] = json!("DR1");
             bad["p99_read_latency"] = json!(1);
-            assert_eq!(call("bdev_delay_create", bad).await.unwrap_err().code, -22);
             let mut missing = create.clone();
             missing["name"] = json!("DR2");
             missing["base_bdev_name"] = json!("nope");
-            assert_eq!(
-                call("bdev_delay_create", missing).await.unwrap_err(),
-                RpcError::errno(libc::ENODEV)
-            );
-            let mut extra = create;
+            let mut extra = create.clone();
             extra["bogus"] = json!(1);
-            assert_eq!(
-                call("bdev_delay_create", extra).await.unwrap_err(),
-                RpcError::decode_failed()
-            );
-
             let upd = |n: &str, t: &str| json!({"delay_bdev_name": n, "latency_type": t, "latency_us": 7});
-            assert_eq!(
-                call("bdev_delay_update_latency", upd("DR", "p99_write"))
-                    .await
-                    .unwrap(),
-                json!(true)
-            );
-            assert_eq!(
-                call("bdev_delay_update_latency", upd("DR", "p50_write"))
-                    .await
-                    .unwrap_err(),
-                RpcError::invalid_params("Please specify a valid latency type.")
-            );
-            assert_eq!(
-                call("bdev_delay_update_latency", upd("DRx", "avg_read"))
-                    .await
-                    .unwrap_err(),
-                RpcError::invalid_params("The requested bdev does not exist.")
-            );
+            let enodev = Err(RpcError::errno(libc::ENODEV));
+            rpc_steps(vec![
+                ("bdev_delay_create", create.clone(), Ok(json!("DR"))),
+                ("bdev_delay_create", create, Err(RpcError::errno(libc::EEXIST))),
+                (
+                    "bdev_delay_create",
+                    bad,
+                    Err(RpcError::errno_msg(
+                        libc::EINVAL,
+                        "Invalid argument: p99 latency must be greater than or equal to the average latency",
+                    )),
+                ),
+                ("bdev_delay_create", missing, enodev.clone()),
+                ("bdev_delay_create", extra, Err(RpcError::decode_failed())),
+                ("bdev_delay_update_latency", upd("DR", "p99_write"), Ok(json!(true))),
+                (
+                    "bdev_delay_update_latency",
+                    upd("DR", "p50_write"),
+                    Err(RpcError::invalid_params("Please specify a valid latency type.")),
+                ),
+                (
+                    "bdev_delay_update_latency",
+                    upd("DRx", "avg_read"),
+                    Err(RpcError::invalid_params("The requested bdev does not exist.")),
+                ),
+            ])
+            .await;
             let d = crate::get("DR").unwrap();
             assert_eq!(d.ops().dump_info_json(&d)["delay"]["p99_write_latency"], 7);
-
-            assert_eq!(
-                call("bdev_delay_delete", json!({"name": "DR0"}))
-                    .await
-                    .unwrap_err(),
-                RpcError::errno(libc::ENODEV)
-            );
-            assert_eq!(
-                call("bdev_delay_delete", json!({"name": "DR"}))
-                    .await
-                    .unwrap(),
-                json!(true)
-            );
-            assert_eq!(
-                call("bdev_delay_delete", json!({"name": "DR"}))
-                    .await
-                    .unwrap_err(),
-                RpcError::errno(libc::ENODEV)
-            );
+            rpc_steps(vec![
+                ("bdev_delay_delete", json!({"name": "DR0"}), enodev.clone()),
+                ("bdev_delay_delete", json!({"name": "DR"}), Ok(json!(true))),
+                ("bdev_delay_delete", json!({"name": "DR"}), enodev),
+            ])
+            .await;
         });
     }
 
@@ -781,24 +739,17 @@ mod tests {
             mk_malloc("DM8", 64);
             create(params("D8", "DM8", 10_000_000, 10_000_000)).unwrap();
             let desc = Arc::new(crate::open("D8", true, |_| {}).unwrap());
-            let (tx, rx) = std::sync::mpsc::channel();
-            let d1 = desc.clone();
             // A read held on reactor 1 ...
-            reactor::spawn_on(1, move || async move {
-                let ch = d1.channel();
-                let io = util::submit(&ch, IoType::Read, 0, 1, Some(DmaBuf::new(512)), false).await;
-                let _ = tx.send(io.status);
+            let held = on_reactor(1, &desc, |ch| async move {
+                util::submit(&ch, IoType::Read, 0, 1, Some(DmaBuf::new(512)), false)
+                    .await
+                    .status
             });
             reactor::sleep(Duration::from_millis(20)).await;
             // ... is aborted by a reset submitted on reactor 0.
             let ch = desc.channel();
             util::simple(&ch, IoType::Reset, 0, 0).await.unwrap();
-            loop {
-                if let Ok(s) = rx.try_recv() {
-                    break s;
-                }
-                reactor::sleep(Duration::from_millis(1)).await;
-            }
+            held.recv().await
         });
         assert_eq!(status, IoStatus::Aborted);
     }

@@ -29,9 +29,7 @@ use uuid::Uuid;
 
 use crate::rpc::{register_action, register_delete};
 use crate::stacked::{self, Base};
-use crate::{
-    Bdev, BdevError, BdevIo, BdevOps, BoxFuture, ChannelOps, ClaimType, IoChannel, IoStatus, IoType,
-};
+use crate::{Bdev, BdevError, BdevIo, BdevOps, BoxFuture, ChannelOps, IoChannel, IoStatus, IoType};
 
 pub const MODULE_NAME: &str = "error";
 /// What SPDK's error bdev reports (`spdk_bdev_part_construct` in
@@ -383,20 +381,15 @@ impl ChannelOps for ErrorChannel {
 /// behind: no bdev, no descriptor, no claim.
 pub fn create(base_name: &str, uuid: Option<Uuid>) -> Result<Arc<Bdev>, BdevError> {
     let name = format!("{NAME_PREFIX}{base_name}");
-    if crate::get(&name).is_some() {
-        return Err(BdevError::Exists(name));
-    }
-    let (base, link) = stacked::open_base(base_name, ClaimType::ExclusiveWrite, MODULE_NAME)?;
-    let builder = base.builder(name, PRODUCT_NAME).uuid(uuid);
-    let base_bdev = base.bdev().clone();
-    let ops = ErrorBdev {
-        base,
-        uuid,
-        inj: Arc::default(),
-    };
-    let bdev = link.register(builder, ops)?;
-    tracing::info!(bdev = %bdev.name(), base = %base_bdev.name(), "error bdev created");
-    Ok(bdev)
+    stacked::create(&name, base_name, MODULE_NAME, |base| {
+        let builder = base.builder(&name, PRODUCT_NAME).uuid(uuid);
+        let ops = ErrorBdev {
+            base,
+            uuid,
+            inj: Arc::default(),
+        };
+        (builder, ops)
+    })
 }
 
 /// Arm (or with `clear`, disarm) injections on error bdev `p.name`.
@@ -462,10 +455,21 @@ pub fn register_methods() {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::tests::{mk as mk_malloc, pattern, two_cores};
+    use crate::test_util::{
+        delete_errno, mk as mk_malloc, on_reactor, open_ch, pattern, rpc_steps, two_cores,
+    };
     use crate::util::{self, run_on_reactor};
-    use ::rpc::{RpcError, RUNTIME};
+    use crate::ClaimType;
+    use ::rpc::RpcError;
     use std::time::Duration;
+
+    /// A 64-block malloc `base`, `EE_<base>` on it, and a writable
+    /// descriptor and channel of that.
+    fn error_on(base: &str) -> (crate::Desc, IoChannel) {
+        mk_malloc(base, 64);
+        create(base, None).unwrap();
+        open_ch(&format!("{NAME_PREFIX}{base}"), true)
+    }
 
     fn inject(name: &str, io_type: InjectIoType, error_type: ErrorType, num: u32) -> InjectParams {
         InjectParams::new(name, io_type, error_type, num)
@@ -507,13 +511,7 @@ mod tests {
                 json!({"base_name": "EM0b", "uuid": u.to_string()})
             );
 
-            assert_eq!(
-                crate::unregister_by_name("EM0", MODULE_NAME)
-                    .await
-                    .unwrap_err()
-                    .errno(),
-                libc::ENODEV
-            );
+            assert_eq!(delete_errno("EM0", MODULE_NAME).await, libc::ENODEV);
             crate::unregister_by_name("EE_EM0", MODULE_NAME)
                 .await
                 .unwrap();
@@ -528,10 +526,7 @@ mod tests {
     #[test]
     fn failure_nvme_and_clear() {
         run_on_reactor(0x1, || async {
-            mk_malloc("EM1", 64);
-            create("EM1", None).unwrap();
-            let desc = crate::open("EE_EM1", true, |_| {}).unwrap();
-            let ch = desc.channel();
+            let (_desc, ch) = error_on("EM1");
             inject_error(&inject("EE_EM1", InjectIoType::Read, ErrorType::Failure, 2)).unwrap();
             assert_eq!(util::read(&ch, 0, 1).await.unwrap_err(), IoStatus::Failed);
             // Writes are not armed.
@@ -561,14 +556,10 @@ mod tests {
                 100,
             ))
             .unwrap();
-            assert_eq!(
-                util::simple(&ch, IoType::Unmap, 0, 1).await.unwrap_err(),
-                IoStatus::Failed
-            );
-            assert_eq!(
-                util::simple(&ch, IoType::Flush, 0, 1).await.unwrap_err(),
-                IoStatus::Failed
-            );
+            for t in [IoType::Unmap, IoType::Flush] {
+                let r = util::simple(&ch, t, 0, 1).await;
+                assert_eq!(r, Err(IoStatus::Failed), "{t:?}");
+            }
             // Write zeroes is never injected (as SPDK).
             util::simple(&ch, IoType::WriteZeroes, 1, 1).await.unwrap();
             inject_error(&inject(
@@ -593,8 +584,7 @@ mod tests {
         run_on_reactor(0x1, || async {
             let base = mk_malloc("EM2", 64);
             create("EM2", None).unwrap();
-            let desc = crate::open("EE_EM2", true, |_| {}).unwrap();
-            let ch = desc.channel();
+            let (_desc, ch) = open_ch("EE_EM2", true);
             inject_error(&inject("EE_EM2", InjectIoType::Write, ErrorType::NoMem, 3)).unwrap();
             util::write(&ch, 4, pattern(1024, 9), false).await.unwrap();
             let r = util::read(&ch, 4, 2).await.unwrap();
@@ -615,13 +605,9 @@ mod tests {
     #[test]
     fn corrupt_data_on_write_and_read() {
         run_on_reactor(0x1, || async {
-            mk_malloc("EM3", 64);
-            create("EM3", None).unwrap();
-            let desc = crate::open("EE_EM3", true, |_| {}).unwrap();
-            let ch = desc.channel();
+            let (_desc, ch) = error_on("EM3");
             // The base stays readable through a read-only descriptor.
-            let raw = crate::open("EM3", false, |_| {}).unwrap();
-            let raw_ch = raw.channel();
+            let (_raw, raw_ch) = open_ch("EM3", false);
 
             let mut p = inject("EE_EM3", InjectIoType::Write, ErrorType::CorruptData, 1);
             p.corrupt_offset = 600;
@@ -659,10 +645,7 @@ mod tests {
     #[test]
     fn pending_until_reset() {
         let (before_reset, status, after) = run_on_reactor(0x1, || async {
-            mk_malloc("EM4", 64);
-            create("EM4", None).unwrap();
-            let desc = crate::open("EE_EM4", true, |_| {}).unwrap();
-            let ch = desc.channel();
+            let (_desc, ch) = error_on("EM4");
             inject_error(&inject("EE_EM4", InjectIoType::Read, ErrorType::Pending, 1)).unwrap();
             let done: Rc<Cell<Option<IoStatus>>> = Rc::new(Cell::new(None));
             let d2 = done.clone();
@@ -681,10 +664,7 @@ mod tests {
     #[test]
     fn pending_io_is_failed_at_delete() {
         let status = run_on_reactor(0x1, || async {
-            mk_malloc("EM5", 64);
-            create("EM5", None).unwrap();
-            let desc = crate::open("EE_EM5", true, |_| {}).unwrap();
-            let ch = desc.channel();
+            let (desc, ch) = error_on("EM5");
             inject_error(&inject(
                 "EE_EM5",
                 InjectIoType::Write,
@@ -706,10 +686,7 @@ mod tests {
     #[test]
     fn queue_depth_gates_injection() {
         let statuses = run_on_reactor(0x1, || async {
-            mk_malloc("EM6", 64);
-            create("EM6", None).unwrap();
-            let desc = crate::open("EE_EM6", true, |_| {}).unwrap();
-            let ch = desc.channel();
+            let (_desc, ch) = error_on("EM6");
             let mut p = inject("EE_EM6", InjectIoType::Read, ErrorType::Failure, 1);
             p.queue_depth = 2;
             inject_error(&p).unwrap();
@@ -735,74 +712,61 @@ mod tests {
     fn rpc_methods_end_to_end() {
         run_on_reactor(0x1, || async {
             register_methods();
-            ::rpc::set_state(RUNTIME);
-            let call = |m: &'static str, p: Value| ::rpc::call(m, Some(p));
             mk_malloc("ER0", 64);
-            let decode = RpcError::invalid_params("spdk_json_decode_object failed");
-            assert_eq!(
-                call("bdev_error_create", json!({"base_name": "ER0"}))
-                    .await
-                    .unwrap(),
-                json!(true)
-            );
+            let decode = Err(RpcError::invalid_params("spdk_json_decode_object failed"));
+            let enodev = Err(RpcError::errno(libc::ENODEV));
+            let inj = |name: &str, error_type: &str| json!({"name": name, "io_type": "read", "error_type": error_type, "num": 1});
+            rpc_steps(vec![(
+                "bdev_error_create",
+                json!({"base_name": "ER0"}),
+                Ok(json!(true)),
+            )])
+            .await;
             assert!(crate::get("EE_ER0").is_some());
-            assert_eq!(
-                call("bdev_error_create", json!({"base_name": "ER0"}))
-                    .await
-                    .unwrap_err(),
-                RpcError::errno(libc::EEXIST)
-            );
-            assert_eq!(
-                call("bdev_error_create", json!({"base_name": "nope"}))
-                    .await
-                    .unwrap_err(),
-                RpcError::errno(libc::ENODEV)
-            );
-            assert_eq!(
-                call("bdev_error_create", json!({"name": "ER0"}))
-                    .await
-                    .unwrap_err(),
-                decode
-            );
-            let inj =
-                json!({"name": "EE_ER0", "io_type": "read", "error_type": "failure", "num": 1});
-            assert_eq!(
-                call("bdev_error_inject_error", inj).await.unwrap(),
-                json!(true)
-            );
-            let inj = json!({"name": "EE_ER0", "io_type": "read", "error_type": "boom"});
-            assert_eq!(
-                call("bdev_error_inject_error", inj).await.unwrap_err(),
-                decode
-            );
-            let inj = json!({"name": "EE_ER0", "io_type": "read", "error_type": "corrupt_data"});
-            assert_eq!(
-                call("bdev_error_inject_error", inj).await.unwrap_err().code,
-                -22
-            );
-            let inj = json!({"name": "ER0", "io_type": "clear", "error_type": "failure"});
-            assert_eq!(
-                call("bdev_error_inject_error", inj).await.unwrap_err(),
-                RpcError::errno(libc::ENODEV)
-            );
-            assert_eq!(
-                call("bdev_error_delete", json!({"nam": "x"}))
-                    .await
-                    .unwrap_err(),
-                decode
-            );
-            assert_eq!(
-                call("bdev_error_delete", json!({"name": "ER0"}))
-                    .await
-                    .unwrap_err(),
-                RpcError::errno(libc::ENODEV)
-            );
-            assert_eq!(
-                call("bdev_error_delete", json!({"name": "EE_ER0"}))
-                    .await
-                    .unwrap(),
-                json!(true)
-            );
+            rpc_steps(vec![
+                (
+                    "bdev_error_create",
+                    json!({"base_name": "ER0"}),
+                    Err(RpcError::errno(libc::EEXIST)),
+                ),
+                (
+                    "bdev_error_create",
+                    json!({"base_name": "nope"}),
+                    enodev.clone(),
+                ),
+                ("bdev_error_create", json!({"name": "ER0"}), decode.clone()),
+                (
+                    "bdev_error_inject_error",
+                    inj("EE_ER0", "failure"),
+                    Ok(json!(true)),
+                ),
+                (
+                    "bdev_error_inject_error",
+                    inj("EE_ER0", "boom"),
+                    decode.clone(),
+                ),
+                (
+                    "bdev_error_inject_error",
+                    inj("EE_ER0", "corrupt_data"),
+                    Err(RpcError::errno_msg(
+                        libc::EINVAL,
+                        "Invalid argument: corrupt_value should be non-zero",
+                    )),
+                ),
+                (
+                    "bdev_error_inject_error",
+                    json!({"name": "ER0", "io_type": "clear", "error_type": "failure"}),
+                    enodev.clone(),
+                ),
+                ("bdev_error_delete", json!({"nam": "x"}), decode),
+                ("bdev_error_delete", json!({"name": "ER0"}), enodev),
+                (
+                    "bdev_error_delete",
+                    json!({"name": "EE_ER0"}),
+                    Ok(json!(true)),
+                ),
+            ])
+            .await;
             assert!(crate::get("EE_ER0").is_none());
         });
     }
@@ -823,23 +787,15 @@ mod tests {
                 1,
             ))
             .unwrap();
-            let (tx, rx) = std::sync::mpsc::channel();
-            let d1 = desc.clone();
-            reactor::spawn_on(1, move || async move {
-                let ch = d1.channel();
-                let r = util::write(&ch, 0, DmaBuf::new(512), false).await;
-                let _ = tx.send(r);
+            let held = on_reactor(1, &desc, |ch| async move {
+                util::write(&ch, 0, DmaBuf::new(512), false).await
             });
-            reactor::sleep(Duration::from_millis(20)).await;
-            assert!(rx.try_recv().is_err(), "pending write completed early");
+            let mut held = std::pin::pin!(held.recv());
+            let early = reactor::with_timeout(Duration::from_millis(20), held.as_mut()).await;
+            assert!(early.is_none(), "pending write completed early");
             let ch = desc.channel();
             util::simple(&ch, IoType::Reset, 0, 0).await.unwrap();
-            loop {
-                if let Ok(s) = rx.try_recv() {
-                    break s;
-                }
-                reactor::sleep(Duration::from_millis(1)).await;
-            }
+            held.await
         });
         assert_eq!(status, Err(IoStatus::Failed));
     }

@@ -275,6 +275,7 @@ mod tests {
     use reactor::DmaBuf;
 
     use super::*;
+    use crate::test_util::open_ch;
     use crate::util::{self, run_on_reactor};
 
     #[test]
@@ -284,8 +285,7 @@ mod tests {
             assert_eq!(b.product_name(), PRODUCT_NAME);
             assert_eq!(b.module_name(), "null");
             assert!(!b.write_cache());
-            let desc = crate::open("N0", true, |_| {}).unwrap();
-            let ch = desc.channel();
+            let (desc, ch) = open_ch("N0", true);
             let mut w = DmaBuf::new(4096);
             w.as_mut_slice().fill(0xa5);
             util::write(&ch, 10, w, false).await.unwrap();
@@ -301,14 +301,10 @@ mod tests {
                 .unwrap();
             util::simple(&ch, IoType::Reset, 0, 0).await.unwrap();
             // Unsupported as in SPDK.
-            assert_eq!(
-                util::simple(&ch, IoType::Unmap, 0, 8).await.unwrap_err(),
-                IoStatus::Failed
-            );
-            assert_eq!(
-                util::simple(&ch, IoType::Flush, 0, 8).await.unwrap_err(),
-                IoStatus::Failed
-            );
+            for t in [IoType::Unmap, IoType::Flush] {
+                let r = util::simple(&ch, t, 0, 8).await;
+                assert_eq!(r, Err(IoStatus::Failed), "{t:?}");
+            }
             // Range checks still apply.
             assert_eq!(
                 util::read(&ch, 2047, 2).await.unwrap_err(),

@@ -182,6 +182,16 @@ struct Disk {
 }
 
 impl Disk {
+    /// Set once the fs/device refused fallocate `mode` (punch hole, else
+    /// zero range).
+    fn refused(&self, mode: i32) -> &AtomicBool {
+        if mode & libc::FALLOC_FL_PUNCH_HOLE != 0 {
+            &self.no_punch_hole
+        } else {
+            &self.no_zero_range
+        }
+    }
+
     fn fd(&self) -> RawFd {
         self.file.as_raw_fd()
     }
@@ -628,26 +638,16 @@ impl ChannelOps for FileChannel {
             IoType::Unmap | IoType::WriteZeroes if io.num_blocks == 0 => {
                 finish(self.st.clone(), io, IoStatus::Success)
             }
-            IoType::Unmap => {
-                if st.disk.no_punch_hole.load(Ordering::Relaxed) {
+            IoType::Unmap | IoType::WriteZeroes => {
+                let mode = if io.io_type == IoType::Unmap {
+                    libc::FALLOC_FL_PUNCH_HOLE
+                } else {
+                    libc::FALLOC_FL_ZERO_RANGE
+                };
+                if st.disk.refused(mode).load(Ordering::Relaxed) {
                     zero_fill(self.st.clone(), io, 0)
                 } else {
-                    fallocate(
-                        self.st.clone(),
-                        io,
-                        libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-                    )
-                }
-            }
-            IoType::WriteZeroes => {
-                if st.disk.no_zero_range.load(Ordering::Relaxed) {
-                    zero_fill(self.st.clone(), io, 0)
-                } else {
-                    fallocate(
-                        self.st.clone(),
-                        io,
-                        libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE,
-                    )
+                    fallocate(self.st.clone(), io, mode | libc::FALLOC_FL_KEEP_SIZE)
                 }
             }
             // Took the early return above; completing keeps this total.
@@ -795,12 +795,7 @@ fn fallocate_done(st: Rc<ChanState>, io: Box<BdevIo>, mode: i32, res: i32) {
     let errno = -res;
     if errno == libc::EOPNOTSUPP {
         // Remember, so later I/O goes straight to writing zeroes.
-        let flag = if mode & libc::FALLOC_FL_PUNCH_HOLE != 0 {
-            &st.disk.no_punch_hole
-        } else {
-            &st.disk.no_zero_range
-        };
-        if !flag.swap(true, Ordering::Relaxed) {
+        if !st.disk.refused(mode).swap(true, Ordering::Relaxed) {
             tracing::info!(path = %st.disk.filename, mode, "fallocate mode not supported; writing zeroes instead");
         }
         return zero_fill(st, io, 0);
@@ -966,12 +961,13 @@ mod tests {
     use std::path::Path;
     use std::rc::Rc;
 
-    use ::rpc::RUNTIME;
     use reactor::DmaBuf;
     use serde_json::json;
 
     use super::*;
-    use crate::tests::two_cores;
+    use crate::test_util::{
+        delete_errno, open_ch, rpc_steps, two_cores, write_there_read_here, zeroed,
+    };
     use crate::util::{self, run_on_reactor};
 
     /// A sparse temp file of `size` bytes in `dir`, or None if `dir` is
@@ -986,6 +982,27 @@ mod tests {
             .ok()?;
         f.as_file().set_len(size).unwrap();
         Some(f)
+    }
+
+    /// Run `f` with the path of a sparse temp file of `size` bytes in
+    /// /var/tmp on a runtime of `core_mask` (as `run_on_reactor`); skip
+    /// if there is no /var/tmp.
+    fn on_tmpfile<F, Fut>(core_mask: u64, size: u64, f: F)
+    where
+        F: FnOnce(String) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = ()> + 'static,
+    {
+        let Some(file) = tmpfile_in("/var/tmp", size) else {
+            return;
+        };
+        let path = path_of(&file);
+        run_on_reactor(core_mask, move || f(path));
+    }
+
+    /// Grow or shrink the file behind the bdev's back.
+    fn set_file_len(path: &str, len: u64) {
+        let f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+        f.set_len(len).unwrap();
     }
 
     fn path_of(f: &tempfile::NamedTempFile) -> String {
@@ -1050,12 +1067,7 @@ mod tests {
         // Unmap blocks 1..8 (written above): zeroes, neighbours intact.
         let before0 = util::read(&ch, 0, 1).await.unwrap().as_slice().to_vec();
         util::simple(&ch, IoType::Unmap, 1, 7).await.unwrap();
-        assert!(util::read(&ch, 1, 7)
-            .await
-            .unwrap()
-            .as_slice()
-            .iter()
-            .all(|&x| x == 0));
+        assert!(zeroed(util::read(&ch, 1, 7).await.unwrap().as_slice()));
         assert_eq!(
             util::read(&ch, 0, 1).await.unwrap().as_slice(),
             &before0[..]
@@ -1074,12 +1086,7 @@ mod tests {
         util::simple(&ch, IoType::WriteZeroes, 0, 8192)
             .await
             .unwrap();
-        assert!(util::read(&ch, 0, 8192)
-            .await
-            .unwrap()
-            .as_slice()
-            .iter()
-            .all(|&x| x == 0));
+        assert!(zeroed(util::read(&ch, 0, 8192).await.unwrap().as_slice()));
 
         util::simple(&ch, IoType::WriteZeroes, 8, 0).await.unwrap();
         util::simple(&ch, IoType::Reset, 0, 0).await.unwrap();
@@ -1136,8 +1143,7 @@ mod tests {
         run_on_reactor(0x1, move || async move {
             let b = create(opts(Flavor::Uring, "BS", &path)).unwrap();
             assert!(b.has_block_status());
-            let desc = crate::open("BS", false, |_| {}).unwrap();
-            let ch = desc.channel();
+            let (_desc, ch) = open_ch("BS", false);
             let bs = b.block_size() as u64;
             let (data0, data1) = ((256 << 10) / bs, (320 << 10) / bs);
             let all = util::block_status(&ch, 0, b.num_blocks()).await.unwrap();
@@ -1160,17 +1166,12 @@ mod tests {
 
     #[test]
     fn nowait_and_fua_writes() {
-        let Some(f) = tmpfile_in("/var/tmp", 1 << 20) else {
-            return;
-        };
-        let path = path_of(&f);
-        run_on_reactor(0x1, move || async move {
+        on_tmpfile(0x1, 1 << 20, |path| async move {
             let mut o = opts(Flavor::Aio, "NW", &path);
             o.nowait = true;
             let b = create(o).unwrap();
             assert_eq!(b.ops().dump_info_json(&b)["aio"]["nowait"], json!(true));
-            let desc = crate::open("NW", true, |_| {}).unwrap();
-            let ch = desc.channel();
+            let (_desc, ch) = open_ch("NW", true);
             for i in 0..16u64 {
                 let w = pattern(4096, i as u8);
                 let expect = w.as_slice().to_vec();
@@ -1185,14 +1186,9 @@ mod tests {
 
     #[test]
     fn reset_waits_for_inflight_io() {
-        let Some(f) = tmpfile_in("/var/tmp", 1 << 20) else {
-            return;
-        };
-        let path = path_of(&f);
-        run_on_reactor(0x1, move || async move {
+        on_tmpfile(0x1, 1 << 20, |path| async move {
             create(opts(Flavor::Uring, "RS", &path)).unwrap();
-            let desc = crate::open("RS", true, |_| {}).unwrap();
-            let ch = desc.channel();
+            let (_desc, ch) = open_ch("RS", true);
             let log: Rc<RefCell<Vec<(&'static str, IoStatus)>>> = Rc::default();
             for i in 0..8u64 {
                 let l = log.clone();
@@ -1244,8 +1240,7 @@ mod tests {
             ] {
                 assert_eq!(b.io_type_supported(t), ok, "{t:?}");
             }
-            let desc = crate::open("RO", true, |_| {}).unwrap();
-            let ch = desc.channel();
+            let (_desc, ch) = open_ch("RO", true);
             let r = util::read(&ch, 2, 1).await.unwrap();
             assert!(r.as_slice().iter().all(|&x| x == 0x5a));
             assert_eq!(
@@ -1294,8 +1289,7 @@ mod tests {
             let b2 = create(opts(Flavor::Aio, "FB", &pg)).unwrap();
             assert!(!b2.io_type_supported(IoType::Unmap));
             assert!(!b2.io_type_supported(IoType::WriteZeroes));
-            let desc = crate::open("FB", true, |_| {}).unwrap();
-            let ch = desc.channel();
+            let (_desc, ch) = open_ch("FB", true);
             assert_eq!(
                 util::simple(&ch, IoType::Unmap, 0, 8).await.unwrap_err(),
                 IoStatus::Failed
@@ -1305,11 +1299,7 @@ mod tests {
 
     #[test]
     fn size_and_block_size_detection() {
-        let Some(f) = tmpfile_in("/var/tmp", 1 << 20) else {
-            return;
-        };
-        let path = path_of(&f);
-        run_on_reactor(0x1, move || async move {
+        on_tmpfile(0x1, 1 << 20, |path| async move {
             let u = Uuid::parse_str("11111111-2222-3333-4444-555555555555").unwrap();
             let b = create(opts(Flavor::Uring, "D0", &path)).unwrap();
             assert_eq!((b.block_size(), b.num_blocks()), (512, 2048));
@@ -1421,20 +1411,8 @@ mod tests {
             let dup = create(opts(Flavor::Aio, "E2", &ok)).unwrap_err();
             assert_eq!(RpcError::from(dup), RpcError::errno(libc::EEXIST));
             // Delete: missing, and the wrong module, are both -ENODEV.
-            assert_eq!(
-                crate::unregister_by_name("nope", "uring")
-                    .await
-                    .unwrap_err()
-                    .errno(),
-                libc::ENODEV
-            );
-            assert_eq!(
-                crate::unregister_by_name("E2", "aio")
-                    .await
-                    .unwrap_err()
-                    .errno(),
-                libc::ENODEV
-            );
+            assert_eq!(delete_errno("nope", "uring").await, libc::ENODEV);
+            assert_eq!(delete_errno("E2", "aio").await, libc::ENODEV);
             crate::unregister_by_name("E2", "uring").await.unwrap();
             assert!(crate::get("E2").is_none());
         });
@@ -1442,25 +1420,15 @@ mod tests {
 
     #[test]
     fn io_past_eof_fails_instead_of_short_success() {
-        let Some(f) = tmpfile_in("/var/tmp", 1 << 20) else {
-            return;
-        };
-        let path = path_of(&f);
-        run_on_reactor(0x1, move || async move {
+        on_tmpfile(0x1, 1 << 20, |path| async move {
             create(opts(Flavor::Uring, "S0", &path)).unwrap();
-            let desc = crate::open("S0", true, |_| {}).unwrap();
-            let ch = desc.channel();
+            let (desc, ch) = open_ch("S0", true);
             util::write(&ch, 1000, pattern(100 * 512, 5), false)
                 .await
                 .unwrap();
             // Shrink the file behind the bdev's back: a read across the new
             // EOF gets a short transfer, then nothing; it must fail.
-            std::fs::OpenOptions::new()
-                .write(true)
-                .open(&path)
-                .unwrap()
-                .set_len(512 << 10)
-                .unwrap();
+            set_file_len(&path, 512 << 10);
             assert_eq!(
                 util::read(&ch, 1000, 100).await.unwrap_err(),
                 IoStatus::Failed
@@ -1480,11 +1448,7 @@ mod tests {
 
     #[test]
     fn rescan_cases() {
-        let Some(f) = tmpfile_in("/var/tmp", 1 << 20) else {
-            return;
-        };
-        let path = path_of(&f);
-        run_on_reactor(0x1, move || async move {
+        on_tmpfile(0x1, 1 << 20, |path| async move {
             create(opts(Flavor::Aio, "R0", &path)).unwrap();
             rescan("R0", Flavor::Aio).await.unwrap();
             assert_eq!(
@@ -1495,21 +1459,11 @@ mod tests {
                 rescan("nope", Flavor::Aio).await.unwrap_err(),
                 RpcError::errno(libc::ENODEV)
             );
-            std::fs::OpenOptions::new()
-                .write(true)
-                .open(&path)
-                .unwrap()
-                .set_len(2 << 20)
-                .unwrap();
+            set_file_len(&path, 2 << 20);
             rescan("R0", Flavor::Aio).await.unwrap();
             assert_eq!(crate::get("R0").unwrap().num_blocks(), (2 << 20) / 512);
             // Size zero: the device is gone; the bdev is hot-removed.
-            std::fs::OpenOptions::new()
-                .write(true)
-                .open(&path)
-                .unwrap()
-                .set_len(0)
-                .unwrap();
+            set_file_len(&path, 0);
             rescan("R0", Flavor::Aio).await.unwrap();
             assert!(crate::get("R0").is_none());
         });
@@ -1517,84 +1471,56 @@ mod tests {
 
     #[test]
     fn rpc_methods_end_to_end() {
-        let Some(f) = tmpfile_in("/var/tmp", 1 << 20) else {
-            return;
-        };
-        let path = path_of(&f);
-        run_on_reactor(0x1, move || async move {
+        on_tmpfile(0x1, 1 << 20, |path| async move {
             register_methods();
-            ::rpc::set_state(RUNTIME);
-            let call = |m: &'static str, p: Value| ::rpc::call(m, Some(p));
-            // rpc.py sends false for every unset store_true flag.
-            let r = call(
-                "bdev_aio_create",
-                json!({"name": "A0", "filename": path, "block_size": 512,
-                       "readonly": false, "fallocate": false, "nowait": false}),
-            )
+            let enodev = Err(RpcError::errno(libc::ENODEV));
+            let named = |name: &str| json!({ "name": name });
+            rpc_steps(vec![
+                // rpc.py sends false for every unset store_true flag.
+                (
+                    "bdev_aio_create",
+                    json!({"name": "A0", "filename": path, "block_size": 512,
+                           "readonly": false, "fallocate": false, "nowait": false}),
+                    Ok(json!("A0")),
+                ),
+                (
+                    "bdev_aio_create",
+                    json!({"name": "A0", "filename": path}),
+                    Err(RpcError::errno(libc::EEXIST)),
+                ),
+                (
+                    "bdev_aio_create",
+                    json!({"name": "A1", "filename": path, "bogus": 1}),
+                    Err(RpcError::decode_failed()),
+                ),
+            ])
             .await;
-            assert_eq!(r.unwrap(), json!("A0"));
-            let r = call("bdev_aio_create", json!({"name": "A0", "filename": path})).await;
-            assert_eq!(r.unwrap_err(), RpcError::errno(libc::EEXIST));
-            let r = call(
+            let r = ::rpc::call(
                 "bdev_aio_create",
-                json!({"name": "A1", "filename": path, "bogus": 1}),
-            )
-            .await;
-            assert_eq!(r.unwrap_err(), RpcError::decode_failed());
-            let r = call(
-                "bdev_aio_create",
-                json!({"name": "A1", "filename": "/nonexistent/x"}),
+                Some(json!({"name": "A1", "filename": "/nonexistent/x"})),
             )
             .await;
             assert_eq!(r.unwrap_err().code, -2);
-            let r = call("bdev_uring_create", json!({"filename": path, "name": "U0"})).await;
-            assert_eq!(r.unwrap(), json!("U0"));
-            assert_eq!(
-                call("bdev_uring_rescan", json!({"name": "U0"}))
-                    .await
-                    .unwrap(),
-                json!(true)
-            );
-            assert_eq!(
-                call("bdev_uring_rescan", json!({"name": "A0"}))
-                    .await
-                    .unwrap_err(),
-                RpcError::errno(libc::ENODEV)
-            );
-            assert_eq!(
-                call("bdev_aio_rescan", json!({"name": "A0"}))
-                    .await
-                    .unwrap(),
-                json!(true)
-            );
-            assert_eq!(
-                call("bdev_aio_delete", json!({"name": "U0"}))
-                    .await
-                    .unwrap_err(),
-                RpcError::errno(libc::ENODEV)
-            );
-            assert_eq!(
-                call("bdev_uring_delete", json!({"name": "U0"}))
-                    .await
-                    .unwrap(),
-                json!(true)
-            );
-            assert_eq!(
-                call("bdev_aio_delete", json!({"name": "A0"}))
-                    .await
-                    .unwrap(),
-                json!(true)
-            );
-            assert_eq!(
-                call("bdev_aio_delete", json!({"name": "A0"}))
-                    .await
-                    .unwrap_err(),
-                RpcError::errno(libc::ENODEV)
-            );
-            assert_eq!(
-                call("bdev_uring_delete", json!({})).await.unwrap_err(),
-                RpcError::decode_failed()
-            );
+            rpc_steps(vec![
+                (
+                    "bdev_uring_create",
+                    json!({"filename": path, "name": "U0"}),
+                    Ok(json!("U0")),
+                ),
+                ("bdev_uring_rescan", named("U0"), Ok(json!(true))),
+                ("bdev_uring_rescan", named("A0"), enodev.clone()),
+                ("bdev_aio_rescan", named("A0"), Ok(json!(true))),
+                ("bdev_aio_delete", named("U0"), enodev.clone()),
+                ("bdev_uring_delete", named("U0"), Ok(json!(true))),
+                ("bdev_aio_delete", named("A0"), Ok(json!(true))),
+                ("bdev_aio_delete", named("A0"), enodev),
+                (
+                    "bdev_uring_delete",
+                    json!({}),
+                    Err(RpcError::decode_failed()),
+                ),
+            ])
+            .await;
         });
     }
 
@@ -1603,33 +1529,10 @@ mod tests {
         if !two_cores() {
             return;
         }
-        let Some(f) = tmpfile_in("/var/tmp", 1 << 20) else {
-            return;
-        };
-        let path = path_of(&f);
-        run_on_reactor(0x3, move || async move {
+        on_tmpfile(0x3, 1 << 20, |path| async move {
             create(opts(Flavor::Uring, "X0", &path)).unwrap();
             let desc = Arc::new(crate::open("X0", true, |_| {}).unwrap());
-            let (tx, rx) = std::sync::mpsc::channel();
-            let d1 = desc.clone();
-            reactor::spawn_on(1, move || async move {
-                let ch = d1.channel();
-                util::write(&ch, 16, pattern(4096, 9), true).await.unwrap();
-                drop(ch);
-                tx.send(reactor::current()).unwrap();
-            });
-            let who = loop {
-                if let Ok(r) = rx.try_recv() {
-                    break r;
-                }
-                reactor::sleep(std::time::Duration::from_millis(1)).await;
-            };
-            assert_eq!(who, Some(1));
-            let ch = desc.channel();
-            let r = util::read(&ch, 16, 8).await.unwrap();
-            assert_eq!(r.as_slice(), pattern(4096, 9).as_slice());
-            drop(ch);
-            drop(desc);
+            write_there_read_here(&desc, 16, 4096, true).await;
         });
     }
 
@@ -1662,8 +1565,7 @@ mod tests {
                 let b = create(opts(Flavor::Uring, "L0", &d2)).unwrap();
                 assert_eq!((b.block_size(), b.num_blocks()), (4096, 2048));
                 assert!(file_bdev(&b).is_direct());
-                let desc = crate::open("L0", true, |_| {}).unwrap();
-                let ch = desc.channel();
+                let (_desc, ch) = open_ch("L0", true);
                 let w = pattern(8192, 4);
                 let expect = w.as_slice().to_vec();
                 util::write(&ch, 3, w, true).await.unwrap();
@@ -1671,12 +1573,7 @@ mod tests {
                 util::simple(&ch, IoType::Flush, 0, 1).await.unwrap();
                 util::simple(&ch, IoType::WriteZeroes, 3, 1).await.unwrap();
                 util::simple(&ch, IoType::Unmap, 4, 1).await.unwrap();
-                assert!(util::read(&ch, 3, 2)
-                    .await
-                    .unwrap()
-                    .as_slice()
-                    .iter()
-                    .all(|&x| x == 0));
+                assert!(zeroed(util::read(&ch, 3, 2).await.unwrap().as_slice()));
                 rescan("L0", Flavor::Uring).await.unwrap();
             })
         });

@@ -292,6 +292,7 @@ pub fn create_on(name: &str, media: &Arc<Media>) -> Result<Arc<Bdev>, BdevError>
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_util::open_ch;
     use crate::util::{self, run_on_reactor};
     use reactor::DmaBuf;
 
@@ -306,8 +307,7 @@ mod tests {
         run_on_reactor(0x1, || async {
             let (_b, media) = create("WC0", 512, 64).unwrap();
             media.set_logging(true);
-            let desc = crate::open("WC0", true, |_| {}).unwrap();
-            let ch = desc.channel();
+            let (desc, ch) = open_ch("WC0", true);
             // Flushed: survives any cut.
             util::write(&ch, 0, buf(512, 4, 1), false).await.unwrap();
             util::simple(&ch, IoType::Flush, 0, 64).await.unwrap();
@@ -333,8 +333,7 @@ mod tests {
             crate::unregister("WC0").await.unwrap();
 
             let _b = create_on("WC0", &media).unwrap();
-            let desc = crate::open("WC0", true, |_| {}).unwrap();
-            let ch = desc.channel();
+            let (desc, ch) = open_ch("WC0", true);
             let r = util::read(&ch, 0, 16).await.unwrap();
             let blk = |i: usize| &r.as_slice()[i * 512..(i + 1) * 512];
             for i in 0..4 {
