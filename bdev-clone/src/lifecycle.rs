@@ -351,7 +351,7 @@ fn check_map_memory(geo: &Geometry) -> Result<(), CloneError> {
     let units = units_for(n);
     let map = (n.div_ceil(64) + units.div_ceil(64)) * 8;
     let commit = 2 * units * UNIT_SIZE as u64;
-    reactor::dma::check_available((map + commit) as usize).map_err(|e| {
+    reactor::memory::check_available((map + commit) as usize).map_err(|e| {
         CloneError::NoMem(format!(
             "a clone of {n} regions (region map {map} bytes, a full metadata commit {commit} bytes): {e}"
         ))

@@ -118,7 +118,7 @@ fn create_transport(p: CreateTransport) -> Result<bool, RpcError> {
     // queue of the largest transfers. Refuse a transport whose one queue
     // pair could exhaust memory (SPDK's code and text, then why).
     let per_qpair = o.max_queue_depth as u64 * o.max_xfer() as u64;
-    if let Err(e) = reactor::dma::check_available(per_qpair as usize) {
+    if let Err(e) = reactor::memory::check_available(per_qpair as usize) {
         tracing::error!(%e, "nvmf_create_transport: queue pair buffers exceed memory");
         return Err(RpcError::internal(format!(
             "Transport type 'TCP' create failed: one queue pair of max_queue_depth {} \

@@ -19,14 +19,16 @@
 
 pub mod dma;
 mod executor;
+pub mod memory;
 mod msg;
 pub mod net;
 mod runtime;
 pub mod sync;
 pub mod uring;
 
-pub use dma::{AllocError, DmaBuf};
+pub use dma::DmaBuf;
 pub use executor::{sleep, spawn_local, spawn_on, with_timeout, yield_now, JoinHandle};
+pub use memory::AllocError;
 pub use msg::INLINE_WORDS;
 pub use runtime::{
     cancel_timer, core_id, current, defer, is_interrupt_mode, now_ns, num_reactors,
