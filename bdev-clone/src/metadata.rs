@@ -523,6 +523,56 @@ pub fn encode_unit_words_v1(unit_index: u32, words: &[u64; WORDS_PER_UNIT]) -> [
     b
 }
 
+/// Encodes a clone's version 2 units into a buffer, byte for byte as
+/// [`encode_unit_words`], fast enough to format 2^28 regions (66,576 units)
+/// in a few milliseconds. A unit whose words are all zero (every unit of a
+/// fresh map) differs from unit 0's image only in its index, and CRC-32C is
+/// affine over messages of one length, so its checksum is unit 0's XOR the
+/// precomputed contribution of each set bit of the index: no hashing of its
+/// 508 bytes. Units with bits go through [`encode_unit_words`].
+pub struct UnitEncoder {
+    uuid: Uuid,
+    /// Checksum of the all-zero unit 0.
+    zero_crc: u32,
+    /// What bit `b` of the index changes in an all-zero unit's checksum.
+    index_bit_crc: [u32; 32],
+}
+
+impl UnitEncoder {
+    pub fn new(uuid: &Uuid) -> UnitEncoder {
+        let zero = [0u64; WORDS_PER_UNIT];
+        let crc_of = |index: u32| get_u32(&encode_unit_words(uuid, index, &zero), 0);
+        let zero_crc = crc_of(0);
+        let mut index_bit_crc = [0u32; 32];
+        for (b, c) in index_bit_crc.iter_mut().enumerate() {
+            *c = crc_of(1 << b) ^ zero_crc;
+        }
+        UnitEncoder {
+            uuid: *uuid,
+            zero_crc,
+            index_bit_crc,
+        }
+    }
+
+    /// Write unit `unit_index` holding `words` into `out` (its first
+    /// [`UNIT_SIZE`] bytes).
+    pub fn encode_into(&self, unit_index: u32, words: &[u64; WORDS_PER_UNIT], out: &mut [u8]) {
+        let out = &mut out[..UNIT_SIZE];
+        if words.iter().any(|&w| w != 0) {
+            out.copy_from_slice(&encode_unit_words(&self.uuid, unit_index, words));
+            return;
+        }
+        let (mut crc, mut bits) = (self.zero_crc, unit_index);
+        while bits != 0 {
+            crc ^= self.index_bit_crc[bits.trailing_zeros() as usize];
+            bits &= bits - 1;
+        }
+        put_u32(out, 0, crc);
+        put_u32(out, 4, unit_index);
+        out[8..].fill(0);
+    }
+}
+
 /// Encode unit `unit_index` from the live map. Only for a map nobody is
 /// setting bits in; a commit encodes the snapshot the router took
 /// (`router::UnitImage`), see docs/metadata.md "Commit".
@@ -677,10 +727,13 @@ pub fn load_bitmap(map: &RegionMap, bytes: &[u8], key: &UnitKey) -> Result<(), M
 /// zero, and of those, units with any region bit set.
 pub fn scan_units(bytes: &[u8]) -> (u64, u64) {
     let (mut nonzero, mut with_bits) = (0, 0);
+    // OR-folds rather than `any`: without the early exit they vectorize,
+    // and a blank area (what a create checks) is read to its end anyway.
+    let zero = |b: &[u8]| b.iter().fold(0u8, |a, &x| a | x) == 0;
     for u in bytes.chunks(UNIT_SIZE) {
-        if u.iter().any(|&x| x != 0) {
+        if !zero(u) {
             nonzero += 1;
-            if u.len() > 8 && u[8..].iter().any(|&x| x != 0) {
+            if u.len() > 8 && !zero(&u[8..]) {
                 with_bits += 1;
             }
         }
@@ -1043,6 +1096,30 @@ mod tests {
 
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(64))]
+        /// The fast encoder writes exactly what `encode_unit_words` does,
+        /// for any uuid and index, with and without region bits.
+        #[test]
+        fn unit_encoder_matches_encode_unit_words(
+            u in any::<u128>(),
+            index in any::<u32>(),
+            low_index in 0u32..70_000,
+            word in 0usize..WORDS_PER_UNIT,
+            bits in any::<u64>(),
+        ) {
+            let id = Uuid::from_u128(u);
+            let enc = UnitEncoder::new(&id);
+            let mut words = [0u64; WORDS_PER_UNIT];
+            let mut out = [0xa5u8; UNIT_SIZE + 1];
+            for i in [index, low_index, 0, 1, u32::MAX] {
+                enc.encode_into(i, &words, &mut out);
+                prop_assert_eq!(&out[..UNIT_SIZE], &encode_unit_words(&id, i, &words)[..]);
+            }
+            prop_assert_eq!(out[UNIT_SIZE], 0xa5, "nothing past the unit");
+            words[word] = bits;
+            enc.encode_into(index, &words, &mut out);
+            prop_assert_eq!(&out[..UNIT_SIZE], &encode_unit_words(&id, index, &words)[..]);
+        }
+
         /// A multi-unit write torn at sector granularity: every unit reads
         /// back as either its old or its new image, both decode, and each
         /// bit is old-or-new, never garbage.

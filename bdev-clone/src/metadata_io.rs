@@ -4,7 +4,9 @@
 //! format, repair (heal a slot, upgrade version 1), and the recheck after a
 //! failed commit.
 
-use bdev::{util, IoChannel, IoStatus, IoType};
+use std::collections::VecDeque;
+
+use bdev::{util, BdevIo, IoChannel, IoStatus, IoType};
 use reactor::DmaBuf;
 use uuid::Uuid;
 
@@ -15,7 +17,7 @@ use crate::metadata::{
     self, MetadataError, SuperState, Superblock, UnitKey, BITMAP_OFFSET, FORMAT_BLOCK_SIZE,
     UNIT_SIZE,
 };
-use crate::region_map::{units_for, RegionMap};
+use crate::region_map::{units_for, RegionMap, WORDS_PER_UNIT};
 
 /// Metadata is read and zeroed in I/Os of this size.
 pub(crate) const MD_IO_BYTES: u64 = 4 << 20;
@@ -215,7 +217,14 @@ async fn flush_metadata(md: &IoChannel) -> Result<(), CloneError> {
         .map_err(|s| io_err("metadata flush", s))
 }
 
-/// Write every unit of `map` (version 2, bound to `uuid`) and flush.
+/// Unit writes of [`write_all_units`] in flight at once: the next piece is
+/// encoded while the device writes the previous ones.
+const UNIT_WRITES_IN_FLIGHT: usize = 4;
+
+/// Write every unit of `map` (version 2, bound to `uuid`) and flush, in
+/// [`MD_IO_BYTES`] writes with up to [`UNIT_WRITES_IN_FLIGHT`] in flight.
+/// On a failed write, the writes already in flight are waited for (none
+/// lands after the error is returned) and nothing is flushed.
 pub(crate) async fn write_all_units(
     md: &IoChannel,
     uuid: &Uuid,
@@ -224,30 +233,61 @@ pub(crate) async fn write_all_units(
     let mdbs = md.bdev().block_size() as u64;
     let units = map.num_units();
     let per_io = MD_IO_BYTES / UNIT_SIZE as u64;
-    let mut buf = Some(DmaBuf::zeroed(MD_IO_BYTES as usize));
+    let enc = metadata::UnitEncoder::new(uuid);
+    // Bits are only ever set, each counted once: a count of zero is an
+    // all-zero map (every format's), whose words need not be read (for
+    // 2^28 regions, faulting in 32 MiB of untouched map for nothing).
+    let clear = map.hydrated_count() == 0;
+    const ZERO: [u64; WORDS_PER_UNIT] = [0; WORDS_PER_UNIT];
+    let mut in_flight = VecDeque::with_capacity(UNIT_WRITES_IN_FLIGHT);
+    let mut spare: Vec<DmaBuf> = Vec::new();
+    let mut failed = None;
     let mut first = 0u64;
-    while first < units {
+    while first < units && failed.is_none() {
+        if in_flight.len() == UNIT_WRITES_IN_FLIGHT {
+            let io = in_flight.pop_front().expect("in flight").await;
+            reap(io, &mut spare, &mut failed);
+            continue;
+        }
         let n = per_io.min(units - first);
         let bytes = (n * UNIT_SIZE as u64).div_ceil(mdbs) * mdbs;
-        let mut b = buf
-            .take()
-            .unwrap_or_else(|| DmaBuf::zeroed(MD_IO_BYTES as usize));
+        let mut b = spare
+            .pop()
+            .unwrap_or_else(|| DmaBuf::new(MD_IO_BYTES as usize));
         let s = &mut b.as_mut_slice()[..bytes as usize];
+        for (i, out) in s.chunks_exact_mut(UNIT_SIZE).take(n as usize).enumerate() {
+            let u = first + i as u64;
+            let words = if clear { ZERO } else { map.unit_words(u) };
+            enc.encode_into(u as u32, &words, out);
+        }
         // The tail of a last partial block: zero units, never read.
-        s.fill(0);
-        for i in 0..n {
-            let img = metadata::encode_unit(uuid, (first + i) as u32, map);
-            s[i as usize * UNIT_SIZE..][..UNIT_SIZE].copy_from_slice(&img);
-        }
+        s[n as usize * UNIT_SIZE..].fill(0);
         let off = metadata::unit_offset(first) / mdbs;
-        let mut io = util::submit(md, IoType::Write, off, bytes / mdbs, Some(b), false).await;
-        if !io.status.is_success() {
-            return Err(io_err("metadata bitmap write", io.status));
-        }
-        buf = io.buf.take();
+        in_flight.push_back(util::submit(
+            md,
+            IoType::Write,
+            off,
+            bytes / mdbs,
+            Some(b),
+            false,
+        ));
         first += n;
     }
-    flush_metadata(md).await
+    for f in in_flight {
+        reap(f.await, &mut spare, &mut failed);
+    }
+    match failed {
+        Some(st) => Err(io_err("metadata bitmap write", st)),
+        None => flush_metadata(md).await,
+    }
+}
+
+/// A finished unit write: keep its buffer, note the first failure.
+fn reap(mut io: Box<BdevIo>, spare: &mut Vec<DmaBuf>, failed: &mut Option<IoStatus>) {
+    if !io.status.is_success() && failed.is_none() {
+        *failed = Some(io.status);
+    }
+    spare.extend(io.buf.take());
 }
 
 /// Format: a superblock saying "formatting" in both slots, every unit

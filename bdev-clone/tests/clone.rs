@@ -472,6 +472,68 @@ fn destination_flush_precedes_metadata_write() {
     });
 }
 
+/// Format writes the units several at a time: one failing while others
+/// are in flight fails the create with the error, after those others
+/// finished, claiming nothing and leaving a "formatting" superblock, so the
+/// next create formats again.
+#[test]
+fn format_unit_write_failure_mid_batch_fails_the_create() {
+    run_on_reactor(0x1, || async {
+        // 16484 units at 4 KiB regions: three 4 MiB unit writes.
+        let units = 2 * 8192 + 100;
+        let blocks = units * 4032;
+        let s = null::create(null::CreateParams::new("wfS", 4096, blocks)).unwrap();
+        let d = null::create(null::CreateParams::new("wfD", 4096, blocks)).unwrap();
+        let need = bdev_clone::metadata::required_bytes(blocks);
+        let m = mk_malloc("wfM", 4096, need / 4096);
+        errbdev::create("wfM", None).unwrap();
+        // The second unit write, submitted while the first is in flight
+        // (the superblock writes go alone), fails.
+        let mut p = errbdev::InjectParams::new(
+            "EE_wfM",
+            errbdev::InjectIoType::Write,
+            errbdev::ErrorType::Failure,
+            1,
+        );
+        p.queue_depth = 1;
+        errbdev::inject_error(&p).unwrap();
+        let mut o = CreateOpts::new("wfC", "wfS", "wfD", "EE_wfM");
+        (o.region_size_kb, o.no_hydration) = (4, true);
+        let e = create(o.clone()).await.unwrap_err();
+        assert!(
+            e.to_string().contains("metadata bitmap write failed"),
+            "{e}"
+        );
+        assert!(bdev::get("wfC").is_none());
+        for b in [&s, &d] {
+            assert_eq!(b.claim_type(), None, "{} left claimed", b.name());
+        }
+        let md = read_all("wfM", 0, 2).await;
+        let st0 = bdev_clone::metadata::decode_superblock(&md[..4096], &md[4096..]).unwrap();
+        let bdev_clone::metadata::SuperState::Valid { sb, both, .. } = st0 else {
+            panic!("no superblock: {st0:?}")
+        };
+        assert_eq!(
+            (sb.flags, both),
+            (bdev_clone::metadata::FLAG_FORMATTING, true)
+        );
+        // Nothing was written after the failure was seen: the superblock
+        // writes and at most the three unit writes, one of which failed.
+        assert!(m.iostat().write.ops <= 2 + 2, "{:?}", m.iostat().write);
+        // The next create formats again and works.
+        let c = create(o).await.unwrap();
+        drop(c);
+        assert_eq!(st("wfC", "num_regions"), blocks);
+        delete("wfC").await.unwrap();
+        let md = read_all("wfM", 0, 2).await;
+        let st1 = bdev_clone::metadata::decode_superblock(&md[..4096], &md[4096..]).unwrap();
+        let bdev_clone::metadata::SuperState::Valid { sb, .. } = st1 else {
+            panic!("no superblock: {st1:?}")
+        };
+        assert_eq!(sb.flags, 0);
+    });
+}
+
 #[test]
 fn create_errors_change_nothing() {
     run_on_reactor(0x1, || async {
