@@ -88,7 +88,9 @@ pub fn oneshot<T>() -> (Sender<T>, Receiver<T>) {
 
 impl<T> Sender<T> {
     pub fn send(self, v: T) {
-        wake(lock(&self.0).put(v));
+        // The guard is dropped before the wake (see `Handoff::put`).
+        let w = lock(&self.0).put(v);
+        wake(w);
     }
 }
 
